@@ -1,0 +1,138 @@
+# Reset path: 16-bit real mode at the reset vector -> 32-bit protected mode
+# (executing from ROM) -> 64-bit long mode in the RAM copy of the image.
+#
+# Boot page tables (identity map of the low 4 GiB with 2 MiB pages):
+#   BOOT_PML4 = 0x100000, BOOT_PDPT = 0x101000, BOOT_PD0..3 = 0x102000..0x105fff
+# These addresses are listed in src/layout.rs; keep the two in sync.
+
+.set BOOT_PML4, 0x100000
+.set BOOT_PDPT, 0x101000
+.set BOOT_PD,   0x102000
+
+.set CR0_PE, 1 << 0
+.set CR0_MP, 1 << 1
+.set CR0_EM, 1 << 2
+.set CR0_TS, 1 << 3
+.set CR0_NE, 1 << 5
+.set CR0_NW, 1 << 29
+.set CR0_CD, 1 << 30
+.set CR0_PG, 1 << 31
+.set CR4_PAE, 1 << 5
+.set CR4_OSFXSR, 1 << 9
+.set CR4_OSXMMEXCPT, 1 << 10
+.set MSR_EFER, 0xc0000080
+.set EFER_LME, 1 << 8
+
+.section .reset16, "ax"
+.code16
+reset16:
+    cli
+    cld
+    # CS.base is 0xffff0000 at reset: address the descriptor relative to it.
+    lgdtl %cs:(boot_gdt_desc - 0xffff0000)
+    movl %cr0, %eax
+    andl $~(CR0_CD | CR0_NW | CR0_EM | CR0_TS), %eax
+    orl $(CR0_PE | CR0_MP | CR0_NE), %eax
+    movl %eax, %cr0
+    ljmpl $0x08, $start32
+
+.code32
+start32:
+    movw $0x18, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    movw %ax, %fs
+    movw %ax, %gs
+
+    # Copy the image from ROM to its link address in RAM.
+    movl $__fw_load, %esi
+    movl $__fw_start, %edi
+    movl $__fw_image_end, %ecx
+    subl $__fw_start, %ecx
+    rep movsb
+
+    # Zero .bss.
+    xorl %eax, %eax
+    movl $__bss_start, %edi
+    movl $__bss_end, %ecx
+    subl $__bss_start, %ecx
+    rep stosb
+
+    # Boot page tables: clear 6 pages, then fill.
+    movl $BOOT_PML4, %edi
+    movl $(6 * 4096 / 4), %ecx
+    rep stosl
+    movl $(BOOT_PDPT | 0x3), BOOT_PML4
+    movl $0, %ecx
+1:  movl %ecx, %eax
+    shll $12, %eax
+    addl $(BOOT_PD | 0x3), %eax
+    movl %eax, BOOT_PDPT(, %ecx, 8)
+    incl %ecx
+    cmpl $4, %ecx
+    jne 1b
+    # 2048 PD entries, each a 2 MiB page (PS | RW | P); high dword stays 0
+    # except for entries >= 2048 which do not exist.
+    movl $0, %ecx
+2:  movl %ecx, %eax
+    shll $21, %eax
+    orl $0x83, %eax
+    movl %eax, BOOT_PD(, %ecx, 8)
+    incl %ecx
+    cmpl $2048, %ecx
+    jne 2b
+
+    movl %cr4, %eax
+    orl $(CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT), %eax
+    movl %eax, %cr4
+    movl $BOOT_PML4, %eax
+    movl %eax, %cr3
+    movl $MSR_EFER, %ecx
+    rdmsr
+    orl $EFER_LME, %eax
+    wrmsr
+    movl %cr0, %eax
+    orl $CR0_PG, %eax
+    movl %eax, %cr0
+    ljmpl $0x10, $start64
+
+.balign 16
+boot_gdt:
+    .quad 0
+    .quad 0x00cf9a000000ffff    # 0x08: 32-bit code
+    .quad 0x00af9a000000ffff    # 0x10: 64-bit code (Linux __BOOT_CS)
+    .quad 0x00cf92000000ffff    # 0x18: data (Linux __BOOT_DS)
+boot_gdt_end:
+boot_gdt_desc:
+    .word boot_gdt_end - boot_gdt - 1
+    .long boot_gdt
+
+.section .resetvec, "ax"
+.code16
+.global reset_vector
+reset_vector:
+    jmp reset16
+    .balign 16, 0xf4
+
+.section .text.start64, "ax"
+.code64
+.global start64
+start64:
+    movl $0x18, %eax
+    movl %eax, %ds
+    movl %eax, %es
+    movl %eax, %ss
+    movabsq $boot_stack_top, %rsp
+    xorl %ebp, %ebp
+    call firmware_main
+3:  cli
+    hlt
+    jmp 3b
+
+.section .bss.boot_stack, "aw", @nobits
+.balign 4096
+boot_stack:
+    .skip 64 * 1024
+.global boot_stack_top
+boot_stack_top:
