@@ -4,8 +4,16 @@
 //! The mailbox is a shared memory region (on QEMU an `ivshmem-plain` BAR backed
 //! by a host file) that the guest sees unencrypted. Everything in it is
 //! untrusted: the guest OS and the host can both read and write every byte at
-//! any time. This crate never trusts a value read from it; it only describes
-//! where things are.
+//! any time. This crate never trusts a value read from it: every parser is
+//! bounds-checked and total (no input makes it panic or read out of bounds),
+//! and every frame that matters is AES-256-GCM sealed end to end between the
+//! IDS and the agent ([`crypto`]), binding each reply to the request it
+//! answers ([`client`]).
+//!
+//! What it trusts: the 32-byte shared key handed to [`crypto::SessionKeys`].
+//! What it must never do: allocate in anything the agent uses (the `std`
+//! feature only adds host conveniences), reuse a (key, nonce) pair, or hand
+//! out a reply that is not authenticated and bound to the pending request.
 //!
 //! Layout version 1 (all fields little-endian):
 //!
@@ -13,8 +21,8 @@
 //! |---|---|---|
 //! | 0x000 | 8 | magic `b"SMMVMIMB"` |
 //! | 0x008 | 4 | layout version (1) |
-//! | 0x00C | 4 | agent state ([`AgentState`]) |
-//! | 0x010 | 8 | features ([`FEATURE_SMI_BROADCAST`], ...) |
+//! | 0x00C | 4 | agent state ([`layout::AgentState`]) |
+//! | 0x010 | 8 | features ([`layout::FEATURE_SMI_BROADCAST`], ...) |
 //! | 0x018 | 4 | mailbox size in bytes, as the firmware found the BAR |
 //! | 0x01C | 4 | number of CPUs the agent rendezvous with |
 //! | 0x020 | 8 | SMI sessions served by the agent |
@@ -23,9 +31,24 @@
 //! | 0x038 | 4 | fault code (0 = none) |
 //! | 0x03C | 4 | CPU that faulted |
 //! | 0x040 | 8 | RIP of the fault |
-//! | 0x048 | 184 | reserved, zero |
-//! | 0x100 | .. | request and reply areas |
+//! | 0x048 | 8 | request doorbell (host, written after the request frame) |
+//! | 0x050 | 8 | reply done: the doorbell served (agent, written last) |
+//! | 0x058 | 4 | serve status ([`layout::ServeStatus`], unauthenticated) |
+//! | 0x05C | 4 | reply frame length |
+//! | 0x060 | 16 | session salt (agent, random per boot; key derivation) |
+//! | 0x070 | 8 | TSC cycles of the last serve (firmware, informational) |
+//! | 0x078 | 136 | reserved, zero |
+//! | 0x100 | .. | request area, then reply area ([`layout::Areas`]) |
+//!
+//! The hand-shake order is in [`layout`]; the frame, op and result formats
+//! are in [`wire`].
 #![no_std]
 #![forbid(unsafe_code)]
 
+#[cfg(any(test, feature = "std"))]
+extern crate std;
+
+pub mod client;
+pub mod crypto;
 pub mod layout;
+pub mod wire;
