@@ -31,6 +31,8 @@ pub enum ExitCode {
     Pci = 0x16,
     /// SMM bring-up failed (relocation, lock, self-test).
     SmmSetup = 0x17,
+    /// A CPU exception in the firmware before Linux.
+    Exception = 0x1e,
     /// A Rust panic in the firmware.
     Panic = 0x1f,
 }

@@ -8,3 +8,28 @@ pub const DEBUG_EXIT_PORT: u16 = 0xf4;
 
 /// Boot page tables built by `asm/reset.s` (identity map of 0..4 GiB).
 pub const BOOT_PML4: u64 = 0x10_0000;
+/// Boot page tables occupy BOOT_PML4 .. BOOT_PML4 + 6 pages.
+pub const BOOT_PT_END: u64 = BOOT_PML4 + 6 * 0x1000;
+
+/// Link address of the firmware image (`link.ld`), and the 2 MiB window it
+/// and its bss occupy. In SMM this window maps the image's copy in TSEG.
+pub const FW_BASE: u64 = 0x20_0000;
+pub const FW_WINDOW: u64 = 0x20_0000;
+
+/// All physical memory is also mapped here in SMM (the agent reads guest
+/// memory only through this alias, never through the identity map).
+pub const PHYS_OFF: u64 = 0xffff_8000_0000_0000;
+
+/// Linux zero page (boot_params) and command line.
+pub const BOOT_PARAMS: u64 = 0x7000;
+pub const CMDLINE: u64 = 0x2_0000;
+pub const CMDLINE_MAX: u64 = 0x1_0000;
+/// Real-mode start code for the application processors (SIPI vector 0x08).
+/// Below 64 KiB, which Linux never hands out, because parked APs keep
+/// executing there until Linux starts them.
+pub const AP_TRAMPOLINE: u64 = 0x8000;
+/// Data shared by the relocation stub and the APs (src/asm/smm.s
+/// RELOC_DATA), and the self-test word. Below 64 KiB as well.
+pub const RELOC_DATA: u64 = 0x9000;
+/// SMBASE relocation handler at the default SMBASE 0x30000 + 0x8000.
+pub const RELOC_STUB: u64 = 0x3_8000;

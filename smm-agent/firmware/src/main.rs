@@ -17,25 +17,135 @@
 #![no_std]
 #![no_main]
 
+mod chipset;
 mod console;
-mod layout;
+mod exceptions;
 mod exit;
+mod fwcfg;
+mod lapic;
+mod layout;
+mod memory;
+mod pci_cfg;
+mod pmtimer;
+mod smi;
+mod smm;
 
 use core::arch::global_asm;
+use core::sync::atomic::Ordering;
+
+use smmvmi_boot::e820::E820Map;
+use smmvmi_boot::fw_cfg as fwc;
+use smmvmi_boot::q35;
+
+use exit::{ExitCode, exit};
+use fwcfg::FwCfg;
+use smi::SMM;
 
 global_asm!(include_str!("asm/reset.s"), options(att_syntax));
 global_asm!(include_str!("asm/mem.s"), options(att_syntax));
+global_asm!(include_str!("asm/smm.s"), options(att_syntax));
+
+fn fatal(code: ExitCode, msg: core::fmt::Arguments) -> ! {
+    log!("error: {msg}");
+    exit(code)
+}
 
 #[unsafe(no_mangle)]
 extern "C" fn firmware_main() -> ! {
-    console::print(format_args!("smmvmi: firmware {}\n", env!("CARGO_PKG_VERSION")));
-    exit::exit(exit::ExitCode::Success)
+    exceptions::init();
+    log!("firmware {} starting", env!("CARGO_PKG_VERSION"));
+
+    let mut fw = FwCfg { dma: false };
+    if let Err(e) = fwc::check_signature(&mut fw) {
+        fatal(ExitCode::FwCfg, format_args!("{e}"));
+    }
+    fw.dma = fwc::dma_supported(&mut fw);
+
+    // Chipset: is this q35 with SMRAM and SMI support?
+    let id = chipset::mch_device_id();
+    if id != q35::MCH_DEVICE_ID {
+        fatal(
+            ExitCode::NoSmram,
+            format_args!("host bridge device id {id:#06x}, expected q35 MCH {:#06x}: run with -machine q35", q35::MCH_DEVICE_ID),
+        );
+    }
+    let esmramc = chipset::mch_read8(q35::MCH_ESMRAMC);
+    if !q35::smram_present(esmramc) {
+        fatal(
+            ExitCode::NoSmram,
+            format_args!("ESMRAMC reads {esmramc:#04x}, expected {:#04x}: the machine has no SMRAM; run with -machine q35,smm=on", q35::ESMRAMC_RESET_WITH_SMRAM),
+        );
+    }
+    chipset::enable_pm_io();
+    if chipset::smi_en() & q35::SMI_EN_APMC_EN != 0 {
+        fatal(
+            ExitCode::NoSmram,
+            format_args!("SMI_EN.APMC_EN is set at reset: this QEMU has no SMI support (smm=off?)"),
+        );
+    }
+    chipset::enable_apm_smi();
+
+    // Memory map.
+    let e820 = read_e820(&mut fw);
+    let Some(lowmem) = e820.lowmem_top() else {
+        fatal(ExitCode::TooLittleRam, format_args!("etc/e820 has no RAM above 1 MiB below 4 GiB"));
+    };
+    let Some(tseg_size) = chipset::tseg_bytes() else {
+        fatal(ExitCode::NoSmram, format_args!("the MCH reports no extended TSEG; use QEMU >= 2.10 with mch.extended-tseg-mbytes >= 8"));
+    };
+    if tseg_size < smm::MIN_TSEG {
+        fatal(
+            ExitCode::NoSmram,
+            format_args!("TSEG is {} MiB, need at least {} MiB: add -global mch.extended-tseg-mbytes=16", tseg_size >> 20, smm::MIN_TSEG >> 20),
+        );
+    }
+    let Some(tseg_base) = q35::tseg_base(lowmem, tseg_size) else {
+        fatal(ExitCode::TooLittleRam, format_args!("RAM below 4 GiB ends at {lowmem:#x}, too little for a {} MiB TSEG", tseg_size >> 20));
+    };
+    log!("tseg base={tseg_base:#x} size={tseg_size:#x}");
+
+    let ncpus = fwc::read_u16_le(&mut fw, fwc::NB_CPUS).into();
+    let plan = smm::Plan {
+        tseg_base,
+        tseg_size,
+        ncpus,
+        phys_end: e820.highest_ram_end(),
+    };
+    smm::install_and_relocate(&plan);
+    log!("SMBASE relocated on {ncpus} CPUs");
+    let features = smm::negotiate_broadcast(&mut fw);
+    SMM.ncpus.store(ncpus, Ordering::Relaxed);
+    SMM.tseg_base.store(tseg_base, Ordering::Relaxed);
+    SMM.tseg_size.store(tseg_size, Ordering::Relaxed);
+    SMM.features.store(features, Ordering::Relaxed);
+    SMM.boot_selftest.store(true, Ordering::Relaxed);
+    smm::seal(&plan);
+    smm::self_test();
+    log!("SMM locked; SMI broadcast on");
+    exit(ExitCode::Success)
+}
+
+fn read_e820(fw: &mut FwCfg) -> E820Map {
+    let file = match fwc::find_file(fw, "etc/e820") {
+        Ok(Some(f)) => f,
+        Ok(None) => fatal(ExitCode::FwCfg, format_args!("fw_cfg has no etc/e820 file: QEMU too old?")),
+        Err(e) => fatal(ExitCode::FwCfg, format_args!("{e}")),
+    };
+    let mut buf = [0u8; smmvmi_boot::e820::CAPACITY * smmvmi_boot::e820::ENTRY_LEN];
+    let bytes = match fwc::read_item(fw, file.select, file.size, &mut buf) {
+        Ok(b) => b,
+        Err(e) => fatal(ExitCode::FwCfg, format_args!("etc/e820: {e}")),
+    };
+    match E820Map::parse(bytes) {
+        Ok(m) => m,
+        Err(e) => fatal(ExitCode::FwCfg, format_args!("etc/e820: {e}")),
+    }
 }
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
     console::print(format_args!("smmvmi: PANIC: {info}\n"));
-    exit::exit(exit::ExitCode::Panic)
+    exit(ExitCode::Panic)
 }
 
 /// The prebuilt `core` is compiled with unwinding tables that name this

@@ -1,0 +1,262 @@
+//! What runs on every SMI: all CPUs in SMM rendezvous, the first to arrive
+//! serves the mailbox, and all return with RSM. Nothing here trusts the
+//! mailbox: it is read once into SMRAM and checked there.
+//!
+//! State lives in [`SMM`], a static of the image: in SMM the image is the
+//! copy inside TSEG, so this is SMRAM that neither the OS nor the host can
+//! reach. The boot code fills it in before the image is copied.
+
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+use smmvmi_mailbox::layout as mb;
+
+use crate::exceptions::Frame;
+use crate::layout::{PHYS_OFF, RELOC_DATA};
+use crate::memory::Region;
+use crate::pci_cfg;
+use crate::pmtimer;
+
+/// Per-CPU block (at the start of the CPU's TSEG tile): FXSAVE area at +0
+/// (512 bytes), saved RSP at +512, CPU index at +520, session role at +524,
+/// session generation at +528.
+pub const PERCPU_SAVED_RSP: u64 = 512;
+pub const PERCPU_INDEX: u64 = 520;
+pub const PERCPU_ROLE: u64 = 524;
+pub const PERCPU_GEN: u64 = 528;
+/// The SMM stack ends where the entry stub begins.
+pub const STACK_TOP: u64 = 0x8000;
+/// Offset in RELOC_DATA where the first SMI after locking reports how many
+/// CPUs it saw (boot self-test only; the agent stops writing it after that).
+pub const SELFTEST_WORD: u64 = 0x20;
+
+const ROLE_NONE: u32 = 0;
+const ROLE_LEADER: u32 = 1;
+const ROLE_FOLLOWER: u32 = 2;
+
+/// How long the first CPU in SMM waits for the others.
+const RENDEZVOUS_US: u64 = 100_000;
+
+/// SMM-private state (SMRAM once the image is copied into TSEG).
+pub struct SmmShared {
+    pub smm_cr3: AtomicU64,
+    pub ncpus: AtomicU32,
+    pub tseg_base: AtomicU64,
+    pub tseg_size: AtomicU64,
+    /// Mailbox: physical address and size of ivshmem BAR2 (0 = none), and
+    /// the PCI location it was assigned at (bus << 8 | dev << 3 | fn).
+    pub mailbox_pa: AtomicU64,
+    pub mailbox_len: AtomicU64,
+    pub mailbox_bdf: AtomicU32,
+    pub features: AtomicU64,
+    pub boot_selftest: AtomicBool,
+
+    lock: AtomicBool,
+    session_open: AtomicBool,
+    present: AtomicU32,
+    present_mask: AtomicU64,
+    generation: AtomicU32,
+    done_generation: AtomicU32,
+
+    sessions: AtomicU64,
+    partial_sessions: AtomicU64,
+    mailbox_moved: AtomicU64,
+    faults: AtomicU64,
+}
+
+pub static SMM: SmmShared = SmmShared {
+    smm_cr3: AtomicU64::new(0),
+    ncpus: AtomicU32::new(0),
+    tseg_base: AtomicU64::new(0),
+    tseg_size: AtomicU64::new(0),
+    mailbox_pa: AtomicU64::new(0),
+    mailbox_len: AtomicU64::new(0),
+    mailbox_bdf: AtomicU32::new(0),
+    features: AtomicU64::new(0),
+    boot_selftest: AtomicBool::new(false),
+    lock: AtomicBool::new(false),
+    session_open: AtomicBool::new(false),
+    present: AtomicU32::new(0),
+    present_mask: AtomicU64::new(0),
+    generation: AtomicU32::new(0),
+    done_generation: AtomicU32::new(0),
+    sessions: AtomicU64::new(0),
+    partial_sessions: AtomicU64::new(0),
+    mailbox_moved: AtomicU64::new(0),
+    faults: AtomicU64::new(0),
+};
+
+fn lock() {
+    while SMM
+        .lock
+        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        core::hint::spin_loop();
+    }
+}
+
+fn unlock() {
+    SMM.lock.store(false, Ordering::Release);
+}
+
+/// True when running in SMM (CR3 is the SMM page table).
+pub fn in_smm() -> bool {
+    let cr3: u64;
+    // SAFETY: reading CR3 has no side effects.
+    unsafe { core::arch::asm!("mov {}, cr3", out(reg) cr3, options(nomem, nostack, preserves_flags)) };
+    let smm = SMM.smm_cr3.load(Ordering::Relaxed);
+    smm != 0 && cr3 & !0xfff == smm
+}
+
+fn percpu(block: u64) -> Region {
+    // SAFETY: `block` is this CPU's per-CPU block in its TSEG tile, set up
+    // by smm::install_and_relocate and passed in by the entry stub; the
+    // first 0x1000 bytes of the tile belong to this CPU alone.
+    unsafe { Region::new(block, 0x1000) }
+}
+
+/// The Rust side of every SMI (called by `smm_common_entry`).
+#[unsafe(no_mangle)]
+extern "C" fn smm_main(block: u64) {
+    let me = percpu(block);
+    let cpu = me.read_u32(PERCPU_INDEX);
+
+    lock();
+    let leader = !SMM.session_open.load(Ordering::Relaxed);
+    if leader {
+        SMM.session_open.store(true, Ordering::Relaxed);
+        SMM.present.store(0, Ordering::Relaxed);
+        SMM.present_mask.store(0, Ordering::Relaxed);
+        SMM.generation.fetch_add(1, Ordering::Relaxed);
+    }
+    SMM.present.fetch_add(1, Ordering::Relaxed);
+    SMM.present_mask.fetch_or(1 << (cpu & 63), Ordering::Relaxed);
+    let generation = SMM.generation.load(Ordering::Relaxed);
+    unlock();
+    me.write_u32(PERCPU_GEN, generation);
+    me.write_u32(PERCPU_ROLE, if leader { ROLE_LEADER } else { ROLE_FOLLOWER });
+
+    if leader {
+        let ncpus = SMM.ncpus.load(Ordering::Relaxed);
+        let all = pmtimer::wait_until(RENDEZVOUS_US, || {
+            SMM.present.load(Ordering::Acquire) >= ncpus
+        });
+        if !all {
+            SMM.partial_sessions.fetch_add(1, Ordering::Relaxed);
+        }
+        serve();
+        leader_leave(generation);
+    } else {
+        while SMM.done_generation.load(Ordering::Acquire) != generation {
+            core::hint::spin_loop();
+        }
+        follower_leave();
+    }
+    me.write_u32(PERCPU_ROLE, ROLE_NONE);
+}
+
+fn leader_leave(generation: u32) {
+    SMM.done_generation.store(generation, Ordering::Release);
+    // Followers leave as soon as they see `done_generation`; wait for them
+    // so that none of them can be mistaken for a member of the next session.
+    pmtimer::wait_until(1_000_000, || SMM.present.load(Ordering::Acquire) <= 1);
+    lock();
+    SMM.present.store(0, Ordering::Relaxed);
+    SMM.session_open.store(false, Ordering::Relaxed);
+    unlock();
+}
+
+fn follower_leave() {
+    lock();
+    SMM.present.fetch_sub(1, Ordering::Relaxed);
+    unlock();
+}
+
+/// The ivshmem BAR as the firmware assigned it, if the device still decodes
+/// it there. The OS controls PCI config space and may move or disable the
+/// BAR; then the recorded address may be RAM or another device, and the
+/// agent must not write to it.
+fn mailbox() -> Option<Region> {
+    let pa = SMM.mailbox_pa.load(Ordering::Relaxed);
+    let len = SMM.mailbox_len.load(Ordering::Relaxed);
+    if pa == 0 || len < mb::HEADER_SIZE as u64 {
+        return None;
+    }
+    let bdf = SMM.mailbox_bdf.load(Ordering::Relaxed);
+    let (bus, dev, func) = ((bdf >> 8) as u8, ((bdf >> 3) & 0x1f) as u8, (bdf & 7) as u8);
+    let in_place = {
+        let _latch = pci_cfg::AddressLatchGuard::save();
+        let cmd = pci_cfg::read16(bus, dev, func, 0x04);
+        let lo = pci_cfg::read32(bus, dev, func, 0x18);
+        let hi = pci_cfg::read32(bus, dev, func, 0x1c);
+        let bar = (u64::from(hi) << 32) | u64::from(lo & !0xf);
+        cmd & 0x2 != 0 && bar == pa
+    };
+    if !in_place {
+        SMM.mailbox_moved.fetch_add(1, Ordering::Relaxed);
+        return None;
+    }
+    // SAFETY: [pa, pa + len) is the ivshmem BAR the firmware assigned and
+    // just verified is still decoded there; PHYS_OFF maps all physical
+    // memory in SMM. It is shared with the guest and the host, so it is only
+    // accessed with the volatile accessors.
+    Some(unsafe { Region::new(PHYS_OFF + pa, len) })
+}
+
+/// Serves one SMI session: publishes the agent's state and answers PING.
+fn serve() {
+    let sessions = SMM.sessions.fetch_add(1, Ordering::Relaxed) + 1;
+    let present = SMM.present.load(Ordering::Acquire);
+    if SMM.boot_selftest.swap(false, Ordering::Relaxed) {
+        // SAFETY: RELOC_DATA is firmware-owned low RAM during boot; the flag
+        // makes this the only write there, on the self-test SMI before Linux.
+        let data = unsafe { Region::new(PHYS_OFF + RELOC_DATA, 0x1000) };
+        data.write_u32(SELFTEST_WORD, present.max(1));
+    }
+    let Some(mbox) = mailbox() else { return };
+    publish_header(&mbox, sessions);
+    let ping = mbox.read_u64(mb::OFF_PING_REQ as u64);
+    mbox.write_u64(mb::OFF_PING_ACK as u64, ping);
+}
+
+fn publish_header(mbox: &Region, sessions: u64) {
+    mbox.write_volatile(mb::OFF_MAGIC as u64, &mb::MAGIC);
+    mbox.write_u32(mb::OFF_VERSION as u64, mb::VERSION);
+    mbox.write_u64(mb::OFF_FEATURES as u64, SMM.features.load(Ordering::Relaxed));
+    mbox.write_u32(mb::OFF_SIZE as u64, mbox.len() as u32);
+    mbox.write_u32(mb::OFF_NCPUS as u64, SMM.ncpus.load(Ordering::Relaxed));
+    mbox.write_u64(mb::OFF_SMI_COUNT as u64, sessions);
+    let state = if SMM.faults.load(Ordering::Relaxed) != 0 {
+        mb::AgentState::Fault
+    } else {
+        mb::AgentState::Ready
+    };
+    mbox.write_u32(mb::OFF_STATE as u64, state as u32);
+}
+
+/// An exception in SMM: report it, release the other CPUs, and let this
+/// CPU's SMI return (the interrupted guest state is untouched). Returns the
+/// per-CPU block for `smm_abort_resume`.
+pub fn on_exception(frame: &Frame) -> u64 {
+    let block = (frame as *const Frame as u64) & !(crate::smm::TILE_SIZE - 1);
+    let me = percpu(block);
+    let cpu = me.read_u32(PERCPU_INDEX);
+    crate::exceptions::describe(frame);
+    SMM.faults.fetch_add(1, Ordering::Relaxed);
+    if let Some(mbox) = mailbox() {
+        mbox.write_u32(mb::OFF_FAULT_CODE as u64, 0x100 | frame.vector as u32);
+        mbox.write_u32(mb::OFF_FAULT_CPU as u64, cpu);
+        mbox.write_u64(mb::OFF_FAULT_RIP as u64, frame.rip);
+        mbox.write_u32(mb::OFF_STATE as u64, mb::AgentState::Fault as u32);
+    }
+    // A fault while holding the rendezvous lock would stop every CPU:
+    // the lock is only held around a few loads and stores, so release it.
+    SMM.lock.store(false, Ordering::Release);
+    match me.read_u32(PERCPU_ROLE) {
+        ROLE_LEADER => leader_leave(me.read_u32(PERCPU_GEN)),
+        ROLE_FOLLOWER => follower_leave(),
+        _ => {}
+    }
+    me.write_u32(PERCPU_ROLE, ROLE_NONE);
+    block
+}
