@@ -1,0 +1,247 @@
+//! `cargo xtask bench boot`: a benchmark, not a test.
+//!
+//! Boot-to-init time (QEMU start to the guest's ready marker on ttyS0) with
+//! our firmware, SeaBIOS and OVMF on the same kernel and initramfs
+//! (`-smp 2 -m 1G`, median of N boots), side by side with ratios against
+//! SeaBIOS; then the host-raised SMI round trip on our firmware (write a ping
+//! request, `o /b 0xb2 0x10` over QMP, poll the mailbox until acknowledged),
+//! p50/p99. Results also go to `.cache/bench/boot.json`.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::json;
+use smmvmi_tests::guest_image::{GuestImage, KernelDeb};
+use smmvmi_tests::vm::{Vm, VmConfig};
+
+use crate::FirmwareChoice;
+
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Boot time vs SeaBIOS and OVMF, and the SMI round trip.
+    Boot(BootArgs),
+}
+
+#[derive(clap::Args)]
+pub struct BootArgs {
+    /// Boots per firmware (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Host-raised SMIs for the round-trip figures (0 skips it).
+    #[arg(long, default_value_t = 200)]
+    pub smis: usize,
+    /// Firmwares to compare.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [FirmwareChoice::Ours, FirmwareChoice::Seabios, FirmwareChoice::Ovmf])]
+    pub firmware: Vec<FirmwareChoice>,
+}
+
+pub fn run(cmd: Command) -> anyhow::Result<()> {
+    match cmd {
+        Command::Boot(args) => boot(args),
+    }
+}
+
+struct Row {
+    label: &'static str,
+    times: Vec<f64>,
+    error: Option<String>,
+}
+
+fn boot(args: BootArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
+    let image = crate::guest_image::build(&KernelDeb::default())?;
+    let mut rows = Vec::new();
+    for choice in &args.firmware {
+        rows.push(boot_series(*choice, &image, args.runs));
+    }
+
+    let seabios = rows
+        .iter()
+        .find(|r| r.label == "seabios" && r.error.is_none())
+        .map(|r| median(&r.times));
+    println!();
+    println!("boot to init, -smp 2 -m 1G, TCG, {} runs each", args.runs);
+    println!(
+        "{:<10} {:>10} {:>10} {:>10} {:>12}",
+        "firmware", "median s", "min s", "max s", "vs SeaBIOS"
+    );
+    let mut json_rows = Vec::new();
+    for r in &rows {
+        match &r.error {
+            Some(e) => {
+                println!(
+                    "{:<10} {:>10}   ({})",
+                    r.label,
+                    "n/a",
+                    e.lines().next().unwrap_or("")
+                );
+                json_rows.push(json!({ "firmware": r.label, "error": e }));
+            }
+            None => {
+                let (med, min, max) = (median(&r.times), min(&r.times), max(&r.times));
+                let ratio = seabios.map(|s| med / s);
+                println!(
+                    "{:<10} {:>10.3} {:>10.3} {:>10.3} {:>12}",
+                    r.label,
+                    med,
+                    min,
+                    max,
+                    ratio
+                        .map(|x| format!("{x:.2}x"))
+                        .unwrap_or_else(|| "-".into())
+                );
+                json_rows.push(json!({
+                    "firmware": r.label, "runs_s": r.times, "median_s": med, "min_s": min,
+                    "max_s": max, "ratio_vs_seabios": ratio,
+                }));
+            }
+        }
+    }
+
+    let mut smi_json = serde_json::Value::Null;
+    if args.smis > 0 && args.firmware.contains(&FirmwareChoice::Ours) {
+        println!();
+        match smi_round_trip(&image, args.smis) {
+            Ok(mut rtts) => {
+                rtts.sort_by(f64::total_cmp);
+                let (p50, p99) = (percentile(&rtts, 50.0), percentile(&rtts, 99.0));
+                println!(
+                    "host SMI round trip (write ping, HMP o /b 0xb2 0x10, poll ack), {} SMIs: p50 {:.3} ms  p99 {:.3} ms  max {:.3} ms",
+                    rtts.len(),
+                    p50,
+                    p99,
+                    rtts.last().copied().unwrap_or(0.0)
+                );
+                smi_json = json!({ "count": rtts.len(), "p50_ms": p50, "p99_ms": p99, "max_ms": rtts.last() });
+            }
+            Err(e) => {
+                println!("host SMI round trip: n/a ({e:#})");
+                smi_json = json!({ "error": format!("{e:#}") });
+            }
+        }
+    }
+
+    let out_dir = smmvmi_tests::cache_dir().join("bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let path = out_dir.join("boot.json");
+    let doc = json!({
+        "machine": "q35,smm=on,accel=tcg", "smp": 2, "mem": "1G", "runs": args.runs,
+        "kernel_release": image.kernel_release, "boot_to_init": json_rows, "smi_round_trip": smi_json,
+    });
+    std::fs::write(&path, serde_json::to_string_pretty(&doc)?)?;
+    eprintln!("results written to {}", path.display());
+    Ok(())
+}
+
+fn boot_series(choice: FirmwareChoice, image: &GuestImage, runs: usize) -> Row {
+    let label = match choice {
+        FirmwareChoice::Ours => "ours",
+        FirmwareChoice::Seabios => "seabios",
+        FirmwareChoice::Ovmf => "ovmf",
+    };
+    let firmware = match choice.resolve() {
+        Ok(f) => f,
+        Err(e) => {
+            return Row {
+                label,
+                times: Vec::new(),
+                error: Some(format!("{e:#}")),
+            };
+        }
+    };
+    let mut times = Vec::new();
+    for i in 0..runs {
+        let mut config = VmConfig::new(format!("bench-{label}"), firmware.clone())
+            .smp(2)
+            .mem("1G");
+        config.guest = Some(image.clone());
+        match Vm::up(config) {
+            Ok(vm) => {
+                let t = vm.boot_time().unwrap_or_default().as_secs_f64();
+                crate::step(&format!("{label} boot {}/{runs}: {t:.3} s", i + 1));
+                times.push(t);
+                let _ = vm.down();
+            }
+            Err(e) => {
+                return Row {
+                    label,
+                    times,
+                    error: Some(format!("{e}")),
+                };
+            }
+        }
+    }
+    Row {
+        label,
+        times,
+        error: None,
+    }
+}
+
+/// Round trips in milliseconds.
+fn smi_round_trip(image: &GuestImage, count: usize) -> anyhow::Result<Vec<f64>> {
+    let firmware = FirmwareChoice::Ours.resolve()?;
+    let mut config = VmConfig::new("bench-smi", firmware).smp(2).mem("1G");
+    config.guest = Some(image.clone());
+    let vm = Vm::up(config).context("booting the SMI benchmark VM")?;
+    vm.wait_agent_ready(Duration::from_secs(10))?;
+    crate::step(&format!("raising {count} SMIs from the host"));
+    let mut rtts = Vec::with_capacity(count);
+    for _ in 0..count {
+        rtts.push(
+            vm.host_smi_ping(0x10, Duration::from_secs(10))?
+                .as_secs_f64()
+                * 1e3,
+        );
+    }
+    vm.run_shell_command("true")
+        .context("guest unresponsive after the SMIs")?;
+    let _ = vm.down();
+    Ok(rtts)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    if s.is_empty() {
+        return 0.0;
+    }
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+fn min(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+fn max(v: &[f64]) -> f64 {
+    v.iter().copied().fold(0.0, f64::max)
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        let v: Vec<f64> = (1..=200).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), 100.0);
+        assert_eq!(percentile(&v, 99.0), 198.0);
+        assert_eq!(percentile(&[5.0], 99.0), 5.0);
+    }
+}

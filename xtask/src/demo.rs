@@ -1,0 +1,71 @@
+//! `cargo xtask demo`: boot a monitored VM on our firmware, show the
+//! firmware's debug console, raise SMIs from the host and show the SMM agent
+//! answering through the mailbox, then shut the VM down.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use smmvmi_tests::guest_image::KernelDeb;
+use smmvmi_tests::vm::{Vm, VmConfig};
+
+use crate::FirmwareChoice;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// How many SMIs to raise from the host.
+    #[arg(long, default_value_t = 5)]
+    pub smis: u32,
+    /// Firmware to boot (only ours has an SMM agent).
+    #[arg(long, value_enum, default_value_t)]
+    pub firmware: FirmwareChoice,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    crate::step("installing what is missing and building");
+    let image = crate::guest_image::build(&KernelDeb::default())?;
+    let firmware = args.firmware.resolve()?;
+    let mut config = VmConfig::new("demo", firmware).smp(2).mem("1G");
+    config.guest = Some(image);
+    crate::step("booting the monitored VM (q35, SMM on, TCG)");
+    let vm = Vm::up(config).context("booting the demo VM")?;
+    let boot = vm.boot_time().unwrap_or_default();
+    crate::step(&format!(
+        "guest at its init after {:.2} s",
+        boot.as_secs_f64()
+    ));
+
+    println!("--- firmware debug console ---");
+    for line in vm.debugcon().lines().filter(|l| !l.trim().is_empty()) {
+        println!("  {line}");
+    }
+    println!("--- guest ---");
+    println!("  {}", vm.run_shell_command("uname -sr")?.trim());
+
+    crate::step("waiting for the SMM agent to publish its ready state in the mailbox");
+    let header = vm.wait_agent_ready(Duration::from_secs(10))?;
+    println!(
+        "--- mailbox: state {:?}, features {:#x}, {} CPUs, {} SMIs so far ---",
+        header.state(),
+        header.features,
+        header.ncpus,
+        header.smi_count
+    );
+    for i in 1..=args.smis {
+        let rtt = vm.host_smi_ping(0x10, Duration::from_secs(10))?;
+        let h = vm.mailbox()?;
+        println!(
+            "  host SMI {i}: ping {:#018x} acknowledged in {:.2} ms; agent SMI count {}",
+            h.ping_ack,
+            rtt.as_secs_f64() * 1e3,
+            h.smi_count
+        );
+    }
+    println!(
+        "  guest still answers: {}",
+        vm.run_shell_command("echo ok")?.trim()
+    );
+    crate::step("shutting down");
+    let status = vm.down()?;
+    crate::step(&format!("QEMU {status}"));
+    Ok(())
+}

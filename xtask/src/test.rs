@@ -1,0 +1,184 @@
+//! `cargo xtask test`: the whole suite. Installs what is missing, builds the
+//! firmware and the guest image, runs the unit tests, then the end-to-end
+//! tests on QEMU (the `#[ignore]`d integration tests of `smmvmi-tests`), with
+//! two at a time (two host cores, TCG). Exits non-zero on any failure.
+
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::bail;
+use smmvmi_tests::guest_image::{self, KernelDeb};
+use smmvmi_tests::vm::{FIRMWARE_ENV, Firmware};
+
+use crate::FirmwareChoice;
+
+/// The end-to-end test binaries (tests/tests/*.rs), functional apart from security.
+const E2E_SUITES: &[&str] = &["functional", "security"];
+/// VM names of the end-to-end tests start with this (see tests/tests/common).
+const TEST_VM_PREFIX: &str = "t-";
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Firmware the end-to-end tests boot (seabios checks the harness only:
+    /// SMM tests fail there by design).
+    #[arg(long, value_enum, default_value_t)]
+    pub firmware: FirmwareChoice,
+    /// Kernel package name (apt-get download) or path to a local .deb.
+    #[arg(long, value_name = "NAME|PATH", default_value = guest_image::DEFAULT_KERNEL_DEB)]
+    pub kernel_deb: KernelDeb,
+    /// Skip the unit tests.
+    #[arg(long)]
+    pub no_unit: bool,
+    /// Skip the end-to-end tests.
+    #[arg(long)]
+    pub no_e2e: bool,
+    /// Only end-to-end tests whose name contains this.
+    #[arg(long)]
+    pub filter: Option<String>,
+    /// Parallel end-to-end tests.
+    #[arg(long, default_value_t = 2)]
+    pub test_threads: u32,
+}
+
+struct Stage {
+    name: String,
+    ok: bool,
+    secs: f64,
+    note: String,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let root = crate::root();
+    let mut stages: Vec<Stage> = Vec::new();
+    let mut record = |name: &str, ok: bool, t: Instant, note: String| {
+        stages.push(Stage {
+            name: name.into(),
+            ok,
+            secs: t.elapsed().as_secs_f64(),
+            note,
+        });
+    };
+
+    crate::step("host packages");
+    let t = Instant::now();
+    smmvmi_tests::host::ensure_packages(&mut |m| eprintln!("    {m}"))?;
+    record("host packages", true, t, String::new());
+
+    let t = Instant::now();
+    let image = crate::guest_image::build(&args.kernel_deb)?;
+    record("guest image", true, t, image.kernel_release.clone());
+
+    crate::step(&format!("firmware ({:?})", args.firmware));
+    let t = Instant::now();
+    let firmware = match args.firmware.resolve() {
+        Ok(fw) => {
+            record("firmware", true, t, fw_note(&fw));
+            Some(fw)
+        }
+        Err(e) => {
+            eprintln!("    firmware build failed: {e:#}");
+            record("firmware", false, t, format!("{e:#}"));
+            None
+        }
+    };
+
+    if !args.no_unit {
+        crate::step("unit tests (cargo test --workspace)");
+        let t = Instant::now();
+        let ok = cargo(
+            &root,
+            &["test", "--workspace", "--exclude", "smmvmi-firmware"],
+            &[],
+        )?;
+        record("unit tests", ok, t, String::new());
+    }
+
+    if !args.no_e2e {
+        let t = Instant::now();
+        match &firmware {
+            None => record("end-to-end", false, t, "not run: no firmware image".into()),
+            Some(fw) => {
+                crate::step(&format!(
+                    "end-to-end tests on QEMU ({}, {} at a time)",
+                    fw.label(),
+                    args.test_threads
+                ));
+                let fw_value = match fw {
+                    Firmware::Ours(p) => p.display().to_string(),
+                    other => other.label().to_string(),
+                };
+                let env = [
+                    (FIRMWARE_ENV, fw_value),
+                    ("SMMVMI_KERNEL", image.kernel.display().to_string()),
+                    ("SMMVMI_INITRD", image.initrd.display().to_string()),
+                ];
+                let mut cargo_args: Vec<String> = ["test", "--package", "smmvmi-tests"]
+                    .map(String::from)
+                    .to_vec();
+                for suite in E2E_SUITES {
+                    cargo_args.extend(["--test".to_string(), suite.to_string()]);
+                }
+                cargo_args.extend(["--".into(), "--ignored".into()]);
+                cargo_args.push(format!("--test-threads={}", args.test_threads));
+                if let Some(f) = &args.filter {
+                    cargo_args.push(f.clone());
+                }
+                let refs: Vec<&str> = cargo_args.iter().map(String::as_str).collect();
+                let ok = cargo(&root, &refs, &env)?;
+                let stale = smmvmi_tests::vm::kill_stale(TEST_VM_PREFIX);
+                let note = if stale.is_empty() {
+                    String::new()
+                } else {
+                    format!("killed leftover VMs: {}", stale.join(" "))
+                };
+                record("end-to-end", ok && stale.is_empty(), t, note);
+            }
+        }
+    }
+
+    eprintln!();
+    eprintln!(
+        "==== summary ({:.0} s) ====",
+        started.elapsed().as_secs_f64()
+    );
+    for s in &stages {
+        eprintln!(
+            "  {:<14} {:<4} {:>6.1} s  {}",
+            s.name,
+            if s.ok { "ok" } else { "FAIL" },
+            s.secs,
+            s.note.lines().next().unwrap_or("")
+        );
+    }
+    let failed: Vec<&str> = stages
+        .iter()
+        .filter(|s| !s.ok)
+        .map(|s| s.name.as_str())
+        .collect();
+    if !failed.is_empty() {
+        bail!("test suite failed: {}", failed.join(", "));
+    }
+    eprintln!("all passed");
+    Ok(())
+}
+
+fn fw_note(fw: &Firmware) -> String {
+    match fw {
+        Firmware::Ours(p) => p.display().to_string(),
+        other => other.label().to_string(),
+    }
+}
+
+/// Runs cargo with `args` in `root`; true on success.
+fn cargo(root: &std::path::Path, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<bool> {
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(args).current_dir(root);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let status = cmd
+        .status()
+        .map_err(|e| anyhow::anyhow!("running cargo {}: {e}", args.join(" ")))?;
+    Ok(status.success())
+}

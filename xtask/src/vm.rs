@@ -1,0 +1,142 @@
+//! `cargo xtask vm up|exec|down|list`: VMs that outlive the command, for
+//! people and scripts (tests use the harness library directly).
+
+use std::time::Duration;
+
+use anyhow::Context;
+use smmvmi_tests::guest_image::{self, KernelDeb};
+use smmvmi_tests::vm::{Vm, VmConfig};
+
+use crate::FirmwareChoice;
+
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Start a VM in the background; prints a JSON object on the last stdout line.
+    Up(UpArgs),
+    /// Run a shell command in the guest as root; exits with its exit code.
+    Exec(ExecArgs),
+    /// Stop a VM (QMP quit, then SIGKILL after 5 s).
+    Down {
+        /// VM name.
+        name: String,
+    },
+    /// List VMs that have a state directory, and whether they run.
+    List,
+}
+
+#[derive(clap::Args)]
+pub struct UpArgs {
+    /// VM name (state in .cache/vms/NAME).
+    #[arg(long)]
+    pub name: String,
+    /// Guest memory (QEMU -m syntax: 512M, 1G, 5G).
+    #[arg(long, default_value = "1G")]
+    pub mem: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 2)]
+    pub smp: u32,
+    /// QEMU CPU model (default qemu64; `max,+la57` for 5-level paging).
+    #[arg(long)]
+    pub cpu: Option<String>,
+    /// Kernel package name (apt-get download) or path to a local .deb.
+    #[arg(long, value_name = "NAME|PATH", default_value = guest_image::DEFAULT_KERNEL_DEB)]
+    pub kernel_deb: KernelDeb,
+    /// Firmware to boot.
+    #[arg(long, value_enum, default_value_t)]
+    pub firmware: FirmwareChoice,
+    /// Extra kernel command line.
+    #[arg(long)]
+    pub append: Option<String>,
+    /// Seconds to wait for the guest's ready marker.
+    #[arg(long, default_value_t = 120)]
+    pub boot_timeout: u64,
+}
+
+#[derive(clap::Args)]
+pub struct ExecArgs {
+    /// VM name.
+    pub name: String,
+    /// Seconds to wait for the command.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+    /// The shell command (joined with spaces, run by sh in the guest).
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+pub fn run(cmd: Command) -> anyhow::Result<()> {
+    match cmd {
+        Command::Up(args) => up(args),
+        Command::Exec(args) => {
+            let vm = Vm::attach(&args.name)?;
+            let out =
+                vm.exec_timeout(&args.command.join(" "), Duration::from_secs(args.timeout))?;
+            print!("{}", out.stdout);
+            eprint!("{}", out.stderr);
+            std::process::exit(out.status);
+        }
+        Command::Down { name } => {
+            let vm = Vm::attach(&name)?;
+            vm.down()?;
+            crate::step(&format!("VM {name} stopped"));
+            Ok(())
+        }
+        Command::List => {
+            let vms = Vm::list();
+            if vms.is_empty() {
+                eprintln!(
+                    "no VMs (state lives in {})",
+                    smmvmi_tests::vm::vms_dir().display()
+                );
+            }
+            println!(
+                "{:<24} {:>8} {:<8} {:<8} {:>4} {:<6} STATE",
+                "NAME", "PID", "FIRMWARE", "MEM", "SMP", ""
+            );
+            for (info, alive) in vms {
+                println!(
+                    "{:<24} {:>8} {:<8} {:<8} {:>4} {:<6} {}",
+                    info.name,
+                    if alive {
+                        info.pid.to_string()
+                    } else {
+                        "-".into()
+                    },
+                    info.firmware,
+                    info.mem,
+                    info.smp,
+                    "",
+                    if alive { "running" } else { "stopped" }
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn up(args: UpArgs) -> anyhow::Result<()> {
+    let image = crate::guest_image::build(&args.kernel_deb)?;
+    crate::step(&format!("firmware: {:?}", args.firmware));
+    let firmware = args.firmware.resolve()?;
+    let mut config = VmConfig::new(&args.name, firmware)
+        .mem(&args.mem)
+        .smp(args.smp)
+        .boot_timeout(Duration::from_secs(args.boot_timeout));
+    config.guest = Some(image);
+    if let Some(cpu) = args.cpu {
+        config = config.cpu(cpu);
+    }
+    if let Some(append) = args.append {
+        config = config.append(append);
+    }
+    crate::step(&format!(
+        "starting VM {} ({} RAM, {} vCPUs)",
+        args.name, args.mem, args.smp
+    ));
+    let vm = Vm::up_detached(config).with_context(|| format!("starting VM {}", args.name))?;
+    if let Some(t) = vm.boot_time() {
+        crate::step(&format!("guest ready after {:.2} s", t.as_secs_f64()));
+    }
+    println!("{}", vm.info().summary_json());
+    Ok(())
+}
