@@ -18,7 +18,8 @@ pub struct FwCfg {
 }
 
 impl FwCfg {
-    fn dma_run(&mut self, key: u16, desc: DmaAccess) -> Result<(), FwCfgError> {
+    /// Runs one DMA descriptor and waits for it (5 s at most).
+    pub fn dma_transfer(&mut self, key: u16, desc: DmaAccess) -> Result<(), FwCfgError> {
         #[repr(C, align(16))]
         struct Desc([u8; 16]);
         let mut d = Desc(desc.to_be_bytes());
@@ -61,7 +62,7 @@ impl FwCfgIo for FwCfg {
                 address: buf.as_mut_ptr() as u64,
             };
             // Continues from the current position of the selected item.
-            if self.dma_run(0, desc).is_ok() {
+            if self.dma_transfer(0, desc).is_ok() {
                 return;
             }
             buf.fill(0);
@@ -79,7 +80,7 @@ impl FwCfgIo for FwCfg {
             return Err(FwCfgError::DmaUnsupported { key });
         }
         let desc = DmaAccess::select_write(key, data.len() as u32, data.as_ptr() as u64);
-        self.dma_run(key, desc)
+        self.dma_transfer(key, desc)
     }
 }
 
@@ -90,7 +91,7 @@ impl FwCfg {
     pub fn read_to(&mut self, key: u16, dst: &crate::memory::Region) -> Result<(), FwCfgError> {
         if self.dma {
             let desc = DmaAccess::select_read(key, dst.len() as u32, dst.base());
-            return self.dma_run(key, desc);
+            return self.dma_transfer(key, desc);
         }
         self.select(key);
         let mut chunk = [0u8; 512];

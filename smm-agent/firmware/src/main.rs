@@ -17,6 +17,7 @@
 #![no_std]
 #![no_main]
 
+mod acpi;
 mod chipset;
 mod console;
 mod exceptions;
@@ -24,6 +25,7 @@ mod exit;
 mod fwcfg;
 mod lapic;
 mod layout;
+mod linux;
 mod memory;
 mod pci_cfg;
 mod pmtimer;
@@ -33,7 +35,7 @@ mod smm;
 use core::arch::global_asm;
 use core::sync::atomic::Ordering;
 
-use smmvmi_boot::e820::E820Map;
+use smmvmi_boot::e820::{self, E820Map};
 use smmvmi_boot::fw_cfg as fwc;
 use smmvmi_boot::q35;
 
@@ -103,6 +105,19 @@ extern "C" fn firmware_main() -> ! {
         fatal(ExitCode::TooLittleRam, format_args!("RAM below 4 GiB ends at {lowmem:#x}, too little for a {} MiB TSEG", tseg_size >> 20));
     };
     log!("tseg base={tseg_base:#x} size={tseg_size:#x}");
+    let acpi_base = tseg_base - acpi::AREA_LEN;
+
+    // PCI: MMCONFIG first, BARs next; QEMU builds the ACPI tables (MCFG,
+    // _CRS of the host bridge) from both when the table-loader is read.
+    chipset::enable_mmconfig();
+    let rsdp = match acpi::install(&mut fw, acpi_base) {
+        Ok(loaded) => match loaded.rsdp() {
+            Ok(r) => r,
+            Err(e) => fatal(ExitCode::NoAcpi, format_args!("{e}")),
+        },
+        Err(e) => fatal(ExitCode::NoAcpi, format_args!("{e}")),
+    };
+    log!("ACPI tables at {acpi_base:#x}, RSDP {rsdp:#x}");
 
     let ncpus = fwc::read_u16_le(&mut fw, fwc::NB_CPUS).into();
     let plan = smm::Plan {
@@ -122,7 +137,20 @@ extern "C" fn firmware_main() -> ! {
     smm::seal(&plan);
     smm::self_test();
     log!("SMM locked; SMI broadcast on");
-    exit(ExitCode::Success)
+
+    let mut handoff = e820.clone();
+    let reserve = [
+        (tseg_base, tseg_size, e820::RESERVED),
+        (acpi_base, acpi::AREA_LEN, e820::ACPI),
+    ];
+    let legacy = handoff.add_legacy_holes();
+    for (addr, len, kind) in reserve {
+        if let Err(e) = legacy.and_then(|()| handoff.reserve(addr, len, kind)) {
+            fatal(ExitCode::TooLittleRam, format_args!("e820: {e}"));
+        }
+    }
+    let prepared = linux::prepare(&mut fw, &handoff, acpi_base, rsdp);
+    linux::enter(prepared)
 }
 
 fn read_e820(fw: &mut FwCfg) -> E820Map {

@@ -133,6 +133,6 @@ start64:
 .section .bss.boot_stack, "aw", @nobits
 .balign 4096
 boot_stack:
-    .skip 64 * 1024
+    .skip 128 * 1024
 .global boot_stack_top
 boot_stack_top:

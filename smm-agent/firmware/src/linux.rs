@@ -1,0 +1,137 @@
+//! Loading Linux from fw_cfg (`-kernel/-initrd/-append`) and entering it
+//! through the 64-bit boot protocol. The planning (addresses, zero page) is
+//! `smmvmi_boot::linux`; this module moves the bytes and jumps.
+
+use smmvmi_boot::e820::E820Map;
+use smmvmi_boot::fw_cfg::{self as fwc, FwCfgIo};
+use smmvmi_boot::linux::{self, BootParamsInput, SetupHeader};
+
+use crate::exit::{ExitCode, exit};
+use crate::fwcfg::FwCfg;
+use crate::layout::{BOOT_PARAMS, CMDLINE, CMDLINE_MAX};
+use crate::log;
+use crate::memory::Region;
+
+/// Largest setup blob (boot sector + setup sectors) we accept.
+const SETUP_MAX: usize = 0x8000;
+
+fn fatal(code: ExitCode, msg: core::fmt::Arguments) -> ! {
+    log!("error: {msg}");
+    exit(code)
+}
+
+/// What `prepare` loaded, ready for `enter`.
+pub struct Prepared {
+    entry64: u64,
+}
+
+/// Loads kernel, initrd and command line, and writes the zero page.
+/// `low_ram_end`/`reserved_start`: usable low RAM is `[1 MiB, reserved_start)`.
+pub fn prepare(fw: &mut FwCfg, e820: &E820Map, reserved_start: u64, rsdp: u64) -> Prepared {
+    let kernel_size = u64::from(fwc::read_u32_le(fw, fwc::KERNEL_SIZE));
+    let setup_size = fwc::read_u32_le(fw, fwc::SETUP_SIZE) as usize;
+    if kernel_size == 0 || setup_size == 0 {
+        fatal(
+            ExitCode::NoKernel,
+            format_args!("no kernel in fw_cfg: start QEMU with -kernel <bzImage> (and -initrd, -append)"),
+        );
+    }
+    if setup_size > SETUP_MAX {
+        fatal(
+            ExitCode::BadKernel,
+            format_args!("setup blob is {setup_size} bytes, expected at most {SETUP_MAX}: not a bzImage?"),
+        );
+    }
+    let mut setup = [0u8; SETUP_MAX];
+    fw.select(fwc::SETUP_DATA);
+    fw.read(&mut setup[..setup_size]);
+    let setup = &setup[..setup_size];
+    let hdr = match SetupHeader::parse(setup) {
+        Ok(h) => h,
+        Err(e) => fatal(ExitCode::BadKernel, format_args!("{e}")),
+    };
+    let initrd_size = u64::from(fwc::read_u32_le(fw, fwc::INITRD_SIZE));
+    let cmdline_size = u64::from(fwc::read_u32_le(fw, fwc::CMDLINE_SIZE));
+
+    let low_ram_end = e820.lowmem_top().unwrap_or(0);
+    let layout = match linux::plan_layout(&hdr, low_ram_end, reserved_start, kernel_size, initrd_size) {
+        Ok(l) => l,
+        Err(e) => fatal(ExitCode::TooLittleRam, format_args!("{e}")),
+    };
+    log!(
+        "kernel {kernel_size} bytes at {:#x}, initrd {initrd_size} bytes at {:#x}, protocol {:#x}",
+        layout.kernel_addr,
+        layout.initrd_addr,
+        hdr.version
+    );
+
+    // SAFETY: the planner put the kernel window inside usable low RAM above
+    // the firmware (1 MiB and up, below the reserved top area); nothing the
+    // firmware still needs lives there.
+    let kernel = unsafe { Region::new(layout.kernel_addr, kernel_size) };
+    if let Err(e) = fw.read_to(fwc::KERNEL_DATA, &kernel) {
+        fatal(ExitCode::FwCfg, format_args!("reading the kernel: {e}"));
+    }
+    if initrd_size != 0 {
+        // SAFETY: as for the kernel; the planner keeps the initrd above the
+        // kernel window and below the reserved area.
+        let initrd = unsafe { Region::new(layout.initrd_addr, initrd_size) };
+        if let Err(e) = fw.read_to(fwc::INITRD_DATA, &initrd) {
+            fatal(ExitCode::FwCfg, format_args!("reading the initrd: {e}"));
+        }
+    }
+
+    // SAFETY: CMDLINE is a fixed low-memory buffer for the command line
+    // (layout.rs), unused by anything else.
+    let cmdline = unsafe { Region::new(CMDLINE, CMDLINE_MAX) };
+    let len = cmdline_size.min(CMDLINE_MAX - 1);
+    if let Err(e) = hdr.check_cmdline(len.saturating_sub(1) as usize) {
+        fatal(ExitCode::BadKernel, format_args!("{e}"));
+    }
+    cmdline.fill(0, CMDLINE_MAX, 0);
+    if len > 0 {
+        let mut chunk = [0u8; 256];
+        fw.select(fwc::CMDLINE_DATA);
+        let mut off = 0;
+        while off < len {
+            let n = (len - off).min(256) as usize;
+            fw.read(&mut chunk[..n]);
+            cmdline.write(off, &chunk[..n]);
+            off += n as u64;
+        }
+    }
+
+    let params = linux::build_boot_params(&BootParamsInput {
+        setup,
+        cmdline_addr: CMDLINE,
+        initrd_addr: layout.initrd_addr,
+        initrd_size,
+        e820,
+        rsdp,
+    });
+    // SAFETY: BOOT_PARAMS is the fixed zero-page location (layout.rs).
+    let zero_page = unsafe { Region::new(BOOT_PARAMS, params.len() as u64) };
+    zero_page.write(0, &params);
+    Prepared {
+        entry64: layout.entry64,
+    }
+}
+
+/// Jumps to the kernel's 64-bit entry with RSI = &boot_params. The boot GDT
+/// (selectors 0x10 code, 0x18 data, as the protocol asks) and the identity
+/// mapping of the low 4 GiB are still in place; interrupts are off.
+pub fn enter(p: Prepared) -> ! {
+    log!("entering Linux at {:#x}", p.entry64);
+    // SAFETY: the kernel and zero page were loaded by `prepare`; the boot
+    // protocol's entry conditions hold (see above). Control never returns.
+    unsafe {
+        core::arch::asm!(
+            "cli",
+            "xor ebp, ebp",
+            "jmp {entry}",
+            entry = in(reg) p.entry64,
+            in("rsi") BOOT_PARAMS,
+            options(noreturn)
+        )
+    }
+}
