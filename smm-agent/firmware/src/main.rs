@@ -37,6 +37,7 @@ use core::sync::atomic::Ordering;
 
 use smmvmi_boot::e820::{self, E820Map};
 use smmvmi_boot::fw_cfg as fwc;
+use smmvmi_boot::pci;
 use smmvmi_boot::q35;
 
 use exit::{ExitCode, exit};
@@ -46,6 +47,11 @@ use smi::SMM;
 global_asm!(include_str!("asm/reset.s"), options(att_syntax));
 global_asm!(include_str!("asm/mem.s"), options(att_syntax));
 global_asm!(include_str!("asm/smm.s"), options(att_syntax));
+
+/// The mailbox device: QEMU `ivshmem-plain` (1af4:1110), shared memory in BAR2.
+const IVSHMEM_VENDOR: u16 = 0x1af4;
+const IVSHMEM_DEVICE: u16 = 0x1110;
+const IVSHMEM_BAR: u8 = 2;
 
 fn fatal(code: ExitCode, msg: core::fmt::Arguments) -> ! {
     log!("error: {msg}");
@@ -110,6 +116,31 @@ extern "C" fn firmware_main() -> ! {
     // PCI: MMCONFIG first, BARs next; QEMU builds the ACPI tables (MCFG,
     // _CRS of the host bridge) from both when the table-loader is read.
     chipset::enable_mmconfig();
+    let windows = pci::Windows {
+        mem_hole: Some((q35::PCIEXBAR_BASE, q35::PCIEXBAR_BASE + q35::PCIEXBAR_SIZE)),
+        ..pci::Windows::default()
+    };
+    let assigned = match pci::assign(&mut pci_cfg::Cf8, &windows) {
+        Ok(a) => a,
+        Err(e) => fatal(ExitCode::Pci, format_args!("{e}")),
+    };
+    for b in assigned.bars() {
+        log!(
+            "pci {:02x}:{:02x}.{} {:04x}:{:04x} BAR{} {:?} {:#x}+{:#x}",
+            b.bdf.bus, b.bdf.dev, b.bdf.func, b.vendor, b.device, b.bar, b.kind, b.addr, b.size
+        );
+    }
+    match assigned.find(IVSHMEM_VENDOR, IVSHMEM_DEVICE, IVSHMEM_BAR) {
+        Some(b) => {
+            let bdf = u32::from(b.bdf.bus) << 8 | u32::from(b.bdf.dev) << 3 | u32::from(b.bdf.func);
+            SMM.mailbox_pa.store(b.addr, Ordering::Relaxed);
+            SMM.mailbox_len.store(b.size, Ordering::Relaxed);
+            SMM.mailbox_bdf.store(bdf, Ordering::Relaxed);
+            smi::announce_booting(b.addr, b.size);
+            log!("mailbox: ivshmem BAR{IVSHMEM_BAR} at {:#x}, {} KiB", b.addr, b.size >> 10);
+        }
+        None => log!("no ivshmem-plain device: the agent has no mailbox and will serve nothing"),
+    }
     let rsdp = match acpi::install(&mut fw, acpi_base) {
         Ok(loaded) => match loaded.rsdp() {
             Ok(r) => r,

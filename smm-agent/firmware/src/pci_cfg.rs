@@ -74,3 +74,16 @@ impl Drop for AddressLatchGuard {
         unsafe { Port::<u32>::new(CONFIG_ADDRESS).write(self.0) };
     }
 }
+
+/// Configuration space for the BAR assignment logic in `smmvmi_boot::pci`.
+pub struct Cf8;
+
+impl smmvmi_boot::pci::PciConfig for Cf8 {
+    fn read32(&mut self, bdf: smmvmi_boot::pci::Bdf, off: u8) -> u32 {
+        read32(bdf.bus, bdf.dev, bdf.func, off)
+    }
+
+    fn write32(&mut self, bdf: smmvmi_boot::pci::Bdf, off: u8, v: u32) {
+        write32(bdf.bus, bdf.dev, bdf.func, off, v)
+    }
+}

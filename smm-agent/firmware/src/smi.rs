@@ -203,6 +203,21 @@ fn mailbox() -> Option<Region> {
     Some(unsafe { Region::new(PHYS_OFF + pa, len) })
 }
 
+/// Before SMM is locked: tells the host that a firmware owns the mailbox
+/// and is booting (the agent publishes "ready" on its first SMI).
+pub fn announce_booting(pa: u64, len: u64) {
+    if len < mb::HEADER_SIZE as u64 {
+        return;
+    }
+    // SAFETY: the ivshmem BAR just assigned by the firmware, identity mapped
+    // by the boot page tables; shared with the host, so volatile accesses.
+    let mbox = unsafe { Region::new(pa, mb::HEADER_SIZE as u64) };
+    mbox.write_volatile(mb::OFF_MAGIC as u64, &mb::MAGIC);
+    mbox.write_u32(mb::OFF_VERSION as u64, mb::VERSION);
+    mbox.write_u32(mb::OFF_SIZE as u64, len as u32);
+    mbox.write_u32(mb::OFF_STATE as u64, mb::AgentState::Booting as u32);
+}
+
 /// Serves one SMI session: publishes the agent's state and answers PING.
 fn serve() {
     let sessions = SMM.sessions.fetch_add(1, Ordering::Relaxed) + 1;
