@@ -1,0 +1,538 @@
+//! Serving one mailbox request: copy in, open, run the ops, seal, copy out.
+
+use core::sync::atomic::{Ordering, compiler_fence};
+
+use smmvmi_mailbox::crypto::{self, SHARED_KEY_LEN, SessionKeys};
+use smmvmi_mailbox::layout::{self, Areas, SESSION_SALT_LEN, ServeStatus};
+use smmvmi_mailbox::wire::{
+    AddressSpace, CpuState, Direction, FRAME_HEADER_LEN, FRAME_OVERHEAD, FrameHeader, InfoCpu,
+    InfoHeader, Op, OpKind, REPLY_FLAG_UNAUTHENTICATED, RamRange, ReplyWriter, RequestBody,
+    SEV_ACTIVE, Status, TAG_LEN, WALK_RECORD_LEN, encode_info,
+};
+
+use crate::cpu::CpuSnapshot;
+use crate::guard::{Alleged, Guard, PhysMemory, PhysRange, RamMap, Refusal};
+use crate::paging::{self, PagingMode, Translation, WalkError};
+
+/// Agent version reported by INFO (major << 16 | minor).
+pub const AGENT_VERSION: u32 = 1 << 16;
+
+/// SEV facts the firmware found at boot (CPUID 0x8000001F, SEV_STATUS MSR).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SevConfig {
+    /// Memory encryption is active for this guest.
+    pub active: bool,
+    /// Position of the C-bit in page-table entries (CPUID 0x8000001F EBX[5:0]).
+    pub c_bit: u8,
+}
+
+impl SevConfig {
+    /// The mask to clear from CR3 and entries (0 without SEV).
+    pub fn c_bit_mask(&self) -> u64 {
+        if self.active && (1..64).contains(&self.c_bit) {
+            1u64 << self.c_bit
+        } else {
+            0
+        }
+    }
+}
+
+/// What the firmware knows and hands to every `serve`.
+#[derive(Clone, Copy, Debug)]
+pub struct ServeContext<'a> {
+    /// Guest RAM ranges recorded at boot.
+    pub ram: &'a RamMap,
+    /// SMRAM (TSEG); never read.
+    pub smram: PhysRange,
+    /// One snapshot per CPU, index = CPU index of the ops.
+    pub cpus: &'a [CpuSnapshot],
+    /// SEV facts.
+    pub sev: SevConfig,
+}
+
+/// The agent's own state, kept in SMRAM across SMIs.
+pub struct AgentState<'b> {
+    keys: Option<SessionKeys>,
+    salt: [u8; SESSION_SALT_LEN],
+    last_request_seq: u64,
+    reply_seq: u64,
+    last_doorbell: u64,
+    request_buf: &'b mut [u8],
+    reply_buf: &'b mut [u8],
+}
+
+impl core::fmt::Debug for AgentState<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("AgentState")
+            .field("provisioned", &self.keys.is_some())
+            .field("last_request_seq", &self.last_request_seq)
+            .field("reply_seq", &self.reply_seq)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'b> AgentState<'b> {
+    /// Builds the state at boot. `key` is the provisioned shared key (the
+    /// firmware scrubs its own copy afterwards), `salt` must be fresh per
+    /// boot (RDRAND), `request_buf` and `reply_buf` are SMRAM buffers (the
+    /// private copies: the request area's and the reply area's sizes are
+    /// enough; smaller buffers bound the frames).
+    pub fn new(
+        key: Option<&[u8; SHARED_KEY_LEN]>,
+        salt: [u8; SESSION_SALT_LEN],
+        request_buf: &'b mut [u8],
+        reply_buf: &'b mut [u8],
+    ) -> Self {
+        Self {
+            keys: key.map(|k| SessionKeys::derive(k, &salt)),
+            salt,
+            last_request_seq: 0,
+            reply_seq: 0,
+            last_doorbell: 0,
+            request_buf,
+            reply_buf,
+        }
+    }
+
+    /// True if a key is provisioned.
+    pub fn is_provisioned(&self) -> bool {
+        self.keys.is_some()
+    }
+
+    /// Writes the session salt into the mailbox header (at boot; `serve`
+    /// rewrites it every time).
+    pub fn publish(&self, mailbox: &mut [u8]) {
+        if let Some(dst) =
+            mailbox.get_mut(layout::OFF_SESSION_SALT..layout::OFF_SESSION_SALT + SESSION_SALT_LEN)
+        {
+            dst.copy_from_slice(&self.salt);
+        }
+    }
+
+    /// The last request sequence accepted.
+    pub fn last_request_seq(&self) -> u64 {
+        self.last_request_seq
+    }
+}
+
+/// What one call of [`serve`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Served {
+    /// No new doorbell: nothing written.
+    Idle,
+    /// A doorbell was answered with this status (also in the header).
+    Answered(ServeStatus),
+    /// The mailbox slice has an unsupported size: nothing written.
+    Unusable,
+}
+
+/// Serves the request in `mailbox`, if the doorbell says there is a new one.
+///
+/// The mailbox is read in two places only: the doorbell (once) and the
+/// request frame (copied once into the SMRAM request buffer: the 32-byte
+/// header first, then exactly the body and tag it announces, bounded by the
+/// request area and the buffer). Everything is checked on the copy. The
+/// reply is built and sealed in the SMRAM reply buffer and copied out once;
+/// the done word is written last. Never panics, never reads memory other
+/// than through `mem` with guard-checked ranges.
+pub fn serve<M: PhysMemory>(
+    mailbox: &mut [u8],
+    state: &mut AgentState<'_>,
+    ctx: &ServeContext<'_>,
+    mem: &M,
+) -> Served {
+    let Ok(areas) = Areas::from_size(mailbox.len()) else {
+        return Served::Unusable;
+    };
+    let doorbell = layout::read_u64(mailbox, layout::OFF_REQ_DOORBELL).unwrap_or(0);
+    if doorbell == 0 || doorbell == state.last_doorbell {
+        return Served::Idle;
+    }
+    state.last_doorbell = doorbell;
+    state.publish(mailbox);
+
+    let (status, reply_len) = answer(mailbox, &areas, state, ctx, mem);
+
+    let reply_len = reply_len
+        .min(areas.reply_capacity())
+        .min(state.reply_buf.len());
+    if let Some(dst) = mailbox.get_mut(areas.reply.start..areas.reply.start + reply_len) {
+        dst.copy_from_slice(&state.reply_buf[..reply_len]);
+    }
+    layout::write_u32(mailbox, layout::OFF_REPLY_LEN, reply_len as u32);
+    layout::write_u32(mailbox, layout::OFF_SERVE_STATUS, status as u32);
+    compiler_fence(Ordering::Release);
+    layout::write_u64(mailbox, layout::OFF_REPLY_DONE, doorbell);
+    Served::Answered(status)
+}
+
+/// Produces the reply frame in `state.reply_buf`; returns the status and the
+/// frame length (0 if there is no reply frame).
+fn answer<M: PhysMemory>(
+    mailbox: &[u8],
+    areas: &Areas,
+    state: &mut AgentState<'_>,
+    ctx: &ServeContext<'_>,
+    mem: &M,
+) -> (ServeStatus, usize) {
+    let reply_cap = areas.reply_capacity().min(state.reply_buf.len());
+    let Some(keys) = state.keys.as_ref() else {
+        let len = plain_info(&mut state.reply_buf[..reply_cap], ctx, reply_cap);
+        return (ServeStatus::Unprovisioned, len);
+    };
+
+    // Copy in: header first, then what it announces, all bounded.
+    let req_cap = areas.request_capacity().min(state.request_buf.len());
+    let req = &mut state.request_buf[..req_cap];
+    let Some(src_head) = mailbox.get(areas.request.start..areas.request.start + FRAME_HEADER_LEN)
+    else {
+        return (ServeStatus::BadFrame, 0);
+    };
+    let Some(head) = req.get_mut(..FRAME_HEADER_LEN) else {
+        return (ServeStatus::BadFrame, 0);
+    };
+    head.copy_from_slice(src_head);
+    let header = match FrameHeader::parse(head) {
+        Ok(h) => h,
+        Err(_) => return (ServeStatus::BadFrame, 0),
+    };
+    let frame_len = header.frame_len();
+    if frame_len > req_cap {
+        return (ServeStatus::BadFrame, 0);
+    }
+    let Some(src_rest) =
+        mailbox.get(areas.request.start + FRAME_HEADER_LEN..areas.request.start + frame_len)
+    else {
+        return (ServeStatus::BadFrame, 0);
+    };
+    req[FRAME_HEADER_LEN..frame_len].copy_from_slice(src_rest);
+    let frame = &mut req[..frame_len];
+
+    match header.direction {
+        Direction::Request => {}
+        Direction::PlainRequest => return (ServeStatus::SealedRequired, 0),
+        _ => return (ServeStatus::BadFrame, 0),
+    }
+    if header.seq <= state.last_request_seq {
+        return (ServeStatus::Replay, 0);
+    }
+    let opened = match crypto::open_in_place(keys, Direction::Request, frame) {
+        Ok(o) => o,
+        Err(_) => return (ServeStatus::BadTag, 0),
+    };
+    // Authentic and fresh: consume the sequence before anything else.
+    state.last_request_seq = header.seq;
+    let Ok(body) = RequestBody::parse(&frame[opened.body.clone()]) else {
+        return (ServeStatus::BadBody, 0);
+    };
+
+    let Some(reply_seq) = state.reply_seq.checked_add(1) else {
+        return (ServeStatus::CounterExhausted, 0);
+    };
+    state.reply_seq = reply_seq;
+
+    let reply = &mut state.reply_buf[..reply_cap];
+    let body_cap = reply_cap.saturating_sub(FRAME_OVERHEAD);
+    let Ok(mut w) = ReplyWriter::new(
+        &mut reply[FRAME_HEADER_LEN..FRAME_HEADER_LEN + body_cap],
+        header.seq,
+        &opened.tag,
+        &body.ids_nonce,
+        0,
+    ) else {
+        return (ServeStatus::BadBody, 0);
+    };
+    let max_read = body_cap;
+    let guard = Guard::new(ctx.ram, ctx.smram, max_read);
+    for (kind, op) in body.ops() {
+        let pushed = match op {
+            Err(_) => w.push(kind, 0, |_| (Status::BadRequest, 0, 0, 0)),
+            Ok(op) => run_op(&mut w, &op, ctx, &guard, mem, reply_cap),
+        };
+        if !pushed {
+            // Out of room even for a result header: the remaining ops get no
+            // result; the IDS sees fewer results than ops.
+            break;
+        }
+    }
+    let body_len = w.finish();
+    let out = FrameHeader {
+        direction: Direction::Reply,
+        body_len: body_len as u32,
+        seq: reply_seq,
+        in_reply_to: header.seq,
+    };
+    let frame_len = out.frame_len();
+    match crypto::seal_in_place(keys, &out, &mut reply[..frame_len]) {
+        Ok(_) => (ServeStatus::Ok, frame_len),
+        Err(_) => (ServeStatus::BadBody, 0),
+    }
+}
+
+fn refusal_status(r: Refusal) -> Status {
+    match r {
+        Refusal::Smram => Status::RefusedSmram,
+        Refusal::NotRam => Status::RefusedNotRam,
+        Refusal::TooLarge => Status::TooLarge,
+    }
+}
+
+fn walk_status(e: WalkError) -> (Status, u8) {
+    match e {
+        WalkError::NonCanonical => (Status::NonCanonical, 0),
+        WalkError::Unsupported => (Status::Unsupported, 0),
+        WalkError::NotPresent { level } => (Status::NotPresent, level),
+        WalkError::Refused { level, refusal } => (refusal_status(refusal), level),
+    }
+}
+
+/// Resolves an address space to (root, mode), or the status to answer.
+fn resolve(space: &AddressSpace, ctx: &ServeContext<'_>) -> Result<(u64, PagingMode), Status> {
+    let cpu = ctx.cpus.get(space.cpu as usize).ok_or(Status::BadRequest)?;
+    let levels = cpu.paging_levels();
+    if levels == 0 {
+        return Err(Status::Unsupported);
+    }
+    let mask = ctx.sev.c_bit_mask();
+    let root = paging::cr3_root(space.cr3.unwrap_or(cpu.cr3), space.pti, mask);
+    Ok((
+        root,
+        PagingMode {
+            levels,
+            c_bit_mask: mask,
+        },
+    ))
+}
+
+fn run_op<M: PhysMemory>(
+    w: &mut ReplyWriter<'_>,
+    op: &Op,
+    ctx: &ServeContext<'_>,
+    guard: &Guard<'_>,
+    mem: &M,
+    reply_cap: usize,
+) -> bool {
+    let kind = op.kind() as u8;
+    match *op {
+        Op::ReadPhys { addr, len } => {
+            let len = len as usize;
+            if len > w.data_room() {
+                return w.push(kind, 0, |_| (Status::TooLarge, 0, addr, 0));
+            }
+            w.push(kind, len, |buf| {
+                let (st, level, done) = read_phys(mem, guard, addr, buf);
+                (st, level, addr.wrapping_add(done as u64), done)
+            })
+        }
+        Op::ReadVirt { space, addr, len } => {
+            let len = len as usize;
+            if len > w.data_room() {
+                return w.push(kind, 0, |_| (Status::TooLarge, 0, addr, 0));
+            }
+            let (root, mode) = match resolve(&space, ctx) {
+                Ok(v) => v,
+                Err(st) => return w.push(kind, 0, |_| (st, 0, addr, 0)),
+            };
+            w.push(kind, len, |buf| {
+                let (st, level, done) = read_virt(mem, guard, root, mode, addr, buf);
+                (st, level, addr.wrapping_add(done as u64), done)
+            })
+        }
+        Op::Translate { space, addr } => {
+            let (root, mode) = match resolve(&space, ctx) {
+                Ok(v) => v,
+                Err(st) => return w.push(kind, 0, |_| (st, 0, 0, 0)),
+            };
+            let (rec, res) = paging::walk(mem, guard, root, mode, addr);
+            let (st, level, pa) = match res {
+                Ok(t) => (Status::Ok, 0, t.pa),
+                Err(e) => {
+                    let (st, level) = walk_status(e);
+                    (st, level, 0)
+                }
+            };
+            push_fixed(w, kind, st, level, pa, |out: &mut [u8; WALK_RECORD_LEN]| {
+                rec.encode(out)
+            })
+        }
+        Op::CpuState { cpu } => match ctx.cpus.get(cpu as usize) {
+            None => w.push(kind, 0, |_| (Status::BadRequest, 0, 0, 0)),
+            Some(c) => push_fixed(
+                w,
+                kind,
+                Status::Ok,
+                0,
+                0,
+                |out: &mut [u8; CpuState::LEN]| c.encode(out),
+            ),
+        },
+        Op::Info => {
+            let need = smmvmi_mailbox::wire::info_len(ctx.ram.ranges().len(), ctx.cpus.len());
+            if need > w.data_room() {
+                return w.push(kind, 0, |_| (Status::TooLarge, 0, 0, 0));
+            }
+            w.push(kind, need, |buf| match write_info(buf, ctx, reply_cap) {
+                Some(n) => (Status::Ok, 0, 0, n),
+                None => (Status::TooLarge, 0, 0, 0),
+            })
+        }
+    }
+}
+
+/// Pushes a fixed-size record, or TooLarge if it does not fit.
+fn push_fixed<const N: usize>(
+    w: &mut ReplyWriter<'_>,
+    kind: u8,
+    st: Status,
+    level: u8,
+    aux: u64,
+    encode: impl FnOnce(&mut [u8; N]),
+) -> bool {
+    if N > w.data_room() {
+        return w.push(kind, 0, |_| (Status::TooLarge, level, aux, 0));
+    }
+    w.push(kind, N, |buf| {
+        match buf
+            .get_mut(..N)
+            .and_then(|b| <&mut [u8; N]>::try_from(b).ok())
+        {
+            Some(out) => {
+                encode(out);
+                (st, level, aux, N)
+            }
+            None => (Status::TooLarge, level, aux, 0),
+        }
+    })
+}
+
+const PAGE: u64 = 0x1000;
+
+/// Reads physical memory page by page; returns (status, level, bytes done).
+fn read_phys<M: PhysMemory>(
+    mem: &M,
+    guard: &Guard<'_>,
+    addr: u64,
+    buf: &mut [u8],
+) -> (Status, u8, usize) {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let Some(pa) = addr.checked_add(done as u64) else {
+            return (Status::RefusedNotRam, 0, done);
+        };
+        let chunk = ((PAGE - (pa & (PAGE - 1))) as usize).min(buf.len() - done);
+        match guard.check(Alleged::new(pa, chunk as u64)) {
+            Ok(c) => mem.read(c, &mut buf[done..done + chunk]),
+            Err(r) => return (refusal_status(r), 0, done),
+        }
+        done += chunk;
+    }
+    (Status::Ok, 0, done)
+}
+
+/// Reads virtual memory page by page, translating each 4 KiB page (reusing
+/// the last translation inside a large page); returns (status, level, done).
+fn read_virt<M: PhysMemory>(
+    mem: &M,
+    guard: &Guard<'_>,
+    root: u64,
+    mode: PagingMode,
+    addr: u64,
+    buf: &mut [u8],
+) -> (Status, u8, usize) {
+    let mut done = 0usize;
+    // (virtual page base, page size, physical page base)
+    let mut cached: Option<(u64, u64, u64)> = None;
+    while done < buf.len() {
+        let Some(va) = addr.checked_add(done as u64) else {
+            return (Status::NonCanonical, 0, done);
+        };
+        let pa = match cached {
+            Some((vbase, size, pbase)) if va.wrapping_sub(vbase) < size => pbase + (va - vbase),
+            _ => match paging::walk(mem, guard, root, mode, va).1 {
+                Ok(Translation { pa, page_shift }) => {
+                    let size = 1u64 << page_shift;
+                    cached = Some((va & !(size - 1), size, pa & !(size - 1)));
+                    pa
+                }
+                Err(e) => {
+                    let (st, level) = walk_status(e);
+                    return (st, level, done);
+                }
+            },
+        };
+        let chunk = ((PAGE - (va & (PAGE - 1))) as usize).min(buf.len() - done);
+        match guard.check(Alleged::new(pa, chunk as u64)) {
+            Ok(c) => mem.read(c, &mut buf[done..done + chunk]),
+            Err(r) => return (refusal_status(r), 0, done),
+        }
+        done += chunk;
+    }
+    (Status::Ok, 0, done)
+}
+
+fn write_info(buf: &mut [u8], ctx: &ServeContext<'_>, reply_cap: usize) -> Option<usize> {
+    let header = InfoHeader {
+        agent_version: AGENT_VERSION,
+        cpu_count: ctx.cpus.len() as u32,
+        sev_flags: if ctx.sev.active { SEV_ACTIVE } else { 0 },
+        c_bit: u32::from(ctx.sev.c_bit),
+        ram_range_count: ctx.ram.ranges().len() as u32,
+        max_read: max_read_for(reply_cap) as u32,
+        smram_base: ctx.smram.base(),
+        smram_size: ctx.smram.len(),
+    };
+    let ranges = ctx.ram.ranges().iter().map(|r| RamRange {
+        base: r.base(),
+        len: r.len(),
+    });
+    let cpus = ctx.cpus.iter().map(|c| InfoCpu {
+        paging_levels: c.paging_levels(),
+        flags: if c.pcid() {
+            smmvmi_mailbox::wire::INFO_CPU_PCID
+        } else {
+            0
+        },
+    });
+    encode_info(&header, ranges, cpus, buf).ok()
+}
+
+/// Largest READ data a single-op request can get back with a reply buffer
+/// of `reply_cap` bytes.
+pub fn max_read_for(reply_cap: usize) -> usize {
+    reply_cap.saturating_sub(
+        FRAME_OVERHEAD
+            + smmvmi_mailbox::wire::REPLY_BODY_HEADER_LEN
+            + smmvmi_mailbox::wire::RESULT_HEADER_LEN,
+    ) & !7
+}
+
+/// The plain INFO reply of an unprovisioned agent (unauthenticated, marked
+/// so in the frame direction and the body flags).
+fn plain_info(reply: &mut [u8], ctx: &ServeContext<'_>, reply_cap: usize) -> usize {
+    let body_cap = reply.len().saturating_sub(FRAME_OVERHEAD);
+    let Some(body) = reply.get_mut(FRAME_HEADER_LEN..FRAME_HEADER_LEN + body_cap) else {
+        return 0;
+    };
+    let Ok(mut w) = ReplyWriter::new(body, 0, &[0; TAG_LEN], &[0; 16], REPLY_FLAG_UNAUTHENTICATED)
+    else {
+        return 0;
+    };
+    let need = smmvmi_mailbox::wire::info_len(ctx.ram.ranges().len(), ctx.cpus.len());
+    w.push(OpKind::Info as u8, need, |buf| {
+        match write_info(buf, ctx, reply_cap) {
+            Some(n) => (Status::Ok, 0, 0, n),
+            None => (Status::TooLarge, 0, 0, 0),
+        }
+    });
+    let body_len = w.finish();
+    let h = FrameHeader {
+        direction: Direction::PlainReply,
+        body_len: body_len as u32,
+        seq: 0,
+        in_reply_to: 0,
+    };
+    let len = h.frame_len();
+    reply[..FRAME_HEADER_LEN].copy_from_slice(&h.encode());
+    reply[FRAME_HEADER_LEN + body_len..len].fill(0);
+    len
+}
