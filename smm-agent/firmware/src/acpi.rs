@@ -21,7 +21,8 @@ impl Env<'_> {
     fn offset(&self, addr: u64, len: usize) -> u64 {
         let off = addr.wrapping_sub(self.area.base());
         assert!(
-            off.checked_add(len as u64).is_some_and(|e| e <= self.area.len()),
+            off.checked_add(len as u64)
+                .is_some_and(|e| e <= self.area.len()),
             "table-loader access outside the ACPI area"
         );
         off
@@ -47,7 +48,10 @@ impl LoaderEnv for Env<'_> {
 
     fn load_file(&mut self, file: FileEntry, addr: u64) {
         let off = self.offset(addr, file.size as usize);
-        let dst = self.area.sub(off, u64::from(file.size)).expect("checked by offset()");
+        let dst = self
+            .area
+            .sub(off, u64::from(file.size))
+            .expect("checked by offset()");
         if let Err(e) = self.fw.read_to(file.select, &dst) {
             crate::log!("warning: loading fw_cfg item {:#x}: {e}", file.select);
         }
@@ -67,7 +71,8 @@ impl LoaderEnv for Env<'_> {
         if !self.fw.dma {
             return Err(FwCfgError::DmaUnsupported { key: file.select });
         }
-        self.fw.dma_transfer(file.select, DmaAccess::select_skip(file.select, offset))?;
+        self.fw
+            .dma_transfer(file.select, DmaAccess::select_skip(file.select, offset))?;
         self.fw.dma_transfer(
             file.select,
             DmaAccess {

@@ -23,8 +23,19 @@ pub fn mch_device_id() -> u16 {
 
 /// TSEG size in bytes as QEMU reports it (extended TSEG register).
 pub fn tseg_bytes() -> Option<u64> {
-    pci_cfg::write16(MCH.0, MCH.1, MCH.2, q35::MCH_EXT_TSEG_MBYTES, q35::EXT_TSEG_QUERY);
-    q35::ext_tseg_bytes(pci_cfg::read16(MCH.0, MCH.1, MCH.2, q35::MCH_EXT_TSEG_MBYTES))
+    pci_cfg::write16(
+        MCH.0,
+        MCH.1,
+        MCH.2,
+        q35::MCH_EXT_TSEG_MBYTES,
+        q35::EXT_TSEG_QUERY,
+    );
+    q35::ext_tseg_bytes(pci_cfg::read16(
+        MCH.0,
+        MCH.1,
+        MCH.2,
+        q35::MCH_EXT_TSEG_MBYTES,
+    ))
 }
 
 /// Enables MMCONFIG at `q35::PCIEXBAR_BASE` so QEMU's ACPI tables carry MCFG.
@@ -38,7 +49,13 @@ pub fn enable_mmconfig() {
 pub fn enable_pm_io() {
     pci_cfg::write32(LPC.0, LPC.1, LPC.2, q35::LPC_PMBASE, q35::pmbase_value());
     let cntl = pci_cfg::read8(LPC.0, LPC.1, LPC.2, q35::LPC_ACPI_CNTL);
-    pci_cfg::write8(LPC.0, LPC.1, LPC.2, q35::LPC_ACPI_CNTL, cntl | q35::ACPI_CNTL_ACPI_EN);
+    pci_cfg::write8(
+        LPC.0,
+        LPC.1,
+        LPC.2,
+        q35::LPC_ACPI_CNTL,
+        cntl | q35::ACPI_CNTL_ACPI_EN,
+    );
 }
 
 fn smi_en_port() -> Port<u32> {
@@ -60,7 +77,13 @@ pub fn enable_apm_smi() {
 /// GEN_PMCON_1.SMI_LOCK: GBL_SMI_EN can no longer be cleared until reset.
 pub fn lock_smi_enable() {
     let v = pci_cfg::read8(LPC.0, LPC.1, LPC.2, q35::LPC_GEN_PMCON_1);
-    pci_cfg::write8(LPC.0, LPC.1, LPC.2, q35::LPC_GEN_PMCON_1, q35::gen_pmcon_lock(v));
+    pci_cfg::write8(
+        LPC.0,
+        LPC.1,
+        LPC.2,
+        q35::LPC_GEN_PMCON_1,
+        q35::gen_pmcon_lock(v),
+    );
 }
 
 /// Raises an SMI with an APM command write (to this CPU only, or to all

@@ -46,7 +46,7 @@ pub fn init() {
     let idt = unsafe { Region::new((&raw const firmware_idt) as u64, 32 * 16) };
     // SAFETY: `exception_stubs` is a read-only table of 32 addresses
     // defined in src/asm/smm.s.
-    let stubs = unsafe { &*(&raw const exception_stubs) };
+    let stubs: &[u64; 32] = unsafe { &exception_stubs };
     for (i, &handler) in stubs.iter().enumerate() {
         let low = (handler & 0xffff)
             | (0x10 << 16) // selector: 64-bit code
@@ -101,7 +101,9 @@ const NAMES: [&str; 32] = [
 pub fn describe(frame: &Frame) {
     let cr2: u64;
     // SAFETY: reading CR2 has no side effects.
-    unsafe { core::arch::asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        core::arch::asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack, preserves_flags))
+    };
     let name = NAMES.get(frame.vector as usize).copied().unwrap_or("?");
     log!(
         "exception {} ({name}) error={:#x} rip={:#x} rsp={:#x} cr2={cr2:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x}",

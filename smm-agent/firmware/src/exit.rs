@@ -13,8 +13,6 @@ use crate::layout::DEBUG_EXIT_PORT;
 #[derive(Clone, Copy, Debug)]
 #[repr(u32)]
 pub enum ExitCode {
-    /// Used by self-tests only.
-    Success = 0x01,
     /// No kernel was given (`-kernel` missing).
     NoKernel = 0x10,
     /// The kernel is not a 64-bit bzImage this firmware can boot.

@@ -5,8 +5,7 @@
 use x86_64::instructions::port::Port;
 
 use smmvmi_boot::fw_cfg::{
-    DATA_PORT, DMA_CTL_READ, DMA_PORT, DMA_PORT_LOW, DmaAccess, FwCfgError, FwCfgIo,
-    SELECTOR_PORT,
+    DATA_PORT, DMA_CTL_READ, DMA_PORT, DMA_PORT_LOW, DmaAccess, FwCfgError, FwCfgIo, SELECTOR_PORT,
 };
 
 use crate::pmtimer;
@@ -43,7 +42,10 @@ impl FwCfg {
         match result {
             Ok(true) if done => Ok(()),
             Err(e) => Err(e),
-            _ => Err(FwCfgError::DmaFailed { key, control: u32::MAX }),
+            _ => Err(FwCfgError::DmaFailed {
+                key,
+                control: u32::MAX,
+            }),
         }
     }
 }

@@ -25,7 +25,7 @@ fn send(icr: u32) {
 /// INIT-SIPI-SIPI to every other CPU, starting them in real mode at
 /// `entry` (4 KiB aligned, below 1 MiB).
 pub fn start_aps(entry: u64) {
-    assert!(entry % 0x1000 == 0 && entry < 0x10_0000);
+    assert!(entry.is_multiple_of(0x1000) && entry < 0x10_0000);
     send(ALL_BUT_SELF | INIT);
     pmtimer::delay_us(10_000);
     for _ in 0..2 {

@@ -6,10 +6,9 @@ pub const DEBUGCON_PORT: u16 = 0x402;
 /// QEMU `isa-debug-exit` (`iobase=0xf4`).
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
 
-/// Boot page tables built by `asm/reset.s` (identity map of 0..4 GiB).
-pub const BOOT_PML4: u64 = 0x10_0000;
-/// Boot page tables occupy BOOT_PML4 .. BOOT_PML4 + 6 pages.
-pub const BOOT_PT_END: u64 = BOOT_PML4 + 6 * 0x1000;
+// Boot page tables (built by `asm/reset.s`): 0x100000..0x106000, an identity
+// map of 0..4 GiB with 2 MiB pages. Kept in assembly; listed here for the
+// record of what low memory holds.
 
 /// Link address of the firmware image (`link.ld`), and the 2 MiB window it
 /// and its bss occupy. In SMM this window maps the image's copy in TSEG.

@@ -33,13 +33,17 @@ pub fn prepare(fw: &mut FwCfg, e820: &E820Map, reserved_start: u64, rsdp: u64) -
     if kernel_size == 0 || setup_size == 0 {
         fatal(
             ExitCode::NoKernel,
-            format_args!("no kernel in fw_cfg: start QEMU with -kernel <bzImage> (and -initrd, -append)"),
+            format_args!(
+                "no kernel in fw_cfg: start QEMU with -kernel <bzImage> (and -initrd, -append)"
+            ),
         );
     }
     if setup_size > SETUP_MAX {
         fatal(
             ExitCode::BadKernel,
-            format_args!("setup blob is {setup_size} bytes, expected at most {SETUP_MAX}: not a bzImage?"),
+            format_args!(
+                "setup blob is {setup_size} bytes, expected at most {SETUP_MAX}: not a bzImage?"
+            ),
         );
     }
     let mut setup = [0u8; SETUP_MAX];
@@ -54,10 +58,11 @@ pub fn prepare(fw: &mut FwCfg, e820: &E820Map, reserved_start: u64, rsdp: u64) -
     let cmdline_size = u64::from(fwc::read_u32_le(fw, fwc::CMDLINE_SIZE));
 
     let low_ram_end = e820.lowmem_top().unwrap_or(0);
-    let layout = match linux::plan_layout(&hdr, low_ram_end, reserved_start, kernel_size, initrd_size) {
-        Ok(l) => l,
-        Err(e) => fatal(ExitCode::TooLittleRam, format_args!("{e}")),
-    };
+    let layout =
+        match linux::plan_layout(&hdr, low_ram_end, reserved_start, kernel_size, initrd_size) {
+            Ok(l) => l,
+            Err(e) => fatal(ExitCode::TooLittleRam, format_args!("{e}")),
+        };
     log!(
         "kernel {kernel_size} bytes at {:#x}, initrd {initrd_size} bytes at {:#x}, protocol {:#x}",
         layout.kernel_addr,

@@ -74,14 +74,20 @@ extern "C" fn firmware_main() -> ! {
     if id != q35::MCH_DEVICE_ID {
         fatal(
             ExitCode::NoSmram,
-            format_args!("host bridge device id {id:#06x}, expected q35 MCH {:#06x}: run with -machine q35", q35::MCH_DEVICE_ID),
+            format_args!(
+                "host bridge device id {id:#06x}, expected q35 MCH {:#06x}: run with -machine q35",
+                q35::MCH_DEVICE_ID
+            ),
         );
     }
     let esmramc = chipset::mch_read8(q35::MCH_ESMRAMC);
     if !q35::smram_present(esmramc) {
         fatal(
             ExitCode::NoSmram,
-            format_args!("ESMRAMC reads {esmramc:#04x}, expected {:#04x}: the machine has no SMRAM; run with -machine q35,smm=on", q35::ESMRAMC_RESET_WITH_SMRAM),
+            format_args!(
+                "ESMRAMC reads {esmramc:#04x}, expected {:#04x}: the machine has no SMRAM; run with -machine q35,smm=on",
+                q35::ESMRAMC_RESET_WITH_SMRAM
+            ),
         );
     }
     chipset::enable_pm_io();
@@ -96,19 +102,37 @@ extern "C" fn firmware_main() -> ! {
     // Memory map.
     let e820 = read_e820(&mut fw);
     let Some(lowmem) = e820.lowmem_top() else {
-        fatal(ExitCode::TooLittleRam, format_args!("etc/e820 has no RAM above 1 MiB below 4 GiB"));
+        fatal(
+            ExitCode::TooLittleRam,
+            format_args!("etc/e820 has no RAM above 1 MiB below 4 GiB"),
+        );
     };
     let Some(tseg_size) = chipset::tseg_bytes() else {
-        fatal(ExitCode::NoSmram, format_args!("the MCH reports no extended TSEG; use QEMU >= 2.10 with mch.extended-tseg-mbytes >= 8"));
+        fatal(
+            ExitCode::NoSmram,
+            format_args!(
+                "the MCH reports no extended TSEG; use QEMU >= 2.10 with mch.extended-tseg-mbytes >= 8"
+            ),
+        );
     };
     if tseg_size < smm::MIN_TSEG {
         fatal(
             ExitCode::NoSmram,
-            format_args!("TSEG is {} MiB, need at least {} MiB: add -global mch.extended-tseg-mbytes=16", tseg_size >> 20, smm::MIN_TSEG >> 20),
+            format_args!(
+                "TSEG is {} MiB, need at least {} MiB: add -global mch.extended-tseg-mbytes=16",
+                tseg_size >> 20,
+                smm::MIN_TSEG >> 20
+            ),
         );
     }
     let Some(tseg_base) = q35::tseg_base(lowmem, tseg_size) else {
-        fatal(ExitCode::TooLittleRam, format_args!("RAM below 4 GiB ends at {lowmem:#x}, too little for a {} MiB TSEG", tseg_size >> 20));
+        fatal(
+            ExitCode::TooLittleRam,
+            format_args!(
+                "RAM below 4 GiB ends at {lowmem:#x}, too little for a {} MiB TSEG",
+                tseg_size >> 20
+            ),
+        );
     };
     log!("tseg base={tseg_base:#x} size={tseg_size:#x}");
     let acpi_base = tseg_base - acpi::AREA_LEN;
@@ -127,7 +151,15 @@ extern "C" fn firmware_main() -> ! {
     for b in assigned.bars() {
         log!(
             "pci {:02x}:{:02x}.{} {:04x}:{:04x} BAR{} {:?} {:#x}+{:#x}",
-            b.bdf.bus, b.bdf.dev, b.bdf.func, b.vendor, b.device, b.bar, b.kind, b.addr, b.size
+            b.bdf.bus,
+            b.bdf.dev,
+            b.bdf.func,
+            b.vendor,
+            b.device,
+            b.bar,
+            b.kind,
+            b.addr,
+            b.size
         );
     }
     match assigned.find(IVSHMEM_VENDOR, IVSHMEM_DEVICE, IVSHMEM_BAR) {
@@ -137,7 +169,11 @@ extern "C" fn firmware_main() -> ! {
             SMM.mailbox_len.store(b.size, Ordering::Relaxed);
             SMM.mailbox_bdf.store(bdf, Ordering::Relaxed);
             smi::announce_booting(b.addr, b.size);
-            log!("mailbox: ivshmem BAR{IVSHMEM_BAR} at {:#x}, {} KiB", b.addr, b.size >> 10);
+            log!(
+                "mailbox: ivshmem BAR{IVSHMEM_BAR} at {:#x}, {} KiB",
+                b.addr,
+                b.size >> 10
+            );
         }
         None => log!("no ivshmem-plain device: the agent has no mailbox and will serve nothing"),
     }
@@ -187,7 +223,10 @@ extern "C" fn firmware_main() -> ! {
 fn read_e820(fw: &mut FwCfg) -> E820Map {
     let file = match fwc::find_file(fw, "etc/e820") {
         Ok(Some(f)) => f,
-        Ok(None) => fatal(ExitCode::FwCfg, format_args!("fw_cfg has no etc/e820 file: QEMU too old?")),
+        Ok(None) => fatal(
+            ExitCode::FwCfg,
+            format_args!("fw_cfg has no etc/e820 file: QEMU too old?"),
+        ),
         Err(e) => fatal(ExitCode::FwCfg, format_args!("{e}")),
     };
     let mut buf = [0u8; smmvmi_boot::e820::CAPACITY * smmvmi_boot::e820::ENTRY_LEN];

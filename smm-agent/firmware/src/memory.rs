@@ -76,7 +76,7 @@ impl Region {
 
     /// Reads a naturally aligned u32 once (memory others may write).
     pub fn read_u32(&self, off: u64) -> u32 {
-        assert!(off % 4 == 0, "unaligned u32 read at {off:#x}");
+        assert!(off.is_multiple_of(4), "unaligned u32 read at {off:#x}");
         let p = self.ptr(off, 4) as *const u32;
         // SAFETY: in range, aligned, mapped; volatile because another agent
         // (guest, host, another CPU) may write it at any time.
@@ -85,7 +85,7 @@ impl Region {
 
     /// Reads a naturally aligned u64 once (memory others may write).
     pub fn read_u64(&self, off: u64) -> u64 {
-        assert!(off % 8 == 0, "unaligned u64 read at {off:#x}");
+        assert!(off.is_multiple_of(8), "unaligned u64 read at {off:#x}");
         let p = self.ptr(off, 8) as *const u64;
         // SAFETY: as in `read_u32`.
         unsafe { ptr::read_volatile(p) }
@@ -93,7 +93,7 @@ impl Region {
 
     /// Writes a naturally aligned u32 once.
     pub fn write_u32(&self, off: u64, v: u32) {
-        assert!(off % 4 == 0, "unaligned u32 write at {off:#x}");
+        assert!(off.is_multiple_of(4), "unaligned u32 write at {off:#x}");
         let p = self.ptr(off, 4) as *mut u32;
         // SAFETY: in range, aligned, mapped, firmware-owned or shared
         // memory where a racing writer is expected.
@@ -102,21 +102,10 @@ impl Region {
 
     /// Writes a naturally aligned u64 once.
     pub fn write_u64(&self, off: u64, v: u64) {
-        assert!(off % 8 == 0, "unaligned u64 write at {off:#x}");
+        assert!(off.is_multiple_of(8), "unaligned u64 write at {off:#x}");
         let p = self.ptr(off, 8) as *mut u64;
         // SAFETY: as in `write_u32`.
         unsafe { ptr::write_volatile(p, v) };
-    }
-
-    /// Copies out of memory that others may be writing at the same time
-    /// (the mailbox), one volatile load per byte-group, so the copy is a
-    /// snapshot the caller can check without a time-of-check race.
-    pub fn read_volatile(&self, off: u64, buf: &mut [u8]) {
-        let src = self.ptr(off, buf.len());
-        for (i, b) in buf.iter_mut().enumerate() {
-            // SAFETY: `src + i` lies in the range checked by `ptr`.
-            *b = unsafe { ptr::read_volatile(src.add(i)) };
-        }
     }
 
     /// Copies into memory that others may read at the same time.

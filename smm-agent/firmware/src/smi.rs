@@ -17,9 +17,8 @@ use crate::pci_cfg;
 use crate::pmtimer;
 
 /// Per-CPU block (at the start of the CPU's TSEG tile): FXSAVE area at +0
-/// (512 bytes), saved RSP at +512, CPU index at +520, session role at +524,
+/// (512 bytes), saved RSP at +512 (used by `smm_abort_resume`), CPU index at +520, session role at +524,
 /// session generation at +528.
-pub const PERCPU_SAVED_RSP: u64 = 512;
 pub const PERCPU_INDEX: u64 = 520;
 pub const PERCPU_ROLE: u64 = 524;
 pub const PERCPU_GEN: u64 = 528;
@@ -103,7 +102,9 @@ fn unlock() {
 pub fn in_smm() -> bool {
     let cr3: u64;
     // SAFETY: reading CR3 has no side effects.
-    unsafe { core::arch::asm!("mov {}, cr3", out(reg) cr3, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        core::arch::asm!("mov {}, cr3", out(reg) cr3, options(nomem, nostack, preserves_flags))
+    };
     let smm = SMM.smm_cr3.load(Ordering::Relaxed);
     smm != 0 && cr3 & !0xfff == smm
 }
@@ -130,11 +131,15 @@ extern "C" fn smm_main(block: u64) {
         SMM.generation.fetch_add(1, Ordering::Relaxed);
     }
     SMM.present.fetch_add(1, Ordering::Relaxed);
-    SMM.present_mask.fetch_or(1 << (cpu & 63), Ordering::Relaxed);
+    SMM.present_mask
+        .fetch_or(1 << (cpu & 63), Ordering::Relaxed);
     let generation = SMM.generation.load(Ordering::Relaxed);
     unlock();
     me.write_u32(PERCPU_GEN, generation);
-    me.write_u32(PERCPU_ROLE, if leader { ROLE_LEADER } else { ROLE_FOLLOWER });
+    me.write_u32(
+        PERCPU_ROLE,
+        if leader { ROLE_LEADER } else { ROLE_FOLLOWER },
+    );
 
     if leader {
         let ncpus = SMM.ncpus.load(Ordering::Relaxed);
@@ -237,7 +242,10 @@ fn serve() {
 fn publish_header(mbox: &Region, sessions: u64) {
     mbox.write_volatile(mb::OFF_MAGIC as u64, &mb::MAGIC);
     mbox.write_u32(mb::OFF_VERSION as u64, mb::VERSION);
-    mbox.write_u64(mb::OFF_FEATURES as u64, SMM.features.load(Ordering::Relaxed));
+    mbox.write_u64(
+        mb::OFF_FEATURES as u64,
+        SMM.features.load(Ordering::Relaxed),
+    );
     mbox.write_u32(mb::OFF_SIZE as u64, mbox.len() as u32);
     mbox.write_u32(mb::OFF_NCPUS as u64, SMM.ncpus.load(Ordering::Relaxed));
     mbox.write_u64(mb::OFF_SMI_COUNT as u64, sessions);

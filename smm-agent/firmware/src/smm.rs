@@ -27,7 +27,6 @@ use crate::smi::{self, SMM};
 
 pub const GDT_OFF: u64 = 0;
 pub const PT_OFF: u64 = 0x1_0000;
-pub const PT_LEN: u64 = 0x1f_0000;
 pub const IMAGE_OFF: u64 = 0x20_0000;
 pub const TILES_OFF: u64 = 0x40_0000;
 pub const TILE_SIZE: u64 = 0x1_0000;
@@ -107,9 +106,14 @@ pub fn install_and_relocate(plan: &Plan) {
     tseg.fill(0, TILES_OFF + u64::from(plan.ncpus) * TILE_SIZE, 0);
 
     // GDT
-    for (i, d) in [0u64, 0x00cf_9a00_0000_ffff, 0x00af_9a00_0000_ffff, 0x00cf_9200_0000_ffff]
-        .iter()
-        .enumerate()
+    for (i, d) in [
+        0u64,
+        0x00cf_9a00_0000_ffff,
+        0x00af_9a00_0000_ffff,
+        0x00cf_9200_0000_ffff,
+    ]
+    .iter()
+    .enumerate()
     {
         tseg.write_u64(GDT_OFF + i as u64 * 8, *d);
     }
@@ -160,9 +164,16 @@ fn build_page_tables(tseg: &Region, plan: &Plan) -> u64 {
     const P_RW: u64 = 0x3;
     const PS: u64 = 0x80;
     tseg.write_u64(pml4, (base + pdpt_id) | P_RW);
-    tseg.write_u64(pml4 + (PHYS_OFF >> 39 & 0x1ff) * 8, (base + pdpt_alias) | P_RW);
+    tseg.write_u64(
+        pml4 + (PHYS_OFF >> 39 & 0x1ff) * 8,
+        (base + pdpt_alias) | P_RW,
+    );
     for g in 0..gib {
-        let (id, alias) = if g == 0 { (pd0_id, pd0_alias) } else { (pd(g), pd(g)) };
+        let (id, alias) = if g == 0 {
+            (pd0_id, pd0_alias)
+        } else {
+            (pd(g), pd(g))
+        };
         tseg.write_u64(pdpt_id + g * 8, (base + id) | P_RW);
         tseg.write_u64(pdpt_alias + g * 8, (base + alias) | P_RW);
         for e in 0..512 {
@@ -174,7 +185,7 @@ fn build_page_tables(tseg: &Region, plan: &Plan) -> u64 {
         }
     }
     // The firmware window at FW_BASE (one 2 MiB PD slot) -> the TSEG copy.
-    const { assert!(FW_BASE % (2 << 20) == 0 && FW_BASE < (1 << 30) && FW_WINDOW == 2 << 20) };
+    const { assert!(FW_BASE.is_multiple_of(2 << 20) && FW_BASE < (1 << 30) && FW_WINDOW == 2 << 20) };
     tseg.write_u64(pd0_id + (FW_BASE >> 21) * 8, (base + pt_fw) | P_RW);
     for i in 0..512 {
         tseg.write_u64(pt_fw + i * 8, (base + IMAGE_OFF + i * 0x1000) | P_RW);
@@ -210,7 +221,10 @@ fn relocate(plan: &Plan) {
         return;
     }
     for ap in 1..plan.ncpus {
-        data.write_u32(TABLE + u64::from(ap - 1) * 4, smbase(plan.tseg_base, ap) as u32);
+        data.write_u32(
+            TABLE + u64::from(ap - 1) * 4,
+            smbase(plan.tseg_base, ap) as u32,
+        );
     }
     tramp.write(0, template(sym!(ap_start), sym!(ap_start_end)));
     crate::lapic::start_aps(AP_TRAMPOLINE);
@@ -230,7 +244,8 @@ pub fn negotiate_broadcast(fw: &mut FwCfg) -> u64 {
     let supported = fw_cfg::read_file_u64(fw, q35::SMI_SUPPORTED_FEATURES);
     let requested = fw_cfg::find_file(fw, q35::SMI_REQUESTED_FEATURES);
     let ok = fw_cfg::find_file(fw, q35::SMI_FEATURES_OK);
-    let (Ok(Some(supported)), Ok(Some(requested)), Ok(Some(ok))) = (supported, requested, ok) else {
+    let (Ok(Some(supported)), Ok(Some(requested)), Ok(Some(ok))) = (supported, requested, ok)
+    else {
         fail(format_args!(
             "QEMU offers no SMI feature negotiation (etc/smi/* fw_cfg files); use q35 with QEMU >= 2.9"
         ));
