@@ -9,6 +9,11 @@
 //! than any reply accepted before. So a replayed, reordered or tampered reply
 //! is an error, never data.
 //!
+//! Keys: derive [`SessionKeys`] from the shared key and the session salt the
+//! agent publishes in the header ([`layout::session_salt`]); when the salt
+//! changes (the VM rebooted) build a new [`Client`]. A forged salt only makes
+//! replies fail to open.
+//!
 //! Nonce discipline: within one session (one agent boot, see
 //! [`crate::crypto`]) the IDS must never reuse a request sequence. A fresh
 //! [`Client`] should start at a sequence above anything used before in the

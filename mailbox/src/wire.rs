@@ -280,7 +280,9 @@ pub enum Pti {
     /// CR3 as saved (or as given).
     AsIs = 0,
     /// Kernel page tables: clear bit 12 of CR3 (Linux PTI keeps the kernel
-    /// PGD in the even page of an 8 KiB pair).
+    /// PGD in the even page of an 8 KiB pair; with `CONFIG_PAGE_TABLE_ISOLATION`
+    /// built in the PGD is always 8 KiB aligned, so this is right whether PTI
+    /// is active or not. For a kernel built without it, use `AsIs`).
     Kernel = 1,
     /// User page tables: set bit 12 of CR3.
     User = 2,

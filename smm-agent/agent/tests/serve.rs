@@ -476,3 +476,10 @@ proptest! {
         })?;
     }
 }
+
+#[test]
+fn agent_state_is_small() {
+    // The firmware keeps it in SMRAM; it must not be a large stack object.
+    let n = std::mem::size_of::<AgentState<'static>>();
+    assert!(n < 8192, "AgentState is {n} bytes");
+}
