@@ -7,6 +7,10 @@
 #                SMMVMI-ERR <id>
 #                <base64 of stderr>
 #                SMMVMI-END <id> <exit code>
+# Sync:          SMMVMI-PING <id>  ->  SMMVMI-PONG <id>
+#   The host pings after connecting until it gets the pong: bytes sent before
+#   Linux opened the UART are lost (the 8250 driver clears the FIFO), so a
+#   request is only sent once the channel has answered.
 # Anything else on the line is ignored, so noise cannot run commands by accident.
 tty="$1"
 exec <"$tty" >"$tty" 2>/dev/console
@@ -14,6 +18,10 @@ stty raw -echo clocal 2>/dev/console
 while true; do
     if ! read -r tag id b64; then
         sleep 1
+        continue
+    fi
+    if [ "$tag" = "SMMVMI-PING" ]; then
+        echo "SMMVMI-PONG $id"
         continue
     fi
     [ "$tag" = "SMMVMI-EXEC" ] || continue

@@ -43,8 +43,13 @@ pub enum ChannelError {
          the command may hang, or the guest's command server died: see serial.log)"
     )]
     Timeout { command: String, timeout: Duration },
-    #[error("command channel closed by QEMU while running `{0}` (QEMU exited?)")]
-    Closed(String),
+    #[error("command channel closed by QEMU (QEMU exited?)")]
+    Closed,
+    #[error(
+        "the guest's command server did not answer a ping on ttyS1 within {timeout:?} \
+         (expected SMMVMI-PONG; is /init running smmvmi-cmdd? see serial.log)"
+    )]
+    NoServer { timeout: Duration },
     #[error("command channel: malformed reply {0:?}")]
     Malformed(String),
 }
@@ -55,6 +60,7 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 pub struct CommandChannel {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
+    partial: Vec<u8>,
 }
 
 impl CommandChannel {
@@ -67,16 +73,35 @@ impl CommandChannel {
         Ok(Self {
             reader: BufReader::new(stream),
             writer,
+            partial: Vec::new(),
         })
+    }
+
+    /// Connects and waits (up to `timeout`) until the guest's command
+    /// server answers a ping, so no request is lost to a UART being reset.
+    pub fn connect_synced(path: &Path, timeout: Duration) -> Result<Self, ChannelError> {
+        let mut channel = Self::connect(path)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let id = next_id();
+            channel
+                .writer
+                .write_all(format!("SMMVMI-PING {id}\n").as_bytes())?;
+            let round = (Instant::now() + Duration::from_millis(500)).min(deadline);
+            while let Some(line) = channel.read_line_until(round)? {
+                if line.split_whitespace().eq(["SMMVMI-PONG", id.as_str()]) {
+                    return Ok(channel);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(ChannelError::NoServer { timeout });
+            }
+        }
     }
 
     /// Runs `command` with `sh` in the guest, as root; waits up to `timeout`.
     pub fn exec(&mut self, command: &str, timeout: Duration) -> Result<ExecOutput, ChannelError> {
-        let id = format!(
-            "{:x}-{:x}",
-            std::process::id(),
-            NEXT_ID.fetch_add(1, Ordering::Relaxed)
-        );
+        let id = next_id();
         let request = format!("SMMVMI-EXEC {id} {}\n", B64.encode(command));
         self.writer.write_all(request.as_bytes())?;
 
@@ -89,39 +114,13 @@ impl CommandChannel {
             Err,
         }
         let mut section = Section::None;
-        let mut line = String::new();
         loop {
-            line.clear();
-            loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(ChannelError::Timeout {
-                        command: command.to_string(),
-                        timeout,
-                    });
-                }
-                self.reader.get_ref().set_read_timeout(Some(left))?;
-                let mut buf = Vec::new();
-                match self.reader.read_until(b'\n', &mut buf) {
-                    Ok(0) => return Err(ChannelError::Closed(command.to_string())),
-                    Ok(_) => {
-                        line.push_str(&String::from_utf8_lossy(&buf));
-                        if line.ends_with('\n') {
-                            break;
-                        }
-                    }
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                        ) =>
-                    {
-                        line.push_str(&String::from_utf8_lossy(&buf));
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            let text = line.trim_matches(|c| c == '\r' || c == '\n' || c == '\0');
+            let Some(text) = self.read_line_until(deadline)? else {
+                return Err(ChannelError::Timeout {
+                    command: command.to_string(),
+                    timeout,
+                });
+            };
             let mut words = text.split_whitespace();
             match (words.next(), words.next(), words.next()) {
                 (Some("SMMVMI-OUT"), Some(i), None) if i == id => section = Section::Out,
@@ -129,7 +128,7 @@ impl CommandChannel {
                 (Some("SMMVMI-END"), Some(i), Some(rc)) if i == id => {
                     let status = rc
                         .parse()
-                        .map_err(|_| ChannelError::Malformed(text.into()))?;
+                        .map_err(|_| ChannelError::Malformed(text.clone()))?;
                     return Ok(ExecOutput {
                         stdout: decode(&out)?,
                         stderr: decode(&err)?,
@@ -138,13 +137,54 @@ impl CommandChannel {
                 }
                 (Some(tag), _, _) if tag.starts_with("SMMVMI-") => section = Section::None,
                 _ => match section {
-                    Section::Out => out.push_str(text),
-                    Section::Err => err.push_str(text),
+                    Section::Out => out.push_str(&text),
+                    Section::Err => err.push_str(&text),
                     Section::None => {}
                 },
             }
         }
     }
+
+    /// One line without its terminator, or `None` at the deadline.
+    fn read_line_until(&mut self, deadline: Instant) -> Result<Option<String>, ChannelError> {
+        let mut line = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                // Keep a partial line for the next call.
+                self.partial.extend_from_slice(&line);
+                return Ok(None);
+            }
+            self.reader.get_ref().set_read_timeout(Some(left))?;
+            match self.reader.read_until(b'\n', &mut line) {
+                Ok(0) => return Err(ChannelError::Closed),
+                Ok(_) if line.ends_with(b"\n") => {
+                    let mut full = std::mem::take(&mut self.partial);
+                    full.extend_from_slice(&line);
+                    let text = String::from_utf8_lossy(&full);
+                    return Ok(Some(
+                        text.trim_matches(|c| c == '\r' || c == '\n' || c == '\0')
+                            .to_string(),
+                    ));
+                }
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+fn next_id() -> String {
+    format!(
+        "{:x}-{:x}",
+        std::process::id(),
+        NEXT_ID.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 fn decode(b64: &str) -> Result<String, ChannelError> {

@@ -38,6 +38,8 @@ pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 pub const FIRMWARE_ENV: &str = "SMMVMI_FIRMWARE";
 /// How long a guest gets to reach its ready marker under TCG.
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a fresh command-channel connection waits for the guest server.
+pub const CHANNEL_SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default deadline of one guest command.
 pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -673,7 +675,10 @@ impl Vm {
             source,
         };
         if guard.is_none() {
-            *guard = Some(CommandChannel::connect(&self.info.cmd_socket).map_err(wrap)?);
+            *guard = Some(
+                CommandChannel::connect_synced(&self.info.cmd_socket, CHANNEL_SYNC_TIMEOUT)
+                    .map_err(wrap)?,
+            );
         }
         let result = guard
             .as_mut()
