@@ -65,6 +65,10 @@ pub const PACKAGES: &[Package] = &[
         name: "libc6-dev",
         probe: "/usr/lib/x86_64-linux-gnu/libc.a",
     },
+    Package {
+        name: "binutils",
+        probe: "/usr/bin/objcopy",
+    },
 ];
 
 /// Installs whichever of [`PACKAGES`] are missing. Logs through `log`.
