@@ -31,6 +31,7 @@ mod pci_cfg;
 mod pmtimer;
 mod smi;
 mod smm;
+mod tsc;
 
 use core::arch::global_asm;
 use core::sync::atomic::Ordering;
@@ -201,6 +202,7 @@ extern "C" fn firmware_main() -> ! {
     SMM.tseg_size.store(tseg_size, Ordering::Relaxed);
     SMM.features.store(features, Ordering::Relaxed);
     SMM.boot_selftest.store(true, Ordering::Relaxed);
+    SMM.tsc_per_ms.store(tsc::calibrate(), Ordering::Relaxed);
     smm::seal(&plan);
     smm::self_test();
     log!("SMM locked; SMI broadcast on");

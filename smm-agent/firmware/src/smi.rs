@@ -14,7 +14,7 @@ use crate::exceptions::Frame;
 use crate::layout::{PHYS_OFF, RELOC_DATA};
 use crate::memory::Region;
 use crate::pci_cfg;
-use crate::pmtimer;
+use crate::tsc;
 
 /// Per-CPU block (at the start of the CPU's TSEG tile): FXSAVE area at +0
 /// (512 bytes), saved RSP at +512 (used by `smm_abort_resume`), CPU index at +520, session role at +524,
@@ -22,8 +22,6 @@ use crate::pmtimer;
 pub const PERCPU_INDEX: u64 = 520;
 pub const PERCPU_ROLE: u64 = 524;
 pub const PERCPU_GEN: u64 = 528;
-/// The SMM stack ends where the entry stub begins.
-pub const STACK_TOP: u64 = 0x8000;
 /// Offset in RELOC_DATA where the first SMI after locking reports how many
 /// CPUs it saw (boot self-test only; the agent stops writing it after that).
 pub const SELFTEST_WORD: u64 = 0x20;
@@ -48,6 +46,8 @@ pub struct SmmShared {
     pub mailbox_bdf: AtomicU32,
     pub features: AtomicU64,
     pub boot_selftest: AtomicBool,
+    /// TSC ticks per millisecond, measured at boot.
+    pub tsc_per_ms: AtomicU64,
 
     lock: AtomicBool,
     session_open: AtomicBool,
@@ -72,6 +72,7 @@ pub static SMM: SmmShared = SmmShared {
     mailbox_bdf: AtomicU32::new(0),
     features: AtomicU64::new(0),
     boot_selftest: AtomicBool::new(false),
+    tsc_per_ms: AtomicU64::new(0),
     lock: AtomicBool::new(false),
     session_open: AtomicBool::new(false),
     present: AtomicU32::new(0),
@@ -143,7 +144,7 @@ extern "C" fn smm_main(block: u64) {
 
     if leader {
         let ncpus = SMM.ncpus.load(Ordering::Relaxed);
-        let all = pmtimer::wait_until(RENDEZVOUS_US, || {
+        let all = tsc::wait_until(RENDEZVOUS_US, || {
             SMM.present.load(Ordering::Acquire) >= ncpus
         });
         if !all {
@@ -164,7 +165,7 @@ fn leader_leave(generation: u32) {
     SMM.done_generation.store(generation, Ordering::Release);
     // Followers leave as soon as they see `done_generation`; wait for them
     // so that none of them can be mistaken for a member of the next session.
-    pmtimer::wait_until(1_000_000, || SMM.present.load(Ordering::Acquire) <= 1);
+    tsc::wait_until(1_000_000, || SMM.present.load(Ordering::Acquire) <= 1);
     lock();
     SMM.present.store(0, Ordering::Relaxed);
     SMM.session_open.store(false, Ordering::Relaxed);
@@ -249,6 +250,8 @@ fn publish_header(mbox: &Region, sessions: u64) {
     mbox.write_u32(mb::OFF_SIZE as u64, mbox.len() as u32);
     mbox.write_u32(mb::OFF_NCPUS as u64, SMM.ncpus.load(Ordering::Relaxed));
     mbox.write_u64(mb::OFF_SMI_COUNT as u64, sessions);
+    mbox.write_u64(0x78, SMM.partial_sessions.load(Ordering::Relaxed));
+    mbox.write_u64(0x80, SMM.present.load(Ordering::Relaxed) as u64);
     let state = if SMM.faults.load(Ordering::Relaxed) != 0 {
         mb::AgentState::Fault
     } else {
@@ -261,7 +264,12 @@ fn publish_header(mbox: &Region, sessions: u64) {
 /// CPU's SMI return (the interrupted guest state is untouched). Returns the
 /// per-CPU block for `smm_abort_resume`.
 pub fn on_exception(frame: &Frame) -> u64 {
-    let block = (frame as *const Frame as u64) & !(crate::smm::TILE_SIZE - 1);
+    // The frame is on this CPU's SMM stack, whose lowest word holds the
+    // CPU's tile (per-CPU block) address (smm::install_and_relocate).
+    let stack_base = (frame as *const Frame as u64) & !(crate::smm::STACK_SIZE - 1);
+    // SAFETY: `stack_base` is the base of the SMM stack we are running on,
+    // in TSEG; its first 8 bytes were written at install time.
+    let block = unsafe { Region::new(stack_base, 8) }.read_u64(0);
     let me = percpu(block);
     let cpu = me.read_u32(PERCPU_INDEX);
     crate::exceptions::describe(frame);

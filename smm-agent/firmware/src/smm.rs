@@ -9,7 +9,9 @@
 //! | 0x000000 | GDT for SMM (code32 0x08, code64 0x10, data 0x18) |
 //! | 0x010000 | SMM page tables: identity map of RAM and the 32-bit MMIO hole, the firmware window at `FW_BASE` redirected to the TSEG copy, and an alias of all physical memory at `PHYS_OFF` |
 //! | 0x200000 | copy of the firmware image (code, data, bss), 2 MiB |
-//! | 0x400000 | one 64 KiB tile per CPU: per-CPU block at +0, stack below +0x8000, entry stub at SMBASE+0x8000, save state at SMBASE+0xFE00 |
+//! | 0x400000 | one 64 KiB tile per CPU (tile = SMBASE): per-CPU block at +0, entry stub at +0x8000, save state at +0xFE00 |
+//! | 0x800000 | one 64 KiB SMM stack per CPU; its lowest 8 bytes hold the CPU's tile address |
+//! | 0xC00000 | the agent's SMRAM copies of the request (64 KiB) and of the reply (2 MiB) |
 
 use core::sync::atomic::Ordering;
 
@@ -31,8 +33,14 @@ pub const IMAGE_OFF: u64 = 0x20_0000;
 pub const TILES_OFF: u64 = 0x40_0000;
 pub const TILE_SIZE: u64 = 0x1_0000;
 pub const MAX_CPUS: u32 = 64;
+pub const STACKS_OFF: u64 = 0x80_0000;
+pub const STACK_SIZE: u64 = 0x1_0000;
+pub const REQUEST_BUF_OFF: u64 = 0xC0_0000;
+pub const REQUEST_BUF_LEN: u64 = 0x1_0000;
+pub const REPLY_BUF_OFF: u64 = 0xC1_0000;
+pub const REPLY_BUF_LEN: u64 = 0x20_0000;
 /// The smallest TSEG this layout fits in.
-pub const MIN_TSEG: u64 = TILES_OFF + MAX_CPUS as u64 * TILE_SIZE;
+pub const MIN_TSEG: u64 = REPLY_BUF_OFF + REPLY_BUF_LEN;
 /// The SMM page tables map at most this much physical memory.
 pub const MAX_MAPPED_GIB: u64 = 256;
 
@@ -103,7 +111,7 @@ pub fn install_and_relocate(plan: &Plan) {
     // (checked by the caller against the e820 map), is identity mapped by
     // the boot page tables, and nothing else uses it before Linux.
     let tseg = unsafe { Region::new(plan.tseg_base, plan.tseg_size) };
-    tseg.fill(0, TILES_OFF + u64::from(plan.ncpus) * TILE_SIZE, 0);
+    tseg.fill(0, MIN_TSEG, 0);
 
     // GDT
     for (i, d) in [
@@ -135,7 +143,9 @@ pub fn install_and_relocate(plan: &Plan) {
         patch32(sym!(smm_patch_entry32), at + rel(sym!(smm_stub_entry32)));
         patch32(sym!(smm_patch_cr3), cr3);
         patch32(sym!(smm_patch_entry64), at + rel(sym!(smm_stub_entry64)));
-        patch64(sym!(smm_patch_rsp), base + smi::STACK_TOP);
+        let stack = STACKS_OFF + u64::from(cpu) * STACK_SIZE;
+        tseg.write_u64(stack, base);
+        patch64(sym!(smm_patch_rsp), plan.tseg_base + stack + STACK_SIZE);
         patch64(sym!(smm_patch_percpu), base);
         patch32(sym!(smm_patch_gdt), plan.tseg_base + GDT_OFF);
         tseg.write_u32(off + smi::PERCPU_INDEX, cpu);
