@@ -57,6 +57,9 @@ pub const SESSION_SALT_LEN: usize = 16;
 /// u64, firmware: TSC cycles spent in SMM for the last served request
 /// (informational, written by the firmware after `serve` returns).
 pub const OFF_SERVE_CYCLES: usize = 0x070;
+/// u64, firmware: SMI sessions served before every CPU arrived (the
+/// rendezvous timed out; such a batch is not one consistent snapshot).
+pub const OFF_PARTIAL_SESSIONS: usize = 0x078;
 /// Size of the header; request and reply areas follow it.
 pub const HEADER_SIZE: usize = 0x100;
 

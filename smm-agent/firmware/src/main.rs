@@ -18,6 +18,7 @@
 #![no_main]
 
 mod acpi;
+mod agent;
 mod chipset;
 mod console;
 mod exceptions;
@@ -53,6 +54,10 @@ global_asm!(include_str!("asm/smm.s"), options(att_syntax));
 const IVSHMEM_VENDOR: u16 = 0x1af4;
 const IVSHMEM_DEVICE: u16 = 0x1110;
 const IVSHMEM_BAR: u8 = 2;
+
+fn mailbox_min() -> u64 {
+    smmvmi_mailbox::layout::MIN_MAILBOX_SIZE as u64
+}
 
 fn fatal(code: ExitCode, msg: core::fmt::Arguments) -> ! {
     log!("error: {msg}");
@@ -164,6 +169,12 @@ extern "C" fn firmware_main() -> ! {
         );
     }
     match assigned.find(IVSHMEM_VENDOR, IVSHMEM_DEVICE, IVSHMEM_BAR) {
+        Some(b) if b.size > smm::REPLY_BUF_LEN || b.size < mailbox_min() => log!(
+            "error: the ivshmem-plain BAR is {} KiB; the agent supports {} KiB to {} KiB (e.g. size=1M): no mailbox",
+            b.size >> 10,
+            mailbox_min() >> 10,
+            smm::REPLY_BUF_LEN >> 10
+        ),
         Some(b) => {
             let bdf = u32::from(b.bdf.bus) << 8 | u32::from(b.bdf.dev) << 3 | u32::from(b.bdf.func);
             SMM.mailbox_pa.store(b.addr, Ordering::Relaxed);
@@ -203,21 +214,24 @@ extern "C" fn firmware_main() -> ! {
     SMM.features.store(features, Ordering::Relaxed);
     SMM.boot_selftest.store(true, Ordering::Relaxed);
     SMM.tsc_per_ms.store(tsc::calibrate(), Ordering::Relaxed);
-    smm::seal(&plan);
-    smm::self_test();
-    log!("SMM locked; SMI broadcast on");
-
     let mut handoff = e820.clone();
     let reserve = [
         (tseg_base, tseg_size, e820::RESERVED),
         (acpi_base, acpi::AREA_LEN, e820::ACPI),
     ];
-    let legacy = handoff.add_legacy_holes();
-    for (addr, len, kind) in reserve {
-        if let Err(e) = legacy.and_then(|()| handoff.reserve(addr, len, kind)) {
-            fatal(ExitCode::TooLittleRam, format_args!("e820: {e}"));
-        }
+    let carved = reserve
+        .iter()
+        .try_for_each(|&(addr, len, kind)| handoff.reserve(addr, len, kind))
+        .and_then(|()| handoff.add_legacy_holes());
+    if let Err(e) = carved {
+        fatal(ExitCode::TooLittleRam, format_args!("e820: {e}"));
     }
+    agent::provision(&mut fw, &handoff, tseg_base, tseg_size);
+    smm::seal(&plan);
+    agent::scrub_boot_copy();
+    smm::self_test();
+    log!("SMM locked; SMI broadcast on");
+
     let prepared = linux::prepare(&mut fw, &handoff, acpi_base, rsdp);
     linux::enter(prepared)
 }

@@ -117,3 +117,16 @@ impl Region {
         }
     }
 }
+
+impl Region {
+    /// The region as a byte slice.
+    ///
+    /// # Safety
+    /// No other Rust reference to this memory may be live while the slice
+    /// is, and for memory that others write concurrently (the mailbox) the
+    /// user must read every byte it relies on once and copy before checking.
+    pub unsafe fn as_mut_slice(&self) -> &'static mut [u8] {
+        // SAFETY: mapped and ours (creator's contract), exclusivity as above.
+        unsafe { core::slice::from_raw_parts_mut(self.base as *mut u8, self.len as usize) }
+    }
+}

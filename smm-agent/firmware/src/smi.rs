@@ -122,6 +122,7 @@ fn percpu(block: u64) -> Region {
 extern "C" fn smm_main(block: u64) {
     let me = percpu(block);
     let cpu = me.read_u32(PERCPU_INDEX);
+    crate::agent::snapshot_self(cpu, block);
 
     lock();
     let leader = !SMM.session_open.load(Ordering::Relaxed);
@@ -238,6 +239,12 @@ fn serve() {
     publish_header(&mbox, sessions);
     let ping = mbox.read_u64(mb::OFF_PING_REQ as u64);
     mbox.write_u64(mb::OFF_PING_ACK as u64, ping);
+    let mask = SMM.present_mask.load(Ordering::Acquire);
+    if let Some((served, cycles)) = crate::agent::serve(&mbox, mask)
+        && served != smmvmi_agent::Served::Idle
+    {
+        mbox.write_u64(mb::OFF_SERVE_CYCLES as u64, cycles);
+    }
 }
 
 fn publish_header(mbox: &Region, sessions: u64) {
@@ -250,12 +257,17 @@ fn publish_header(mbox: &Region, sessions: u64) {
     mbox.write_u32(mb::OFF_SIZE as u64, mbox.len() as u32);
     mbox.write_u32(mb::OFF_NCPUS as u64, SMM.ncpus.load(Ordering::Relaxed));
     mbox.write_u64(mb::OFF_SMI_COUNT as u64, sessions);
-    mbox.write_u64(0x78, SMM.partial_sessions.load(Ordering::Relaxed));
-    mbox.write_u64(0x80, SMM.present.load(Ordering::Relaxed) as u64);
+    mbox.write_u64(
+        mb::OFF_PARTIAL_SESSIONS as u64,
+        SMM.partial_sessions.load(Ordering::Relaxed),
+    );
+    crate::agent::publish(mbox);
     let state = if SMM.faults.load(Ordering::Relaxed) != 0 {
         mb::AgentState::Fault
-    } else {
+    } else if crate::agent::provisioned() {
         mb::AgentState::Ready
+    } else {
+        mb::AgentState::Unprovisioned
     };
     mbox.write_u32(mb::OFF_STATE as u64, state as u32);
 }

@@ -1,0 +1,306 @@
+//! The hardware side of the agent: its state kept in SMRAM, the guarded
+//! physical-memory reader, the per-CPU snapshot each CPU takes of itself on
+//! SMI entry, and key provisioning at boot. The logic is `smmvmi_agent`.
+
+use core::cell::UnsafeCell;
+use core::sync::atomic::Ordering;
+
+use smmvmi_agent::cpu::{MSR_CSTAR, MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_STAR, MSR_SYSENTER_EIP};
+use smmvmi_agent::{
+    AgentState, CheckedPhys, CpuSnapshot, Msrs, PhysMemory, PhysRange, RamMap, ServeContext,
+    Served, SevConfig,
+};
+use smmvmi_boot::e820::{self, E820Map};
+use smmvmi_boot::fw_cfg::{self as fwc, FwCfgIo};
+use smmvmi_mailbox::crypto::SHARED_KEY_LEN;
+use smmvmi_mailbox::layout as mb;
+
+use crate::fwcfg::FwCfg;
+use crate::layout::PHYS_OFF;
+use crate::log;
+use crate::memory::Region;
+use crate::smi::SMM;
+use crate::smm;
+
+/// The fw_cfg file a test setup provisions the key with (visible to the
+/// host: for tests only; SEV setups inject the key as a launch secret).
+pub const KEY_FILE: &str = "opt/smmvmi/key";
+
+/// A cell whose contents only one CPU touches at a time: the boot CPU
+/// before Linux, or the CPU serving the current SMI session (the rendezvous
+/// in `smi.rs` admits one).
+pub struct SmmCell<T>(UnsafeCell<T>);
+
+// SAFETY: access is serialized by the callers of `get` (see its contract).
+unsafe impl<T> Sync for SmmCell<T> {}
+
+impl<T> SmmCell<T> {
+    pub const fn new(v: T) -> Self {
+        Self(UnsafeCell::new(v))
+    }
+
+    /// # Safety
+    /// The caller is the only CPU using this cell until the returned
+    /// reference is dropped (boot CPU before Linux, or the serving CPU of an
+    /// SMI session, or a CPU touching only its own per-CPU cell).
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn get(&self) -> &mut T {
+        // SAFETY: exclusive use guaranteed by the caller.
+        unsafe { &mut *self.0.get() }
+    }
+}
+
+/// The agent's SMRAM state.
+pub struct Agent {
+    pub state: Option<AgentState<'static>>,
+    pub ram: RamMap,
+    pub smram: PhysRange,
+    pub sev: SevConfig,
+    pub cpus: [CpuSnapshot; smm::MAX_CPUS as usize],
+}
+
+const ZERO_CPU: CpuSnapshot = {
+    // SAFETY: CpuSnapshot is a struct of u64 fields only; all-zero is valid.
+    unsafe { core::mem::zeroed() }
+};
+
+pub static AGENT: SmmCell<Agent> = SmmCell::new(Agent {
+    state: None,
+    ram: RamMap::new(),
+    smram: PhysRange::EMPTY,
+    sev: SevConfig {
+        active: false,
+        c_bit: 0,
+    },
+    cpus: [ZERO_CPU; smm::MAX_CPUS as usize],
+});
+
+/// One slot per CPU: written by that CPU on SMI entry, read by the server
+/// after the rendezvous.
+static SNAPSHOTS: [SmmCell<CpuSnapshot>; smm::MAX_CPUS as usize] =
+    [const { SmmCell::new(ZERO_CPU) }; smm::MAX_CPUS as usize];
+
+fn rdmsr(msr: u32) -> u64 {
+    // SAFETY: only architectural MSRs present on every x86-64 CPU are read
+    // (LSTAR, STAR, CSTAR, KERNEL_GS_BASE, SYSENTER_EIP), in ring 0.
+    unsafe { x86_64::registers::model_specific::Msr::new(msr).read() }
+}
+
+/// On SMI entry, each CPU records its interrupted state (save state + MSRs
+/// that the save state lacks) in its own slot.
+pub fn snapshot_self(cpu: u32, smbase: u64) {
+    let Some(slot) = SNAPSHOTS.get(cpu as usize) else {
+        return;
+    };
+    // SAFETY: the save state of this CPU, in its own TSEG tile.
+    let ss = unsafe { Region::new(smbase + smmvmi_agent::cpu::SAVE_STATE_SMBASE_OFFSET, 0x400) };
+    let mut raw = [0u8; smmvmi_agent::cpu::SAVE_STATE_LEN];
+    ss.read(0, &mut raw);
+    let mut snap = smmvmi_agent::decode_save_state(&raw);
+    smmvmi_agent::apply_msrs(
+        &mut snap,
+        &Msrs {
+            lstar: rdmsr(MSR_LSTAR),
+            star: rdmsr(MSR_STAR),
+            cstar: rdmsr(MSR_CSTAR),
+            kernel_gs_base: rdmsr(MSR_KERNEL_GS_BASE),
+            sysenter_eip: rdmsr(MSR_SYSENTER_EIP),
+        },
+    );
+    // SAFETY: each CPU writes only its own slot, before it joins the session.
+    unsafe { *slot.get() = snap };
+}
+
+/// Guest physical memory through the SMM alias at PHYS_OFF. Only ranges the
+/// agent's guard checked (RAM, not SMRAM, bounded) reach it.
+struct GuestMemory;
+
+impl PhysMemory for GuestMemory {
+    fn read(&self, range: CheckedPhys, buf: &mut [u8]) {
+        let n = (range.len() as usize).min(buf.len());
+        // SAFETY: `CheckedPhys` is inside a RAM range recorded at boot and
+        // outside SMRAM; the SMM page tables map all of RAM at PHYS_OFF.
+        let src = unsafe { Region::new(PHYS_OFF + range.addr(), n as u64) };
+        src.read(0, &mut buf[..n]);
+    }
+}
+
+/// Serves the mailbox request, if any. Called by the session's server with
+/// every present CPU's snapshot stored. Returns the TSC cycles spent.
+pub fn serve(mailbox: &Region, present_mask: u64) -> Option<(Served, u64)> {
+    let t0 = crate::tsc::now();
+    // SAFETY: this CPU serves the session; the rendezvous admits one server.
+    let agent = unsafe { AGENT.get() };
+    let state = agent.state.as_mut()?;
+    let ncpus = (SMM.ncpus.load(Ordering::Relaxed) as usize).min(agent.cpus.len());
+    for (i, dst) in agent.cpus.iter_mut().enumerate().take(ncpus) {
+        *dst = if present_mask & (1 << i) != 0 {
+            // SAFETY: CPU i stored its slot before joining; the rendezvous
+            // (Acquire on the present count) orders that before this read.
+            unsafe { *SNAPSHOTS[i].get() }
+        } else {
+            ZERO_CPU
+        };
+    }
+    let ctx = ServeContext {
+        ram: &agent.ram,
+        smram: agent.smram,
+        cpus: &agent.cpus[..ncpus],
+        sev: agent.sev,
+    };
+    // SAFETY: the mailbox BAR, verified in place by `smi::mailbox`. The
+    // guest or host may write it concurrently; `serve` reads each field it
+    // relies on once and copies the request into SMRAM before checking it.
+    let slice = unsafe { mailbox.as_mut_slice() };
+    let served = smmvmi_agent::serve(slice, state, &ctx, &GuestMemory);
+    Some((served, crate::tsc::now().wrapping_sub(t0)))
+}
+
+/// Whether a key is provisioned (decides "ready" vs "unprovisioned").
+pub fn provisioned() -> bool {
+    // SAFETY: read-only peek by the serving CPU or the boot CPU.
+    unsafe { AGENT.get() }
+        .state
+        .as_ref()
+        .is_some_and(AgentState::is_provisioned)
+}
+
+/// Writes the per-boot session salt into the mailbox header.
+pub fn publish(mailbox: &Region) {
+    // SAFETY: boot CPU before Linux, or the serving CPU.
+    if let Some(state) = unsafe { AGENT.get() }.state.as_ref() {
+        // SAFETY: the mailbox BAR (see `serve`).
+        state.publish(unsafe { mailbox.as_mut_slice() });
+    }
+}
+
+fn sev_config() -> SevConfig {
+    // CPUID 0x8000001F: EAX bit 1 = SEV, EBX[5:0] = C-bit position.
+    let max_ext = core::arch::x86_64::__cpuid(0x8000_0000).eax;
+    if max_ext < 0x8000_001f {
+        return SevConfig::default();
+    }
+    let leaf = core::arch::x86_64::__cpuid(0x8000_001f);
+    if leaf.eax & 2 == 0 {
+        return SevConfig::default();
+    }
+    // SEV_STATUS MSR exists when CPUID says SEV is supported.
+    let status = rdmsr(0xc001_0131);
+    SevConfig {
+        active: status & 1 != 0,
+        c_bit: (leaf.ebx & 0x3f) as u8,
+    }
+}
+
+/// A fresh salt per boot: RDRAND when the CPU has it, otherwise the TSC
+/// and PM timer (unique per boot, not secret: the salt is published).
+fn boot_salt() -> [u8; mb::SESSION_SALT_LEN] {
+    let mut salt = [0u8; mb::SESSION_SALT_LEN];
+    let has_rdrand = core::arch::x86_64::__cpuid(1).ecx & (1 << 30) != 0;
+    for chunk in salt.chunks_mut(8) {
+        let mut v = 0u64;
+        if has_rdrand {
+            for _ in 0..10 {
+                // SAFETY: RDRAND is present (CPUID.1:ECX[30]).
+                if unsafe { core::arch::x86_64::_rdrand64_step(&mut v) } == 1 {
+                    break;
+                }
+            }
+        }
+        v ^= crate::tsc::now().rotate_left(17);
+        crate::pmtimer::delay_us(3);
+        v ^= crate::tsc::now();
+        chunk.copy_from_slice(&v.to_le_bytes()[..chunk.len()]);
+    }
+    salt
+}
+
+/// At boot, SMRAM still open: records the RAM map and SMRAM range, reads
+/// the key from fw_cfg into SMRAM state, and scrubs the boot copy of it.
+pub fn provision(fw: &mut FwCfg, handoff: &E820Map, tseg_base: u64, tseg_size: u64) {
+    // SAFETY: boot CPU, before Linux and before the image is sealed.
+    let agent = unsafe { AGENT.get() };
+    for e in handoff.iter().filter(|e| e.kind == e820::RAM) {
+        if let Err(err) = agent.ram.push(e.addr, e.len) {
+            log!(
+                "agent RAM map: {err}; range {:#x}+{:#x} not readable",
+                e.addr,
+                e.len
+            );
+        }
+    }
+    agent.smram = PhysRange::new(tseg_base, tseg_size).unwrap_or(PhysRange::EMPTY);
+    agent.sev = sev_config();
+
+    let mut key = [0u8; SHARED_KEY_LEN];
+    let have_key = match fwc::find_file(fw, KEY_FILE) {
+        Ok(Some(f)) if f.size as usize == SHARED_KEY_LEN => {
+            fw.select(f.select);
+            fw.read(&mut key);
+            true
+        }
+        Ok(Some(f)) => {
+            log!(
+                "error: fw_cfg {KEY_FILE} is {} bytes, expected {SHARED_KEY_LEN}: the agent stays unprovisioned (INFO only)",
+                f.size
+            );
+            false
+        }
+        Ok(None) => {
+            log!("no key in fw_cfg {KEY_FILE}: the agent is unprovisioned and serves INFO only");
+            false
+        }
+        Err(e) => {
+            log!("error: looking up {KEY_FILE}: {e}; the agent stays unprovisioned");
+            false
+        }
+    };
+    let tseg = tseg_base;
+    // SAFETY: the SMRAM request/reply buffers (smm.rs layout), used only by
+    // the agent in SMM from now on; TSEG is open and identity mapped, and
+    // the same identity mapping exists in SMM.
+    let (request, reply) = unsafe {
+        (
+            Region::new(tseg + smm::REQUEST_BUF_OFF, smm::REQUEST_BUF_LEN).as_mut_slice(),
+            Region::new(tseg + smm::REPLY_BUF_OFF, smm::REPLY_BUF_LEN).as_mut_slice(),
+        )
+    };
+    agent.state = Some(AgentState::new(
+        have_key.then_some(&key),
+        boot_salt(),
+        request,
+        reply,
+    ));
+    scrub(&mut key);
+}
+
+/// Zeroes secret bytes so the compiler cannot drop the writes.
+pub fn scrub(bytes: &mut [u8]) {
+    for b in bytes.iter_mut() {
+        // SAFETY: `b` is a valid, exclusive reference.
+        unsafe { core::ptr::write_volatile(b, 0) };
+    }
+    core::sync::atomic::compiler_fence(Ordering::SeqCst);
+}
+
+/// After the image was copied into SMRAM: drops the boot copy of the agent
+/// state (derived keys) from the RAM image that Linux will reuse.
+pub fn scrub_boot_copy() {
+    // SAFETY: boot CPU; this is the RAM copy of the static (SMM uses its own
+    // copy inside TSEG).
+    let agent = unsafe { AGENT.get() };
+    drop(agent.state.take());
+    let p = &raw mut agent.state;
+    // SAFETY: `p` is the `state` field, now `None` (nothing to drop). The
+    // bytes are wiped (the key schedule lived there before `take` moved it
+    // out and left stale bytes behind), then a valid `None` is written back
+    // without reading or dropping the wiped value.
+    unsafe {
+        core::ptr::write_bytes(
+            p as *mut u8,
+            0,
+            core::mem::size_of::<Option<AgentState<'static>>>(),
+        );
+        core::ptr::write(p, None);
+    }
+}
