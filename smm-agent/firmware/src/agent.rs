@@ -117,7 +117,7 @@ struct GuestMemory;
 
 impl PhysMemory for GuestMemory {
     fn read(&self, range: CheckedPhys, buf: &mut [u8]) {
-        let n = (range.len() as usize).min(buf.len());
+        let n = range.len().min(buf.len());
         // SAFETY: `CheckedPhys` is inside a RAM range recorded at boot and
         // outside SMRAM; the SMM page tables map all of RAM at PHYS_OFF.
         let src = unsafe { Region::new(PHYS_OFF + range.addr(), n as u64) };
