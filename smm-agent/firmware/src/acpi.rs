@@ -85,11 +85,11 @@ impl LoaderEnv for Env<'_> {
 }
 
 /// Runs the table-loader script into `[base, base + AREA_LEN)`; returns the
-/// allocations (RSDP among them).
-pub fn install(fw: &mut FwCfg, base: u64) -> Result<Loaded, LoaderError> {
+/// allocations (RSDP among them), or `None` when QEMU offers no tables.
+pub fn install(fw: &mut FwCfg, base: u64) -> Result<Option<Loaded>, LoaderError> {
     let script = match fwc::find_file(fw, "etc/table-loader") {
         Ok(Some(f)) => f,
-        Ok(None) => return Err(LoaderError::NoRsdp),
+        Ok(None) => return Ok(None),
         Err(source) => {
             return Err(LoaderError::FwCfg {
                 index: 0,
@@ -108,5 +108,5 @@ pub fn install(fw: &mut FwCfg, base: u64) -> Result<Loaded, LoaderError> {
     fw.select(script.select);
     fw.read(&mut buf[..len]);
     let mut env = Env { fw, area, next: 0 };
-    table_loader::run(&mut env, &buf[..len])
+    table_loader::run(&mut env, &buf[..len]).map(Some)
 }

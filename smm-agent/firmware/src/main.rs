@@ -190,7 +190,13 @@ extern "C" fn firmware_main() -> ! {
         None => log!("no ivshmem-plain device: the agent has no mailbox and will serve nothing"),
     }
     let rsdp = match acpi::install(&mut fw, acpi_base) {
-        Ok(loaded) => match loaded.rsdp() {
+        Ok(None) => fatal(
+            ExitCode::NoAcpi,
+            format_args!(
+                "QEMU provides no ACPI tables (no fw_cfg etc/table-loader): drop -no-acpi / acpi=off; Linux needs them to see every CPU"
+            ),
+        ),
+        Ok(Some(loaded)) => match loaded.rsdp() {
             Ok(r) => r,
             Err(e) => fatal(ExitCode::NoAcpi, format_args!("{e}")),
         },
