@@ -920,17 +920,25 @@ pub fn fresh_ping_value(previous: u64) -> u64 {
     }
 }
 
-/// Kills every live VM whose name starts with `prefix` (test leftovers).
-/// Returns the names it stopped.
+/// Kills every live VM whose name starts with `prefix` and whose starter is
+/// gone (its QEMU was reparented): leftovers of a crashed test run. VMs of a
+/// test run still in progress (another session in the same checkout) are
+/// left alone. Returns the names it stopped.
 pub fn kill_stale(prefix: &str) -> Vec<String> {
     let mut stopped = Vec::new();
     for (info, alive) in Vm::list() {
-        if alive && info.name.starts_with(prefix) {
+        if alive && info.name.starts_with(prefix) && parent_pid(info.pid) == Some(1) {
             kill_pid(info.pid);
             stopped.push(info.name);
         }
     }
     stopped
+}
+
+fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Explains a QEMU exit status, decoding isa-debug-exit codes.
@@ -1055,6 +1063,14 @@ mod tests {
             assert_ne!(v, prev);
             assert_ne!(v, 0);
         }
+    }
+
+    #[test]
+    fn parent_of_self() {
+        assert_eq!(
+            parent_pid(std::process::id()),
+            Some(std::os::unix::process::parent_id())
+        );
     }
 
     #[test]

@@ -90,12 +90,12 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
                 );
             }
             println!(
-                "{:<24} {:>8} {:<8} {:<8} {:>4} {:<6} STATE",
-                "NAME", "PID", "FIRMWARE", "MEM", "SMP", ""
+                "{:<24} {:>8} {:<8} {:<6} {:>4} {:<8} STATE DIR",
+                "NAME", "PID", "FIRMWARE", "MEM", "SMP", "STATE"
             );
             for (info, alive) in vms {
                 println!(
-                    "{:<24} {:>8} {:<8} {:<8} {:>4} {:<6} {}",
+                    "{:<24} {:>8} {:<8} {:<6} {:>4} {:<8} {}",
                     info.name,
                     if alive {
                         info.pid.to_string()
@@ -105,8 +105,8 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
                     info.firmware,
                     info.mem,
                     info.smp,
-                    "",
-                    if alive { "running" } else { "stopped" }
+                    if alive { "running" } else { "stopped" },
+                    info.state_dir.display()
                 );
             }
             Ok(())
