@@ -9,17 +9,28 @@ use anyhow::{Context, Result, bail};
 
 /// Builds the firmware and returns the path of the flat ROM image.
 pub fn build(root: &Path) -> Result<PathBuf> {
+    build_variant(root, None)
+}
+
+/// Builds the test-only variant with `feature` enabled (e.g.
+/// `fault-injection`) into `smmvmi-firmware-<feature>.bin`.
+pub fn build_variant(root: &Path, feature: Option<&str>) -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(&cargo)
-        .current_dir(root)
+    let mut cmd = Command::new(&cargo);
+    cmd.current_dir(root).args([
+        "rustc",
+        "--quiet",
+        "--release",
+        "--package",
+        "smmvmi-firmware",
+        "--bin",
+        "smmvmi-firmware",
+    ]);
+    if let Some(feature) = feature {
+        cmd.args(["--features", feature]);
+    }
+    let status = cmd
         .args([
-            "rustc",
-            "--quiet",
-            "--release",
-            "--package",
-            "smmvmi-firmware",
-            "--bin",
-            "smmvmi-firmware",
             "--",
             // A fixed load address (see smm-agent/firmware/link.ld), no PIE.
             "-C",
@@ -31,7 +42,10 @@ pub fn build(root: &Path) -> Result<PathBuf> {
         bail!("building the firmware failed ({status}); the compiler output above says why");
     }
     let elf = root.join("target/release/smmvmi-firmware");
-    let image = root.join("target/release/smmvmi-firmware.bin");
+    let image = match feature {
+        Some(f) => root.join(format!("target/release/smmvmi-firmware-{f}.bin")),
+        None => root.join("target/release/smmvmi-firmware.bin"),
+    };
     let status = Command::new("objcopy")
         .args(["-O", "binary"])
         .arg(&elf)

@@ -1,0 +1,66 @@
+//! A fault inside SMM is reported, not a triple fault: the firmware's SMM
+//! IDT catches it, the agent publishes the fault in the mailbox, every CPU
+//! returns from SMM, and later SMIs are still served.
+//!
+//! Uses the test-only firmware variant built with the `fault-injection`
+//! feature (`$SMMVMI_FIRMWARE_FAULT_INJECTION`), where APM command 0xFE
+//! makes the serving CPU execute `ud2` in SMM.
+//!
+//! Run with `cargo xtask test` (these are `#[ignore]`d for plain `cargo test`).
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::{AGENT_READY, PING, boot, finish, sh};
+use smmvmi_mailbox::layout::AgentState;
+use smmvmi_tests::vm::{Firmware, VmConfig, fresh_ping_value};
+
+const FAULT_ENV: &str = "SMMVMI_FIRMWARE_FAULT_INJECTION";
+
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn fault_in_smm_is_reported_and_smis_keep_working() {
+    let image = std::env::var(FAULT_ENV).unwrap_or_else(|_| {
+        panic!("{FAULT_ENV} is unset: run with `cargo xtask test`, which builds the fault-injection firmware")
+    });
+    let name = format!("t-smmfault-{}", std::process::id());
+    let vm = boot(VmConfig::new(name, Firmware::Ours(PathBuf::from(image))).smp(2));
+    vm.wait_agent_ready(AGENT_READY)
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // Guest root raises the faulting SMI itself.
+    sh(&vm, "smi 0xfe");
+    let deadline = std::time::Instant::now() + PING;
+    let header = loop {
+        let h = vm.mailbox().unwrap_or_else(|e| panic!("{e}"));
+        if h.state() == Some(AgentState::Fault) || std::time::Instant::now() > deadline {
+            break h;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(
+        header.state(),
+        Some(AgentState::Fault),
+        "mailbox after the injected fault: {header:?}\ndebugcon:\n{}",
+        vm.debugcon()
+    );
+    assert_eq!(
+        header.fault_code,
+        0x100 | 6,
+        "fault code: #UD (vector 6) in SMM"
+    );
+    assert!(
+        vm.debugcon().contains("exception 6 (#UD invalid opcode)"),
+        "the fault is described on the debug console:\n{}",
+        vm.debugcon()
+    );
+
+    // The guest survived and SMIs still return and are served.
+    assert_eq!(sh(&vm, "echo alive"), "alive");
+    let value = fresh_ping_value(header.ping_ack);
+    vm.ping_with(value, PING, || vm.exec("smi 0x10").map(|_| ()))
+        .unwrap_or_else(|e| panic!("an SMI after the fault was not served: {e}"));
+    assert_eq!(sh(&vm, "cat /proc/sys/kernel/ostype"), "Linux");
+    finish(vm);
+}
