@@ -12,8 +12,9 @@ use smmvmi_tests::vm::{FIRMWARE_ENV, Firmware};
 
 use crate::FirmwareChoice;
 
-/// The end-to-end test binaries (tests/tests/*.rs), functional apart from security.
-const E2E_SUITES: &[&str] = &["functional", "security"];
+/// The end-to-end test binaries (tests/tests/*.rs): functional apart from
+/// security, plus the harness's own checks.
+const E2E_SUITES: &[&str] = &["functional", "security", "harness"];
 /// VM names of the end-to-end tests start with this (see tests/tests/common).
 const TEST_VM_PREFIX: &str = "t-";
 
