@@ -357,7 +357,7 @@ fn resolve_deb(
     log(&format!("downloading {name} (apt-get download)"));
     let download = || {
         Command::new("apt-get")
-            .args(["download", name])
+            .args(["-o", "APT::Sandbox::User=root", "download", name])
             .current_dir(&dir)
             .status()
     };
