@@ -1,0 +1,349 @@
+//! A session with one agent: sealed requests carried by the host-injector
+//! library, replies opened and bound by `smmvmi_mailbox::client`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use host_injector::{Injector, MailboxFile, QmpSmi, TransactError, Transaction};
+use smmvmi_mailbox::client::{self, Client, ClientError, OwnedResult};
+use smmvmi_mailbox::crypto::{SHARED_KEY_LEN, SessionKeys};
+use smmvmi_mailbox::layout::{AgentState, SESSION_SALT_LEN, ServeStatus};
+use smmvmi_mailbox::wire::{
+    AddressSpace, CpuState, IDS_NONCE_LEN, Info, InfoCpu, InfoHeader, Op, RamRange, Status,
+};
+
+use crate::endpoint::Endpoint;
+
+/// Errors of a session. Each says what was expected, what was found and
+/// what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The key file is unusable.
+    #[error(
+        "key file {path}: expected exactly {SHARED_KEY_LEN} raw bytes (the file given to the VM with -fw_cfg name=opt/smmvmi/key), {problem}"
+    )]
+    Key {
+        /// Key file.
+        path: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The mailbox file or the injector failed.
+    #[error(transparent)]
+    Mailbox(#[from] host_injector::MailboxFileError),
+    /// The SMI backend failed to connect.
+    #[error(transparent)]
+    Smi(#[from] host_injector::SmiError),
+    /// The round trip failed (not ready, silent agent, rejected request).
+    #[error(transparent)]
+    Transact(#[from] TransactError),
+    /// The reply failed authentication, binding or parsing.
+    #[error("the reply was not accepted: {0}")]
+    Reply(#[from] ClientError),
+    /// The agent has no key.
+    #[error(
+        "the agent is unprovisioned (no key reached the firmware): it serves only plain INFO, whose content proves nothing. Start the VM with -fw_cfg name=opt/smmvmi/key,file=KEY (cargo xtask vm up does)"
+    )]
+    Unprovisioned,
+    /// The session salt in the header changed after this session started.
+    #[error(
+        "the agent's session salt changed (the VM rebooted, or the guest rewrote the header): reconnect to derive fresh keys"
+    )]
+    SaltChanged,
+    /// The agent answered an op with a failure status.
+    #[error(
+        "{op}: the agent answered {status:?} (level {level}, stopped at {aux:#x}); expected Ok"
+    )]
+    Op {
+        /// The op, described.
+        op: String,
+        /// Its status.
+        status: Status,
+        /// Paging level for NotPresent.
+        level: u8,
+        /// Where it stopped.
+        aux: u64,
+    },
+    /// The reply has another shape than the request.
+    #[error("malformed answer: {0}")]
+    Malformed(String),
+}
+
+/// An owned INFO record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentInfo {
+    /// Fixed part.
+    pub header: InfoHeader,
+    /// RAM ranges the agent reads.
+    pub ram: Vec<RamRange>,
+    /// Per-CPU paging facts.
+    pub cpus: Vec<InfoCpu>,
+    /// False for the plain INFO of an unprovisioned agent.
+    pub authenticated: bool,
+}
+
+impl AgentInfo {
+    fn parse(data: &[u8], authenticated: bool) -> Result<Self, SessionError> {
+        let info =
+            Info::parse(data).map_err(|e| SessionError::Malformed(format!("INFO record: {e}")))?;
+        Ok(Self {
+            header: info.header,
+            ram: info.ram_ranges().collect(),
+            cpus: info.cpus().collect(),
+            authenticated,
+        })
+    }
+}
+
+/// One agent session.
+pub struct Session {
+    injector: Injector,
+    client: Client,
+    salt: [u8; SESSION_SALT_LEN],
+    deadline: Duration,
+    max_read: Option<usize>,
+    last: Option<Transaction>,
+}
+
+/// Reads a 32-byte key file.
+pub fn read_key(path: &Path) -> Result<[u8; SHARED_KEY_LEN], SessionError> {
+    let err = |problem: String| SessionError::Key {
+        path: path.display().to_string(),
+        problem,
+    };
+    let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read it: {e}")))?;
+    bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| err(format!("found {} bytes", bytes.len())))
+}
+
+fn now_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
+}
+
+fn fresh_nonce() -> [u8; IDS_NONCE_LEN] {
+    let mut n = [0u8; IDS_NONCE_LEN];
+    getrandom::fill(&mut n).expect("the OS random source must work");
+    n
+}
+
+fn describe(op: &Op) -> String {
+    match *op {
+        Op::ReadVirt { space, addr, len } => {
+            format!("READ_VIRT {addr:#x}+{len:#x} (cpu {})", space.cpu)
+        }
+        Op::ReadPhys { addr, len } => format!("READ_PHYS {addr:#x}+{len:#x}"),
+        Op::Translate { space, addr } => format!("TRANSLATE {addr:#x} (cpu {})", space.cpu),
+        Op::CpuState { cpu } => format!("CPU_STATE {cpu}"),
+        Op::Info => "INFO".into(),
+    }
+}
+
+impl Session {
+    /// Default deadline of one request.
+    pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);
+
+    /// Connects directly to a VM: opens the mailbox file and QMP, reads the
+    /// key, derives the session keys from the published salt.
+    pub fn connect(endpoint: &Endpoint, deadline: Duration) -> Result<Self, SessionError> {
+        let key = read_key(&endpoint.key)?;
+        let mailbox = MailboxFile::open(&endpoint.mailbox)?;
+        let smi = QmpSmi::connect(&endpoint.qmp, Duration::from_secs(10))?;
+        Self::with_injector(Injector::new(mailbox, Box::new(smi)), &key, deadline)
+    }
+
+    /// A session over an existing injector (other SMI backends, simulations).
+    pub fn with_injector(
+        injector: Injector,
+        key: &[u8; SHARED_KEY_LEN],
+        deadline: Duration,
+    ) -> Result<Self, SessionError> {
+        let header = injector.header()?;
+        let salt = header.salt;
+        Ok(Self {
+            injector,
+            client: Client::new(SessionKeys::derive(key, &salt), now_nanos()),
+            salt,
+            deadline,
+            max_read: None,
+            last: None,
+        })
+    }
+
+    /// The injector (header, raw SMIs).
+    pub fn injector(&mut self) -> &mut Injector {
+        &mut self.injector
+    }
+
+    /// The last round trip (timings, SMM cycles as the firmware reports them).
+    pub fn last_transaction(&self) -> Option<&Transaction> {
+        self.last.as_ref()
+    }
+
+    /// Seals `ops` into a request frame (it becomes the pending request).
+    pub fn seal(&mut self, ops: &[Op]) -> Result<Vec<u8>, SessionError> {
+        Ok(self.client.seal_request_vec(ops, fresh_nonce())?)
+    }
+
+    /// Carries a sealed frame to the agent and returns the raw reply.
+    pub fn carry(&mut self, frame: &[u8]) -> Result<Transaction, SessionError> {
+        let header = self.injector.header()?;
+        if header.salt != self.salt {
+            return Err(SessionError::SaltChanged);
+        }
+        if header.state() == Some(AgentState::Unprovisioned) {
+            return Err(SessionError::Unprovisioned);
+        }
+        let t = self.injector.transact(frame, self.deadline)?;
+        if t.status == ServeStatus::Unprovisioned {
+            return Err(SessionError::Unprovisioned);
+        }
+        self.last = Some(t.clone());
+        Ok(t)
+    }
+
+    /// Opens a reply to the pending request.
+    pub fn open(&mut self, reply: &[u8]) -> Result<Vec<OwnedResult>, SessionError> {
+        Ok(self.client.open_reply_vec(reply)?)
+    }
+
+    /// One sealed request: results in op order (statuses not checked).
+    pub fn request(&mut self, ops: &[Op]) -> Result<Vec<OwnedResult>, SessionError> {
+        let frame = self.seal(ops)?;
+        let t = self.carry(&frame)?;
+        let results = self.open(&t.reply)?;
+        if results.len() != ops.len() {
+            return Err(SessionError::Malformed(format!(
+                "expected {} results, found {}",
+                ops.len(),
+                results.len()
+            )));
+        }
+        for (op, r) in ops.iter().zip(&results) {
+            if r.kind != op.kind() as u8 {
+                return Err(SessionError::Malformed(format!(
+                    "result kind {} answers op kind {}",
+                    r.kind,
+                    op.kind() as u8
+                )));
+            }
+        }
+        Ok(results)
+    }
+
+    /// One op whose status must be Ok.
+    pub fn request_ok(&mut self, op: Op) -> Result<OwnedResult, SessionError> {
+        let r = self.request(&[op])?.remove(0);
+        if r.status != Status::Ok {
+            return Err(SessionError::Op {
+                op: describe(&op),
+                status: r.status,
+                level: r.level,
+                aux: r.aux,
+            });
+        }
+        Ok(r)
+    }
+
+    /// The agent's INFO, sealed; for an unprovisioned agent the plain INFO,
+    /// marked unauthenticated.
+    pub fn info(&mut self) -> Result<AgentInfo, SessionError> {
+        let header = self.injector.header()?;
+        if header.state() == Some(AgentState::Unprovisioned) {
+            let mut frame = vec![0u8; Client::request_frame_len(1)];
+            let n = client::encode_plain_info_request(&mut frame)
+                .map_err(|e| SessionError::Malformed(e.to_string()))?;
+            let t = self.injector.transact(&frame[..n], self.deadline)?;
+            let body = client::parse_plain_reply(&t.reply)?;
+            let r = body
+                .results()
+                .next()
+                .ok_or_else(|| SessionError::Malformed("plain INFO without a result".into()))?;
+            return AgentInfo::parse(r.data, false);
+        }
+        let r = self.request_ok(Op::Info)?;
+        let info = AgentInfo::parse(&r.data, true)?;
+        self.max_read = Some(info.header.max_read as usize);
+        Ok(info)
+    }
+
+    /// Largest data length of one READ (from INFO, asked once).
+    pub fn max_read(&mut self) -> Result<usize, SessionError> {
+        if let Some(m) = self.max_read {
+            return Ok(m);
+        }
+        let m = self.info()?.header.max_read as usize;
+        if m == 0 {
+            return Err(SessionError::Malformed("INFO says max_read is 0".into()));
+        }
+        self.max_read = Some(m);
+        Ok(m)
+    }
+
+    /// CPU_STATE of `cpu`.
+    pub fn cpu_state(&mut self, cpu: u32) -> Result<CpuState, SessionError> {
+        let r = self.request_ok(Op::CpuState { cpu })?;
+        CpuState::decode(&r.data).map_err(|e| SessionError::Malformed(format!("CPU state: {e}")))
+    }
+
+    /// One READ_VIRT op of at most [`Session::max_read`] bytes, whatever its
+    /// status (a NotPresent result carries the prefix read and the level).
+    pub fn read_virt_once(
+        &mut self,
+        space: AddressSpace,
+        addr: u64,
+        len: u32,
+    ) -> Result<OwnedResult, SessionError> {
+        Ok(self
+            .request(&[Op::ReadVirt { space, addr, len }])?
+            .remove(0))
+    }
+
+    /// Reads `len` bytes of virtual memory, chunked by the max read size;
+    /// every chunk must be complete.
+    pub fn read_virt(
+        &mut self,
+        space: AddressSpace,
+        addr: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, SessionError> {
+        self.read_chunked(addr, len, |a, n| Op::ReadVirt {
+            space,
+            addr: a,
+            len: n,
+        })
+    }
+
+    /// Reads `len` bytes of guest-physical memory, chunked.
+    pub fn read_phys(&mut self, addr: u64, len: usize) -> Result<Vec<u8>, SessionError> {
+        self.read_chunked(addr, len, |a, n| Op::ReadPhys { addr: a, len: n })
+    }
+
+    fn read_chunked(
+        &mut self,
+        addr: u64,
+        len: usize,
+        op: impl Fn(u64, u32) -> Op,
+    ) -> Result<Vec<u8>, SessionError> {
+        let max = self.max_read()?;
+        let mut out = Vec::with_capacity(len);
+        while out.len() < len {
+            let n = (len - out.len()).min(max);
+            let a = addr.wrapping_add(out.len() as u64);
+            let r = self.request_ok(op(a, n as u32))?;
+            if r.data.len() != n {
+                return Err(SessionError::Malformed(format!(
+                    "{}: expected {n} bytes, found {}",
+                    describe(&op(a, n as u32)),
+                    r.data.len()
+                )));
+            }
+            out.extend_from_slice(&r.data);
+        }
+        Ok(out)
+    }
+}
