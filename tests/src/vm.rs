@@ -12,7 +12,8 @@
 //! Each VM has a state directory `<repo>/.cache/vms/<name>/` holding
 //! `vm.json`, `serial.log` (ttyS0), `debugcon.log` (port 0x402), `qemu.log`
 //! (QEMU's own stdout/stderr), `qmp.sock`, `cmd.sock` (ttyS1, the command
-//! channel), `mailbox` (the ivshmem backing file) and `qemu.pid`.
+//! channel), `mailbox` (the ivshmem backing file), `key` (the agent's
+//! 32-byte key, fresh per VM, 0600, passed with fw_cfg) and `qemu.pid`.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -317,6 +318,10 @@ pub struct VmInfo {
     pub debugcon_log: PathBuf,
     pub cmd_socket: PathBuf,
     pub state_dir: PathBuf,
+    /// The VM's 32-byte agent key (0600), given to the firmware with
+    /// `-fw_cfg name=opt/smmvmi/key` (test setups only: the host sees it).
+    #[serde(default)]
+    pub key: PathBuf,
     pub firmware: String,
     pub mem: String,
     pub smp: u32,
@@ -334,6 +339,7 @@ impl VmInfo {
             debugcon_log: state_dir.join("debugcon.log"),
             cmd_socket: state_dir.join("cmd.sock"),
             state_dir: state_dir.to_path_buf(),
+            key: state_dir.join("key"),
             firmware: String::new(),
             mem: String::new(),
             smp: 0,
@@ -352,7 +358,19 @@ impl VmInfo {
             "debugcon_log": self.debugcon_log,
             "cmd_socket": self.cmd_socket,
             "state_dir": self.state_dir,
+            "key": self.key,
+            "endpoint": self.endpoint(),
         })
+    }
+
+    /// The IDS endpoint of this VM (`ids --connect ENDPOINT`).
+    pub fn endpoint(&self) -> String {
+        format!(
+            "qmp={},mailbox={},key={}",
+            self.qmp.display(),
+            self.mailbox.display(),
+            self.key.display()
+        )
     }
 
     /// True if a QEMU with this pid is alive and runs in this state dir.
@@ -436,6 +454,7 @@ impl Vm {
         MailboxFile::new(&info.mailbox)
             .create_zeroed()
             .map_err(io(format!("create mailbox {}", info.mailbox.display())))?;
+        write_fresh_key(&info.key)?;
         for log in [&info.serial_log, &info.debugcon_log] {
             std::fs::write(log, b"").map_err(io(format!("create {}", log.display())))?;
         }
@@ -493,6 +512,8 @@ impl Vm {
             format!("file:{}", s(&info.debugcon_log)),
             "-global".into(),
             "isa-debugcon.iobase=0x402".into(),
+            "-fw_cfg".into(),
+            format!("name={KEY_FW_CFG_NAME},file={}", s(&info.key)),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", s(&info.qmp)),
             "-pidfile".into(),
@@ -904,6 +925,27 @@ impl Drop for Vm {
             self.kill();
         }
     }
+}
+
+/// The fw_cfg file the firmware reads the agent key from.
+pub const KEY_FW_CFG_NAME: &str = "opt/smmvmi/key";
+
+/// Writes 32 fresh random bytes (from /dev/urandom) to `path`, mode 0600.
+fn write_fresh_key(path: &Path) -> Result<(), VmError> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut key = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut key))
+        .map_err(io("read /dev/urandom for the agent key"))?;
+    let _ = std::fs::remove_file(path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(&key))
+        .map_err(io(format!("write agent key {}", path.display())))
 }
 
 /// A ping value different from `previous` and not zero.
