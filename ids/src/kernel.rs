@@ -10,6 +10,14 @@
 //! and a NUL. Unmapped stretches (the freed text/rodata gap) are skipped
 //! using the level at which the walk stopped. The search is bounded
 //! ([`BannerSearch::limit`]).
+//!
+//! Since Linux 6.1 the image holds two banners: a `__weak` placeholder from
+//! `init/version.o`, compiled before the build number is known (`"... # SMP
+//! ..."`, an empty number after `#`), which nothing references, and the real
+//! `linux_banner` from `init/version-timestamp.o` (`"#1 SMP"`), linked later.
+//! The search therefore goes on past a candidate without a build number and
+//! returns the first one with `#<digits>`; at the bound it falls back to the
+//! first candidate found (older kernels have only one).
 
 use smmvmi_mailbox::wire::{AddressSpace, Status};
 
@@ -67,6 +75,9 @@ pub struct Banner {
     pub bytes_read: u64,
     /// Requests made by the search.
     pub requests: u32,
+    /// Other candidates seen before it (address, text), e.g. the weak
+    /// placeholder banner of 6.1+ kernels.
+    pub others: Vec<(u64, String)>,
 }
 
 /// Parameters of the banner search.
@@ -90,9 +101,23 @@ impl Default for BannerSearch {
     }
 }
 
-/// Looks for a complete banner in `buf`; returns (offset, text). A prefix
-/// too close to the end to decide is left for the next window.
+/// True if the banner's version field has a build number (`#1 SMP ...`).
+pub fn has_build_number(banner: &str) -> bool {
+    banner
+        .split(" #")
+        .skip(1)
+        .any(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+}
+
+/// Looks for a complete banner in `buf`; returns (offset, text) of the
+/// first. A prefix too close to the end to decide is left for the next window.
 pub fn scan_banner(buf: &[u8]) -> Option<(usize, String)> {
+    scan_banners(buf).into_iter().next()
+}
+
+/// All complete banners in `buf`, in order.
+pub fn scan_banners(buf: &[u8]) -> Vec<(usize, String)> {
+    let mut out = Vec::new();
     let mut from = 0;
     while let Some(pos) = find(&buf[from..], BANNER_PREFIX).map(|p| p + from) {
         from = pos + 1;
@@ -103,10 +128,10 @@ pub fn scan_banner(buf: &[u8]) -> Option<(usize, String)> {
         let text = &rest[..nl];
         let printable = text.iter().all(|b| (0x20..0x7f).contains(b));
         if printable && text.len() > BANNER_PREFIX.len() && rest.get(nl + 1) == Some(&0) {
-            return Some((pos, String::from_utf8_lossy(&rest[..=nl]).into_owned()));
+            out.push((pos, String::from_utf8_lossy(&rest[..=nl]).into_owned()));
         }
     }
-    None
+    out
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -142,6 +167,7 @@ pub fn find_banner(s: &mut Session, search: BannerSearch) -> Result<Banner, Kern
     let mut window: Vec<u8> = Vec::new();
     let mut window_addr = start;
     let (mut read, mut skipped, mut requests) = (0u64, 0u64, 1u32);
+    let mut candidates: Vec<(u64, String)> = Vec::new();
     while addr < end {
         let n = chunk.min(end - addr) as u32;
         let r = s.read_virt_once(space, addr, n)?;
@@ -151,14 +177,22 @@ pub fn find_banner(s: &mut Session, search: BannerSearch) -> Result<Banner, Kern
             window_addr = addr;
         }
         window.extend_from_slice(&r.data);
-        if let Some((off, text)) = scan_banner(&window) {
-            return Ok(Banner {
-                addr: window_addr + off as u64,
-                text,
-                lstar,
-                bytes_read: read,
-                requests,
-            });
+        for (off, text) in scan_banners(&window) {
+            let at = window_addr + off as u64;
+            if candidates.iter().any(|(a, _)| *a == at) {
+                continue;
+            }
+            if has_build_number(&text) {
+                return Ok(Banner {
+                    addr: at,
+                    text,
+                    lstar,
+                    bytes_read: read,
+                    requests,
+                    others: candidates,
+                });
+            }
+            candidates.push((at, text));
         }
         match r.status {
             Status::Ok => {
@@ -199,6 +233,17 @@ pub fn find_banner(s: &mut Session, search: BannerSearch) -> Result<Banner, Kern
             }
         }
     }
+    if !candidates.is_empty() {
+        let (addr, text) = candidates.remove(0);
+        return Ok(Banner {
+            addr,
+            text,
+            lstar,
+            bytes_read: read,
+            requests,
+            others: candidates,
+        });
+    }
     Err(KernelError::NotFound {
         lstar,
         limit: search.limit,
@@ -222,6 +267,13 @@ mod tests {
         assert_eq!(scan_banner(b"Linux version 6.1 no newline"), None);
         assert_eq!(scan_banner(b"Linux version 6.1\nX"), None, "needs NUL");
         assert_eq!(scan_banner(b"%s version %s (\n\0"), None);
+    }
+
+    #[test]
+    fn build_numbers() {
+        assert!(has_build_number("Linux version 6.1 (a@b) (gcc) #1 SMP x\n"));
+        assert!(!has_build_number("Linux version 6.1 (a@b) (gcc) # SMP x\n"));
+        assert!(!has_build_number("Linux version 6.1\n"));
     }
 
     #[test]

@@ -117,6 +117,9 @@ fn main() -> anyhow::Result<()> {
                     "banner at {:#x} (LSTAR {:#x}); {} requests, {:#x} bytes read",
                     b.addr, b.lstar, b.requests, b.bytes_read
                 );
+                for (addr, text) in &b.others {
+                    eprint!("  skipped candidate at {addr:#x}: {text}");
+                }
             }
         }
         Command::Info => {
