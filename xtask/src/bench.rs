@@ -20,6 +20,8 @@ use crate::FirmwareChoice;
 pub enum Command {
     /// Boot time vs SeaBIOS and OVMF, and the SMI round trip.
     Boot(BootArgs),
+    /// SMM agent: request latency, bulk READ_PHYS throughput, time in SMM.
+    Agent(crate::bench_agent::AgentArgs),
 }
 
 #[derive(clap::Args)]
@@ -38,6 +40,7 @@ pub struct BootArgs {
 pub fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd {
         Command::Boot(args) => boot(args),
+        Command::Agent(args) => crate::bench_agent::run(args),
     }
 }
 

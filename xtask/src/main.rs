@@ -6,6 +6,7 @@
 //! but Rust. Progress goes to stderr; machine-readable results to stdout.
 
 mod bench;
+mod bench_agent;
 mod build;
 mod demo;
 mod firmware;
