@@ -12,9 +12,6 @@ use smmvmi_tests::vm::{FIRMWARE_ENV, Firmware};
 
 use crate::FirmwareChoice;
 
-/// The end-to-end test binaries (tests/tests/*.rs): functional apart from
-/// security, plus the harness's own checks.
-const E2E_SUITES: &[&str] = &["functional", "security", "harness"];
 /// VM names of the end-to-end tests start with this (see tests/tests/common).
 const TEST_VM_PREFIX: &str = "t-";
 
@@ -84,6 +81,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     };
 
+    // The test-only firmware variant whose APM command 0xFE faults in SMM
+    // (tests/tests/smm_fault.rs).
+    let mut fault_fw = None;
+    if firmware.is_some() && args.firmware == FirmwareChoice::Ours {
+        crate::step("fault-injection firmware variant");
+        let t = Instant::now();
+        match crate::firmware::build_variant(&root, Some("fault-injection")) {
+            Ok(p) => {
+                record("fault fw", true, t, p.display().to_string());
+                fault_fw = Some(p);
+            }
+            Err(e) => {
+                eprintln!("    fault-injection firmware build failed: {e:#}");
+                record("fault fw", false, t, format!("{e:#}"));
+            }
+        }
+    }
+
     if !args.no_unit {
         crate::step("unit tests (cargo test --workspace)");
         let t = Instant::now();
@@ -109,18 +124,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     Firmware::Ours(p) => p.display().to_string(),
                     other => other.label().to_string(),
                 };
-                let env = [
+                let mut env = vec![
                     (FIRMWARE_ENV, fw_value),
                     ("SMMVMI_KERNEL", image.kernel.display().to_string()),
                     ("SMMVMI_INITRD", image.initrd.display().to_string()),
                 ];
-                let mut cargo_args: Vec<String> = ["test", "--package", "smmvmi-tests"]
-                    .map(String::from)
-                    .to_vec();
-                for suite in E2E_SUITES {
-                    cargo_args.extend(["--test".to_string(), suite.to_string()]);
+                if let Some(p) = &fault_fw {
+                    env.push(("SMMVMI_FIRMWARE_FAULT_INJECTION", p.display().to_string()));
                 }
-                cargo_args.extend(["--".into(), "--ignored".into()]);
+                // Every test binary of tests/tests/ (functional, security,
+                // harness, firmware_errors, ...): the e2e tests are the
+                // `#[ignore]`d ones.
+                let mut cargo_args: Vec<String> = [
+                    "test",
+                    "--no-fail-fast",
+                    "--package",
+                    "smmvmi-tests",
+                    "--tests",
+                    "--",
+                    "--ignored",
+                ]
+                .map(String::from)
+                .to_vec();
                 cargo_args.push(format!("--test-threads={}", args.test_threads));
                 if let Some(f) = &args.filter {
                     cargo_args.push(f.clone());
