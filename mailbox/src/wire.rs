@@ -623,6 +623,9 @@ pub enum Status {
     Unsupported = 6,
     /// The virtual address is not canonical for the paging mode.
     NonCanonical = 7,
+    /// The named CPU did not reach SMM for this batch (the rendezvous timed
+    /// out), so its registers are unknown: retry the request.
+    CpuNotInSmm = 8,
 }
 
 impl Status {
@@ -637,6 +640,7 @@ impl Status {
             5 => Self::BadRequest,
             6 => Self::Unsupported,
             7 => Self::NonCanonical,
+            8 => Self::CpuNotInSmm,
             _ => return None,
         })
     }

@@ -289,6 +289,9 @@ fn walk_status(e: WalkError) -> (Status, u8) {
 /// Resolves an address space to (root, mode), or the status to answer.
 fn resolve(space: &AddressSpace, ctx: &ServeContext<'_>) -> Result<(u64, PagingMode), Status> {
     let cpu = ctx.cpus.get(space.cpu as usize).ok_or(Status::BadRequest)?;
+    if cpu.msrs_valid == 0 {
+        return Err(Status::CpuNotInSmm);
+    }
     let levels = cpu.paging_levels();
     if levels == 0 {
         return Err(Status::Unsupported);
@@ -357,6 +360,7 @@ fn run_op<M: PhysMemory>(
         }
         Op::CpuState { cpu } => match ctx.cpus.get(cpu as usize) {
             None => w.push(kind, 0, |_| (Status::BadRequest, 0, 0, 0)),
+            Some(c) if c.msrs_valid == 0 => w.push(kind, 0, |_| (Status::CpuNotInSmm, 0, 0, 0)),
             Some(c) => push_fixed(
                 w,
                 kind,

@@ -483,3 +483,35 @@ fn agent_state_is_small() {
     let n = std::mem::size_of::<AgentState<'static>>();
     assert!(n < 8192, "AgentState is {n} bytes");
 }
+
+#[test]
+fn cpu_absent_from_the_session_is_reported_not_guessed() {
+    let mut w = World::new(4, 0);
+    // CPU 1 did not reach SMM for this batch: the firmware hands a zeroed
+    // snapshot (no MSRs read), which must not be walked as if it were real.
+    w.cpus[1] = CpuSnapshot::default();
+    with_agent(&mut w, Some(&KEY), |h| {
+        let mut c = client();
+        let ops = [
+            Op::ReadVirt {
+                space: AddressSpace::kernel_of(1),
+                addr: BANNER_VA,
+                len: 8,
+            },
+            Op::CpuState { cpu: 1 },
+            kernel_read(BANNER_VA, 8),
+        ];
+        let frame = c.seal_request_vec(&ops, [2; 16]).unwrap();
+        let (_, mut reply) = h.roundtrip(&frame, 9);
+        let body = c.open_reply(&mut reply).unwrap();
+        let r: Vec<_> = body.results().map(|r| (r.status, r.data.len())).collect();
+        assert_eq!(
+            r,
+            vec![
+                (Status::CpuNotInSmm, 0),
+                (Status::CpuNotInSmm, 0),
+                (Status::Ok, 8)
+            ]
+        );
+    });
+}
