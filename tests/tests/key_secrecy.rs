@@ -1,0 +1,83 @@
+//! The agent key never stays in guest-visible memory: the firmware copies it
+//! from fw_cfg into SMRAM and scrubs every other copy before Linux runs.
+//!
+//! The host dumps all guest RAM below 4 GiB (QMP `pmemsave`, the non-SMM view
+//! in which TSEG reads as all ones) after boot and after serving requests,
+//! and searches it for the key. A positive control (the kernel banner, which
+//! must be found) shows that the search itself works.
+//!
+//! Run with `cargo xtask test` (these are `#[ignore]`d for plain `cargo test`).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{AGENT_READY, boot, config, finish, sh};
+use ids::kernel::{self, BannerSearch};
+use ids::{Endpoint, Session};
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    memchr::memmem::find(haystack, needle).is_some()
+}
+
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn key_is_not_in_guest_ram() {
+    let vm = boot(config("keysecrecy").mem("512M").smp(2));
+    vm.wait_agent_ready(AGENT_READY)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let key = std::fs::read(&vm.info().key).expect("read the VM's key file");
+    assert_eq!(key.len(), 32, "harness key length");
+
+    // Make the agent serve sealed requests first, so any copy made while
+    // serving would show up too.
+    let info = vm.info();
+    let ep = Endpoint {
+        qmp: info.qmp.clone(),
+        mailbox: info.mailbox.clone(),
+        key: info.key.clone(),
+    };
+    let mut session =
+        Session::connect(&ep, Duration::from_secs(10)).unwrap_or_else(|e| panic!("{e}"));
+    let banner = kernel::find_banner(&mut session, BannerSearch::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        banner.text.starts_with("Linux version"),
+        "{:?}",
+        banner.text
+    );
+    // QEMU's QMP socket serves one client at a time: hang up first.
+    drop(session);
+
+    // Dump in 64 MiB pieces: each QMP command must answer within the
+    // harness's QMP deadline.
+    let dump = vm.state_dir().join("ram.dump");
+    let size: u64 = 512 << 20;
+    let piece: u64 = 64 << 20;
+    let mut ram = Vec::with_capacity(size as usize);
+    for at in (0..size).step_by(piece as usize) {
+        vm.qmp(
+            "pmemsave",
+            Some(serde_json::json!({"val": at, "size": piece, "filename": dump})),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        ram.extend(std::fs::read(&dump).expect("read the RAM dump"));
+    }
+    let _ = std::fs::remove_file(&dump);
+    assert_eq!(ram.len() as u64, size, "pmemsave wrote the whole RAM");
+
+    let version = sh(&vm, "cat /proc/version");
+    assert!(
+        contains(&ram, version.as_bytes()),
+        "positive control: the kernel banner must be found in the dump"
+    );
+    assert!(
+        !contains(&ram, &key),
+        "the 32-byte agent key is in guest RAM outside SMRAM"
+    );
+    assert!(
+        !contains(&ram, &key[..16]) && !contains(&ram, &key[16..]),
+        "half of the agent key is in guest RAM outside SMRAM"
+    );
+    finish(vm);
+}
