@@ -61,8 +61,13 @@ pub struct Header {
     pub ncpus: u32,
     /// SMI sessions served.
     pub smi_count: u64,
-    /// Fault code (0 = none).
+    /// Ping request (host) and the agent's acknowledgement.
+    pub ping_req: u64,
+    pub ping_ack: u64,
+    /// Fault code (0 = none), the CPU and RIP of the fault.
     pub fault_code: u32,
+    pub fault_cpu: u32,
+    pub fault_rip: u64,
     /// Request doorbell.
     pub doorbell: u64,
     /// Doorbell value the agent served last.
@@ -75,6 +80,8 @@ pub struct Header {
     pub salt: [u8; SESSION_SALT_LEN],
     /// TSC cycles of the last serve.
     pub serve_cycles: u64,
+    /// SMI sessions served before every CPU arrived.
+    pub partial_sessions: u64,
 }
 
 impl Header {
@@ -90,13 +97,18 @@ impl Header {
             size: u32_at(layout::OFF_SIZE),
             ncpus: u32_at(layout::OFF_NCPUS),
             smi_count: u64_at(layout::OFF_SMI_COUNT),
+            ping_req: u64_at(layout::OFF_PING_REQ),
+            ping_ack: u64_at(layout::OFF_PING_ACK),
             fault_code: u32_at(layout::OFF_FAULT_CODE),
+            fault_cpu: u32_at(layout::OFF_FAULT_CPU),
+            fault_rip: u64_at(layout::OFF_FAULT_RIP),
             doorbell: u64_at(layout::OFF_REQ_DOORBELL),
             reply_done: u64_at(layout::OFF_REPLY_DONE),
             serve_status: u32_at(layout::OFF_SERVE_STATUS),
             reply_len: u32_at(layout::OFF_REPLY_LEN),
             salt: layout::session_salt(b).unwrap_or_default(),
             serve_cycles: u64_at(layout::OFF_SERVE_CYCLES),
+            partial_sessions: u64_at(layout::OFF_PARTIAL_SESSIONS),
         }
     }
 

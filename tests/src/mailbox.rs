@@ -6,63 +6,11 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use smmvmi_mailbox::layout::{self, AgentState};
+use smmvmi_mailbox::layout;
 
-/// A snapshot of the mailbox header.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MailboxHeader {
-    pub magic_ok: bool,
-    pub version: u32,
-    /// Raw state word; see [`MailboxHeader::state`].
-    pub state_raw: u32,
-    pub features: u64,
-    pub size: u32,
-    pub ncpus: u32,
-    pub smi_count: u64,
-    pub ping_req: u64,
-    pub ping_ack: u64,
-    pub fault_code: u32,
-    pub fault_cpu: u32,
-    pub fault_rip: u64,
-}
-
-impl MailboxHeader {
-    /// Decodes the header from the first [`layout::HEADER_SIZE`] bytes.
-    pub fn parse(b: &[u8; layout::HEADER_SIZE]) -> Self {
-        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
-        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
-        Self {
-            magic_ok: b[layout::OFF_MAGIC..layout::OFF_MAGIC + 8] == layout::MAGIC,
-            version: u32_at(layout::OFF_VERSION),
-            state_raw: u32_at(layout::OFF_STATE),
-            features: u64_at(layout::OFF_FEATURES),
-            size: u32_at(layout::OFF_SIZE),
-            ncpus: u32_at(layout::OFF_NCPUS),
-            smi_count: u64_at(layout::OFF_SMI_COUNT),
-            ping_req: u64_at(layout::OFF_PING_REQ),
-            ping_ack: u64_at(layout::OFF_PING_ACK),
-            fault_code: u32_at(layout::OFF_FAULT_CODE),
-            fault_cpu: u32_at(layout::OFF_FAULT_CPU),
-            fault_rip: u64_at(layout::OFF_FAULT_RIP),
-        }
-    }
-
-    /// The agent state, if the word is a known one.
-    pub fn state(&self) -> Option<AgentState> {
-        AgentState::from_raw(self.state_raw)
-    }
-
-    /// True once the agent published a ready state with SMI broadcast, i.e.
-    /// when raising an SMI from the QEMU monitor is safe.
-    pub fn accepts_host_smi(&self) -> bool {
-        self.magic_ok
-            && matches!(
-                self.state(),
-                Some(AgentState::Ready | AgentState::Unprovisioned)
-            )
-            && self.features & layout::FEATURE_SMI_BROADCAST != 0
-    }
-}
+/// A snapshot of the mailbox header: the host-injector's type, so that the
+/// tests read the header exactly as the product does.
+pub use host_injector::mailbox_file::Header as MailboxHeader;
 
 /// The mailbox backing file of one VM.
 #[derive(Clone, Debug)]
@@ -112,11 +60,13 @@ impl MailboxFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use smmvmi_mailbox::layout::AgentState;
 
     #[test]
     fn header_round_trip() {
         let mut b = [0u8; layout::HEADER_SIZE];
         b[..8].copy_from_slice(&layout::MAGIC);
+        b[layout::OFF_VERSION..][..4].copy_from_slice(&layout::VERSION.to_le_bytes());
         b[layout::OFF_STATE..][..4].copy_from_slice(&2u32.to_le_bytes());
         b[layout::OFF_FEATURES..][..8].copy_from_slice(&1u64.to_le_bytes());
         b[layout::OFF_PING_ACK..][..8].copy_from_slice(&0xabcdu64.to_le_bytes());

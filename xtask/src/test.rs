@@ -1,5 +1,6 @@
 //! `cargo xtask test`: the whole suite. Installs what is missing, builds the
-//! firmware and the guest image, runs the unit tests, then the end-to-end
+//! firmware and the guest image, runs the unit tests and the linters
+//! (fmt, clippy -D warnings), then the end-to-end
 //! tests on QEMU (the `#[ignore]`d integration tests of `smmvmi-tests`), with
 //! two at a time (two host cores, TCG). Exits non-zero on any failure.
 
@@ -30,6 +31,9 @@ pub struct Args {
     /// Skip the end-to-end tests.
     #[arg(long)]
     pub no_e2e: bool,
+    /// Skip `cargo fmt --check` and clippy (`cargo xtask lint`).
+    #[arg(long)]
+    pub no_lint: bool,
     /// Only end-to-end tests whose name contains this.
     #[arg(long)]
     pub filter: Option<String>,
@@ -108,6 +112,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             &[],
         )?;
         record("unit tests", ok, t, String::new());
+    }
+
+    if !args.no_lint {
+        let t = Instant::now();
+        match crate::lint::run() {
+            Ok(()) => record("lint", true, t, String::new()),
+            Err(e) => record("lint", false, t, format!("{e:#}")),
+        }
     }
 
     if !args.no_e2e {
