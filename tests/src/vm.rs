@@ -252,6 +252,8 @@ pub struct VmConfig {
     /// Extra QEMU arguments, appended last.
     pub extra_args: Vec<String>,
     pub boot_timeout: Duration,
+    /// QEMU `-accel` value; [`TCG_ACCEL`] unless a benchmark compares.
+    pub accel: String,
 }
 
 impl VmConfig {
@@ -269,6 +271,7 @@ impl VmConfig {
             append: None,
             extra_args: Vec::new(),
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
+            accel: TCG_ACCEL.into(),
         }
     }
 
@@ -300,6 +303,11 @@ impl VmConfig {
 
     pub fn append(mut self, text: impl Into<String>) -> Self {
         self.append = Some(text.into());
+        self
+    }
+
+    pub fn accel(mut self, accel: impl Into<String>) -> Self {
+        self.accel = accel.into();
         self
     }
 
@@ -478,7 +486,7 @@ impl Vm {
             // p50 4 ms / p99 108 ms and agent requests served before every
             // CPU arrived; round-robin: p50 0.8 ms / p99 5 ms (README).
             "-accel".into(),
-            TCG_ACCEL.into(),
+            config.accel.clone(),
             "-m".into(),
             config.mem.clone(),
             "-smp".into(),
