@@ -35,6 +35,10 @@ pub struct AgentArgs {
     /// vCPUs of the benchmark VM.
     #[arg(long, default_value_t = 2)]
     pub smp: u32,
+    /// QEMU CPU model of the benchmark VM (e.g. `max`, which offers AES-NI
+    /// and PCLMULQDQ to the agent's AES-GCM).
+    #[arg(long)]
+    pub cpu: Option<String>,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -63,6 +67,9 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut config = VmConfig::new(format!("bench-agent-{}", std::process::id()), firmware)
         .smp(args.smp)
         .mem("1G");
+    if let Some(cpu) = &args.cpu {
+        config = config.cpu(cpu.clone());
+    }
     config.guest = Some(image);
     crate::step("booting the benchmark VM");
     let vm = Vm::up(config)?;
