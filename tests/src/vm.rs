@@ -768,6 +768,13 @@ impl Vm {
         result.map_err(wrap)
     }
 
+    /// Hangs up the harness's QMP connection (QEMU serves one QMP client at
+    /// a time): call it before another client, such as an IDS session,
+    /// connects. The next [`Vm::qmp`] call reconnects.
+    pub fn release_qmp(&self) {
+        *self.qmp.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     /// Runs a human monitor command through QMP (`o /b 0xb2 0x10`).
     pub fn hmp(&self, command_line: &str) -> Result<String, VmError> {
         let ret = self.qmp(

@@ -5,6 +5,9 @@
 use std::time::Duration;
 
 use anyhow::Context;
+use ids::kernel::{self, BannerSearch};
+use ids::{Endpoint, Session};
+use smmvmi_mailbox::wire::{Op, Status};
 use smmvmi_tests::guest_image::KernelDeb;
 use smmvmi_tests::vm::{Vm, VmConfig};
 
@@ -64,8 +67,81 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "  guest still answers: {}",
         vm.run_shell_command("echo ok")?.trim()
     );
+
+    ids_demo(&vm)?;
+
     crate::step("shutting down");
     let status = vm.down()?;
     crate::step(&format!("QEMU {status}"));
+    Ok(())
+}
+
+/// The IDS side: a sealed session with the agent reads the guest kernel
+/// from outside, and the guest's own view is printed next to it.
+fn ids_demo(vm: &Vm) -> anyhow::Result<()> {
+    crate::step("IDS: sealed session with the SMM agent (AES-256-GCM, key from fw_cfg)");
+    let info = vm.info();
+    let endpoint = Endpoint {
+        qmp: info.qmp.clone(),
+        mailbox: info.mailbox.clone(),
+        key: info.key.clone(),
+    };
+    // QEMU serves one QMP client at a time: the session takes it over.
+    vm.release_qmp();
+    let mut s = Session::connect(&endpoint, Session::DEFAULT_DEADLINE)?;
+    let agent = s.info()?;
+    println!(
+        "  agent {}.{}: {} CPUs, {} RAM ranges, SMRAM {:#x}+{:#x}, max read {} KiB",
+        agent.header.agent_version >> 16,
+        agent.header.agent_version & 0xffff,
+        agent.header.cpu_count,
+        agent.ram.len(),
+        agent.header.smram_base,
+        agent.header.smram_size,
+        agent.header.max_read >> 10
+    );
+    let banner = kernel::find_banner(&mut s, BannerSearch::default())?;
+    let truth = vm.run_shell_command("cat /proc/version")?;
+    println!("  IDS reads linux_banner at {:#x}:", banner.addr);
+    println!("    {}", banner.text.trim_end());
+    println!(
+        "  guest's /proc/version {}",
+        if banner.text.trim_end() == truth.trim_end() {
+            "matches"
+        } else {
+            "DIFFERS"
+        }
+    );
+    let entry = vm.run_shell_command("grep ' entry_SYSCALL_64$' /proc/kallsyms")?;
+    for cpu in 0..agent.header.cpu_count {
+        let st = s.cpu_state(cpu)?;
+        println!(
+            "  CPU {cpu}: RIP {:#018x} CR3 {:#x} LSTAR {:#018x}",
+            st.rip, st.cr3, st.msr_lstar
+        );
+    }
+    println!(
+        "  guest's kallsyms: {}",
+        entry
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let refused = s.request(&[Op::ReadPhys {
+        addr: agent.header.smram_base,
+        len: 16,
+    }])?;
+    if let Some(r) = refused.first() {
+        println!(
+            "  READ_PHYS of SMRAM -> {:?}{}",
+            r.status,
+            if r.status == Status::RefusedSmram {
+                " (the agent never reads SMRAM for anyone)"
+            } else {
+                ""
+            }
+        );
+    }
     Ok(())
 }
