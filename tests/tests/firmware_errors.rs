@@ -196,3 +196,24 @@ fn too_little_ram() {
         "too little RAM",
     );
 }
+
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn tseg_too_small() {
+    let g = guest();
+    expect_stop(
+        "smalltseg",
+        &[
+            "-machine",
+            "q35,smm=on",
+            "-global",
+            "mch.extended-tseg-mbytes=8",
+            "-m",
+            "512M",
+            "-kernel",
+            &g.kernel.display().to_string(),
+        ],
+        0x13,
+        "TSEG is 8 MiB, need at least 15 MiB",
+    );
+}

@@ -117,7 +117,7 @@ extern "C" fn firmware_main() -> ! {
         fatal(
             ExitCode::NoSmram,
             format_args!(
-                "the MCH reports no extended TSEG; use QEMU >= 2.10 with mch.extended-tseg-mbytes >= 8"
+                "the MCH reports no extended TSEG; use QEMU >= 2.10 with -global mch.extended-tseg-mbytes=16"
             ),
         );
     };
@@ -127,7 +127,7 @@ extern "C" fn firmware_main() -> ! {
             format_args!(
                 "TSEG is {} MiB, need at least {} MiB: add -global mch.extended-tseg-mbytes=16",
                 tseg_size >> 20,
-                smm::MIN_TSEG >> 20
+                smm::MIN_TSEG.div_ceil(1 << 20)
             ),
         );
     }
