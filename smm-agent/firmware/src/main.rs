@@ -265,6 +265,13 @@ fn read_e820(fw: &mut FwCfg) -> E820Map {
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
     console::print(format_args!("smmvmi: PANIC: {info}\n"));
+    if smi::in_smm() {
+        // In SMM a panic must not stop the machine: take the fault path
+        // (reported in the mailbox, the SMI returns, the VM runs on).
+        // SAFETY: `ud2` raises #UD, which the SMM IDT turns into
+        // `smi::on_exception` and the SMI's normal exit.
+        unsafe { core::arch::asm!("ud2", options(nomem, nostack, noreturn)) }
+    }
     exit(ExitCode::Panic)
 }
 

@@ -49,7 +49,8 @@ pub struct SmmShared {
     /// TSC ticks per millisecond, measured at boot.
     pub tsc_per_ms: AtomicU64,
 
-    lock: AtomicBool,
+    /// Rendezvous lock: 0 = free, else the holder's CPU index + 1.
+    lock: AtomicU32,
     session_open: AtomicBool,
     present: AtomicU32,
     present_mask: AtomicU64,
@@ -73,7 +74,7 @@ pub static SMM: SmmShared = SmmShared {
     features: AtomicU64::new(0),
     boot_selftest: AtomicBool::new(false),
     tsc_per_ms: AtomicU64::new(0),
-    lock: AtomicBool::new(false),
+    lock: AtomicU32::new(0),
     session_open: AtomicBool::new(false),
     present: AtomicU32::new(0),
     present_mask: AtomicU64::new(0),
@@ -85,10 +86,12 @@ pub static SMM: SmmShared = SmmShared {
     faults: AtomicU64::new(0),
 };
 
-fn lock() {
+/// Takes the rendezvous lock for `cpu`. It is held only around a few loads
+/// and stores, never across anything that can fault.
+fn lock(cpu: u32) {
     while SMM
         .lock
-        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .compare_exchange_weak(0, cpu + 1, Ordering::Acquire, Ordering::Relaxed)
         .is_err()
     {
         core::hint::spin_loop();
@@ -96,7 +99,24 @@ fn lock() {
 }
 
 fn unlock() {
-    SMM.lock.store(false, Ordering::Release);
+    SMM.lock.store(0, Ordering::Release);
+}
+
+/// Leaves the current session; the last CPU out closes it, so a CPU that
+/// was slow to leave can never be counted in the next session.
+fn leave(cpu: u32) {
+    lock(cpu);
+    let left = SMM.present.load(Ordering::Relaxed).saturating_sub(1);
+    SMM.present.store(left, Ordering::Relaxed);
+    if left == 0 {
+        SMM.session_open.store(false, Ordering::Relaxed);
+    }
+    unlock();
+}
+
+/// `done` has reached `generation` (wrapping: generations count up forever).
+fn reached(done: u32, generation: u32) -> bool {
+    done.wrapping_sub(generation) as i32 >= 0
 }
 
 /// True when running in SMM (CR3 is the SMM page table).
@@ -124,17 +144,18 @@ extern "C" fn smm_main(block: u64) {
     let cpu = me.read_u32(PERCPU_INDEX);
     crate::agent::snapshot_self(cpu, block);
 
-    lock();
+    lock(cpu);
     let leader = !SMM.session_open.load(Ordering::Relaxed);
     if leader {
         SMM.session_open.store(true, Ordering::Relaxed);
-        SMM.present.store(0, Ordering::Relaxed);
         SMM.present_mask.store(0, Ordering::Relaxed);
         SMM.generation.fetch_add(1, Ordering::Relaxed);
     }
-    SMM.present.fetch_add(1, Ordering::Relaxed);
+    // Release: this CPU's snapshot (stored above) happens-before the
+    // server's Acquire load of the count.
+    SMM.present.fetch_add(1, Ordering::Release);
     SMM.present_mask
-        .fetch_or(1 << (cpu & 63), Ordering::Relaxed);
+        .fetch_or(1 << (cpu & 63), Ordering::Release);
     let generation = SMM.generation.load(Ordering::Relaxed);
     unlock();
     me.write_u32(PERCPU_GEN, generation);
@@ -152,31 +173,23 @@ extern "C" fn smm_main(block: u64) {
             SMM.partial_sessions.fetch_add(1, Ordering::Relaxed);
         }
         serve();
-        leader_leave(generation);
+        leader_leave(cpu, generation);
     } else {
-        while SMM.done_generation.load(Ordering::Acquire) != generation {
+        while !reached(SMM.done_generation.load(Ordering::Acquire), generation) {
             core::hint::spin_loop();
         }
-        follower_leave();
+        leave(cpu);
     }
     me.write_u32(PERCPU_ROLE, ROLE_NONE);
 }
 
-fn leader_leave(generation: u32) {
+fn leader_leave(cpu: u32, generation: u32) {
     SMM.done_generation.store(generation, Ordering::Release);
-    // Followers leave as soon as they see `done_generation`; wait for them
-    // so that none of them can be mistaken for a member of the next session.
+    // Followers leave as soon as they see `done_generation`. Waiting for them
+    // keeps the leader from re-entering (on a pending SMI) before they are
+    // out; the wait is bounded, and whoever leaves last closes the session.
     tsc::wait_until(1_000_000, || SMM.present.load(Ordering::Acquire) <= 1);
-    lock();
-    SMM.present.store(0, Ordering::Relaxed);
-    SMM.session_open.store(false, Ordering::Relaxed);
-    unlock();
-}
-
-fn follower_leave() {
-    lock();
-    SMM.present.fetch_sub(1, Ordering::Relaxed);
-    unlock();
+    leave(cpu);
 }
 
 /// The ivshmem BAR as the firmware assigned it, if the device still decodes
@@ -305,12 +318,14 @@ pub fn on_exception(frame: &Frame) -> u64 {
         mbox.write_u64(mb::OFF_FAULT_RIP as u64, frame.rip);
         mbox.write_u32(mb::OFF_STATE as u64, mb::AgentState::Fault as u32);
     }
-    // A fault while holding the rendezvous lock would stop every CPU:
-    // the lock is only held around a few loads and stores, so release it.
-    SMM.lock.store(false, Ordering::Release);
+    // Nothing that can fault runs under the rendezvous lock, but if this
+    // CPU did hold it, release it (and only then: another CPU may hold it).
+    let _ = SMM
+        .lock
+        .compare_exchange(cpu + 1, 0, Ordering::Release, Ordering::Relaxed);
     match me.read_u32(PERCPU_ROLE) {
-        ROLE_LEADER => leader_leave(me.read_u32(PERCPU_GEN)),
-        ROLE_FOLLOWER => follower_leave(),
+        ROLE_LEADER => leader_leave(cpu, me.read_u32(PERCPU_GEN)),
+        ROLE_FOLLOWER => leave(cpu),
         _ => {}
     }
     me.write_u32(PERCPU_ROLE, ROLE_NONE);

@@ -24,14 +24,19 @@ pub fn calibrate() -> u64 {
 }
 
 /// Spins until `done()` or `timeout_us` of TSC time; returns `done()`.
+///
+/// Elapsed time is `now - start` with wrapping arithmetic: the guest can
+/// write the TSC (near `u64::MAX`, say), and an absolute deadline would then
+/// never arrive. A TSC that jumps only shortens the wait.
 pub fn wait_until(timeout_us: u64, mut done: impl FnMut() -> bool) -> bool {
     let per_ms = SMM.tsc_per_ms.load(Ordering::Relaxed).max(1);
-    let deadline = now().saturating_add(timeout_us.saturating_mul(per_ms) / 1000);
+    let ticks = timeout_us.saturating_mul(per_ms) / 1000;
+    let start = now();
     loop {
         if done() {
             return true;
         }
-        if now() >= deadline {
+        if now().wrapping_sub(start) >= ticks {
             return done();
         }
         core::hint::spin_loop();
