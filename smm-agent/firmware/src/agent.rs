@@ -132,7 +132,9 @@ pub fn serve(mailbox: &Region, present_mask: u64) -> Option<(Served, u64)> {
     // SAFETY: this CPU serves the session; the rendezvous admits one server.
     let agent = unsafe { AGENT.get() };
     let state = agent.state.as_mut()?;
-    let ncpus = (SMM.ncpus.load(Ordering::Relaxed) as usize).min(agent.cpus.len());
+    // CPU index = APIC ID: the slots run up to the highest APIC ID present.
+    let mask = SMM.cpu_mask.load(Ordering::Relaxed);
+    let ncpus = (64 - mask.leading_zeros() as usize).min(agent.cpus.len());
     for (i, dst) in agent.cpus.iter_mut().enumerate().take(ncpus) {
         *dst = if present_mask & (1 << i) != 0 {
             // SAFETY: CPU i stored its slot before joining; the rendezvous

@@ -211,8 +211,9 @@ extern "C" fn firmware_main() -> ! {
         ncpus,
         phys_end: e820.highest_ram_end(),
     };
-    smm::install_and_relocate(&plan);
-    log!("SMBASE relocated on {ncpus} CPUs");
+    let cpu_mask = smm::install_and_relocate(&plan);
+    SMM.cpu_mask.store(cpu_mask, Ordering::Relaxed);
+    log!("SMBASE relocated on {ncpus} CPUs (APIC IDs mask {cpu_mask:#x})");
     let features = smm::negotiate_broadcast(&mut fw);
     SMM.ncpus.store(ncpus, Ordering::Relaxed);
     SMM.tseg_base.store(tseg_base, Ordering::Relaxed);

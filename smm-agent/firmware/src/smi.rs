@@ -37,6 +37,8 @@ const RENDEZVOUS_US: u64 = 100_000;
 pub struct SmmShared {
     pub smm_cr3: AtomicU64,
     pub ncpus: AtomicU32,
+    /// CPU indices (= APIC IDs) present at boot, one bit each.
+    pub cpu_mask: AtomicU64,
     pub tseg_base: AtomicU64,
     pub tseg_size: AtomicU64,
     /// Mailbox: physical address and size of ivshmem BAR2 (0 = none), and
@@ -66,6 +68,7 @@ pub struct SmmShared {
 pub static SMM: SmmShared = SmmShared {
     smm_cr3: AtomicU64::new(0),
     ncpus: AtomicU32::new(0),
+    cpu_mask: AtomicU64::new(0),
     tseg_base: AtomicU64::new(0),
     tseg_size: AtomicU64::new(0),
     mailbox_pa: AtomicU64::new(0),

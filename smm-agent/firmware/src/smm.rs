@@ -99,8 +99,9 @@ fn fail(msg: core::fmt::Arguments) -> ! {
 }
 
 /// Installs everything in TSEG (still open) that SMI entry needs, and
-/// relocates the SMBASE of every CPU into it.
-pub fn install_and_relocate(plan: &Plan) {
+/// relocates the SMBASE of every CPU into it. Returns the mask of CPU
+/// indices (APIC IDs) present.
+pub fn install_and_relocate(plan: &Plan) -> u64 {
     if plan.ncpus == 0 || plan.ncpus > MAX_CPUS {
         fail(format_args!(
             "fw_cfg reports {} CPUs; this firmware supports 1 to {MAX_CPUS}",
@@ -131,7 +132,8 @@ pub fn install_and_relocate(plan: &Plan) {
 
     let stub = template(sym!(smm_stub_start), sym!(smm_stub_end));
     let rel = |s: u64| s - sym!(smm_stub_start);
-    for cpu in 0..plan.ncpus {
+    // A tile (stub, stack) for every possible APIC ID: CPU index = APIC ID.
+    for cpu in 0..MAX_CPUS {
         let base = smbase(plan.tseg_base, cpu);
         let off = base - plan.tseg_base;
         let entry = off + q35::SMI_ENTRY_OFFSET;
@@ -150,7 +152,7 @@ pub fn install_and_relocate(plan: &Plan) {
         patch32(sym!(smm_patch_gdt), plan.tseg_base + GDT_OFF);
         tseg.write_u32(off + smi::PERCPU_INDEX, cpu);
     }
-    relocate(plan);
+    relocate(plan)
 }
 
 /// Builds the SMM page tables; returns CR3.
@@ -203,9 +205,15 @@ fn build_page_tables(tseg: &Region, plan: &Plan) -> u64 {
     base + pml4
 }
 
+/// The boot CPU's initial APIC ID (CPUID.1:EBX[31:24]).
+fn own_apic_id() -> u32 {
+    core::arch::x86_64::__cpuid(1).ebx >> 24
+}
+
 /// SMBASE relocation: the BSP first, then every AP, one at a time, each with
-/// an SMI to itself (broadcast is not negotiated yet).
-fn relocate(plan: &Plan) {
+/// an SMI to itself (broadcast is not negotiated yet). Each CPU moves to the
+/// tile of its APIC ID. Returns the mask of APIC IDs relocated.
+fn relocate(plan: &Plan) -> u64 {
     // SAFETY: RELOC_STUB (0x38000) and RELOC_DATA/AP_TRAMPOLINE (0x8000,
     // 0x9000) are low RAM that nothing uses before Linux; see layout.rs.
     let stub = unsafe { Region::new(RELOC_STUB, 0x1000) };
@@ -215,37 +223,58 @@ fn relocate(plan: &Plan) {
     let tramp = unsafe { Region::new(AP_TRAMPOLINE, 0x1000) };
     stub.write(0, template(sym!(reloc_stub_start), sym!(reloc_stub_end)));
     data.fill(0, 0x1000, 0);
+    // Offsets in RELOC_DATA shared with src/asm/smm.s.
     const NEXT: u64 = 0;
     const DONE: u64 = 4;
     const TURN: u64 = 12;
-    const TABLE: u64 = 64;
+    const TILES_BASE: u64 = 16;
+    const CPU_MASK: u64 = 24;
+    const BAD_APIC_ID: u64 = 32;
 
-    data.write_u32(NEXT, smbase(plan.tseg_base, 0) as u32);
+    let bsp = own_apic_id();
+    if bsp >= MAX_CPUS {
+        fail(format_args!(
+            "the boot CPU has APIC ID {bsp}; this firmware supports APIC IDs 0 to {}",
+            MAX_CPUS - 1
+        ));
+    }
+    data.write_u32(TILES_BASE, (plan.tseg_base + TILES_OFF) as u32);
+    data.write_u32(NEXT, smbase(plan.tseg_base, bsp) as u32);
     chipset::raise_apm_smi(APM_CMD_FIRMWARE);
     if !pmtimer::wait_until(1_000_000, || data.read_u32(DONE) == 1) {
         fail(format_args!(
             "the boot CPU took no SMI within 1 s of an APM write; is SMM enabled (-machine smm=on)?"
         ));
     }
-    if plan.ncpus == 1 {
-        return;
+    let mut mask = 1u64 << bsp;
+    if plan.ncpus > 1 {
+        tramp.write(0, template(sym!(ap_start), sym!(ap_start_end)));
+        crate::lapic::start_aps(AP_TRAMPOLINE);
+        let want = plan.ncpus - 1;
+        if !pmtimer::wait_until(10_000_000, || data.read_u32(TURN) == want) {
+            fail(format_args!(
+                "fw_cfg reports {} CPUs but only {} of {want} application processors checked in within 10 s",
+                plan.ncpus,
+                data.read_u32(TURN)
+            ));
+        }
+        let bad = data.read_u32(BAD_APIC_ID);
+        if bad != 0 {
+            fail(format_args!(
+                "an application processor has APIC ID {bad}; this firmware supports APIC IDs 0 to {}",
+                MAX_CPUS - 1
+            ));
+        }
+        mask |= data.read_u64(CPU_MASK);
     }
-    for ap in 1..plan.ncpus {
-        data.write_u32(
-            TABLE + u64::from(ap - 1) * 4,
-            smbase(plan.tseg_base, ap) as u32,
-        );
-    }
-    tramp.write(0, template(sym!(ap_start), sym!(ap_start_end)));
-    crate::lapic::start_aps(AP_TRAMPOLINE);
-    let want = plan.ncpus - 1;
-    if !pmtimer::wait_until(10_000_000, || data.read_u32(TURN) == want) {
+    if mask.count_ones() != plan.ncpus {
         fail(format_args!(
-            "fw_cfg reports {} CPUs but only {} of {want} application processors relocated their SMBASE within 10 s",
+            "fw_cfg reports {} CPUs but {} distinct APIC IDs relocated (mask {mask:#x})",
             plan.ncpus,
-            data.read_u32(TURN)
+            mask.count_ones()
         ));
     }
+    mask
 }
 
 /// Asks QEMU for SMI broadcast and locks the negotiation. Without it a

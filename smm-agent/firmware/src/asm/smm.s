@@ -25,7 +25,12 @@
 .set RELOC_DONE, RELOC_DATA + 4
 .set AP_TICKET, RELOC_DATA + 8
 .set AP_TURN, RELOC_DATA + 12
-.set AP_SMBASE_TABLE, RELOC_DATA + 64
+.set TILES_BASE, RELOC_DATA + 16
+.set CPU_MASK_LO, RELOC_DATA + 24
+.set CPU_MASK_HI, RELOC_DATA + 28
+.set BAD_APIC_ID, RELOC_DATA + 32
+.set TILE_SHIFT, 16
+.set MAX_APIC_ID, 63
 
 # ---------------------------------------------------------------------------
 # Per-CPU SMI entry, copied to SMBASE + 0x8000. Entered in a real-mode-like
@@ -111,10 +116,13 @@ reloc_stub_end:
 
 # ---------------------------------------------------------------------------
 # AP start-up code, copied to 0x8000 (SIPI vector 0x08): real mode, CS=0x0800.
-# Each AP takes a ticket, waits for its turn, relocates its SMBASE with a
-# self-SMI (SMI broadcast is not negotiated yet, so an APM write interrupts
-# only the writing CPU), hands the turn on and parks with interrupts off.
-# Linux later wakes it with INIT-SIPI-SIPI.
+# Each AP takes a ticket and waits for its turn. Its CPU index is its initial
+# APIC ID (CPUID.1:EBX[31:24]), so agent CPU N is APIC ID N; it relocates its
+# SMBASE to TILES_BASE + (APIC ID << 16) with a self-SMI (SMI broadcast is not
+# negotiated yet, so an APM write interrupts only the writing CPU), records
+# itself in CPU_MASK, hands the turn on and parks with interrupts off. An
+# APIC ID above MAX_APIC_ID is reported in BAD_APIC_ID and not relocated.
+# Linux later wakes every AP with INIT-SIPI-SIPI.
 .section .rodata.ap_start, "a"
 .code16
 .global ap_start
@@ -127,10 +135,27 @@ ap_start:
     movw $(RELOC_DATA + 0xff0), %sp
     movl $1, %eax
     lock xaddl %eax, (AP_TICKET)
+    movl %eax, %edi
 1:  pause
-    cmpl (AP_TURN), %eax
+    cmpl (AP_TURN), %edi
     jne 1b
-    movl AP_SMBASE_TABLE(, %eax, 4), %ebx
+    movl $1, %eax
+    cpuid
+    shrl $24, %ebx
+    cmpl $MAX_APIC_ID, %ebx
+    ja 4f
+    movl %ebx, %ecx
+    movl $1, %eax
+    cmpl $32, %ecx
+    jae 5f
+    shll %cl, %eax
+    lock orl %eax, (CPU_MASK_LO)
+    jmp 6f
+5:  subl $32, %ecx
+    shll %cl, %eax
+    lock orl %eax, (CPU_MASK_HI)
+6:  shll $TILE_SHIFT, %ebx
+    addl (TILES_BASE), %ebx
     movl %ebx, (RELOC_NEXT_SMBASE)
     movl (RELOC_DONE), %ecx
     movb $0xa5, %al
@@ -138,7 +163,9 @@ ap_start:
 2:  pause
     cmpl (RELOC_DONE), %ecx
     je 2b
-    lock incl (AP_TURN)
+    jmp 7f
+4:  movl %ebx, (BAD_APIC_ID)
+7:  lock incl (AP_TURN)
 3:  cli
     hlt
     jmp 3b
