@@ -194,25 +194,44 @@ fn sev_config() -> SevConfig {
     }
 }
 
-/// A fresh salt per boot: RDRAND when the CPU has it, otherwise the TSC
-/// and PM timer (unique per boot, not secret: the salt is published).
+/// A fresh salt per boot. The salt is public (published in the mailbox);
+/// what matters is that it never repeats for the same key, because the
+/// agent's reply counter restarts at every boot. RDRAND is the source that
+/// the host cannot steer; without it (QEMU's default `qemu64` model has
+/// none) the salt mixes the TSC, the PM timer and the CMOS clock: unique per
+/// boot in practice, but a host that controls the TSC and the clock could
+/// repeat it. The firmware says so on the debug console.
 fn boot_salt() -> [u8; mb::SESSION_SALT_LEN] {
     let mut salt = [0u8; mb::SESSION_SALT_LEN];
     let has_rdrand = core::arch::x86_64::__cpuid(1).ecx & (1 << 30) != 0;
-    for chunk in salt.chunks_mut(8) {
+    let mut rdrand_ok = has_rdrand;
+    let rtc = crate::chipset::rtc_bytes();
+    let mut rtc_word = [0u8; 8];
+    rtc_word[..7].copy_from_slice(&rtc);
+    for (i, chunk) in salt.chunks_mut(8).enumerate() {
         let mut v = 0u64;
         if has_rdrand {
-            for _ in 0..10 {
+            let mut got = false;
+            for _ in 0..32 {
                 // SAFETY: RDRAND is present (CPUID.1:ECX[30]).
                 if unsafe { core::arch::x86_64::_rdrand64_step(&mut v) } == 1 {
+                    got = true;
                     break;
                 }
             }
+            rdrand_ok &= got;
         }
-        v ^= crate::tsc::now().rotate_left(17);
+        v ^= crate::tsc::now().rotate_left(17 + 8 * i as u32);
         crate::pmtimer::delay_us(3);
         v ^= crate::tsc::now();
+        v ^= u64::from_le_bytes(rtc_word).rotate_left(29 * i as u32);
         chunk.copy_from_slice(&v.to_le_bytes()[..chunk.len()]);
+    }
+    if !rdrand_ok {
+        log!(
+            "warning: {} RDRAND: the session salt comes from the TSC and the clock, which the host can steer; give the VM a CPU model with RDRAND (e.g. -cpu max) outside tests",
+            if has_rdrand { "failing" } else { "no" }
+        );
     }
     salt
 }

@@ -92,3 +92,19 @@ pub fn raise_apm_smi(command: u8) {
     // SAFETY: APM control port; the SMI it raises enters our own handler.
     unsafe { Port::<u8>::new(q35::APM_CNT_PORT).write(command) };
 }
+
+/// The CMOS real-time clock's date and time registers (seconds, minutes,
+/// hours, day, month, year, century), raw. Used only as salt entropy.
+pub fn rtc_bytes() -> [u8; 7] {
+    let mut out = [0u8; 7];
+    for (o, reg) in out.iter_mut().zip([0x00u8, 0x02, 0x04, 0x07, 0x08, 0x09, 0x32]) {
+        // SAFETY: CMOS index/data ports; selecting and reading a clock
+        // register has no side effect (bit 7 of the index keeps NMIs as
+        // they were on QEMU, which ignores it).
+        *o = unsafe {
+            Port::<u8>::new(0x70).write(reg);
+            Port::<u8>::new(0x71).read()
+        };
+    }
+    out
+}
