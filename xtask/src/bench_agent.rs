@@ -10,7 +10,8 @@
 //!   mailbox offset 0x070), converted with the guest's TSC frequency from
 //!   its dmesg when available.
 //!
-//! Results go to stdout as a table and to `.cache/bench/agent.json`.
+//! Results go to stdout as a table and to `.cache/bench/agent.json`
+//! (`agent-cpu-MODEL.json` with `--cpu MODEL`).
 
 use std::time::{Duration, Instant};
 
@@ -230,7 +231,14 @@ fn measure(vm: &Vm, args: &AgentArgs) -> anyhow::Result<()> {
     });
     let dir = crate::root().join(".cache/bench");
     std::fs::create_dir_all(&dir)?;
-    let path = dir.join("agent.json");
+    // One file per CPU model, so that comparing models keeps both results.
+    let path = match &args.cpu {
+        None => dir.join("agent.json"),
+        Some(cpu) => dir.join(format!(
+            "agent-cpu-{}.json",
+            cpu.replace([',', '+', '/'], "_")
+        )),
+    };
     std::fs::write(&path, serde_json::to_string_pretty(&out)? + "\n")?;
     crate::step(&format!("results in {}", path.display()));
     Ok(())
