@@ -7,39 +7,12 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::{AGENT_READY, boot, config, finish, sh};
+use common::{boot, config, finish, ids_session, sh};
+use ids::Session;
 use ids::kernel::{self, BannerSearch};
 use ids::session::SessionError;
-use ids::{Endpoint, Session};
-use smmvmi_mailbox::layout::AgentState;
 use smmvmi_mailbox::wire::Status;
 use smmvmi_tests::vm::Vm;
-
-/// Deadline of one IDS request under TCG.
-const DEADLINE: Duration = Duration::from_secs(10);
-
-/// A sealed session with the VM's agent, or a panic that says why not.
-fn ids_session(vm: &Vm) -> Session {
-    let h = vm
-        .wait_agent_ready(AGENT_READY)
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(
-        h.state(),
-        Some(AgentState::Ready),
-        "agent state {:?}: expected Ready (a provisioned agent serving sealed requests). \
-         Unprovisioned means the firmware did not take the key from fw_cfg opt/smmvmi/key",
-        h.state()
-    );
-    let info = vm.info();
-    let ep = Endpoint {
-        qmp: info.qmp.clone(),
-        mailbox: info.mailbox.clone(),
-        key: info.key.clone(),
-    };
-    Session::connect(&ep, DEADLINE).unwrap_or_else(|e| panic!("{e}"))
-}
 
 fn banner(s: &mut Session) -> String {
     kernel::find_banner(s, BannerSearch::default())

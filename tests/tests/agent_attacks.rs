@@ -11,36 +11,17 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{AGENT_READY, boot, config, finish, parse_tseg_line, sh};
+use common::{boot, config, finish, ids_session, parse_tseg_line, sh};
 use host_injector::MailboxFile;
+use ids::Session;
 use ids::session::SessionError;
-use ids::{Endpoint, Session};
 use smmvmi_mailbox::client::{self, Client, ClientError, Poll};
 use smmvmi_mailbox::crypto::SessionKeys;
-use smmvmi_mailbox::layout::{self, AgentState, ServeStatus};
+use smmvmi_mailbox::layout::{self, ServeStatus};
 use smmvmi_mailbox::wire::{Op, Status};
 use smmvmi_tests::vm::Vm;
 
 const DEADLINE: Duration = Duration::from_secs(10);
-
-fn ids_session(vm: &Vm) -> Session {
-    let h = vm
-        .wait_agent_ready(AGENT_READY)
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(
-        h.state(),
-        Some(AgentState::Ready),
-        "agent state {:?}: expected Ready (provisioned from fw_cfg opt/smmvmi/key)",
-        h.state()
-    );
-    let info = vm.info();
-    let ep = Endpoint {
-        qmp: info.qmp.clone(),
-        mailbox: info.mailbox.clone(),
-        key: info.key.clone(),
-    };
-    Session::connect(&ep, DEADLINE).unwrap_or_else(|e| panic!("{e}"))
-}
 
 /// Guest-physical address of the ivshmem BAR2 (the mailbox), as guest root
 /// finds it in sysfs.

@@ -10,11 +10,8 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::{AGENT_READY, boot, config, finish, sh};
+use common::{boot, config, finish, ids_session, sh};
 use ids::kernel::{self, BannerSearch};
-use ids::{Endpoint, Session};
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     memchr::memmem::find(haystack, needle).is_some()
@@ -24,21 +21,12 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 #[ignore = "boots QEMU; run with `cargo xtask test`"]
 fn key_is_not_in_guest_ram() {
     let vm = boot(config("keysecrecy").mem("512M").smp(2));
-    vm.wait_agent_ready(AGENT_READY)
-        .unwrap_or_else(|e| panic!("{e}"));
     let key = std::fs::read(&vm.info().key).expect("read the VM's key file");
     assert_eq!(key.len(), 32, "harness key length");
 
     // Make the agent serve sealed requests first, so any copy made while
     // serving would show up too.
-    let info = vm.info();
-    let ep = Endpoint {
-        qmp: info.qmp.clone(),
-        mailbox: info.mailbox.clone(),
-        key: info.key.clone(),
-    };
-    let mut session =
-        Session::connect(&ep, Duration::from_secs(10)).unwrap_or_else(|e| panic!("{e}"));
+    let mut session = ids_session(&vm);
     let banner = kernel::find_banner(&mut session, BannerSearch::default())
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(

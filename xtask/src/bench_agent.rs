@@ -81,12 +81,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
 
 fn measure(vm: &Vm, args: &AgentArgs) -> anyhow::Result<()> {
     vm.wait_agent_ready(Duration::from_secs(30))?;
-    let info = vm.info();
-    let ep = Endpoint {
-        qmp: info.qmp.clone(),
-        mailbox: info.mailbox.clone(),
-        key: info.key.clone(),
-    };
+    let ep = Endpoint::from_state_dir(vm.state_dir());
     let mut s = Session::connect(&ep, Duration::from_secs(10))?;
     let dmesg = vm.run_shell_command("dmesg").unwrap_or_default();
     let mhz = tsc_mhz(&dmesg);

@@ -80,12 +80,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// from outside, and the guest's own view is printed next to it.
 fn ids_demo(vm: &Vm) -> anyhow::Result<()> {
     crate::step("IDS: sealed session with the SMM agent (AES-256-GCM, key from fw_cfg)");
-    let info = vm.info();
-    let endpoint = Endpoint {
-        qmp: info.qmp.clone(),
-        mailbox: info.mailbox.clone(),
-        key: info.key.clone(),
-    };
+    let endpoint = Endpoint::from_state_dir(vm.state_dir());
     // QEMU serves one QMP client at a time: the session takes it over.
     vm.release_qmp();
     let mut s = Session::connect(&endpoint, Session::DEFAULT_DEADLINE)?;

@@ -97,7 +97,10 @@ pub fn raise_apm_smi(command: u8) {
 /// hours, day, month, year, century), raw. Used only as salt entropy.
 pub fn rtc_bytes() -> [u8; 7] {
     let mut out = [0u8; 7];
-    for (o, reg) in out.iter_mut().zip([0x00u8, 0x02, 0x04, 0x07, 0x08, 0x09, 0x32]) {
+    for (o, reg) in out
+        .iter_mut()
+        .zip([0x00u8, 0x02, 0x04, 0x07, 0x08, 0x09, 0x32])
+    {
         // SAFETY: CMOS index/data ports; selecting and reading a clock
         // register has no side effect (bit 7 of the index keeps NMIs as
         // they were on QEMU, which ignores it).

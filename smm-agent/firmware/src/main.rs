@@ -46,6 +46,7 @@ use exit::{ExitCode, exit};
 use fwcfg::FwCfg;
 use smi::SMM;
 
+global_asm!(include_str!("asm/x86.s"), options(att_syntax));
 global_asm!(include_str!("asm/reset.s"), options(att_syntax));
 global_asm!(include_str!("asm/mem.s"), options(att_syntax));
 global_asm!(include_str!("asm/smm.s"), options(att_syntax));

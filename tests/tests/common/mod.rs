@@ -57,3 +57,25 @@ pub fn parse_tseg_line(line: &str) -> Option<(u64, u64)> {
     };
     Some((field("base=")?, field("size=")?))
 }
+
+/// A sealed IDS session with the VM's agent, once the agent says it is
+/// provisioned (Ready); panics with the reason otherwise. The session holds
+/// QEMU's only QMP connection: drop it before using `vm.qmp()`/`vm.hmp()`.
+pub fn ids_session(vm: &Vm) -> ids::Session {
+    let h = vm
+        .wait_agent_ready(AGENT_READY)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        h.state(),
+        Some(smmvmi_mailbox::layout::AgentState::Ready),
+        "agent state {:?}: expected Ready (a provisioned agent serving sealed requests). \
+         Unprovisioned means the firmware did not take the key from fw_cfg opt/smmvmi/key",
+        h.state()
+    );
+    vm.release_qmp();
+    let ep = ids::Endpoint::from_state_dir(vm.state_dir());
+    ids::Session::connect(&ep, IDS_DEADLINE).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Deadline of one IDS request under TCG.
+pub const IDS_DEADLINE: Duration = Duration::from_secs(10);

@@ -9,19 +9,6 @@
 .set BOOT_PDPT, 0x101000
 .set BOOT_PD,   0x102000
 
-.set CR0_PE, 1 << 0
-.set CR0_MP, 1 << 1
-.set CR0_EM, 1 << 2
-.set CR0_TS, 1 << 3
-.set CR0_NE, 1 << 5
-.set CR0_NW, 1 << 29
-.set CR0_CD, 1 << 30
-.set CR0_PG, 1 << 31
-.set CR4_PAE, 1 << 5
-.set CR4_OSFXSR, 1 << 9
-.set CR4_OSXMMEXCPT, 1 << 10
-.set MSR_EFER, 0xc0000080
-.set EFER_LME, 1 << 8
 
 .section .reset16, "ax"
 .code16

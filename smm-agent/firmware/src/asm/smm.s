@@ -5,19 +5,6 @@
 # in for each copy. The common entry and the exception stubs run from the
 # firmware image (in SMM, from its copy inside TSEG).
 
-.set CR0_PE, 1 << 0
-.set CR0_MP, 1 << 1
-.set CR0_EM, 1 << 2
-.set CR0_TS, 1 << 3
-.set CR0_NE, 1 << 5
-.set CR0_NW, 1 << 29
-.set CR0_CD, 1 << 30
-.set CR0_PG, 1 << 31
-.set CR4_PAE, 1 << 5
-.set CR4_OSFXSR, 1 << 9
-.set CR4_OSXMMEXCPT, 1 << 10
-.set MSR_EFER, 0xc0000080
-.set EFER_LME, 1 << 8
 
 # Low-memory relocation data (layout.rs: RELOC_DATA).
 .set RELOC_DATA, 0x9000
