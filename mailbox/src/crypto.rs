@@ -78,19 +78,14 @@ impl core::fmt::Debug for SessionKeys {
 impl SessionKeys {
     /// Derives both direction keys from the shared key and the session salt.
     pub fn derive(shared: &[u8; SHARED_KEY_LEN], salt: &[u8; SESSION_SALT_LEN]) -> Self {
-        let hk = hkdf::Hkdf::<smmvmi_sha2::Sha256>::new(Some(salt), shared);
-        let mut okm = [0u8; 32];
-        let request = {
-            // 32 bytes is far below HKDF-SHA256's 255*32 limit.
-            let _ = hk.expand(LABEL_REQUEST, &mut okm);
-            Aes256Gcm::new(&Key::<Aes256Gcm>::from(okm))
+        let mut keys = direction_keys(shared, salt);
+        let [request, reply] = &keys;
+        let out = Self {
+            request: Aes256Gcm::new(&Key::<Aes256Gcm>::from(*request)),
+            reply: Aes256Gcm::new(&Key::<Aes256Gcm>::from(*reply)),
         };
-        let reply = {
-            let _ = hk.expand(LABEL_REPLY, &mut okm);
-            Aes256Gcm::new(&Key::<Aes256Gcm>::from(okm))
-        };
-        okm.zeroize();
-        Self { request, reply }
+        keys.zeroize();
+        out
     }
 
     fn key(&self, dir: Direction) -> &Aes256Gcm {
@@ -99,6 +94,22 @@ impl SessionKeys {
             Direction::Reply | Direction::PlainReply => &self.reply,
         }
     }
+}
+
+/// The raw request and reply keys of a session:
+/// HKDF-SHA256(salt = session salt, ikm = shared key), one label per
+/// direction. The caller zeroizes them; tests use them to check that no copy
+/// is left in guest memory.
+pub fn direction_keys(
+    shared: &[u8; SHARED_KEY_LEN],
+    salt: &[u8; SESSION_SALT_LEN],
+) -> [[u8; 32]; 2] {
+    let hk = hkdf::Hkdf::<smmvmi_sha2::Sha256>::new(Some(salt), shared);
+    let mut keys = [[0u8; 32]; 2];
+    // 32 bytes is far below HKDF-SHA256's 255*32 limit.
+    let _ = hk.expand(LABEL_REQUEST, &mut keys[0]);
+    let _ = hk.expand(LABEL_REPLY, &mut keys[1]);
+    keys
 }
 
 /// The 96-bit nonce of a frame.

@@ -20,7 +20,15 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 #[test]
 #[ignore = "boots QEMU; run with `cargo xtask test`"]
 fn key_is_not_in_guest_ram() {
-    let vm = boot(config("keysecrecy").mem("512M").smp(2));
+    // Linux must not reuse the firmware's RAM image (code, data and boot
+    // stack at 2-4 MiB) before the dump, or leftovers would be overwritten
+    // by chance rather than scrubbed on purpose.
+    let vm = boot(
+        config("keysecrecy")
+            .mem("512M")
+            .smp(2)
+            .append("memmap=4M$0x200000"),
+    );
     let key = std::fs::read(&vm.info().key).expect("read the VM's key file");
     assert_eq!(key.len(), 32, "harness key length");
 
@@ -67,5 +75,20 @@ fn key_is_not_in_guest_ram() {
         !contains(&ram, &key[..16]) && !contains(&ram, &key[16..]),
         "half of the agent key is in guest RAM outside SMRAM"
     );
+    // The per-direction keys derived at boot (HKDF of the key and the
+    // session salt published in the mailbox); an AES-256 key schedule starts
+    // with the key itself, so a leftover schedule would be found too.
+    let mb = std::fs::read(&vm.info().mailbox).expect("read the mailbox file");
+    let salt = smmvmi_mailbox::layout::session_salt(&mb).expect("session salt in the header");
+    let shared: [u8; 32] = key.as_slice().try_into().expect("32-byte key");
+    for (name, derived) in ["request", "reply"]
+        .iter()
+        .zip(smmvmi_mailbox::crypto::direction_keys(&shared, &salt))
+    {
+        assert!(
+            !contains(&ram, &derived),
+            "the derived {name} key is in guest RAM outside SMRAM"
+        );
+    }
     finish(vm);
 }

@@ -127,6 +127,7 @@ pub fn prepare(fw: &mut FwCfg, e820: &E820Map, reserved_start: u64, rsdp: u64) -
 /// mapping of the low 4 GiB are still in place; interrupts are off.
 pub fn enter(p: Prepared) -> ! {
     log!("entering Linux at {:#x}", p.entry64);
+    scrub_dead_stack();
     // SAFETY: the kernel and zero page were loaded by `prepare`; the boot
     // protocol's entry conditions hold (see above). Control never returns.
     unsafe {
@@ -138,5 +139,37 @@ pub fn enter(p: Prepared) -> ! {
             in("rsi") BOOT_PARAMS,
             options(noreturn)
         )
+    }
+}
+
+unsafe extern "C" {
+    static boot_stack: u8;
+}
+
+/// Wipes the part of the boot stack below the current frame: key material
+/// from provisioning (HKDF state, key schedules) lived in frames that have
+/// returned, and the boot stack is RAM that Linux will reuse.
+fn scrub_dead_stack() {
+    let bottom = (&raw const boot_stack) as u64;
+    let rsp: u64;
+    // SAFETY: reads RSP only.
+    unsafe {
+        core::arch::asm!("mov {}, rsp", out(reg) rsp, options(nomem, nostack, preserves_flags))
+    };
+    // Keep a red-zone-sized margin below the live frame.
+    let end = rsp.saturating_sub(256);
+    if end > bottom {
+        // SAFETY: [bottom, end) is the unused part of this CPU's boot stack
+        // (below every live frame and the red zone); `rep stosb` writes only
+        // there.
+        unsafe {
+            core::arch::asm!(
+                "rep stosb",
+                inout("rdi") bottom => _,
+                inout("rcx") end - bottom => _,
+                in("al") 0u8,
+                options(nostack, preserves_flags)
+            )
+        };
     }
 }

@@ -119,6 +119,7 @@ start64:
 
 .section .bss.boot_stack, "aw", @nobits
 .balign 4096
+.global boot_stack
 boot_stack:
     .skip 128 * 1024
 .global boot_stack_top
