@@ -64,3 +64,42 @@ fn fault_in_smm_is_reported_and_smis_keep_working() {
     assert_eq!(sh(&vm, "cat /proc/sys/kernel/ostype"), "Linux");
     finish(vm);
 }
+
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn smm_never_executes_guest_memory() {
+    let image = std::env::var(FAULT_ENV).unwrap_or_else(|_| {
+        panic!("{FAULT_ENV} is unset: run with `cargo xtask test`, which builds the fault-injection firmware")
+    });
+    let name = format!("t-smmnx-{}", std::process::id());
+    let vm = boot(VmConfig::new(name, Firmware::Ours(PathBuf::from(image))).smp(2));
+    vm.wait_agent_ready(AGENT_READY)
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // APM 0xFD: the serving CPU calls into guest RAM. The SMM page tables
+    // map guest memory no-execute, so the instruction fetch itself faults.
+    sh(&vm, "smi 0xfd");
+    let deadline = std::time::Instant::now() + PING;
+    let header = loop {
+        let h = vm.mailbox().unwrap_or_else(|e| panic!("{e}"));
+        if h.state() == Some(AgentState::Fault) || std::time::Instant::now() > deadline {
+            break h;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(
+        header.fault_code,
+        0x100 | 14,
+        "expected #PF (vector 14) on the fetch from guest memory; mailbox {header:?}\ndebugcon:\n{}",
+        vm.debugcon()
+    );
+    // Error code 0x11: present page, instruction fetch.
+    assert!(
+        vm.debugcon()
+            .contains("exception 14 (#PF page fault) error=0x11"),
+        "the fault must be an instruction fetch from a present, no-execute page:\n{}",
+        vm.debugcon()
+    );
+    assert_eq!(sh(&vm, "echo alive"), "alive");
+    finish(vm);
+}

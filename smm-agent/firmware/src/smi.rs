@@ -244,6 +244,9 @@ pub fn announce_booting(pa: u64, len: u64) {
 /// APM command that makes a `fault-injection` build fault in SMM.
 #[cfg(feature = "fault-injection")]
 const APM_CMD_INJECT_FAULT: u8 = 0xfe;
+/// APM command that makes a `fault-injection` build call into guest RAM.
+#[cfg(feature = "fault-injection")]
+const APM_CMD_EXECUTE_GUEST: u8 = 0xfd;
 
 /// Serves one SMI session: publishes the agent's state and answers PING.
 fn serve() {
@@ -254,6 +257,12 @@ fn serve() {
         if cmd == APM_CMD_INJECT_FAULT {
             // SAFETY: deliberately raises #UD to exercise the SMM fault path.
             unsafe { core::arch::asm!("ud2", options(nomem, nostack)) };
+        }
+        if cmd == APM_CMD_EXECUTE_GUEST {
+            // SAFETY: deliberately jumps into guest RAM (physical 0x1000,
+            // through the alias) to check that the SMM page tables map it
+            // no-execute: the fetch must raise #PF before any guest byte runs.
+            unsafe { core::arch::asm!("call {}", in(reg) PHYS_OFF + 0x1000, clobber_abi("C")) };
         }
     }
     let sessions = SMM.sessions.fetch_add(1, Ordering::Relaxed) + 1;

@@ -60,6 +60,7 @@ unsafe extern "C" {
     static smm_patch_rsp: u8;
     static smm_patch_percpu: u8;
     static smm_patch_gdt: u8;
+    static smm_patch_efer: u8;
     static reloc_stub_start: u8;
     static reloc_stub_end: u8;
     static ap_start: u8;
@@ -150,12 +151,33 @@ pub fn install_and_relocate(plan: &Plan) -> u64 {
         patch64(sym!(smm_patch_rsp), plan.tseg_base + stack + STACK_SIZE);
         patch64(sym!(smm_patch_percpu), base);
         patch32(sym!(smm_patch_gdt), plan.tseg_base + GDT_OFF);
+        patch32(sym!(smm_patch_efer), smm_efer_bits());
         tseg.write_u32(off + smi::PERCPU_INDEX, cpu);
     }
     relocate(plan)
 }
 
+const EFER_LME: u64 = 1 << 8;
+const EFER_NXE: u64 = 1 << 11;
+/// Page-table bit: no execute (needs EFER.NXE).
+const PTE_NX: u64 = 1 << 63;
+
+/// Whether the CPU has the NX bit (CPUID 0x80000001:EDX[20]).
+fn has_nx() -> bool {
+    core::arch::x86_64::__cpuid(0x8000_0000).eax >= 0x8000_0001
+        && core::arch::x86_64::__cpuid(0x8000_0001).edx & (1 << 20) != 0
+}
+
+/// EFER bits the SMM entry stub sets: long mode, and NX when available.
+fn smm_efer_bits() -> u64 {
+    EFER_LME | if has_nx() { EFER_NXE } else { 0 }
+}
+
 /// Builds the SMM page tables; returns CR3.
+///
+/// Only TSEG (entry stubs) and the firmware window are executable: guest
+/// memory, in the identity map and in the alias, is mapped no-execute, so
+/// SMM never runs code the guest could have placed.
 fn build_page_tables(tseg: &Region, plan: &Plan) -> u64 {
     let gib = plan.phys_end.max(1 << 32).div_ceil(1 << 30);
     if gib > MAX_MAPPED_GIB {
@@ -175,6 +197,7 @@ fn build_page_tables(tseg: &Region, plan: &Plan) -> u64 {
     tseg.fill(PT_OFF, 0x6000 + (gib - 1) * 0x1000, 0);
     const P_RW: u64 = 0x3;
     const PS: u64 = 0x80;
+    let nx = if has_nx() { PTE_NX } else { 0 };
     tseg.write_u64(pml4, (base + pdpt_id) | P_RW);
     tseg.write_u64(
         pml4 + (PHYS_OFF >> 39 & 0x1ff) * 8,
@@ -189,10 +212,12 @@ fn build_page_tables(tseg: &Region, plan: &Plan) -> u64 {
         tseg.write_u64(pdpt_id + g * 8, (base + id) | P_RW);
         tseg.write_u64(pdpt_alias + g * 8, (base + alias) | P_RW);
         for e in 0..512 {
-            let v = (g << 30) | (e << 21) | PS | P_RW;
-            tseg.write_u64(id + e * 8, v);
+            let page = (g << 30) | (e << 21);
+            let in_tseg = page < base + plan.tseg_size && base < page + (2 << 20);
+            let v = page | PS | P_RW;
+            tseg.write_u64(id + e * 8, if in_tseg { v } else { v | nx });
             if g == 0 {
-                tseg.write_u64(alias + e * 8, v);
+                tseg.write_u64(alias + e * 8, v | nx);
             }
         }
     }

@@ -54,7 +54,10 @@ smm_patch_cr3:
     movl %eax, %cr3
     movl $MSR_EFER, %ecx
     rdmsr
-    orl $EFER_LME, %eax
+    .byte 0x0d                  # orl $imm32, %eax: EFER.LME (| NXE when supported)
+.global smm_patch_efer
+smm_patch_efer:
+    .long 0
     wrmsr
     movl %cr0, %eax
     orl $CR0_PG, %eax
