@@ -65,7 +65,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.requests > 0, "--requests must be at least 1");
     let image = crate::guest_image::build(&KernelDeb::default())?;
     let firmware = FirmwareChoice::Ours.resolve()?;
-    let mut config = VmConfig::new(format!("bench-agent-{}", std::process::id()), firmware)
+    let mut config = VmConfig::new("bench-agent", firmware)
         .smp(args.smp)
         .mem("1G");
     if let Some(cpu) = &args.cpu {
