@@ -11,34 +11,47 @@
 mod common;
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use common::{AGENT_READY, PING, boot, finish, sh};
 use smmvmi_mailbox::layout::AgentState;
-use smmvmi_tests::vm::{Firmware, VmConfig, fresh_ping_value};
+use smmvmi_tests::mailbox::MailboxHeader;
+use smmvmi_tests::vm::{Firmware, Vm, VmConfig, fresh_ping_value};
 
 const FAULT_ENV: &str = "SMMVMI_FIRMWARE_FAULT_INJECTION";
+
+/// Boots the fault-injection firmware variant and waits for its agent.
+fn boot_fault_injection(test: &str) -> Vm {
+    let image = std::env::var(FAULT_ENV).unwrap_or_else(|_| {
+        panic!("{FAULT_ENV} is unset: run with `cargo xtask test`, which builds the fault-injection firmware")
+    });
+    let name = format!("t-{test}-{}", std::process::id());
+    let vm = boot(VmConfig::new(name, Firmware::Ours(PathBuf::from(image))).smp(2));
+    vm.wait_agent_ready(AGENT_READY)
+        .unwrap_or_else(|e| panic!("{e}"));
+    vm
+}
+
+/// The mailbox header once the agent reports a fault, or after [`PING`].
+fn wait_for_fault(vm: &Vm) -> MailboxHeader {
+    let deadline = Instant::now() + PING;
+    loop {
+        let h = vm.mailbox().unwrap_or_else(|e| panic!("{e}"));
+        if h.state() == Some(AgentState::Fault) || Instant::now() > deadline {
+            return h;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
 
 #[test]
 #[ignore = "boots QEMU; run with `cargo xtask test`"]
 fn fault_in_smm_is_reported_and_smis_keep_working() {
-    let image = std::env::var(FAULT_ENV).unwrap_or_else(|_| {
-        panic!("{FAULT_ENV} is unset: run with `cargo xtask test`, which builds the fault-injection firmware")
-    });
-    let name = format!("t-smmfault-{}", std::process::id());
-    let vm = boot(VmConfig::new(name, Firmware::Ours(PathBuf::from(image))).smp(2));
-    vm.wait_agent_ready(AGENT_READY)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let vm = boot_fault_injection("smmfault");
 
     // Guest root raises the faulting SMI itself.
     sh(&vm, "smi 0xfe");
-    let deadline = std::time::Instant::now() + PING;
-    let header = loop {
-        let h = vm.mailbox().unwrap_or_else(|e| panic!("{e}"));
-        if h.state() == Some(AgentState::Fault) || std::time::Instant::now() > deadline {
-            break h;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    let header = wait_for_fault(&vm);
     assert_eq!(
         header.state(),
         Some(AgentState::Fault),
@@ -68,25 +81,12 @@ fn fault_in_smm_is_reported_and_smis_keep_working() {
 #[test]
 #[ignore = "boots QEMU; run with `cargo xtask test`"]
 fn smm_never_executes_guest_memory() {
-    let image = std::env::var(FAULT_ENV).unwrap_or_else(|_| {
-        panic!("{FAULT_ENV} is unset: run with `cargo xtask test`, which builds the fault-injection firmware")
-    });
-    let name = format!("t-smmnx-{}", std::process::id());
-    let vm = boot(VmConfig::new(name, Firmware::Ours(PathBuf::from(image))).smp(2));
-    vm.wait_agent_ready(AGENT_READY)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let vm = boot_fault_injection("smmnx");
 
     // APM 0xFD: the serving CPU calls into guest RAM. The SMM page tables
     // map guest memory no-execute, so the instruction fetch itself faults.
     sh(&vm, "smi 0xfd");
-    let deadline = std::time::Instant::now() + PING;
-    let header = loop {
-        let h = vm.mailbox().unwrap_or_else(|e| panic!("{e}"));
-        if h.state() == Some(AgentState::Fault) || std::time::Instant::now() > deadline {
-            break h;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    let header = wait_for_fault(&vm);
     assert_eq!(
         header.fault_code,
         0x100 | 14,
