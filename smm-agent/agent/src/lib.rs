@@ -32,6 +32,7 @@ extern crate std;
 pub mod cpu;
 pub mod guard;
 pub mod paging;
+pub mod rendezvous;
 pub mod serve;
 
 pub use cpu::{CpuSnapshot, Msrs, apply_msrs, decode_save_state};
