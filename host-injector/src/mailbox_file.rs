@@ -82,6 +82,16 @@ pub struct Header {
     pub serve_cycles: u64,
     /// SMI sessions served before every CPU arrived.
     pub partial_sessions: u64,
+    /// SMI sessions recovered after their leader vanished or went stale.
+    pub recovered_sessions: u64,
+    /// CPUs found to have left SMM without RSM.
+    pub vanished_cpus: u64,
+    /// Followers that gave up waiting for their session's release.
+    pub follower_timeouts: u64,
+    /// Sessions that served nothing: another CPU held the serve claim.
+    pub serve_busy: u64,
+    /// Longest time one CPU spent in SMM for one SMI, in microseconds.
+    pub max_smm_us: u64,
 }
 
 impl Header {
@@ -109,6 +119,11 @@ impl Header {
             salt: layout::session_salt(b).unwrap_or_default(),
             serve_cycles: u64_at(layout::OFF_SERVE_CYCLES),
             partial_sessions: u64_at(layout::OFF_PARTIAL_SESSIONS),
+            recovered_sessions: u64_at(layout::OFF_RECOVERED_SESSIONS),
+            vanished_cpus: u64_at(layout::OFF_VANISHED_CPUS),
+            follower_timeouts: u64_at(layout::OFF_FOLLOWER_TIMEOUTS),
+            serve_busy: u64_at(layout::OFF_SERVE_BUSY),
+            max_smm_us: u64_at(layout::OFF_MAX_SMM_US),
         }
     }
 

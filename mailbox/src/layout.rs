@@ -60,6 +60,23 @@ pub const OFF_SERVE_CYCLES: usize = 0x070;
 /// u64, firmware: SMI sessions served before every CPU arrived (the
 /// rendezvous timed out; such a batch is not one consistent snapshot).
 pub const OFF_PARTIAL_SESSIONS: usize = 0x078;
+/// u64, firmware: SMI sessions ended other than by their leader's release
+/// (a follower found the session stale, or its leader came back to SMM
+/// after leaving it without RSM) and recovered by a later SMI.
+pub const OFF_RECOVERED_SESSIONS: usize = 0x080;
+/// u64, firmware: times a CPU entered SMM and found that it had left SMM
+/// without RSM during an earlier SMI (QEMU TCG delivers INIT in SMM).
+pub const OFF_VANISHED_CPUS: usize = 0x088;
+/// u64, firmware: followers that gave up waiting for their session's
+/// release (its leader vanished; or served longer than the bound).
+pub const OFF_FOLLOWER_TIMEOUTS: usize = 0x090;
+/// u64, firmware: SMI sessions that served nothing because another CPU held
+/// the serve claim (still serving, or vanished while serving and not back).
+pub const OFF_SERVE_BUSY: usize = 0x098;
+/// u64, firmware: the longest time one CPU spent in SMM for one SMI since
+/// boot, in microseconds (published by the serving CPU, so it lags by one
+/// SMI).
+pub const OFF_MAX_SMM_US: usize = 0x0A0;
 /// Size of the header; request and reply areas follow it.
 pub const HEADER_SIZE: usize = 0x100;
 

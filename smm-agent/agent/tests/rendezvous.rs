@@ -319,7 +319,7 @@ fn concurrent_smis_with_vanishing_cpus_keep_the_invariants() {
                     x ^= x << 13;
                     x ^= x >> 17;
                     x ^= x << 5;
-                    let vanish_at = if x % 7 == 0 { x / 7 % 3 } else { 3 };
+                    let vanish_at = if x.is_multiple_of(7) { x / 7 % 3 } else { 3 };
                     if vanish_at < 3 {
                         vanishes.fetch_add(1, Ordering::Relaxed);
                     }

@@ -8,6 +8,7 @@
 
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
+use smmvmi_agent::rendezvous::{Clock, Rendezvous, Role, Timeouts};
 use smmvmi_mailbox::layout as mb;
 
 use crate::exceptions::Frame;
@@ -17,21 +18,19 @@ use crate::pci_cfg;
 use crate::tsc;
 
 /// Per-CPU block (at the start of the CPU's TSEG tile): FXSAVE area at +0
-/// (512 bytes), saved RSP at +512 (used by `smm_abort_resume`), CPU index at +520, session role at +524,
-/// session generation at +528.
+/// (512 bytes), saved RSP at +512 (used by `smm_abort_resume`), CPU index at +520.
 pub const PERCPU_INDEX: u64 = 520;
-pub const PERCPU_ROLE: u64 = 524;
-pub const PERCPU_GEN: u64 = 528;
 /// Offset in RELOC_DATA where the first SMI after locking reports how many
 /// CPUs it saw (boot self-test only; the agent stops writing it after that).
 pub const SELFTEST_WORD: u64 = 0x20;
 
-const ROLE_NONE: u32 = 0;
-const ROLE_LEADER: u32 = 1;
-const ROLE_FOLLOWER: u32 = 2;
-
-/// How long the first CPU in SMM waits for the others.
-const RENDEZVOUS_US: u64 = 100_000;
+/// How long the leader of an SMI session waits for the other CPUs.
+const GATHER_MS: u64 = 100;
+/// How long a follower waits for its leader to release the session. Well
+/// above GATHER_MS plus the longest serve (a full 1 MiB mailbox of reads
+/// and sealing: 76 ms measured under TCG, README), so only a leader that
+/// vanished (left SMM without RSM) is given up.
+const FOLLOW_MS: u64 = 500;
 
 /// SMM-private state (SMRAM once the image is copied into TSEG).
 pub struct SmmShared {
@@ -51,18 +50,11 @@ pub struct SmmShared {
     /// TSC ticks per millisecond, measured at boot.
     pub tsc_per_ms: AtomicU64,
 
-    /// Rendezvous lock: 0 = free, else the holder's CPU index + 1.
-    lock: AtomicU32,
-    session_open: AtomicBool,
-    present: AtomicU32,
-    present_mask: AtomicU64,
-    generation: AtomicU32,
-    done_generation: AtomicU32,
-
-    sessions: AtomicU64,
-    partial_sessions: AtomicU64,
     mailbox_moved: AtomicU64,
     faults: AtomicU64,
+    /// Longest time one CPU spent in SMM for one SMI, in TSC ticks (from
+    /// the Rust entry to the return to the RSM stub).
+    max_residency: AtomicU64,
 }
 
 pub static SMM: SmmShared = SmmShared {
@@ -77,49 +69,30 @@ pub static SMM: SmmShared = SmmShared {
     features: AtomicU64::new(0),
     boot_selftest: AtomicBool::new(false),
     tsc_per_ms: AtomicU64::new(0),
-    lock: AtomicU32::new(0),
-    session_open: AtomicBool::new(false),
-    present: AtomicU32::new(0),
-    present_mask: AtomicU64::new(0),
-    generation: AtomicU32::new(0),
-    done_generation: AtomicU32::new(0),
-    sessions: AtomicU64::new(0),
-    partial_sessions: AtomicU64::new(0),
     mailbox_moved: AtomicU64::new(0),
     faults: AtomicU64::new(0),
+    max_residency: AtomicU64::new(0),
 };
 
-/// Takes the rendezvous lock for `cpu`. It is held only around a few loads
-/// and stores, never across anything that can fault.
-fn lock(cpu: u32) {
-    while SMM
-        .lock
-        .compare_exchange_weak(0, cpu + 1, Ordering::Acquire, Ordering::Relaxed)
-        .is_err()
-    {
-        core::hint::spin_loop();
+/// Who serves, who waits, and for how long (host-tested state machine).
+static RENDEZVOUS: Rendezvous = Rendezvous::new();
+
+/// The calling CPU's TSC; waits `pause`, which under TCG lets the other
+/// vCPUs run and take their SMI.
+struct TscClock;
+
+impl Clock for TscClock {
+    fn now(&self) -> u64 {
+        tsc::now()
     }
 }
 
-fn unlock() {
-    SMM.lock.store(0, Ordering::Release);
-}
-
-/// Leaves the current session; the last CPU out closes it, so a CPU that
-/// was slow to leave can never be counted in the next session.
-fn leave(cpu: u32) {
-    lock(cpu);
-    let left = SMM.present.load(Ordering::Relaxed).saturating_sub(1);
-    SMM.present.store(left, Ordering::Relaxed);
-    if left == 0 {
-        SMM.session_open.store(false, Ordering::Relaxed);
+fn timeouts() -> Timeouts {
+    let per_ms = SMM.tsc_per_ms.load(Ordering::Relaxed).max(1);
+    Timeouts {
+        gather: GATHER_MS * per_ms,
+        follow: FOLLOW_MS * per_ms,
     }
-    unlock();
-}
-
-/// `done` has reached `generation` (wrapping: generations count up forever).
-fn reached(done: u32, generation: u32) -> bool {
-    done.wrapping_sub(generation) as i32 >= 0
 }
 
 /// True when running in SMM (CR3 is the SMM page table).
@@ -140,59 +113,31 @@ fn percpu(block: u64) -> Region {
     unsafe { Region::new(block, 0x1000) }
 }
 
-/// The Rust side of every SMI (called by `smm_common_entry`).
+/// The Rust side of every SMI (called by `smm_common_entry`). Returns within
+/// GATHER_MS plus one serve (leader) or FOLLOW_MS (follower), whatever the
+/// other CPUs do.
 #[unsafe(no_mangle)]
 extern "C" fn smm_main(block: u64) {
-    let me = percpu(block);
-    let cpu = me.read_u32(PERCPU_INDEX);
+    let entered = tsc::now();
+    let cpu = percpu(block).read_u32(PERCPU_INDEX);
     crate::agent::snapshot_self(cpu, block);
-
-    lock(cpu);
-    let leader = !SMM.session_open.load(Ordering::Relaxed);
-    if leader {
-        SMM.session_open.store(true, Ordering::Relaxed);
-        SMM.present_mask.store(0, Ordering::Relaxed);
-        SMM.generation.fetch_add(1, Ordering::Relaxed);
-    }
-    // Release: this CPU's snapshot (stored above) happens-before the
-    // server's Acquire load of the count.
-    SMM.present.fetch_add(1, Ordering::Release);
-    SMM.present_mask
-        .fetch_or(1 << (cpu & 63), Ordering::Release);
-    let generation = SMM.generation.load(Ordering::Relaxed);
-    unlock();
-    me.write_u32(PERCPU_GEN, generation);
-    me.write_u32(
-        PERCPU_ROLE,
-        if leader { ROLE_LEADER } else { ROLE_FOLLOWER },
-    );
-
-    if leader {
-        let ncpus = SMM.ncpus.load(Ordering::Relaxed);
-        let all = tsc::wait_until(RENDEZVOUS_US, || {
-            SMM.present.load(Ordering::Acquire) >= ncpus
-        });
-        if !all {
-            SMM.partial_sessions.fetch_add(1, Ordering::Relaxed);
+    let timeouts = timeouts();
+    match RENDEZVOUS.arrive(cpu).role {
+        Role::Leader { generation } => {
+            let expected = SMM.cpu_mask.load(Ordering::Relaxed);
+            let gathered = RENDEZVOUS.gather(generation, expected, &timeouts, &TscClock);
+            if RENDEZVOUS.claim(cpu) {
+                serve(gathered.present);
+            }
+            RENDEZVOUS.release(cpu, generation);
         }
-        serve();
-        leader_leave(cpu, generation);
-    } else {
-        while !reached(SMM.done_generation.load(Ordering::Acquire), generation) {
-            core::hint::spin_loop();
+        Role::Follower { generation } => {
+            RENDEZVOUS.follow(cpu, generation, &timeouts, &TscClock);
         }
-        leave(cpu);
+        Role::Outside => {}
     }
-    me.write_u32(PERCPU_ROLE, ROLE_NONE);
-}
-
-fn leader_leave(cpu: u32, generation: u32) {
-    SMM.done_generation.store(generation, Ordering::Release);
-    // Followers leave as soon as they see `done_generation`. Waiting for them
-    // keeps the leader from re-entering (on a pending SMI) before they are
-    // out; the wait is bounded, and whoever leaves last closes the session.
-    tsc::wait_until(1_000_000, || SMM.present.load(Ordering::Acquire) <= 1);
-    leave(cpu);
+    SMM.max_residency
+        .fetch_max(tsc::now().wrapping_sub(entered), Ordering::Relaxed);
 }
 
 /// The ivshmem BAR as the firmware assigned it, if the device still decodes
@@ -248,8 +193,10 @@ const APM_CMD_INJECT_FAULT: u8 = 0xfe;
 #[cfg(feature = "fault-injection")]
 const APM_CMD_EXECUTE_GUEST: u8 = 0xfd;
 
-/// Serves one SMI session: publishes the agent's state and answers PING.
-fn serve() {
+/// Serves one SMI session (this CPU holds the serve claim): publishes the
+/// agent's state and answers PING and the request. `present`: the CPUs whose
+/// snapshots are stored for this session.
+fn serve(present: u64) {
     #[cfg(feature = "fault-injection")]
     {
         // SAFETY: reading the APM control port returns the last command byte.
@@ -265,27 +212,26 @@ fn serve() {
             unsafe { core::arch::asm!("call {}", in(reg) PHYS_OFF + 0x1000, clobber_abi("C")) };
         }
     }
-    let sessions = SMM.sessions.fetch_add(1, Ordering::Relaxed) + 1;
-    let present = SMM.present.load(Ordering::Acquire);
     if SMM.boot_selftest.swap(false, Ordering::Relaxed) {
         // SAFETY: RELOC_DATA is firmware-owned low RAM during boot; the flag
         // makes this the only write there, on the self-test SMI before Linux.
         let data = unsafe { Region::new(PHYS_OFF + RELOC_DATA, 0x1000) };
-        data.write_u32(SELFTEST_WORD, present.max(1));
+        data.write_u32(SELFTEST_WORD, present.count_ones().max(1));
     }
     let Some(mbox) = mailbox() else { return };
-    publish_header(&mbox, sessions);
+    publish_header(&mbox);
     let ping = mbox.read_u64(mb::OFF_PING_REQ as u64);
     mbox.write_u64(mb::OFF_PING_ACK as u64, ping);
-    let mask = SMM.present_mask.load(Ordering::Acquire);
-    if let Some((served, cycles)) = crate::agent::serve(&mbox, mask)
+    if let Some((served, cycles)) = crate::agent::serve(&mbox, present)
         && served != smmvmi_agent::Served::Idle
     {
         mbox.write_u64(mb::OFF_SERVE_CYCLES as u64, cycles);
     }
 }
 
-fn publish_header(mbox: &Region, sessions: u64) {
+fn publish_header(mbox: &Region) {
+    let counters = RENDEZVOUS.counters();
+    let per_ms = SMM.tsc_per_ms.load(Ordering::Relaxed).max(1);
     mbox.write_volatile(mb::OFF_MAGIC as u64, &mb::MAGIC);
     mbox.write_u32(mb::OFF_VERSION as u64, mb::VERSION);
     mbox.write_u64(
@@ -294,10 +240,18 @@ fn publish_header(mbox: &Region, sessions: u64) {
     );
     mbox.write_u32(mb::OFF_SIZE as u64, mbox.len() as u32);
     mbox.write_u32(mb::OFF_NCPUS as u64, SMM.ncpus.load(Ordering::Relaxed));
-    mbox.write_u64(mb::OFF_SMI_COUNT as u64, sessions);
+    mbox.write_u64(mb::OFF_SMI_COUNT as u64, counters.sessions);
+    mbox.write_u64(mb::OFF_PARTIAL_SESSIONS as u64, counters.partial_sessions);
     mbox.write_u64(
-        mb::OFF_PARTIAL_SESSIONS as u64,
-        SMM.partial_sessions.load(Ordering::Relaxed),
+        mb::OFF_RECOVERED_SESSIONS as u64,
+        counters.recovered_sessions,
+    );
+    mbox.write_u64(mb::OFF_VANISHED_CPUS as u64, counters.vanished_cpus);
+    mbox.write_u64(mb::OFF_FOLLOWER_TIMEOUTS as u64, counters.follower_timeouts);
+    mbox.write_u64(mb::OFF_SERVE_BUSY as u64, counters.serve_busy);
+    mbox.write_u64(
+        mb::OFF_MAX_SMM_US as u64,
+        SMM.max_residency.load(Ordering::Relaxed) * 1000 / per_ms,
     );
     crate::agent::publish(mbox);
     let state = if SMM.faults.load(Ordering::Relaxed) != 0 {
@@ -320,8 +274,7 @@ pub fn on_exception(frame: &Frame) -> u64 {
     // SAFETY: `stack_base` is the base of the SMM stack we are running on,
     // in TSEG; its first 8 bytes were written at install time.
     let block = unsafe { Region::new(stack_base, 8) }.read_u64(0);
-    let me = percpu(block);
-    let cpu = me.read_u32(PERCPU_INDEX);
+    let cpu = percpu(block).read_u32(PERCPU_INDEX);
     crate::exceptions::describe(frame);
     SMM.faults.fetch_add(1, Ordering::Relaxed);
     if let Some(mbox) = mailbox() {
@@ -330,16 +283,7 @@ pub fn on_exception(frame: &Frame) -> u64 {
         mbox.write_u64(mb::OFF_FAULT_RIP as u64, frame.rip);
         mbox.write_u32(mb::OFF_STATE as u64, mb::AgentState::Fault as u32);
     }
-    // Nothing that can fault runs under the rendezvous lock, but if this
-    // CPU did hold it, release it (and only then: another CPU may hold it).
-    let _ = SMM
-        .lock
-        .compare_exchange(cpu + 1, 0, Ordering::Release, Ordering::Relaxed);
-    match me.read_u32(PERCPU_ROLE) {
-        ROLE_LEADER => leader_leave(cpu, me.read_u32(PERCPU_GEN)),
-        ROLE_FOLLOWER => leave(cpu),
-        _ => {}
-    }
-    me.write_u32(PERCPU_ROLE, ROLE_NONE);
+    // Give back what this CPU held (serve claim, session) and leave.
+    RENDEZVOUS.abort(cpu);
     block
 }

@@ -6,10 +6,7 @@
 //! SMI (measured: host-SMI p50 4 ms / p99 108 ms with the PM timer, see
 //! README).
 
-use core::sync::atomic::Ordering;
-
 use crate::pmtimer;
-use crate::smi::SMM;
 
 pub fn now() -> u64 {
     // SAFETY: RDTSC has no side effects (CR4.TSD is clear in SMM and boot).
@@ -21,24 +18,4 @@ pub fn calibrate() -> u64 {
     let t0 = now();
     pmtimer::delay_us(10_000);
     ((now() - t0) / 10).max(1)
-}
-
-/// Spins until `done()` or `timeout_us` of TSC time; returns `done()`.
-///
-/// Elapsed time is `now - start` with wrapping arithmetic: the guest can
-/// write the TSC (near `u64::MAX`, say), and an absolute deadline would then
-/// never arrive. A TSC that jumps only shortens the wait.
-pub fn wait_until(timeout_us: u64, mut done: impl FnMut() -> bool) -> bool {
-    let per_ms = SMM.tsc_per_ms.load(Ordering::Relaxed).max(1);
-    let ticks = timeout_us.saturating_mul(per_ms) / 1000;
-    let start = now();
-    loop {
-        if done() {
-            return true;
-        }
-        if now().wrapping_sub(start) >= ticks {
-            return done();
-        }
-        core::hint::spin_loop();
-    }
 }

@@ -15,6 +15,14 @@
 reset16:
     cli
     cld
+    # Only the bootstrap processor boots. An application processor gets here
+    # only after an INIT it took in SMM (QEMU TCG delivers INIT to a CPU in
+    # SMM; the next SMI wakes it from wait-for-SIPI and RSM resumes it at
+    # the reset vector): it parks, and a later SIPI still starts it.
+    movl $MSR_APIC_BASE, %ecx
+    rdmsr
+    testl $APIC_BASE_BSP, %eax
+    jz ap_park16
     # CS.base is 0xffff0000 at reset: address the descriptor relative to it.
     lgdtl %cs:(boot_gdt_desc - 0xffff0000)
     movl %cr0, %eax
@@ -22,6 +30,10 @@ reset16:
     orl $(CR0_PE | CR0_MP | CR0_NE), %eax
     movl %eax, %cr0
     ljmpl $0x08, $start32
+
+ap_park16:
+    hlt
+    jmp ap_park16
 
 .code32
 start32:

@@ -13,3 +13,5 @@
 .set CR4_OSXMMEXCPT, 1 << 10
 .set MSR_EFER, 0xc0000080
 .set EFER_LME, 1 << 8
+.set MSR_APIC_BASE, 0x1b
+.set APIC_BASE_BSP, 1 << 8
