@@ -77,6 +77,18 @@ pub const OFF_SERVE_BUSY: usize = 0x098;
 /// boot, in microseconds (published by the serving CPU, so it lags by one
 /// SMI).
 pub const OFF_MAX_SMM_US: usize = 0x0A0;
+/// u32, host: the ivshmem peer id of the host-injector daemon plus one (0 =
+/// no daemon peer). After sealing a reply the agent writes
+/// `(peer << 16) | RING_VECTOR` to the device's Doorbell register (BAR0 +
+/// 12), which makes QEMU signal the daemon's eventfd for that vector
+/// (QEMU `docs/specs/ivshmem-spec.rst`). Untrusted: a wrong value only
+/// rings the wrong peer.
+pub const OFF_HOST_PEER: usize = 0x0A8;
+/// u64, firmware: times the agent found its MSI-X SMI doorbell undone (MSI-X
+/// or bus mastering disabled, a vector masked or reprogrammed: Linux clears
+/// MSI-X enable when it enumerates PCI, and the guest can at any time) and
+/// armed it again.
+pub const OFF_DOORBELL_REARMS: usize = 0x0B0;
 /// Size of the header; request and reply areas follow it.
 pub const HEADER_SIZE: usize = 0x100;
 
@@ -93,6 +105,20 @@ pub const AREA_ALIGN: usize = 64;
 /// Feature bit: the firmware negotiated SMI broadcast with QEMU, so an APM
 /// write from the monitor enters SMM on every vCPU (and does not crash QEMU 7.2).
 pub const FEATURE_SMI_BROADCAST: u64 = 1 << 0;
+/// Feature bit: the mailbox device is `ivshmem-doorbell` and the agent arms
+/// its MSI-X table with SMI delivery mode: vector [`VECTOR_BROADCAST`] SMIs
+/// every vCPU, vector [`VECTOR_CPU_BASE`] + N only the vCPU with APIC ID N.
+pub const FEATURE_DOORBELL: u64 = 1 << 1;
+
+/// MSI-X vector of the ivshmem-doorbell device that raises an SMI on every
+/// vCPU (destination 0xFF: one batch is one consistent snapshot).
+pub const VECTOR_BROADCAST: u16 = 0;
+/// MSI-X vector `VECTOR_CPU_BASE + N` raises an SMI on the vCPU with APIC ID
+/// N only (served at once by that CPU, no snapshot of the others).
+pub const VECTOR_CPU_BASE: u16 = 1;
+/// The vector of the daemon's peer that the agent rings when a reply is
+/// sealed.
+pub const RING_VECTOR: u16 = 0;
 
 /// What the agent says about itself in the header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
