@@ -271,7 +271,8 @@ mod tests {
     #[test]
     fn whatever_the_guest_undoes_is_rearmed() {
         let bdf = Bdf::new(3, 0);
-        let undo: [(&str, fn(&mut Fake, &mut Table)); 5] = [
+        type Undo = fn(&mut Fake, &mut Table);
+        let undo: [(&str, Undo); 5] = [
             ("MSI-X disabled (Linux PCI enumeration)", |f, _| {
                 f.cfg[0x48 / 4] &= !(CTL_ENABLE << 16)
             }),
