@@ -26,6 +26,7 @@ extern crate std;
 pub mod e820;
 pub mod fw_cfg;
 pub mod linux;
+pub mod memhp;
 pub mod msix;
 pub mod pci;
 pub mod q35;
