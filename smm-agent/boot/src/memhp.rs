@@ -144,6 +144,34 @@ pub fn device_memory_window(boot: &E820Map, reserved_end: u64) -> Option<(u64, u
     (start < reserved_end).then_some((start, reserved_end))
 }
 
+/// The number of DIMM slots, from the `MDNR` name QEMU declares in the
+/// DSDT it generates when memory hot-plug is on (`hw/acpi/memory_hotplug.c`,
+/// `build_memory_hotplug_aml`: `Name (MDNR, n)`). `tables` is the ACPI
+/// tables blob the table-loader installed; 0 if the name is absent (no
+/// hot-plug). AML integers (ACPI 6.5 §20.2.3): ZeroOp, OneOp, BytePrefix,
+/// WordPrefix, DWordPrefix. Bounded by [`MAX_SLOTS`].
+pub fn slot_count(tables: &[u8]) -> u32 {
+    const NAME_OP: u8 = 0x08;
+    let pat = [NAME_OP, b'M', b'D', b'N', b'R'];
+    let Some(at) = tables.windows(pat.len()).position(|w| w == pat) else {
+        return 0;
+    };
+    let rest = &tables[at + pat.len()..];
+    let le = |n: usize| {
+        rest.get(1..1 + n)
+            .map(|b| b.iter().rev().fold(0u32, |v, &x| v << 8 | u32::from(x)))
+    };
+    let n = match rest.first() {
+        Some(0x00) => Some(0),
+        Some(0x01) => Some(1),
+        Some(0x0A) => le(1),
+        Some(0x0B) => le(2),
+        Some(0x0C) => le(4),
+        _ => None,
+    };
+    n.unwrap_or(0).min(MAX_SLOTS)
+}
+
 /// Scans every slot (up to `slots`, at most [`MAX_SLOTS`]) and returns the
 /// enabled DIMMs that `policy` accepts. Leaves the selector on a slot that
 /// reports what the guest's selected slot reported before.
@@ -339,6 +367,27 @@ mod tests {
         assert_eq!(s.count, MAX_DIMMS);
         assert_eq!(s.rejected, Some((MAX_DIMMS as u32 + 1, Rejected::TooMany)));
         assert!(s.dimms().all(|d| d.slot != 0));
+    }
+
+    #[test]
+    fn slot_count_comes_from_the_dsdt() {
+        let dsdt = |tail: &[u8]| {
+            let mut b = b"DSDT....junk\x08MDNX\x0a\x07".to_vec();
+            b.extend_from_slice(&[0x08, b'M', b'D', b'N', b'R']);
+            b.extend_from_slice(tail);
+            b.extend_from_slice(b"more");
+            b
+        };
+        assert_eq!(slot_count(&dsdt(&[0x0A, 2])), 2);
+        assert_eq!(slot_count(&dsdt(&[0x0B, 0x00, 0x01])), 256);
+        assert_eq!(slot_count(&dsdt(&[0x0C, 0xff, 0xff, 0, 0])), MAX_SLOTS);
+        assert_eq!(slot_count(&dsdt(&[0x01])), 1);
+        assert_eq!(
+            slot_count(&[0x08, b'M', b'D', b'N', b'R', 0x0B, 1]),
+            0,
+            "truncated"
+        );
+        assert_eq!(slot_count(b"no hotplug here"), 0);
     }
 
     #[test]
