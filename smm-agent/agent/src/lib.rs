@@ -33,6 +33,7 @@ pub mod cpu;
 pub mod guard;
 pub mod paging;
 pub mod rendezvous;
+pub mod replay;
 pub mod serve;
 
 pub use cpu::{CpuSnapshot, Msrs, apply_msrs, decode_save_state};
