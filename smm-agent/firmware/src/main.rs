@@ -17,22 +17,10 @@
 #![no_std]
 #![no_main]
 
-mod acpi;
-mod agent;
-mod chipset;
-mod console;
-mod exceptions;
-mod exit;
-mod fwcfg;
-mod lapic;
+mod boot;
+mod hw;
 mod layout;
-mod linux;
-mod memory;
-mod pci_cfg;
-mod pmtimer;
-mod smi;
 mod smm;
-mod tsc;
 
 use core::arch::global_asm;
 use core::sync::atomic::Ordering;
@@ -42,14 +30,53 @@ use smmvmi_boot::fw_cfg as fwc;
 use smmvmi_boot::pci;
 use smmvmi_boot::q35;
 
-use exit::{ExitCode, exit};
-use fwcfg::FwCfg;
-use smi::SMM;
+use boot::{acpi, linux, tseg};
+use hw::exit::{ExitCode, exit};
+use hw::fw_cfg::FwCfg;
+use hw::{chipset, pci_cfg, tsc};
+use smm::smi::{self, SMM};
+use smm::{agent, exceptions};
 
+// The assembly takes every layout fact as a `const` operand (`{NAME}` in
+// the .s file), never as a literal of its own.
 global_asm!(include_str!("asm/x86.s"), options(att_syntax));
-global_asm!(include_str!("asm/reset.s"), options(att_syntax));
+global_asm!(
+    include_str!("asm/reset.s"),
+    BOOT_PML4 = const layout::BOOT_PML4,
+    BOOT_PDPT = const layout::BOOT_PDPT,
+    BOOT_PD = const layout::BOOT_PD,
+    BOOT_PT_PAGES = const layout::BOOT_PT_PAGES,
+    SEL_CODE32 = const layout::SEL_CODE32,
+    SEL_CODE64 = const layout::SEL_CODE64,
+    SEL_DATA = const layout::SEL_DATA,
+    options(att_syntax)
+);
 global_asm!(include_str!("asm/mem.s"), options(att_syntax));
-global_asm!(include_str!("asm/smm.s"), options(att_syntax));
+global_asm!(
+    include_str!("asm/smm.s"),
+    RELOC_DATA = const layout::RELOC_DATA,
+    RELOC_NEXT_SMBASE = const layout::RELOC_NEXT_SMBASE,
+    RELOC_DONE = const layout::RELOC_DONE,
+    RELOC_AP_TICKET = const layout::RELOC_AP_TICKET,
+    RELOC_AP_TURN = const layout::RELOC_AP_TURN,
+    RELOC_TILES_BASE = const layout::RELOC_TILES_BASE,
+    RELOC_CPU_MASK = const layout::RELOC_CPU_MASK,
+    RELOC_BAD_APIC_ID = const layout::RELOC_BAD_APIC_ID,
+    RELOC_AP_STACK_TOP = const layout::RELOC_AP_STACK_TOP,
+    TILE_SHIFT = const layout::TILE_SHIFT,
+    MAX_APIC_ID = const layout::MAX_APIC_ID,
+    SMI_ENTRY_OFFSET = const layout::SMI_ENTRY_OFFSET,
+    SAVE_STATE_SMBASE = const layout::SAVE_STATE_SMBASE,
+    PERCPU_FXSAVE = const layout::PERCPU_FXSAVE,
+    PERCPU_SAVED_RSP = const layout::PERCPU_SAVED_RSP,
+    SEL_CODE32 = const layout::SEL_CODE32,
+    SEL_CODE64 = const layout::SEL_CODE64,
+    SEL_DATA = const layout::SEL_DATA,
+    GDT_ENTRIES = const layout::GDT_ENTRIES,
+    APM_CNT_PORT = const q35::APM_CNT_PORT,
+    APM_CMD_FIRMWARE = const layout::APM_CMD_FIRMWARE,
+    options(att_syntax)
+);
 
 /// The mailbox device: QEMU `ivshmem-plain` (1af4:1110), shared memory in BAR2.
 const IVSHMEM_VENDOR: u16 = 0x1af4;
@@ -122,13 +149,13 @@ extern "C" fn firmware_main() -> ! {
             ),
         );
     };
-    if tseg_size < smm::MIN_TSEG {
+    if tseg_size < layout::MIN_TSEG {
         fatal(
             ExitCode::NoSmram,
             format_args!(
                 "TSEG is {} MiB, need at least {} MiB: add -global mch.extended-tseg-mbytes=16",
                 tseg_size >> 20,
-                smm::MIN_TSEG.div_ceil(1 << 20)
+                layout::MIN_TSEG.div_ceil(1 << 20)
             ),
         );
     }
@@ -142,7 +169,7 @@ extern "C" fn firmware_main() -> ! {
         );
     };
     log!("tseg base={tseg_base:#x} size={tseg_size:#x}");
-    let acpi_base = tseg_base - acpi::AREA_LEN;
+    let acpi_base = tseg_base - layout::ACPI_AREA_LEN;
 
     // PCI: MMCONFIG first, BARs next; QEMU builds the ACPI tables (MCFG,
     // _CRS of the host bridge) from both when the table-loader is read.
@@ -170,11 +197,11 @@ extern "C" fn firmware_main() -> ! {
         );
     }
     match assigned.find(IVSHMEM_VENDOR, IVSHMEM_DEVICE, IVSHMEM_BAR) {
-        Some(b) if b.size > smm::REPLY_BUF_LEN || b.size < mailbox_min() => log!(
+        Some(b) if b.size > layout::REPLY_BUF_LEN || b.size < mailbox_min() => log!(
             "error: the ivshmem-plain BAR is {} KiB; the agent supports {} KiB to {} KiB (e.g. size=1M): no mailbox",
             b.size >> 10,
             mailbox_min() >> 10,
-            smm::REPLY_BUF_LEN >> 10
+            layout::REPLY_BUF_LEN >> 10
         ),
         Some(b) => {
             let bdf = u32::from(b.bdf.bus) << 8 | u32::from(b.bdf.dev) << 3 | u32::from(b.bdf.func);
@@ -206,16 +233,16 @@ extern "C" fn firmware_main() -> ! {
     log!("ACPI tables at {acpi_base:#x}, RSDP {rsdp:#x}");
 
     let ncpus = fwc::read_u16_le(&mut fw, fwc::NB_CPUS).into();
-    let plan = smm::Plan {
+    let plan = tseg::Plan {
         tseg_base,
         tseg_size,
         ncpus,
         phys_end: e820.highest_ram_end(),
     };
-    let cpu_mask = smm::install_and_relocate(&plan);
+    let cpu_mask = tseg::install_and_relocate(&plan);
     SMM.cpu_mask.store(cpu_mask, Ordering::Relaxed);
     log!("SMBASE relocated on {ncpus} CPUs (APIC IDs mask {cpu_mask:#x})");
-    let features = smm::negotiate_broadcast(&mut fw);
+    let features = tseg::negotiate_broadcast(&mut fw);
     SMM.ncpus.store(ncpus, Ordering::Relaxed);
     SMM.tseg_base.store(tseg_base, Ordering::Relaxed);
     SMM.tseg_size.store(tseg_size, Ordering::Relaxed);
@@ -225,7 +252,7 @@ extern "C" fn firmware_main() -> ! {
     let mut handoff = e820.clone();
     let reserve = [
         (tseg_base, tseg_size, e820::RESERVED),
-        (acpi_base, acpi::AREA_LEN, e820::ACPI),
+        (acpi_base, layout::ACPI_AREA_LEN, e820::ACPI),
     ];
     let carved = reserve
         .iter()
@@ -235,9 +262,9 @@ extern "C" fn firmware_main() -> ! {
         fatal(ExitCode::TooLittleRam, format_args!("e820: {e}"));
     }
     agent::provision(&mut fw, &handoff, tseg_base, tseg_size);
-    smm::seal(&plan);
+    tseg::seal(&plan);
     agent::scrub_boot_copy();
-    smm::self_test();
+    tseg::self_test();
     log!("SMM locked; SMI broadcast on");
 
     let prepared = linux::prepare(&mut fw, &handoff, acpi_base, rsdp);
@@ -266,7 +293,7 @@ fn read_e820(fw: &mut FwCfg) -> E820Map {
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
-    console::print(format_args!("smmvmi: PANIC: {info}\n"));
+    hw::console::print(format_args!("smmvmi: PANIC: {info}\n"));
     if smi::in_smm() {
         // In SMM a panic must not stop the machine: take the fault path
         // (reported in the mailbox, the SMI returns, the VM runs on).

@@ -10,21 +10,15 @@ use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use smmvmi_mailbox::layout as mb;
 
-use crate::exceptions::Frame;
-use crate::layout::{PHYS_OFF, RELOC_DATA};
-use crate::memory::Region;
-use crate::pci_cfg;
-use crate::tsc;
-
-/// Per-CPU block (at the start of the CPU's TSEG tile): FXSAVE area at +0
-/// (512 bytes), saved RSP at +512 (used by `smm_abort_resume`), CPU index at +520, session role at +524,
-/// session generation at +528.
-pub const PERCPU_INDEX: u64 = 520;
-pub const PERCPU_ROLE: u64 = 524;
-pub const PERCPU_GEN: u64 = 528;
-/// Offset in RELOC_DATA where the first SMI after locking reports how many
-/// CPUs it saw (boot self-test only; the agent stops writing it after that).
-pub const SELFTEST_WORD: u64 = 0x20;
+use super::exceptions::Frame;
+use super::tsc;
+use crate::hw::cpu;
+use crate::hw::memory::Region;
+use crate::hw::pci_cfg;
+use crate::layout::{
+    PERCPU_GEN, PERCPU_INDEX, PERCPU_LEN, PERCPU_ROLE, PHYS_OFF, RELOC_DATA, RELOC_DATA_LEN,
+    SELFTEST_WORD, STACK_SIZE,
+};
 
 const ROLE_NONE: u32 = 0;
 const ROLE_LEADER: u32 = 1;
@@ -124,20 +118,16 @@ fn reached(done: u32, generation: u32) -> bool {
 
 /// True when running in SMM (CR3 is the SMM page table).
 pub fn in_smm() -> bool {
-    let cr3: u64;
-    // SAFETY: reading CR3 has no side effects.
-    unsafe {
-        core::arch::asm!("mov {}, cr3", out(reg) cr3, options(nomem, nostack, preserves_flags))
-    };
+    let cr3 = cpu::read_cr3();
     let smm = SMM.smm_cr3.load(Ordering::Relaxed);
     smm != 0 && cr3 & !0xfff == smm
 }
 
 fn percpu(block: u64) -> Region {
     // SAFETY: `block` is this CPU's per-CPU block in its TSEG tile, set up
-    // by smm::install_and_relocate and passed in by the entry stub; the
-    // first 0x1000 bytes of the tile belong to this CPU alone.
-    unsafe { Region::new(block, 0x1000) }
+    // by boot::tseg::install_and_relocate and passed in by the entry stub;
+    // the first PERCPU_LEN bytes of the tile belong to this CPU alone.
+    unsafe { Region::new(block, PERCPU_LEN) }
 }
 
 /// The Rust side of every SMI (called by `smm_common_entry`).
@@ -145,7 +135,7 @@ fn percpu(block: u64) -> Region {
 extern "C" fn smm_main(block: u64) {
     let me = percpu(block);
     let cpu = me.read_u32(PERCPU_INDEX);
-    crate::agent::snapshot_self(cpu, block);
+    super::agent::snapshot_self(cpu, block);
 
     lock(cpu);
     let leader = !SMM.session_open.load(Ordering::Relaxed);
@@ -241,19 +231,12 @@ pub fn announce_booting(pa: u64, len: u64) {
     mbox.write_u32(mb::OFF_STATE as u64, mb::AgentState::Booting as u32);
 }
 
-/// APM command that makes a `fault-injection` build fault in SMM.
-#[cfg(feature = "fault-injection")]
-const APM_CMD_INJECT_FAULT: u8 = 0xfe;
-/// APM command that makes a `fault-injection` build call into guest RAM.
-#[cfg(feature = "fault-injection")]
-const APM_CMD_EXECUTE_GUEST: u8 = 0xfd;
-
 /// Serves one SMI session: publishes the agent's state and answers PING.
 fn serve() {
     #[cfg(feature = "fault-injection")]
     {
-        // SAFETY: reading the APM control port returns the last command byte.
-        let cmd = unsafe { x86_64::instructions::port::Port::<u8>::new(0xb2).read() };
+        use crate::layout::{APM_CMD_EXECUTE_GUEST, APM_CMD_INJECT_FAULT};
+        let cmd = crate::hw::chipset::apm_command();
         if cmd == APM_CMD_INJECT_FAULT {
             // SAFETY: deliberately raises #UD to exercise the SMM fault path.
             unsafe { core::arch::asm!("ud2", options(nomem, nostack)) };
@@ -270,7 +253,7 @@ fn serve() {
     if SMM.boot_selftest.swap(false, Ordering::Relaxed) {
         // SAFETY: RELOC_DATA is firmware-owned low RAM during boot; the flag
         // makes this the only write there, on the self-test SMI before Linux.
-        let data = unsafe { Region::new(PHYS_OFF + RELOC_DATA, 0x1000) };
+        let data = unsafe { Region::new(PHYS_OFF + RELOC_DATA, RELOC_DATA_LEN) };
         data.write_u32(SELFTEST_WORD, present.max(1));
     }
     let Some(mbox) = mailbox() else { return };
@@ -278,7 +261,7 @@ fn serve() {
     let ping = mbox.read_u64(mb::OFF_PING_REQ as u64);
     mbox.write_u64(mb::OFF_PING_ACK as u64, ping);
     let mask = SMM.present_mask.load(Ordering::Acquire);
-    if let Some((served, cycles)) = crate::agent::serve(&mbox, mask)
+    if let Some((served, cycles)) = super::agent::serve(&mbox, mask)
         && served != smmvmi_agent::Served::Idle
     {
         mbox.write_u64(mb::OFF_SERVE_CYCLES as u64, cycles);
@@ -299,10 +282,10 @@ fn publish_header(mbox: &Region, sessions: u64) {
         mb::OFF_PARTIAL_SESSIONS as u64,
         SMM.partial_sessions.load(Ordering::Relaxed),
     );
-    crate::agent::publish(mbox);
+    super::agent::publish(mbox);
     let state = if SMM.faults.load(Ordering::Relaxed) != 0 {
         mb::AgentState::Fault
-    } else if crate::agent::provisioned() {
+    } else if super::agent::provisioned() {
         mb::AgentState::Ready
     } else {
         mb::AgentState::Unprovisioned
@@ -315,14 +298,14 @@ fn publish_header(mbox: &Region, sessions: u64) {
 /// per-CPU block for `smm_abort_resume`.
 pub fn on_exception(frame: &Frame) -> u64 {
     // The frame is on this CPU's SMM stack, whose lowest word holds the
-    // CPU's tile (per-CPU block) address (smm::install_and_relocate).
-    let stack_base = (frame as *const Frame as u64) & !(crate::smm::STACK_SIZE - 1);
+    // CPU's tile (per-CPU block) address (boot::tseg::install_and_relocate).
+    let stack_base = (frame as *const Frame as u64) & !(STACK_SIZE - 1);
     // SAFETY: `stack_base` is the base of the SMM stack we are running on,
     // in TSEG; its first 8 bytes were written at install time.
     let block = unsafe { Region::new(stack_base, 8) }.read_u64(0);
     let me = percpu(block);
     let cpu = me.read_u32(PERCPU_INDEX);
-    crate::exceptions::describe(frame);
+    super::exceptions::describe(frame);
     SMM.faults.fetch_add(1, Ordering::Relaxed);
     if let Some(mbox) = mailbox() {
         mbox.write_u32(mb::OFF_FAULT_CODE as u64, 0x100 | frame.vector as u32);

@@ -5,11 +5,9 @@
 use smmvmi_boot::fw_cfg::{self as fwc, DmaAccess, FileEntry, FwCfgError, FwCfgIo};
 use smmvmi_boot::table_loader::{self, Loaded, LoaderEnv, LoaderError, Zone};
 
-use crate::fwcfg::FwCfg;
-use crate::memory::Region;
-
-/// Size of the area reserved for ACPI tables below TSEG.
-pub const AREA_LEN: u64 = 0x10_0000;
+use crate::hw::fw_cfg::FwCfg;
+use crate::hw::memory::Region;
+use crate::layout::ACPI_AREA_LEN as AREA_LEN;
 
 struct Env<'a> {
     fw: &'a mut FwCfg,

@@ -1,10 +1,12 @@
 //! CPU exceptions: one IDT for boot and SMM. Before Linux, an exception is
 //! reported on the debug console and stops the machine with a distinct code;
-//! in SMM it is reported in the mailbox and the SMI returns (src/smi.rs).
+//! in SMM it is reported in the mailbox and the SMI returns (src/smm/smi.rs).
 
-use crate::exit::{ExitCode, exit};
+use crate::hw::cpu;
+use crate::hw::exit::{ExitCode, exit};
+use crate::hw::memory::Region;
+use crate::layout::SEL_CODE64;
 use crate::log;
-use crate::memory::Region;
 
 unsafe extern "C" {
     static firmware_idt: u8;
@@ -49,7 +51,7 @@ pub fn init() {
     let stubs: &[u64; 32] = unsafe { &exception_stubs };
     for (i, &handler) in stubs.iter().enumerate() {
         let low = (handler & 0xffff)
-            | (0x10 << 16) // selector: 64-bit code
+            | (u64::from(SEL_CODE64) << 16)
             | (0x8e << 40) // present, DPL 0, interrupt gate
             | ((handler >> 16) & 0xffff) << 48;
         let high = handler >> 32;
@@ -99,11 +101,7 @@ const NAMES: [&str; 32] = [
 ];
 
 pub fn describe(frame: &Frame) {
-    let cr2: u64;
-    // SAFETY: reading CR2 has no side effects.
-    unsafe {
-        core::arch::asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack, preserves_flags))
-    };
+    let cr2 = cpu::read_cr2();
     let name = NAMES.get(frame.vector as usize).copied().unwrap_or("?");
     log!(
         "exception {} ({name}) error={:#x} rip={:#x} rsp={:#x} cr2={cr2:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x}",
@@ -124,8 +122,8 @@ pub fn describe(frame: &Frame) {
 /// returns the faulting CPU's per-CPU block so the SMI can return.
 #[unsafe(no_mangle)]
 extern "C" fn exception_handler(frame: &Frame) -> u64 {
-    if crate::smi::in_smm() {
-        return crate::smi::on_exception(frame);
+    if super::smi::in_smm() {
+        return super::smi::on_exception(frame);
     }
     describe(frame);
     exit(ExitCode::Exception)

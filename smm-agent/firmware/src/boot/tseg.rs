@@ -2,50 +2,26 @@
 //! entry stubs, SMBASE relocation of every CPU, SMI broadcast negotiation,
 //! then closing and locking SMRAM and a self-test SMI.
 //!
-//! TSEG layout (offsets from the TSEG base; see also `layout.rs`):
-//!
-//! | offset | what |
-//! |---|---|
-//! | 0x000000 | GDT for SMM (code32 0x08, code64 0x10, data 0x18) |
-//! | 0x010000 | SMM page tables: identity map of RAM and the 32-bit MMIO hole, the firmware window at `FW_BASE` redirected to the TSEG copy, and an alias of all physical memory at `PHYS_OFF` |
-//! | 0x200000 | copy of the firmware image (code, data, bss), 2 MiB |
-//! | 0x400000 | one 64 KiB tile per CPU (tile = SMBASE): per-CPU block at +0, entry stub at +0x8000, save state at +0xFE00 |
-//! | 0x800000 | one 64 KiB SMM stack per CPU; its lowest 8 bytes hold the CPU's tile address |
-//! | 0xC00000 | the agent's SMRAM copies of the request (64 KiB) and of the reply (2 MiB) |
+//! The TSEG layout is in `layout.rs` (`GDT_OFF` and what follows it).
 
 use core::sync::atomic::Ordering;
 
 use smmvmi_boot::fw_cfg::{self, FwCfgIo};
 use smmvmi_boot::q35;
 
-use crate::chipset;
-use crate::exit::{ExitCode, exit};
-use crate::fwcfg::FwCfg;
-use crate::layout::{AP_TRAMPOLINE, FW_BASE, FW_WINDOW, PHYS_OFF, RELOC_DATA, RELOC_STUB};
+use crate::hw::exit::{ExitCode, exit};
+use crate::hw::fw_cfg::FwCfg;
+use crate::hw::memory::Region;
+use crate::hw::{chipset, cpu, lapic, pmtimer};
+use crate::layout::{
+    AP_TRAMPOLINE, APM_CMD_FIRMWARE, FW_BASE, FW_WINDOW, GDT_OFF, IMAGE_OFF, MAX_APIC_ID, MAX_CPUS,
+    MAX_MAPPED_GIB, MIN_TSEG, PERCPU_INDEX, PHYS_OFF, PT_OFF, RELOC_AP_TURN, RELOC_BAD_APIC_ID,
+    RELOC_CPU_MASK, RELOC_DATA, RELOC_DATA_LEN, RELOC_DONE, RELOC_NEXT_SMBASE, RELOC_STUB,
+    RELOC_TILES_BASE, SELFTEST_WORD, SMI_ENTRY_OFFSET, STACK_SIZE, STACKS_OFF, TILE_SIZE,
+    TILES_OFF,
+};
 use crate::log;
-use crate::memory::Region;
-use crate::pmtimer;
-use crate::smi::{self, SMM};
-
-pub const GDT_OFF: u64 = 0;
-pub const PT_OFF: u64 = 0x1_0000;
-pub const IMAGE_OFF: u64 = 0x20_0000;
-pub const TILES_OFF: u64 = 0x40_0000;
-pub const TILE_SIZE: u64 = 0x1_0000;
-pub const MAX_CPUS: u32 = 64;
-pub const STACKS_OFF: u64 = 0x80_0000;
-pub const STACK_SIZE: u64 = 0x1_0000;
-pub const REQUEST_BUF_OFF: u64 = 0xC0_0000;
-pub const REQUEST_BUF_LEN: u64 = 0x1_0000;
-pub const REPLY_BUF_OFF: u64 = 0xC1_0000;
-pub const REPLY_BUF_LEN: u64 = 0x20_0000;
-/// The smallest TSEG this layout fits in.
-pub const MIN_TSEG: u64 = REPLY_BUF_OFF + REPLY_BUF_LEN;
-/// The SMM page tables map at most this much physical memory.
-pub const MAX_MAPPED_GIB: u64 = 256;
-
-/// APM command byte used for SMIs the firmware raises itself.
-const APM_CMD_FIRMWARE: u8 = 0xa5;
+use crate::smm::smi::SMM;
 
 unsafe extern "C" {
     static __fw_start: u8;
@@ -137,9 +113,9 @@ pub fn install_and_relocate(plan: &Plan) -> u64 {
     for cpu in 0..MAX_CPUS {
         let base = smbase(plan.tseg_base, cpu);
         let off = base - plan.tseg_base;
-        let entry = off + q35::SMI_ENTRY_OFFSET;
+        let entry = off + SMI_ENTRY_OFFSET;
         tseg.write(entry, stub);
-        let at = base + q35::SMI_ENTRY_OFFSET;
+        let at = base + SMI_ENTRY_OFFSET;
         // Immediates inside instructions: unaligned, written as bytes.
         let patch32 = |sym: u64, v: u64| tseg.write(entry + rel(sym), &(v as u32).to_le_bytes());
         let patch64 = |sym: u64, v: u64| tseg.write(entry + rel(sym), &v.to_le_bytes());
@@ -152,7 +128,7 @@ pub fn install_and_relocate(plan: &Plan) -> u64 {
         patch64(sym!(smm_patch_percpu), base);
         patch32(sym!(smm_patch_gdt), plan.tseg_base + GDT_OFF);
         patch32(sym!(smm_patch_efer), smm_efer_bits());
-        tseg.write_u32(off + smi::PERCPU_INDEX, cpu);
+        tseg.write_u32(off + PERCPU_INDEX, cpu);
     }
     relocate(plan)
 }
@@ -162,15 +138,9 @@ const EFER_NXE: u64 = 1 << 11;
 /// Page-table bit: no execute (needs EFER.NXE).
 const PTE_NX: u64 = 1 << 63;
 
-/// Whether the CPU has the NX bit (CPUID 0x80000001:EDX[20]).
-fn has_nx() -> bool {
-    core::arch::x86_64::__cpuid(0x8000_0000).eax >= 0x8000_0001
-        && core::arch::x86_64::__cpuid(0x8000_0001).edx & (1 << 20) != 0
-}
-
 /// EFER bits the SMM entry stub sets: long mode, and NX when available.
 fn smm_efer_bits() -> u64 {
-    EFER_LME | if has_nx() { EFER_NXE } else { 0 }
+    EFER_LME | if cpu::has_nx() { EFER_NXE } else { 0 }
 }
 
 /// Builds the SMM page tables; returns CR3.
@@ -197,7 +167,7 @@ fn build_page_tables(tseg: &Region, plan: &Plan) -> u64 {
     tseg.fill(PT_OFF, 0x6000 + (gib - 1) * 0x1000, 0);
     const P_RW: u64 = 0x3;
     const PS: u64 = 0x80;
-    let nx = if has_nx() { PTE_NX } else { 0 };
+    let nx = if cpu::has_nx() { PTE_NX } else { 0 };
     tseg.write_u64(pml4, (base + pdpt_id) | P_RW);
     tseg.write_u64(
         pml4 + (PHYS_OFF >> 39 & 0x1ff) * 8,
@@ -230,11 +200,6 @@ fn build_page_tables(tseg: &Region, plan: &Plan) -> u64 {
     base + pml4
 }
 
-/// The boot CPU's initial APIC ID (CPUID.1:EBX[31:24]).
-fn own_apic_id() -> u32 {
-    core::arch::x86_64::__cpuid(1).ebx >> 24
-}
-
 /// SMBASE relocation: the BSP first, then every AP, one at a time, each with
 /// an SMI to itself (broadcast is not negotiated yet). Each CPU moves to the
 /// tile of its APIC ID. Returns the mask of APIC IDs relocated.
@@ -243,30 +208,22 @@ fn relocate(plan: &Plan) -> u64 {
     // 0x9000) are low RAM that nothing uses before Linux; see layout.rs.
     let stub = unsafe { Region::new(RELOC_STUB, 0x1000) };
     // SAFETY: as above.
-    let data = unsafe { Region::new(RELOC_DATA, 0x1000) };
+    let data = unsafe { Region::new(RELOC_DATA, RELOC_DATA_LEN) };
     // SAFETY: as above.
     let tramp = unsafe { Region::new(AP_TRAMPOLINE, 0x1000) };
     stub.write(0, template(sym!(reloc_stub_start), sym!(reloc_stub_end)));
-    data.fill(0, 0x1000, 0);
-    // Offsets in RELOC_DATA shared with src/asm/smm.s.
-    const NEXT: u64 = 0;
-    const DONE: u64 = 4;
-    const TURN: u64 = 12;
-    const TILES_BASE: u64 = 16;
-    const CPU_MASK: u64 = 24;
-    const BAD_APIC_ID: u64 = 32;
+    data.fill(0, RELOC_DATA_LEN, 0);
 
-    let bsp = own_apic_id();
-    if bsp >= MAX_CPUS {
+    let bsp = cpu::initial_apic_id();
+    if bsp > MAX_APIC_ID {
         fail(format_args!(
-            "the boot CPU has APIC ID {bsp}; this firmware supports APIC IDs 0 to {}",
-            MAX_CPUS - 1
+            "the boot CPU has APIC ID {bsp}; this firmware supports APIC IDs 0 to {MAX_APIC_ID}"
         ));
     }
-    data.write_u32(TILES_BASE, (plan.tseg_base + TILES_OFF) as u32);
-    data.write_u32(NEXT, smbase(plan.tseg_base, bsp) as u32);
+    data.write_u32(RELOC_TILES_BASE, (plan.tseg_base + TILES_OFF) as u32);
+    data.write_u32(RELOC_NEXT_SMBASE, smbase(plan.tseg_base, bsp) as u32);
     chipset::raise_apm_smi(APM_CMD_FIRMWARE);
-    if !pmtimer::wait_until(1_000_000, || data.read_u32(DONE) == 1) {
+    if !pmtimer::wait_until(1_000_000, || data.read_u32(RELOC_DONE) == 1) {
         fail(format_args!(
             "the boot CPU took no SMI within 1 s of an APM write; is SMM enabled (-machine smm=on)?"
         ));
@@ -274,23 +231,22 @@ fn relocate(plan: &Plan) -> u64 {
     let mut mask = 1u64 << bsp;
     if plan.ncpus > 1 {
         tramp.write(0, template(sym!(ap_start), sym!(ap_start_end)));
-        crate::lapic::start_aps(AP_TRAMPOLINE);
+        lapic::start_aps(AP_TRAMPOLINE);
         let want = plan.ncpus - 1;
-        if !pmtimer::wait_until(10_000_000, || data.read_u32(TURN) == want) {
+        if !pmtimer::wait_until(10_000_000, || data.read_u32(RELOC_AP_TURN) == want) {
             fail(format_args!(
                 "fw_cfg reports {} CPUs but only {} of {want} application processors checked in within 10 s",
                 plan.ncpus,
-                data.read_u32(TURN)
+                data.read_u32(RELOC_AP_TURN)
             ));
         }
-        let bad = data.read_u32(BAD_APIC_ID);
+        let bad = data.read_u32(RELOC_BAD_APIC_ID);
         if bad != 0 {
             fail(format_args!(
-                "an application processor has APIC ID {bad}; this firmware supports APIC IDs 0 to {}",
-                MAX_CPUS - 1
+                "an application processor has APIC ID {bad}; this firmware supports APIC IDs 0 to {MAX_APIC_ID}"
             ));
         }
-        mask |= data.read_u64(CPU_MASK);
+        mask |= data.read_u64(RELOC_CPU_MASK);
     }
     if mask.count_ones() != plan.ncpus {
         fail(format_args!(
@@ -370,14 +326,14 @@ pub fn seal(plan: &Plan) {
 /// Raises one broadcast SMI and waits until the agent reports it served it.
 pub fn self_test() {
     // SAFETY: RELOC_DATA is low RAM reserved for SMM bring-up (layout.rs).
-    let data = unsafe { Region::new(RELOC_DATA, 0x1000) };
-    data.write_u32(smi::SELFTEST_WORD, 0);
+    let data = unsafe { Region::new(RELOC_DATA, RELOC_DATA_LEN) };
+    data.write_u32(SELFTEST_WORD, 0);
     chipset::raise_apm_smi(APM_CMD_FIRMWARE);
-    if !pmtimer::wait_until(2_000_000, || data.read_u32(smi::SELFTEST_WORD) != 0) {
+    if !pmtimer::wait_until(2_000_000, || data.read_u32(SELFTEST_WORD) != 0) {
         fail(format_args!("the self-test SMI was not served within 2 s"));
     }
     log!(
         "self-test SMI served: {} of the CPUs present in SMM",
-        data.read_u32(smi::SELFTEST_WORD)
+        data.read_u32(SELFTEST_WORD)
     );
 }

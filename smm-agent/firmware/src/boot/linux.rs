@@ -6,11 +6,11 @@ use smmvmi_boot::e820::E820Map;
 use smmvmi_boot::fw_cfg::{self as fwc, FwCfgIo};
 use smmvmi_boot::linux::{self, BootParamsInput, SetupHeader};
 
-use crate::exit::{ExitCode, exit};
-use crate::fwcfg::FwCfg;
+use crate::hw::exit::{ExitCode, exit};
+use crate::hw::fw_cfg::FwCfg;
+use crate::hw::memory::Region;
 use crate::layout::{BOOT_PARAMS, CMDLINE, CMDLINE_MAX};
 use crate::log;
-use crate::memory::Region;
 
 /// Largest setup blob (boot sector + setup sectors) we accept.
 const SETUP_MAX: usize = 0x8000;
