@@ -15,7 +15,7 @@ use smmvmi_boot::fw_cfg::{self as fwc, FwCfgIo};
 use smmvmi_mailbox::crypto::SHARED_KEY_LEN;
 use smmvmi_mailbox::layout as mb;
 
-use super::smi::SMM;
+use super::config::config;
 use crate::hw::fw_cfg::FwCfg;
 use crate::hw::memory::Region;
 use crate::layout::{self, PHYS_OFF};
@@ -132,7 +132,7 @@ pub fn serve(mailbox: &Region, present_mask: u64) -> Option<(Served, u64)> {
     let agent = unsafe { AGENT.get() };
     let state = agent.state.as_mut()?;
     // CPU index = APIC ID: the slots run up to the highest APIC ID present.
-    let mask = SMM.cpu_mask.load(Ordering::Relaxed);
+    let mask = config().cpu_mask;
     let ncpus = (64 - mask.leading_zeros() as usize).min(agent.cpus.len());
     for (i, dst) in agent.cpus.iter_mut().enumerate().take(ncpus) {
         *dst = if present_mask & (1 << i) != 0 {

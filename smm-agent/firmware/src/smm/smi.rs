@@ -2,14 +2,16 @@
 //! serves the mailbox, and all return with RSM. Nothing here trusts the
 //! mailbox: it is read once into SMRAM and checked there.
 //!
-//! State lives in [`SMM`], a static of the image: in SMM the image is the
-//! copy inside TSEG, so this is SMRAM that neither the OS nor the host can
-//! reach. The boot code fills it in before the image is copied.
+//! What boot decided is the sealed [`config()`]; the live state of the
+//! rendezvous lives in [`SMM`], a static of the image: in SMM the image is
+//! the copy inside TSEG, so this is SMRAM that neither the OS nor the host
+//! can reach. Boot never stores into it.
 
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use smmvmi_mailbox::layout as mb;
 
+use super::config::config;
 use super::exceptions::Frame;
 use super::tsc;
 use crate::hw::cpu;
@@ -27,23 +29,12 @@ const ROLE_FOLLOWER: u32 = 2;
 /// How long the first CPU in SMM waits for the others.
 const RENDEZVOUS_US: u64 = 100_000;
 
-/// SMM-private state (SMRAM once the image is copied into TSEG).
+/// SMM-private live state (SMRAM once the image is copied into TSEG). Its
+/// initial values are the constants below; boot stores nothing here.
 pub struct SmmShared {
-    pub smm_cr3: AtomicU64,
-    pub ncpus: AtomicU32,
-    /// CPU indices (= APIC IDs) present at boot, one bit each.
-    pub cpu_mask: AtomicU64,
-    pub tseg_base: AtomicU64,
-    pub tseg_size: AtomicU64,
-    /// Mailbox: physical address and size of ivshmem BAR2 (0 = none), and
-    /// the PCI location it was assigned at (bus << 8 | dev << 3 | fn).
-    pub mailbox_pa: AtomicU64,
-    pub mailbox_len: AtomicU64,
-    pub mailbox_bdf: AtomicU32,
-    pub features: AtomicU64,
-    pub boot_selftest: AtomicBool,
-    /// TSC ticks per millisecond, measured at boot.
-    pub tsc_per_ms: AtomicU64,
+    /// The first session after the seal is the boot self-test: it reports
+    /// the CPUs it saw in RELOC_DATA, once.
+    boot_selftest: AtomicBool,
 
     /// Rendezvous lock: 0 = free, else the holder's CPU index + 1.
     lock: AtomicU32,
@@ -60,17 +51,7 @@ pub struct SmmShared {
 }
 
 pub static SMM: SmmShared = SmmShared {
-    smm_cr3: AtomicU64::new(0),
-    ncpus: AtomicU32::new(0),
-    cpu_mask: AtomicU64::new(0),
-    tseg_base: AtomicU64::new(0),
-    tseg_size: AtomicU64::new(0),
-    mailbox_pa: AtomicU64::new(0),
-    mailbox_len: AtomicU64::new(0),
-    mailbox_bdf: AtomicU32::new(0),
-    features: AtomicU64::new(0),
-    boot_selftest: AtomicBool::new(false),
-    tsc_per_ms: AtomicU64::new(0),
+    boot_selftest: AtomicBool::new(true),
     lock: AtomicU32::new(0),
     session_open: AtomicBool::new(false),
     present: AtomicU32::new(0),
@@ -119,7 +100,7 @@ fn reached(done: u32, generation: u32) -> bool {
 /// True when running in SMM (CR3 is the SMM page table).
 pub fn in_smm() -> bool {
     let cr3 = cpu::read_cr3();
-    let smm = SMM.smm_cr3.load(Ordering::Relaxed);
+    let smm = config().smm_cr3;
     smm != 0 && cr3 & !0xfff == smm
 }
 
@@ -158,7 +139,7 @@ extern "C" fn smm_main(block: u64) {
     );
 
     if leader {
-        let ncpus = SMM.ncpus.load(Ordering::Relaxed);
+        let ncpus = config().ncpus;
         let all = tsc::wait_until(RENDEZVOUS_US, || {
             SMM.present.load(Ordering::Acquire) >= ncpus
         });
@@ -190,13 +171,12 @@ fn leader_leave(cpu: u32, generation: u32) {
 /// BAR; then the recorded address may be RAM or another device, and the
 /// agent must not write to it.
 fn mailbox() -> Option<Region> {
-    let pa = SMM.mailbox_pa.load(Ordering::Relaxed);
-    let len = SMM.mailbox_len.load(Ordering::Relaxed);
+    let bar = config().mailbox?;
+    let (pa, len) = (bar.pa, bar.len);
     if pa == 0 || len < mb::HEADER_SIZE as u64 {
         return None;
     }
-    let bdf = SMM.mailbox_bdf.load(Ordering::Relaxed);
-    let (bus, dev, func) = ((bdf >> 8) as u8, ((bdf >> 3) & 0x1f) as u8, (bdf & 7) as u8);
+    let (bus, dev, func) = (bar.bdf.bus, bar.bdf.dev, bar.bdf.func);
     let in_place = {
         let _latch = pci_cfg::AddressLatchGuard::save();
         let cmd = pci_cfg::read16(bus, dev, func, 0x04);
@@ -214,21 +194,6 @@ fn mailbox() -> Option<Region> {
     // memory in SMM. It is shared with the guest and the host, so it is only
     // accessed with the volatile accessors.
     Some(unsafe { Region::new(PHYS_OFF + pa, len) })
-}
-
-/// Before SMM is locked: tells the host that a firmware owns the mailbox
-/// and is booting (the agent publishes "ready" on its first SMI).
-pub fn announce_booting(pa: u64, len: u64) {
-    if len < mb::HEADER_SIZE as u64 {
-        return;
-    }
-    // SAFETY: the ivshmem BAR just assigned by the firmware, identity mapped
-    // by the boot page tables; shared with the host, so volatile accesses.
-    let mbox = unsafe { Region::new(pa, mb::HEADER_SIZE as u64) };
-    mbox.write_volatile(mb::OFF_MAGIC as u64, &mb::MAGIC);
-    mbox.write_u32(mb::OFF_VERSION as u64, mb::VERSION);
-    mbox.write_u32(mb::OFF_SIZE as u64, len as u32);
-    mbox.write_u32(mb::OFF_STATE as u64, mb::AgentState::Booting as u32);
 }
 
 /// Serves one SMI session: publishes the agent's state and answers PING.
@@ -271,12 +236,9 @@ fn serve() {
 fn publish_header(mbox: &Region, sessions: u64) {
     mbox.write_volatile(mb::OFF_MAGIC as u64, &mb::MAGIC);
     mbox.write_u32(mb::OFF_VERSION as u64, mb::VERSION);
-    mbox.write_u64(
-        mb::OFF_FEATURES as u64,
-        SMM.features.load(Ordering::Relaxed),
-    );
+    mbox.write_u64(mb::OFF_FEATURES as u64, config().features);
     mbox.write_u32(mb::OFF_SIZE as u64, mbox.len() as u32);
-    mbox.write_u32(mb::OFF_NCPUS as u64, SMM.ncpus.load(Ordering::Relaxed));
+    mbox.write_u32(mb::OFF_NCPUS as u64, config().ncpus);
     mbox.write_u64(mb::OFF_SMI_COUNT as u64, sessions);
     mbox.write_u64(
         mb::OFF_PARTIAL_SESSIONS as u64,
