@@ -5,8 +5,8 @@
 //! receives them as `const` operands of `global_asm!` (see `main.rs`) and
 //! names them `{LIKE_THIS}`. A layout fact changed here changes everywhere.
 //!
-//! This module is the second layer: it imports only `smmvmi_boot::q35`
-//! (chipset facts) and nothing of the firmware. The addresses of devices
+//! This module is the second layer: it imports `smmvmi_boot::q35` (chipset
+//! facts) and, for compile-time cross-checks only, `hw`. The addresses of devices
 //! (debug console and exit ports, PCI configuration ports, fw_cfg, the
 //! local APIC) belong to their drivers in `hw/`, the layer below.
 
@@ -36,6 +36,7 @@ pub const APM_CMD_EXECUTE_GUEST: u8 = 0xfd;
 
 pub const SEL_CODE32: u16 = 0x08;
 pub const SEL_CODE64: u16 = 0x10;
+const _: () = assert!(SEL_CODE64 == crate::hw::idt::CODE64_SELECTOR);
 pub const SEL_DATA: u16 = 0x18;
 /// Number of descriptors in each GDT (null, code32, code64, data).
 pub const GDT_ENTRIES: u64 = 4;

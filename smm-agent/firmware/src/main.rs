@@ -16,12 +16,12 @@
 //! 1. [`hw`]: the accesses themselves (I/O ports, PCI configuration, CPU
 //!    registers, TSC and PM timer, local APIC, debug console and exit, raw
 //!    memory as bounds-checked `Region`s, chipset registers, the fw_cfg
-//!    device). Imports no other firmware module.
+//!    device, the IDT). Imports no other firmware module.
 //! 2. [`layout`]: every fixed address, size, offset and command number. The
 //!    assembly (`src/asm/*.s`) receives them as `const` operands of
 //!    `global_asm!` below, never as literals of its own.
 //! 3. [`smm`] and [`boot`]: the SMM runtime (SMI entry and rendezvous, the
-//!    agent glue, exceptions) and the one-time boot steps (fw_cfg, e820,
+//!    agent glue, what an exception does in SMM and before Linux) and the one-time boot steps (fw_cfg, e820,
 //!    PCI, ACPI, TSEG install/relocate/seal, Linux). `smm` never imports
 //!    `boot`; `boot` uses of `smm` only `smm::config`, the configuration
 //!    type and the one step that seals it into TSEG.
@@ -57,7 +57,7 @@ use hw::exit::{ExitCode, exit};
 use hw::fw_cfg::FwCfg;
 use hw::tsc;
 use smm::config::{OpenTseg, SmmConfig};
-use smm::{agent, exceptions, smi};
+use smm::{agent, smi};
 
 // The assembly takes every layout fact as a `const` operand (`{NAME}` in
 // the .s file), never as a literal of its own.
@@ -102,7 +102,7 @@ global_asm!(
 
 #[unsafe(no_mangle)]
 extern "C" fn firmware_main() -> ! {
-    exceptions::init();
+    hw::idt::init();
     log!("firmware {} starting", env!("CARGO_PKG_VERSION"));
     match boot() {
         Ok(prepared) => linux::enter(prepared),
@@ -178,9 +178,9 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
     if smi::in_smm() {
         // In SMM a panic must not stop the machine: take the fault path
         // (reported in the mailbox, the SMI returns, the VM runs on).
-        // SAFETY: `ud2` raises #UD, which the SMM IDT turns into
-        // `smi::on_exception` and the SMI's normal exit.
-        unsafe { core::arch::asm!("ud2", options(nomem, nostack, noreturn)) }
+        // The SMM IDT turns the #UD into `smi::on_exception` and the SMI's
+        // normal exit.
+        hw::cpu::raise_invalid_opcode()
     }
     exit(ExitCode::Panic)
 }

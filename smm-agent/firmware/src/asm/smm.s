@@ -279,7 +279,7 @@ exception_stubs:
     .quad exc_\n
 .endr
 
-# The IDT shared by boot and SMM (filled by src/smm/exceptions.rs), and its
+# The IDT shared by boot and SMM (filled by src/hw/idt.rs), and its
 # descriptor; both live in the image, so in SMM they are the TSEG copy's.
 .section .bss.idt, "aw", @nobits
 .balign 16

@@ -21,6 +21,15 @@ pub fn read_cr2() -> u64 {
     cr2
 }
 
+/// Raises #UD. The IDT (`hw::idt`) takes it: before Linux the machine
+/// stops with a report; in SMM the fault path reports it and the SMI
+/// returns. Used to turn a panic in SMM into that path.
+pub fn raise_invalid_opcode() -> ! {
+    // SAFETY: `ud2` only raises #UD, handled by the firmware's own IDT,
+    // which never returns here.
+    unsafe { core::arch::asm!("ud2", options(nomem, nostack, noreturn)) }
+}
+
 /// Whether the CPU has the NX bit (CPUID 0x80000001:EDX[20]).
 pub fn has_nx() -> bool {
     core::arch::x86_64::__cpuid(0x8000_0000).eax >= 0x8000_0001

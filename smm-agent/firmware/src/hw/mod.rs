@@ -13,6 +13,7 @@ pub mod console;
 pub mod cpu;
 pub mod exit;
 pub mod fw_cfg;
+pub mod idt;
 pub mod lapic;
 pub mod memory;
 pub mod pci_cfg;

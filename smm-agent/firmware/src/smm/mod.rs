@@ -1,7 +1,7 @@
 //! The SMM runtime: what runs on every SMI once TSEG is locked. The entry
 //! stubs (`asm/smm.s`) call [`smi`]'s `smm_main`; the first CPU in serves
 //! the mailbox through [`agent`]; an exception in SMM is reported and the
-//! SMI still returns ([`exceptions`]). All it knows of boot is the one
+//! SMI still returns ([`exceptions`], over the IDT of `hw::idt`). All it knows of boot is the one
 //! sealed [`config::SmmConfig`].
 //!
 //! This layer imports `hw/` and `layout`, never `boot/` or `main`: the boot

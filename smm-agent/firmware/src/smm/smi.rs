@@ -12,9 +12,9 @@ use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use smmvmi_mailbox::layout as mb;
 
 use super::config::config;
-use super::exceptions::Frame;
 use super::tsc;
 use crate::hw::cpu;
+use crate::hw::idt::Frame;
 use crate::hw::memory::Region;
 use crate::hw::pci_cfg;
 use crate::layout::{
@@ -267,7 +267,7 @@ pub fn on_exception(frame: &Frame) -> u64 {
     let block = unsafe { Region::new(stack_base, 8) }.read_u64(0);
     let me = percpu(block);
     let cpu = me.read_u32(PERCPU_INDEX);
-    super::exceptions::describe(frame);
+    crate::hw::idt::describe(frame);
     SMM.faults.fetch_add(1, Ordering::Relaxed);
     if let Some(mbox) = mailbox() {
         mbox.write_u32(mb::OFF_FAULT_CODE as u64, 0x100 | frame.vector as u32);
