@@ -1,23 +1,48 @@
-//! Every fixed address and port the firmware uses, in one place
-//! (Firecracker's `arch/x86_64/layout.rs` idea).
+//! Every fixed address, size, offset, port and command number the firmware
+//! uses, in one place (Firecracker's `arch/x86_64/layout.rs` idea).
+//!
+//! The assembly in `src/asm/*.s` never repeats one of these as a literal: it
+//! receives them as `const` operands of `global_asm!` (see `main.rs`) and
+//! names them `{LIKE_THIS}`. A layout fact changed here changes everywhere.
+//!
+//! This module is the second layer: it imports `smmvmi_boot::q35` (chipset
+//! facts) and, for compile-time cross-checks only, `hw`. The addresses of devices
+//! (debug console and exit ports, PCI configuration ports, fw_cfg, the
+//! local APIC) belong to their drivers in `hw/`, the layer below.
 
-/// QEMU `isa-debugcon` (`-global isa-debugcon.iobase=0x402`).
-pub const DEBUGCON_PORT: u16 = 0x402;
-/// QEMU `isa-debug-exit` (`iobase=0xf4`).
-pub const DEBUG_EXIT_PORT: u16 = 0xf4;
+use smmvmi_boot::q35;
 
-// Boot page tables (built by `asm/reset.s`): 0x100000..0x106000, an identity
-// map of 0..4 GiB with 2 MiB pages. Kept in assembly; listed here for the
-// record of what low memory holds.
+// ---------------------------------------------------------------------------
+// APM commands (written to `q35::APM_CNT_PORT`, each raises an SMI)
 
-/// Link address of the firmware image (`link.ld`), and the 2 MiB window it
-/// and its bss occupy. In SMM this window maps the image's copy in TSEG.
-pub const FW_BASE: u64 = 0x20_0000;
-pub const FW_WINDOW: u64 = 0x20_0000;
+/// APM command byte used for SMIs the firmware raises itself (relocation,
+/// the self-test). Not one of QEMU's reserved ACPI enable/disable commands.
+pub const APM_CMD_FIRMWARE: u8 = 0xa5;
+const _: () = assert!(
+    APM_CMD_FIRMWARE != q35::APM_RESERVED_COMMANDS[0]
+        && APM_CMD_FIRMWARE != q35::APM_RESERVED_COMMANDS[1]
+);
+/// APM command that makes a `fault-injection` build fault in SMM.
+#[cfg(feature = "fault-injection")]
+pub const APM_CMD_INJECT_FAULT: u8 = 0xfe;
+/// APM command that makes a `fault-injection` build call into guest RAM.
+#[cfg(feature = "fault-injection")]
+pub const APM_CMD_EXECUTE_GUEST: u8 = 0xfd;
 
-/// All physical memory is also mapped here in SMM (the agent reads guest
-/// memory only through this alias, never through the identity map).
-pub const PHYS_OFF: u64 = 0xffff_8000_0000_0000;
+// ---------------------------------------------------------------------------
+// Segment selectors of the firmware's GDTs (the boot GDT in `asm/reset.s`
+// and the SMM GDT that `boot::tseg` writes into TSEG have the same shape,
+// and Linux's 64-bit boot protocol wants exactly these code/data selectors).
+
+pub const SEL_CODE32: u16 = 0x08;
+pub const SEL_CODE64: u16 = 0x10;
+const _: () = assert!(SEL_CODE64 == crate::hw::idt::CODE64_SELECTOR);
+pub const SEL_DATA: u16 = 0x18;
+/// Number of descriptors in each GDT (null, code32, code64, data).
+pub const GDT_ENTRIES: u64 = 4;
+
+// ---------------------------------------------------------------------------
+// Low memory (below 1 MiB and just above it)
 
 /// Linux zero page (boot_params) and command line.
 pub const BOOT_PARAMS: u64 = 0x7000;
@@ -27,8 +52,107 @@ pub const CMDLINE_MAX: u64 = 0x1_0000;
 /// Below 64 KiB, which Linux never hands out, because parked APs keep
 /// executing there until Linux starts them.
 pub const AP_TRAMPOLINE: u64 = 0x8000;
-/// Data shared by the relocation stub and the APs (src/asm/smm.s
-/// RELOC_DATA), and the self-test word. Below 64 KiB as well.
+/// Data shared by the relocation stub and the APs (the `RELOC_*` offsets
+/// below), and the self-test word. One page, below 64 KiB as well.
 pub const RELOC_DATA: u64 = 0x9000;
+pub const RELOC_DATA_LEN: u64 = 0x1000;
 /// SMBASE relocation handler at the default SMBASE 0x30000 + 0x8000.
-pub const RELOC_STUB: u64 = 0x3_8000;
+pub const RELOC_STUB: u64 = q35::DEFAULT_SMBASE + q35::SMI_ENTRY_OFFSET;
+
+/// Offsets in [`RELOC_DATA`]: the SMBASE the next relocating CPU takes (u32).
+pub const RELOC_NEXT_SMBASE: u64 = 0;
+/// Count of relocations done (u32, incremented by the relocation stub).
+pub const RELOC_DONE: u64 = 4;
+/// AP ticket dispenser and the ticket whose turn it is (u32 each).
+pub const RELOC_AP_TICKET: u64 = 8;
+pub const RELOC_AP_TURN: u64 = 12;
+/// Physical base of the SMBASE tiles (u32).
+pub const RELOC_TILES_BASE: u64 = 16;
+/// Mask of APIC IDs the APs relocated (u64, as two u32 halves).
+pub const RELOC_CPU_MASK: u64 = 24;
+/// APIC ID of an AP above [`MAX_APIC_ID`] (u32; 0 = none).
+pub const RELOC_BAD_APIC_ID: u64 = 32;
+/// Where the first SMI after locking reports how many CPUs it saw (boot
+/// self-test only). Shares its word with [`RELOC_BAD_APIC_ID`]: relocation
+/// is over, and the word cleared, before the self-test runs.
+pub const SELFTEST_WORD: u64 = 0x20;
+/// Top of the real-mode stack the APs share (one at a time) in RELOC_DATA.
+pub const RELOC_AP_STACK_TOP: u64 = 0xff0;
+
+/// Boot page tables (built by `asm/reset.s`): an identity map of 0..4 GiB
+/// with 2 MiB pages: PML4, PDPT, then four page directories.
+pub const BOOT_PML4: u64 = 0x10_0000;
+pub const BOOT_PDPT: u64 = BOOT_PML4 + 0x1000;
+pub const BOOT_PD: u64 = BOOT_PML4 + 0x2000;
+pub const BOOT_PT_PAGES: u64 = 6;
+
+/// Link address of the firmware image (`link.ld`), and the 2 MiB window it
+/// and its bss occupy. In SMM this window maps the image's copy in TSEG.
+pub const FW_BASE: u64 = 0x20_0000;
+pub const FW_WINDOW: u64 = 0x20_0000;
+const _: () = assert!(BOOT_PML4 + BOOT_PT_PAGES * 0x1000 <= FW_BASE);
+
+// ---------------------------------------------------------------------------
+// SMM
+
+/// All physical memory is also mapped here in SMM (the agent reads guest
+/// memory only through this alias, never through the identity map).
+pub const PHYS_OFF: u64 = 0xffff_8000_0000_0000;
+
+/// Size of the area reserved for ACPI tables just below TSEG.
+pub const ACPI_AREA_LEN: u64 = 0x10_0000;
+
+/// Where a CPU starts executing in SMM, relative to its SMBASE.
+pub const SMI_ENTRY_OFFSET: u64 = q35::SMI_ENTRY_OFFSET;
+/// The SMBASE field of the save state, relative to SMBASE.
+pub const SAVE_STATE_SMBASE: u64 = q35::SAVE_STATE_SMBASE_OFFSET;
+
+/// TSEG layout (offsets from the TSEG base):
+///
+/// | offset | what |
+/// |---|---|
+/// | 0x000000 | GDT for SMM ([`SEL_CODE32`], [`SEL_CODE64`], [`SEL_DATA`]) |
+/// | 0x010000 | SMM page tables: identity map of RAM and the 32-bit MMIO hole, the firmware window at `FW_BASE` redirected to the TSEG copy, and an alias of all physical memory at `PHYS_OFF` |
+/// | 0x200000 | copy of the firmware image (code, data, bss), 2 MiB |
+/// | 0x400000 | one 64 KiB tile per CPU (tile = SMBASE): per-CPU block at +0, entry stub at +0x8000, save state at +0xFE00 |
+/// | 0x800000 | one 64 KiB SMM stack per CPU; its lowest 8 bytes hold the CPU's tile address |
+/// | 0xC00000 | the agent's SMRAM copies of the request (64 KiB) and of the reply (2 MiB) |
+pub const GDT_OFF: u64 = 0;
+pub const PT_OFF: u64 = 0x1_0000;
+pub const IMAGE_OFF: u64 = 0x20_0000;
+pub const TILES_OFF: u64 = 0x40_0000;
+/// A CPU's tile is `TILES_OFF + (APIC ID << TILE_SHIFT)`.
+pub const TILE_SHIFT: u32 = 16;
+pub const TILE_SIZE: u64 = 1 << TILE_SHIFT;
+/// CPU index = APIC ID, one tile, stack and bit of a u64 mask each.
+pub const MAX_CPUS: u32 = 64;
+pub const MAX_APIC_ID: u32 = MAX_CPUS - 1;
+pub const STACKS_OFF: u64 = 0x80_0000;
+pub const STACK_SIZE: u64 = 0x1_0000;
+pub const REQUEST_BUF_OFF: u64 = 0xC0_0000;
+pub const REQUEST_BUF_LEN: u64 = 0x1_0000;
+pub const REPLY_BUF_OFF: u64 = 0xC1_0000;
+pub const REPLY_BUF_LEN: u64 = 0x20_0000;
+/// The smallest TSEG this layout fits in.
+pub const MIN_TSEG: u64 = REPLY_BUF_OFF + REPLY_BUF_LEN;
+/// The SMM page tables map at most this much physical memory.
+pub const MAX_MAPPED_GIB: u64 = 256;
+const _: () = assert!(
+    IMAGE_OFF >= PT_OFF
+        && TILES_OFF >= IMAGE_OFF + FW_WINDOW
+        && STACKS_OFF >= TILES_OFF + MAX_CPUS as u64 * TILE_SIZE
+        && REQUEST_BUF_OFF >= STACKS_OFF + MAX_CPUS as u64 * STACK_SIZE
+        && REPLY_BUF_OFF >= REQUEST_BUF_OFF + REQUEST_BUF_LEN
+        && (MAX_APIC_ID as u64) < 64
+);
+
+/// Per-CPU block, at the start of the CPU's tile: the interrupted FXSAVE
+/// area, the saved RSP (used by `smm_abort_resume`) and the CPU index. The
+/// rendezvous keeps its per-CPU state in SMRAM statics
+/// (`smmvmi_agent::rendezvous`).
+pub const PERCPU_FXSAVE: u64 = 0;
+pub const PERCPU_SAVED_RSP: u64 = 512;
+pub const PERCPU_INDEX: u64 = 520;
+/// The per-CPU block's size: it must stay clear of the entry stub.
+pub const PERCPU_LEN: u64 = 0x1000;
+const _: () = assert!(PERCPU_LEN <= SMI_ENTRY_OFFSET && PERCPU_INDEX + 4 <= PERCPU_LEN);

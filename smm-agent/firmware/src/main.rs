@@ -10,6 +10,29 @@
 //! `#![forbid(unsafe_code)]` crates `smmvmi-boot`, `smmvmi-agent` and
 //! `smmvmi-mailbox`, which are tested on the host.
 //!
+//! # Layers
+//! Modules import only downward:
+//!
+//! 1. [`hw`]: the accesses themselves (I/O ports, PCI configuration, CPU
+//!    registers, TSC and PM timer, local APIC, debug console and exit, raw
+//!    memory as bounds-checked `Region`s, chipset registers, the fw_cfg
+//!    device, the IDT). Imports no other firmware module.
+//! 2. [`layout`]: every fixed address, size, offset and command number. The
+//!    assembly (`src/asm/*.s`) receives them as `const` operands of
+//!    `global_asm!` below, never as literals of its own.
+//! 3. [`smm`] and [`boot`]: the SMM runtime (SMI entry and rendezvous, the
+//!    agent glue, what an exception does in SMM and before Linux) and the one-time boot steps (fw_cfg, e820,
+//!    PCI, ACPI, TSEG install/relocate/seal, Linux). `smm` never imports
+//!    `boot`; `boot` uses of `smm` only `smm::config`, the configuration
+//!    type and the one step that seals it into TSEG.
+//! 4. `main` (this file): runs the boot steps in order, and on the first
+//!    [`boot::error::BootError`] stops the machine with that error's message
+//!    and exit code.
+//!
+//! What SMM relies on from boot is one value, `smm::config::SmmConfig`,
+//! written into the image only by `OpenTseg::seal`, the step that copies the
+//! image into TSEG: no store can come after the copy and be lost.
+//!
 //! It trusts QEMU's fw_cfg to describe the machine (bounds are still
 //! checked); it trusts nothing that the guest OS or the host writes into the
 //! mailbox. It must never read SMRAM or MMIO on anyone's behalf, and every
@@ -17,262 +40,147 @@
 #![no_std]
 #![no_main]
 
-mod acpi;
-mod agent;
-mod chipset;
-mod console;
-mod exceptions;
-mod exit;
-mod fwcfg;
-mod lapic;
+mod boot;
+mod hw;
 mod layout;
-mod linux;
-mod memory;
-mod pci_cfg;
-mod pmtimer;
-mod smi;
 mod smm;
-mod tsc;
 
 use core::arch::global_asm;
-use core::sync::atomic::Ordering;
 
-use smmvmi_boot::e820::{self, E820Map};
+use smmvmi_boot::e820 as e820_kind;
 use smmvmi_boot::fw_cfg as fwc;
-use smmvmi_boot::pci;
 use smmvmi_boot::q35;
 
-use exit::{ExitCode, exit};
-use fwcfg::FwCfg;
-use smi::SMM;
+use boot::error::BootError;
+use boot::{acpi, e820, linux, pci, platform, tseg};
+use hw::exit::{ExitCode, exit};
+use hw::fw_cfg::FwCfg;
+use hw::tsc;
+use smm::config::{OpenTseg, SmmConfig};
+use smm::{agent, smi};
 
+// The assembly takes every layout fact as a `const` operand (`{NAME}` in
+// the .s file), never as a literal of its own.
 global_asm!(include_str!("asm/x86.s"), options(att_syntax));
-global_asm!(include_str!("asm/reset.s"), options(att_syntax));
+global_asm!(
+    include_str!("asm/reset.s"),
+    BOOT_PML4 = const layout::BOOT_PML4,
+    BOOT_PDPT = const layout::BOOT_PDPT,
+    BOOT_PD = const layout::BOOT_PD,
+    BOOT_PT_PAGES = const layout::BOOT_PT_PAGES,
+    SEL_CODE32 = const layout::SEL_CODE32,
+    SEL_CODE64 = const layout::SEL_CODE64,
+    SEL_DATA = const layout::SEL_DATA,
+    options(att_syntax)
+);
 global_asm!(include_str!("asm/mem.s"), options(att_syntax));
-global_asm!(include_str!("asm/smm.s"), options(att_syntax));
-
-/// The mailbox device: QEMU `ivshmem-plain` (1af4:1110), shared memory in BAR2.
-const IVSHMEM_VENDOR: u16 = 0x1af4;
-const IVSHMEM_DEVICE: u16 = 0x1110;
-const IVSHMEM_BAR: u8 = 2;
-
-fn mailbox_min() -> u64 {
-    smmvmi_mailbox::layout::MIN_MAILBOX_SIZE as u64
-}
-
-fn fatal(code: ExitCode, msg: core::fmt::Arguments) -> ! {
-    log!("error: {msg}");
-    exit(code)
-}
+global_asm!(
+    include_str!("asm/smm.s"),
+    RELOC_DATA = const layout::RELOC_DATA,
+    RELOC_NEXT_SMBASE = const layout::RELOC_NEXT_SMBASE,
+    RELOC_DONE = const layout::RELOC_DONE,
+    RELOC_AP_TICKET = const layout::RELOC_AP_TICKET,
+    RELOC_AP_TURN = const layout::RELOC_AP_TURN,
+    RELOC_TILES_BASE = const layout::RELOC_TILES_BASE,
+    RELOC_CPU_MASK = const layout::RELOC_CPU_MASK,
+    RELOC_BAD_APIC_ID = const layout::RELOC_BAD_APIC_ID,
+    RELOC_AP_STACK_TOP = const layout::RELOC_AP_STACK_TOP,
+    TILE_SHIFT = const layout::TILE_SHIFT,
+    MAX_APIC_ID = const layout::MAX_APIC_ID,
+    SMI_ENTRY_OFFSET = const layout::SMI_ENTRY_OFFSET,
+    SAVE_STATE_SMBASE = const layout::SAVE_STATE_SMBASE,
+    PERCPU_FXSAVE = const layout::PERCPU_FXSAVE,
+    PERCPU_SAVED_RSP = const layout::PERCPU_SAVED_RSP,
+    SEL_CODE32 = const layout::SEL_CODE32,
+    SEL_CODE64 = const layout::SEL_CODE64,
+    SEL_DATA = const layout::SEL_DATA,
+    GDT_ENTRIES = const layout::GDT_ENTRIES,
+    APM_CNT_PORT = const q35::APM_CNT_PORT,
+    APM_CMD_FIRMWARE = const layout::APM_CMD_FIRMWARE,
+    options(att_syntax)
+);
 
 #[unsafe(no_mangle)]
 extern "C" fn firmware_main() -> ! {
-    exceptions::init();
+    hw::idt::init();
     log!("firmware {} starting", env!("CARGO_PKG_VERSION"));
-
-    let mut fw = FwCfg { dma: false };
-    if let Err(e) = fwc::check_signature(&mut fw) {
-        fatal(ExitCode::FwCfg, format_args!("{e}"));
+    match boot() {
+        Ok(prepared) => linux::enter(prepared),
+        Err(e) => e.stop(),
     }
+}
+
+/// Every boot step, in order: the machine, SMM (sealed and locked), then
+/// Linux loaded and ready to enter.
+fn boot() -> Result<linux::Prepared, BootError> {
+    let mut fw = FwCfg { dma: false };
+    fwc::check_signature(&mut fw).map_err(BootError::FwCfg)?;
     fw.dma = fwc::dma_supported(&mut fw);
 
     // Chipset: is this q35 with SMRAM and SMI support?
-    let id = chipset::mch_device_id();
-    if id != q35::MCH_DEVICE_ID {
-        fatal(
-            ExitCode::NoSmram,
-            format_args!(
-                "host bridge device id {id:#06x}, expected q35 MCH {:#06x}: run with -machine q35",
-                q35::MCH_DEVICE_ID
-            ),
-        );
-    }
-    let esmramc = chipset::mch_read8(q35::MCH_ESMRAMC);
-    if !q35::smram_present(esmramc) {
-        fatal(
-            ExitCode::NoSmram,
-            format_args!(
-                "ESMRAMC reads {esmramc:#04x}, expected {:#04x}: the machine has no SMRAM; run with -machine q35,smm=on",
-                q35::ESMRAMC_RESET_WITH_SMRAM
-            ),
-        );
-    }
-    chipset::enable_pm_io();
-    if chipset::smi_en() & q35::SMI_EN_APMC_EN != 0 {
-        fatal(
-            ExitCode::NoSmram,
-            format_args!("SMI_EN.APMC_EN is set at reset: this QEMU has no SMI support (smm=off?)"),
-        );
-    }
-    chipset::enable_apm_smi();
+    platform::check_and_enable_smi()?;
 
     // Memory map.
-    let e820 = read_e820(&mut fw);
-    let Some(lowmem) = e820.lowmem_top() else {
-        fatal(
-            ExitCode::TooLittleRam,
-            format_args!("etc/e820 has no RAM above 1 MiB below 4 GiB"),
-        );
-    };
-    let Some(tseg_size) = chipset::tseg_bytes() else {
-        fatal(
-            ExitCode::NoSmram,
-            format_args!(
-                "the MCH reports no extended TSEG; use QEMU >= 2.10 with -global mch.extended-tseg-mbytes=16"
-            ),
-        );
-    };
-    if tseg_size < smm::MIN_TSEG {
-        fatal(
-            ExitCode::NoSmram,
-            format_args!(
-                "TSEG is {} MiB, need at least {} MiB: add -global mch.extended-tseg-mbytes=16",
-                tseg_size >> 20,
-                smm::MIN_TSEG.div_ceil(1 << 20)
-            ),
-        );
-    }
-    let Some(tseg_base) = q35::tseg_base(lowmem, tseg_size) else {
-        fatal(
-            ExitCode::TooLittleRam,
-            format_args!(
-                "RAM below 4 GiB ends at {lowmem:#x}, too little for a {} MiB TSEG",
-                tseg_size >> 20
-            ),
-        );
-    };
+    let e820 = e820::read(&mut fw)?;
+    let lowmem = e820.lowmem_top().ok_or(BootError::NoLowRam)?;
+    let (tseg_base, tseg_size) = platform::tseg_range(lowmem)?;
     log!("tseg base={tseg_base:#x} size={tseg_size:#x}");
-    let acpi_base = tseg_base - acpi::AREA_LEN;
+    let acpi_base = tseg_base - layout::ACPI_AREA_LEN;
 
-    // PCI: MMCONFIG first, BARs next; QEMU builds the ACPI tables (MCFG,
-    // _CRS of the host bridge) from both when the table-loader is read.
-    chipset::enable_mmconfig();
-    let windows = pci::Windows {
-        mem_hole: Some((q35::PCIEXBAR_BASE, q35::PCIEXBAR_BASE + q35::PCIEXBAR_SIZE)),
-        ..pci::Windows::default()
-    };
-    let assigned = match pci::assign(&mut pci_cfg::Cf8, &windows) {
-        Ok(a) => a,
-        Err(e) => fatal(ExitCode::Pci, format_args!("{e}")),
-    };
-    for b in assigned.bars() {
-        log!(
-            "pci {:02x}:{:02x}.{} {:04x}:{:04x} BAR{} {:?} {:#x}+{:#x}",
-            b.bdf.bus,
-            b.bdf.dev,
-            b.bdf.func,
-            b.vendor,
-            b.device,
-            b.bar,
-            b.kind,
-            b.addr,
-            b.size
-        );
-    }
-    match assigned.find(IVSHMEM_VENDOR, IVSHMEM_DEVICE, IVSHMEM_BAR) {
-        Some(b) if b.size > smm::REPLY_BUF_LEN || b.size < mailbox_min() => log!(
-            "error: the ivshmem-plain BAR is {} KiB; the agent supports {} KiB to {} KiB (e.g. size=1M): no mailbox",
-            b.size >> 10,
-            mailbox_min() >> 10,
-            smm::REPLY_BUF_LEN >> 10
-        ),
-        Some(b) => {
-            let bdf = u32::from(b.bdf.bus) << 8 | u32::from(b.bdf.dev) << 3 | u32::from(b.bdf.func);
-            SMM.mailbox_pa.store(b.addr, Ordering::Relaxed);
-            SMM.mailbox_len.store(b.size, Ordering::Relaxed);
-            SMM.mailbox_bdf.store(bdf, Ordering::Relaxed);
-            smi::announce_booting(b.addr, b.size);
-            log!(
-                "mailbox: ivshmem BAR{IVSHMEM_BAR} at {:#x}, {} KiB",
-                b.addr,
-                b.size >> 10
-            );
-        }
-        None => log!("no ivshmem-plain device: the agent has no mailbox and will serve nothing"),
-    }
-    let rsdp = match acpi::install(&mut fw, acpi_base) {
-        Ok(None) => fatal(
-            ExitCode::NoAcpi,
-            format_args!(
-                "QEMU provides no ACPI tables (no fw_cfg etc/table-loader): drop -no-acpi / acpi=off; Linux needs them to see every CPU"
-            ),
-        ),
-        Ok(Some(loaded)) => match loaded.rsdp() {
-            Ok(r) => r,
-            Err(e) => fatal(ExitCode::NoAcpi, format_args!("{e}")),
-        },
-        Err(e) => fatal(ExitCode::NoAcpi, format_args!("{e}")),
-    };
+    // PCI before ACPI: QEMU builds the tables from both.
+    let mailbox = pci::assign()?;
+    let rsdp = acpi::install(&mut fw, acpi_base)?;
     log!("ACPI tables at {acpi_base:#x}, RSDP {rsdp:#x}");
 
     let ncpus = fwc::read_u16_le(&mut fw, fwc::NB_CPUS).into();
-    let plan = smm::Plan {
-        tseg_base,
-        tseg_size,
+    let plan = tseg::Plan {
         ncpus,
         phys_end: e820.highest_ram_end(),
     };
-    let cpu_mask = smm::install_and_relocate(&plan);
-    SMM.cpu_mask.store(cpu_mask, Ordering::Relaxed);
+    // SAFETY: [tseg_base, +tseg_size) is TSEG as the MCH reports it, at the
+    // top of RAM below 4 GiB (platform::tseg_range), open since reset (T_EN
+    // clear), identity mapped by the boot page tables, and used by nothing
+    // else before Linux.
+    let Some(open) = (unsafe { OpenTseg::claim(tseg_base, tseg_size) }) else {
+        unreachable!("TSEG is claimed once, here");
+    };
+    let installed = tseg::install_and_relocate(&open, &plan)?;
+    let cpu_mask = installed.cpu_mask;
     log!("SMBASE relocated on {ncpus} CPUs (APIC IDs mask {cpu_mask:#x})");
-    let features = smm::negotiate_broadcast(&mut fw);
-    SMM.ncpus.store(ncpus, Ordering::Relaxed);
-    SMM.tseg_base.store(tseg_base, Ordering::Relaxed);
-    SMM.tseg_size.store(tseg_size, Ordering::Relaxed);
-    SMM.features.store(features, Ordering::Relaxed);
-    SMM.boot_selftest.store(true, Ordering::Relaxed);
-    SMM.tsc_per_ms.store(tsc::calibrate(), Ordering::Relaxed);
-    let mut handoff = e820.clone();
-    let reserve = [
-        (tseg_base, tseg_size, e820::RESERVED),
-        (acpi_base, acpi::AREA_LEN, e820::ACPI),
-    ];
-    let carved = reserve
-        .iter()
-        .try_for_each(|&(addr, len, kind)| handoff.reserve(addr, len, kind))
-        .and_then(|()| handoff.add_legacy_holes());
-    if let Err(e) = carved {
-        fatal(ExitCode::TooLittleRam, format_args!("e820: {e}"));
-    }
+    let features = tseg::negotiate_broadcast(&mut fw)?;
+    let config = SmmConfig {
+        smm_cr3: installed.smm_cr3,
+        ncpus,
+        cpu_mask,
+        mailbox,
+        features,
+        tsc_per_ms: tsc::calibrate(),
+    };
+    let handoff = e820::handoff(
+        &e820,
+        &[
+            (tseg_base, tseg_size, e820_kind::RESERVED),
+            (acpi_base, layout::ACPI_AREA_LEN, e820_kind::ACPI),
+        ],
+    )?;
     agent::provision(&mut fw, &handoff, tseg_base, tseg_size);
-    smm::seal(&plan);
+    tseg::lock(open.seal(config))?;
     agent::scrub_boot_copy();
-    smm::self_test();
+    tseg::self_test()?;
     log!("SMM locked; SMI broadcast on");
 
-    let prepared = linux::prepare(&mut fw, &handoff, acpi_base, rsdp);
-    linux::enter(prepared)
-}
-
-fn read_e820(fw: &mut FwCfg) -> E820Map {
-    let file = match fwc::find_file(fw, "etc/e820") {
-        Ok(Some(f)) => f,
-        Ok(None) => fatal(
-            ExitCode::FwCfg,
-            format_args!("fw_cfg has no etc/e820 file: QEMU too old?"),
-        ),
-        Err(e) => fatal(ExitCode::FwCfg, format_args!("{e}")),
-    };
-    let mut buf = [0u8; smmvmi_boot::e820::CAPACITY * smmvmi_boot::e820::ENTRY_LEN];
-    let bytes = match fwc::read_item(fw, file.select, file.size, &mut buf) {
-        Ok(b) => b,
-        Err(e) => fatal(ExitCode::FwCfg, format_args!("etc/e820: {e}")),
-    };
-    match E820Map::parse(bytes) {
-        Ok(m) => m,
-        Err(e) => fatal(ExitCode::FwCfg, format_args!("etc/e820: {e}")),
-    }
+    linux::prepare(&mut fw, &handoff, acpi_base, rsdp)
 }
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
-    console::print(format_args!("smmvmi: PANIC: {info}\n"));
+    hw::console::print(format_args!("smmvmi: PANIC: {info}\n"));
     if smi::in_smm() {
         // In SMM a panic must not stop the machine: take the fault path
         // (reported in the mailbox, the SMI returns, the VM runs on).
-        // SAFETY: `ud2` raises #UD, which the SMM IDT turns into
-        // `smi::on_exception` and the SMI's normal exit.
-        unsafe { core::arch::asm!("ud2", options(nomem, nostack, noreturn)) }
+        // The SMM IDT turns the #UD into `smi::on_exception` and the SMI's
+        // normal exit.
+        hw::cpu::raise_invalid_opcode()
     }
     exit(ExitCode::Panic)
 }

@@ -1,13 +1,13 @@
 # Reset path: 16-bit real mode at the reset vector -> 32-bit protected mode
 # (executing from ROM) -> 64-bit long mode in the RAM copy of the image.
 #
-# Boot page tables (identity map of the low 4 GiB with 2 MiB pages):
-#   BOOT_PML4 = 0x100000, BOOT_PDPT = 0x101000, BOOT_PD0..3 = 0x102000..0x105fff
-# These addresses are listed in src/layout.rs; keep the two in sync.
+# Boot page tables (identity map of the low 4 GiB with 2 MiB pages): a PML4,
+# a PDPT and four page directories at BOOT_PML4 (src/layout.rs). Every
+# braced name is a const operand of the `global_asm!` in src/main.rs.
 
-.set BOOT_PML4, 0x100000
-.set BOOT_PDPT, 0x101000
-.set BOOT_PD,   0x102000
+.set BOOT_PML4, {BOOT_PML4}
+.set BOOT_PDPT, {BOOT_PDPT}
+.set BOOT_PD,   {BOOT_PD}
 
 
 .section .reset16, "ax"
@@ -29,7 +29,7 @@ reset16:
     andl $~(CR0_CD | CR0_NW | CR0_EM | CR0_TS), %eax
     orl $(CR0_PE | CR0_MP | CR0_NE), %eax
     movl %eax, %cr0
-    ljmpl $0x08, $start32
+    ljmpl ${SEL_CODE32}, $start32
 
 ap_park16:
     hlt
@@ -37,7 +37,7 @@ ap_park16:
 
 .code32
 start32:
-    movw $0x18, %ax
+    movw ${SEL_DATA}, %ax
     movw %ax, %ds
     movw %ax, %es
     movw %ax, %ss
@@ -58,9 +58,9 @@ start32:
     subl $__bss_start, %ecx
     rep stosb
 
-    # Boot page tables: clear 6 pages, then fill.
+    # Boot page tables: clear them, then fill.
     movl $BOOT_PML4, %edi
-    movl $(6 * 4096 / 4), %ecx
+    movl $({BOOT_PT_PAGES} * 4096 / 4), %ecx
     rep stosl
     movl $(BOOT_PDPT | 0x3), BOOT_PML4
     movl $0, %ecx
@@ -94,7 +94,7 @@ start32:
     movl %cr0, %eax
     orl $CR0_PG, %eax
     movl %eax, %cr0
-    ljmpl $0x10, $start64
+    ljmpl ${SEL_CODE64}, $start64
 
 .balign 16
 boot_gdt:
@@ -118,7 +118,7 @@ reset_vector:
 .code64
 .global start64
 start64:
-    movl $0x18, %eax
+    movl ${SEL_DATA}, %eax
     movl %eax, %ds
     movl %eax, %es
     movl %eax, %ss

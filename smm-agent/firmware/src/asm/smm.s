@@ -1,32 +1,31 @@
 # System Management Mode entry, SMBASE relocation and AP start-up code.
 #
-# The three templates in .rodata are copied by src/smm.rs to where the CPU
-# executes them; the `*_patch_*` labels mark immediates that src/smm.rs fills
-# in for each copy. The common entry and the exception stubs run from the
-# firmware image (in SMM, from its copy inside TSEG).
+# The three templates in .rodata are copied by src/boot/tseg.rs to where the
+# CPU executes them; the `*_patch_*` labels mark immediates that
+# src/boot/tseg.rs fills in for each copy. The common entry and the exception
+# stubs run from the firmware image (in SMM, from its copy inside TSEG).
+#
+# Every braced name is a const operand of the `global_asm!` in src/main.rs,
+# taken from src/layout.rs: no layout fact is written here a second time.
 
-
-# Low-memory relocation data (layout.rs: RELOC_DATA).
-.set RELOC_DATA, 0x9000
-.set RELOC_NEXT_SMBASE, RELOC_DATA + 0
-.set RELOC_DONE, RELOC_DATA + 4
-.set AP_TICKET, RELOC_DATA + 8
-.set AP_TURN, RELOC_DATA + 12
-.set TILES_BASE, RELOC_DATA + 16
-.set CPU_MASK_LO, RELOC_DATA + 24
-.set CPU_MASK_HI, RELOC_DATA + 28
-.set BAD_APIC_ID, RELOC_DATA + 32
-.set TILE_SHIFT, 16
-.set MAX_APIC_ID, 63
+# Low-memory relocation data (layout.rs: RELOC_DATA and the RELOC_* offsets).
+.set RELOC_NEXT_SMBASE, {RELOC_DATA} + {RELOC_NEXT_SMBASE}
+.set RELOC_DONE, {RELOC_DATA} + {RELOC_DONE}
+.set AP_TICKET, {RELOC_DATA} + {RELOC_AP_TICKET}
+.set AP_TURN, {RELOC_DATA} + {RELOC_AP_TURN}
+.set TILES_BASE, {RELOC_DATA} + {RELOC_TILES_BASE}
+.set CPU_MASK_LO, {RELOC_DATA} + {RELOC_CPU_MASK}
+.set CPU_MASK_HI, {RELOC_DATA} + {RELOC_CPU_MASK} + 4
+.set BAD_APIC_ID, {RELOC_DATA} + {RELOC_BAD_APIC_ID}
 
 # ---------------------------------------------------------------------------
-# Per-CPU SMI entry, copied to SMBASE + 0x8000. Entered in a real-mode-like
+# Per-CPU SMI entry, copied to SMBASE + SMI_ENTRY_OFFSET (0x8000). Entered in a real-mode-like
 # state: CS.base = SMBASE, IP = 0x8000, data segments base 0 limit 4 GiB.
 .section .rodata.smm_stub, "a"
 .code16
 .global smm_stub_start
 smm_stub_start:
-    lgdtl %cs:(0x8000 + smm_gdt_desc - smm_stub_start)
+    lgdtl %cs:({SMI_ENTRY_OFFSET} + smm_gdt_desc - smm_stub_start)
     movl %cr0, %eax
     andl $~(CR0_EM | CR0_TS | CR0_PG | CR0_CD | CR0_NW), %eax
     orl $(CR0_PE | CR0_MP | CR0_NE), %eax
@@ -35,11 +34,11 @@ smm_stub_start:
 .global smm_patch_entry32
 smm_patch_entry32:
     .long 0
-    .word 0x08
+    .word {SEL_CODE32}
 .code32
 .global smm_stub_entry32
 smm_stub_entry32:
-    movw $0x18, %ax
+    movw ${SEL_DATA}, %ax
     movw %ax, %ds
     movw %ax, %es
     movw %ax, %ss
@@ -66,7 +65,7 @@ smm_patch_efer:
 .global smm_patch_entry64
 smm_patch_entry64:
     .long 0
-    .word 0x10
+    .word {SEL_CODE64}
 .code64
 .global smm_stub_entry64
 smm_stub_entry64:
@@ -82,7 +81,7 @@ smm_patch_percpu:
     jmpq *%rax
 .balign 8
 smm_gdt_desc:
-    .word 4 * 8 - 1
+    .word {GDT_ENTRIES} * 8 - 1
 .global smm_patch_gdt
 smm_patch_gdt:
     .long 0
@@ -90,15 +89,16 @@ smm_patch_gdt:
 smm_stub_end:
 
 # ---------------------------------------------------------------------------
-# SMBASE relocation handler, copied to 0x38000 (default SMBASE 0x30000 +
-# 0x8000). Writes the new SMBASE into the save state (0x30000 + 0xff00),
+# SMBASE relocation handler, copied to RELOC_STUB 0x38000 (default SMBASE
+# 0x30000 + 0x8000). Writes the new SMBASE into the save state (0x30000 +
+# SAVE_STATE_SMBASE),
 # counts itself done and returns; RSM then reloads SMBASE.
 .section .rodata.reloc_stub, "a"
 .code16
 .global reloc_stub_start
 reloc_stub_start:
     movl (RELOC_NEXT_SMBASE), %eax
-    movl %eax, %cs:0xff00
+    movl %eax, %cs:{SAVE_STATE_SMBASE}
     lock incl (RELOC_DONE)
     rsm
 .global reloc_stub_end
@@ -108,7 +108,7 @@ reloc_stub_end:
 # AP start-up code, copied to 0x8000 (SIPI vector 0x08): real mode, CS=0x0800.
 # Each AP takes a ticket and waits for its turn. Its CPU index is its initial
 # APIC ID (CPUID.1:EBX[31:24]), so agent CPU N is APIC ID N; it relocates its
-# SMBASE to TILES_BASE + (APIC ID << 16) with a self-SMI (SMI broadcast is not
+# SMBASE to TILES_BASE + (APIC ID << TILE_SHIFT) with a self-SMI (SMI broadcast is not
 # negotiated yet, so an APM write interrupts only the writing CPU), records
 # itself in CPU_MASK, hands the turn on and parks with interrupts off. An
 # APIC ID above MAX_APIC_ID is reported in BAD_APIC_ID and not relocated.
@@ -122,7 +122,7 @@ ap_start:
     xorw %ax, %ax
     movw %ax, %ds
     movw %ax, %ss
-    movw $(RELOC_DATA + 0xff0), %sp
+    movw $({RELOC_DATA} + {RELOC_AP_STACK_TOP}), %sp
     movl $1, %eax
     lock xaddl %eax, (AP_TICKET)
     movl %eax, %edi
@@ -132,7 +132,7 @@ ap_start:
     movl $1, %eax
     cpuid
     shrl $24, %ebx
-    cmpl $MAX_APIC_ID, %ebx
+    cmpl ${MAX_APIC_ID}, %ebx
     ja 4f
     movl %ebx, %ecx
     movl $1, %eax
@@ -144,12 +144,12 @@ ap_start:
 5:  subl $32, %ecx
     shll %cl, %eax
     lock orl %eax, (CPU_MASK_HI)
-6:  shll $TILE_SHIFT, %ebx
+6:  shll ${TILE_SHIFT}, %ebx
     addl (TILES_BASE), %ebx
     movl %ebx, (RELOC_NEXT_SMBASE)
     movl (RELOC_DONE), %ecx
-    movb $0xa5, %al
-    outb %al, $0xb2
+    movb ${APM_CMD_FIRMWARE}, %al
+    outb %al, ${APM_CNT_PORT}
 2:  pause
     cmpl (RELOC_DONE), %ecx
     je 2b
@@ -170,11 +170,11 @@ ap_start_end:
 .code64
 .global smm_common_entry
 smm_common_entry:
-    fxsave64 (%rdi)
+    fxsave64 {PERCPU_FXSAVE}(%rdi)
     fninit
     ldmxcsr smm_mxcsr(%rip)
     lidtq firmware_idt_desc(%rip)
-    movq %rsp, 512(%rdi)
+    movq %rsp, {PERCPU_SAVED_RSP}(%rdi)
     pushq %rdi
     pushq %rdi
     call smm_main
@@ -182,14 +182,14 @@ smm_common_entry:
 smm_return:
     popq %rdi
     popq %rdi
-    fxrstor64 (%rdi)
+    fxrstor64 {PERCPU_FXSAVE}(%rdi)
     rsm
 
 # Resumes the SMI return path after an exception in SMM.
 # In: RDI = the per-CPU block of the faulting CPU.
 .global smm_abort_resume
 smm_abort_resume:
-    movq 512(%rdi), %rsp
+    movq {PERCPU_SAVED_RSP}(%rdi), %rsp
     subq $16, %rsp
     jmp smm_return
 
@@ -201,7 +201,7 @@ smm_mxcsr:
 # ---------------------------------------------------------------------------
 # Exception stubs (vectors 0-31), shared by boot and SMM. Each pushes a dummy
 # error code where the CPU pushes none, then the vector, saves the general
-# registers and calls exception_handler(frame) (src/exceptions.rs).
+# registers and calls exception_handler(frame) (src/smm/exceptions.rs).
 .section .text.exceptions, "ax"
 .code64
 .macro EXC_NOERR n
@@ -279,7 +279,7 @@ exception_stubs:
     .quad exc_\n
 .endr
 
-# The IDT shared by boot and SMM (filled by src/exceptions.rs), and its
+# The IDT shared by boot and SMM (filled by src/hw/idt.rs), and its
 # descriptor; both live in the image, so in SMM they are the TSEG copy's.
 .section .bss.idt, "aw", @nobits
 .balign 16

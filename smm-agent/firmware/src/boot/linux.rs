@@ -6,19 +6,14 @@ use smmvmi_boot::e820::E820Map;
 use smmvmi_boot::fw_cfg::{self as fwc, FwCfgIo};
 use smmvmi_boot::linux::{self, BootParamsInput, SetupHeader};
 
-use crate::exit::{ExitCode, exit};
-use crate::fwcfg::FwCfg;
+use super::error::BootError;
+use crate::hw::fw_cfg::FwCfg;
+use crate::hw::memory::Region;
 use crate::layout::{BOOT_PARAMS, CMDLINE, CMDLINE_MAX};
 use crate::log;
-use crate::memory::Region;
 
 /// Largest setup blob (boot sector + setup sectors) we accept.
 const SETUP_MAX: usize = 0x8000;
-
-fn fatal(code: ExitCode, msg: core::fmt::Arguments) -> ! {
-    log!("error: {msg}");
-    exit(code)
-}
 
 /// What `prepare` loaded, ready for `enter`.
 pub struct Prepared {
@@ -27,42 +22,34 @@ pub struct Prepared {
 
 /// Loads kernel, initrd and command line, and writes the zero page.
 /// `low_ram_end`/`reserved_start`: usable low RAM is `[1 MiB, reserved_start)`.
-pub fn prepare(fw: &mut FwCfg, e820: &E820Map, reserved_start: u64, rsdp: u64) -> Prepared {
+pub fn prepare(
+    fw: &mut FwCfg,
+    e820: &E820Map,
+    reserved_start: u64,
+    rsdp: u64,
+) -> Result<Prepared, BootError> {
     let kernel_size = u64::from(fwc::read_u32_le(fw, fwc::KERNEL_SIZE));
     let setup_size = fwc::read_u32_le(fw, fwc::SETUP_SIZE) as usize;
     if kernel_size == 0 || setup_size == 0 {
-        fatal(
-            ExitCode::NoKernel,
-            format_args!(
-                "no kernel in fw_cfg: start QEMU with -kernel <bzImage> (and -initrd, -append)"
-            ),
-        );
+        return Err(BootError::NoKernel);
     }
     if setup_size > SETUP_MAX {
-        fatal(
-            ExitCode::BadKernel,
-            format_args!(
-                "setup blob is {setup_size} bytes, expected at most {SETUP_MAX}: not a bzImage?"
-            ),
-        );
+        return Err(BootError::SetupTooLarge {
+            size: setup_size,
+            max: SETUP_MAX,
+        });
     }
     let mut setup = [0u8; SETUP_MAX];
     fw.select(fwc::SETUP_DATA);
     fw.read(&mut setup[..setup_size]);
     let setup = &setup[..setup_size];
-    let hdr = match SetupHeader::parse(setup) {
-        Ok(h) => h,
-        Err(e) => fatal(ExitCode::BadKernel, format_args!("{e}")),
-    };
+    let hdr = SetupHeader::parse(setup).map_err(BootError::Kernel)?;
     let initrd_size = u64::from(fwc::read_u32_le(fw, fwc::INITRD_SIZE));
     let cmdline_size = u64::from(fwc::read_u32_le(fw, fwc::CMDLINE_SIZE));
 
     let low_ram_end = e820.lowmem_top().unwrap_or(0);
-    let layout =
-        match linux::plan_layout(&hdr, low_ram_end, reserved_start, kernel_size, initrd_size) {
-            Ok(l) => l,
-            Err(e) => fatal(ExitCode::TooLittleRam, format_args!("{e}")),
-        };
+    let layout = linux::plan_layout(&hdr, low_ram_end, reserved_start, kernel_size, initrd_size)
+        .map_err(BootError::KernelLayout)?;
     log!(
         "kernel {kernel_size} bytes at {:#x}, initrd {initrd_size} bytes at {:#x}, protocol {:#x}",
         layout.kernel_addr,
@@ -74,25 +61,22 @@ pub fn prepare(fw: &mut FwCfg, e820: &E820Map, reserved_start: u64, rsdp: u64) -
     // the firmware (1 MiB and up, below the reserved top area); nothing the
     // firmware still needs lives there.
     let kernel = unsafe { Region::new(layout.kernel_addr, kernel_size) };
-    if let Err(e) = fw.read_to(fwc::KERNEL_DATA, &kernel) {
-        fatal(ExitCode::FwCfg, format_args!("reading the kernel: {e}"));
-    }
+    fw.read_to(fwc::KERNEL_DATA, &kernel)
+        .map_err(BootError::KernelRead)?;
     if initrd_size != 0 {
         // SAFETY: as for the kernel; the planner keeps the initrd above the
         // kernel window and below the reserved area.
         let initrd = unsafe { Region::new(layout.initrd_addr, initrd_size) };
-        if let Err(e) = fw.read_to(fwc::INITRD_DATA, &initrd) {
-            fatal(ExitCode::FwCfg, format_args!("reading the initrd: {e}"));
-        }
+        fw.read_to(fwc::INITRD_DATA, &initrd)
+            .map_err(BootError::InitrdRead)?;
     }
 
     // SAFETY: CMDLINE is a fixed low-memory buffer for the command line
     // (layout.rs), unused by anything else.
     let cmdline = unsafe { Region::new(CMDLINE, CMDLINE_MAX) };
     let len = cmdline_size.min(CMDLINE_MAX - 1);
-    if let Err(e) = hdr.check_cmdline(len.saturating_sub(1) as usize) {
-        fatal(ExitCode::BadKernel, format_args!("{e}"));
-    }
+    hdr.check_cmdline(len.saturating_sub(1) as usize)
+        .map_err(BootError::Kernel)?;
     cmdline.fill(0, CMDLINE_MAX, 0);
     if len > 0 {
         let mut chunk = [0u8; 256];
@@ -117,9 +101,9 @@ pub fn prepare(fw: &mut FwCfg, e820: &E820Map, reserved_start: u64, rsdp: u64) -
     // SAFETY: BOOT_PARAMS is the fixed zero-page location (layout.rs).
     let zero_page = unsafe { Region::new(BOOT_PARAMS, params.len() as u64) };
     zero_page.write(0, &params);
-    Prepared {
+    Ok(Prepared {
         entry64: layout.entry64,
-    }
+    })
 }
 
 /// Jumps to the kernel's 64-bit entry with RSI = &boot_params. The boot GDT

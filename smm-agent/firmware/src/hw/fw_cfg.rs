@@ -8,7 +8,8 @@ use smmvmi_boot::fw_cfg::{
     DATA_PORT, DMA_CTL_READ, DMA_PORT, DMA_PORT_LOW, DmaAccess, FwCfgError, FwCfgIo, SELECTOR_PORT,
 };
 
-use crate::pmtimer;
+use super::memory::Region;
+use super::pmtimer;
 
 /// The fw_cfg device. `dma` says whether the DMA interface is present
 /// (QEMU >= 2.9); without it reads fall back to the data port and writes fail.
@@ -90,7 +91,7 @@ impl FwCfg {
     /// Reads the whole item `key` (of `len` bytes) into physical memory at
     /// `dst`, which must be RAM the firmware owns (checked by the caller's
     /// layout plan).
-    pub fn read_to(&mut self, key: u16, dst: &crate::memory::Region) -> Result<(), FwCfgError> {
+    pub fn read_to(&mut self, key: u16, dst: &Region) -> Result<(), FwCfgError> {
         if self.dma {
             let desc = DmaAccess::select_read(key, dst.len() as u32, dst.base());
             return self.dma_transfer(key, desc);

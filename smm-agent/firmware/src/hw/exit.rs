@@ -7,7 +7,8 @@
 
 use x86_64::instructions::port::Port;
 
-use crate::layout::DEBUG_EXIT_PORT;
+/// QEMU `isa-debug-exit` (`-device isa-debug-exit,iobase=0xf4,iosize=4`).
+pub const DEBUG_EXIT_PORT: u16 = 0xf4;
 
 /// Why the firmware stopped. QEMU's exit status is `(code << 1) | 1`.
 #[derive(Clone, Copy, Debug)]

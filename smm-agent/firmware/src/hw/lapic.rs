@@ -1,10 +1,11 @@
 //! The boot CPU's local APIC (xAPIC MMIO at 0xFEE00000), for starting the
 //! application processors.
 
-use crate::memory::Region;
-use crate::pmtimer;
+use super::memory::Region;
+use super::pmtimer;
 
-const LAPIC_BASE: u64 = 0xfee0_0000;
+/// The xAPIC of each CPU (identity mapped by the boot page tables).
+pub const LAPIC_BASE: u64 = 0xfee0_0000;
 const ICR_LOW: u64 = 0x300;
 const ICR_HIGH: u64 = 0x310;
 const DELIVERY_PENDING: u32 = 1 << 12;

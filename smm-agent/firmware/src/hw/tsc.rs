@@ -4,9 +4,10 @@
 //! TCG every port read takes the global I/O lock, and a CPU spinning on port
 //! reads starves the other vCPUs of the very lock they need to take their
 //! SMI (measured: host-SMI p50 4 ms / p99 108 ms with the PM timer, see
-//! README).
+//! README). The rate measured at boot travels to SMM in the sealed
+//! `SmmConfig` (the SMI rendezvous converts its bounds with it).
 
-use crate::pmtimer;
+use super::pmtimer;
 
 pub fn now() -> u64 {
     // SAFETY: RDTSC has no side effects (CR4.TSD is clear in SMM and boot).

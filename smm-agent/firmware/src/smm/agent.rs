@@ -15,12 +15,11 @@ use smmvmi_boot::fw_cfg::{self as fwc, FwCfgIo};
 use smmvmi_mailbox::crypto::SHARED_KEY_LEN;
 use smmvmi_mailbox::layout as mb;
 
-use crate::fwcfg::FwCfg;
-use crate::layout::PHYS_OFF;
+use super::config::config;
+use crate::hw::fw_cfg::FwCfg;
+use crate::hw::memory::Region;
+use crate::layout::{self, PHYS_OFF};
 use crate::log;
-use crate::memory::Region;
-use crate::smi::SMM;
-use crate::smm;
 
 /// The fw_cfg file a test setup provisions the key with (visible to the
 /// host: for tests only; SEV setups inject the key as a launch secret).
@@ -56,7 +55,7 @@ pub struct Agent {
     pub ram: RamMap,
     pub smram: PhysRange,
     pub sev: SevConfig,
-    pub cpus: [CpuSnapshot; smm::MAX_CPUS as usize],
+    pub cpus: [CpuSnapshot; layout::MAX_CPUS as usize],
 }
 
 const ZERO_CPU: CpuSnapshot = {
@@ -72,13 +71,13 @@ pub static AGENT: SmmCell<Agent> = SmmCell::new(Agent {
         active: false,
         c_bit: 0,
     },
-    cpus: [ZERO_CPU; smm::MAX_CPUS as usize],
+    cpus: [ZERO_CPU; layout::MAX_CPUS as usize],
 });
 
 /// One slot per CPU: written by that CPU on SMI entry, read by the server
 /// after the rendezvous.
-static SNAPSHOTS: [SmmCell<CpuSnapshot>; smm::MAX_CPUS as usize] =
-    [const { SmmCell::new(ZERO_CPU) }; smm::MAX_CPUS as usize];
+static SNAPSHOTS: [SmmCell<CpuSnapshot>; layout::MAX_CPUS as usize] =
+    [const { SmmCell::new(ZERO_CPU) }; layout::MAX_CPUS as usize];
 
 fn rdmsr(msr: u32) -> u64 {
     // SAFETY: only architectural MSRs present on every x86-64 CPU are read
@@ -128,12 +127,12 @@ impl PhysMemory for GuestMemory {
 /// Serves the mailbox request, if any. Called by the session's server with
 /// every present CPU's snapshot stored. Returns the TSC cycles spent.
 pub fn serve(mailbox: &Region, present_mask: u64) -> Option<(Served, u64)> {
-    let t0 = crate::tsc::now();
+    let t0 = crate::hw::tsc::now();
     // SAFETY: this CPU serves the session; the rendezvous admits one server.
     let agent = unsafe { AGENT.get() };
     let state = agent.state.as_mut()?;
     // CPU index = APIC ID: the slots run up to the highest APIC ID present.
-    let mask = SMM.cpu_mask.load(Ordering::Relaxed);
+    let mask = config().cpu_mask;
     let ncpus = (64 - mask.leading_zeros() as usize).min(agent.cpus.len());
     for (i, dst) in agent.cpus.iter_mut().enumerate().take(ncpus) {
         *dst = if present_mask & (1 << i) != 0 {
@@ -155,7 +154,7 @@ pub fn serve(mailbox: &Region, present_mask: u64) -> Option<(Served, u64)> {
     // relies on once and copies the request into SMRAM before checking it.
     let slice = unsafe { mailbox.as_mut_slice() };
     let served = smmvmi_agent::serve(slice, state, &ctx, &GuestMemory);
-    Some((served, crate::tsc::now().wrapping_sub(t0)))
+    Some((served, crate::hw::tsc::now().wrapping_sub(t0)))
 }
 
 /// Whether a key is provisioned (decides "ready" vs "unprovisioned").
@@ -205,7 +204,7 @@ fn boot_salt() -> [u8; mb::SESSION_SALT_LEN] {
     let mut salt = [0u8; mb::SESSION_SALT_LEN];
     let has_rdrand = core::arch::x86_64::__cpuid(1).ecx & (1 << 30) != 0;
     let mut rdrand_ok = has_rdrand;
-    let rtc = crate::chipset::rtc_bytes();
+    let rtc = crate::hw::chipset::rtc_bytes();
     let mut rtc_word = [0u8; 8];
     rtc_word[..7].copy_from_slice(&rtc);
     for (i, chunk) in salt.chunks_mut(8).enumerate() {
@@ -221,9 +220,9 @@ fn boot_salt() -> [u8; mb::SESSION_SALT_LEN] {
             }
             rdrand_ok &= got;
         }
-        v ^= crate::tsc::now().rotate_left(17 + 8 * i as u32);
-        crate::pmtimer::delay_us(3);
-        v ^= crate::tsc::now();
+        v ^= crate::hw::tsc::now().rotate_left(17 + 8 * i as u32);
+        crate::hw::pmtimer::delay_us(3);
+        v ^= crate::hw::tsc::now();
         v ^= u64::from_le_bytes(rtc_word).rotate_left(29 * i as u32);
         chunk.copy_from_slice(&v.to_le_bytes()[..chunk.len()]);
     }
@@ -277,13 +276,13 @@ pub fn provision(fw: &mut FwCfg, handoff: &E820Map, tseg_base: u64, tseg_size: u
         }
     };
     let tseg = tseg_base;
-    // SAFETY: the SMRAM request/reply buffers (smm.rs layout), used only by
+    // SAFETY: the SMRAM request/reply buffers (layout.rs), used only by
     // the agent in SMM from now on; TSEG is open and identity mapped, and
     // the same identity mapping exists in SMM.
     let (request, reply) = unsafe {
         (
-            Region::new(tseg + smm::REQUEST_BUF_OFF, smm::REQUEST_BUF_LEN).as_mut_slice(),
-            Region::new(tseg + smm::REPLY_BUF_OFF, smm::REPLY_BUF_LEN).as_mut_slice(),
+            Region::new(tseg + layout::REQUEST_BUF_OFF, layout::REQUEST_BUF_LEN).as_mut_slice(),
+            Region::new(tseg + layout::REPLY_BUF_OFF, layout::REPLY_BUF_LEN).as_mut_slice(),
         )
     };
     agent.state = Some(AgentState::new(

@@ -5,11 +5,10 @@
 use smmvmi_boot::fw_cfg::{self as fwc, DmaAccess, FileEntry, FwCfgError, FwCfgIo};
 use smmvmi_boot::table_loader::{self, Loaded, LoaderEnv, LoaderError, Zone};
 
-use crate::fwcfg::FwCfg;
-use crate::memory::Region;
-
-/// Size of the area reserved for ACPI tables below TSEG.
-pub const AREA_LEN: u64 = 0x10_0000;
+use super::error::BootError;
+use crate::hw::fw_cfg::FwCfg;
+use crate::hw::memory::Region;
+use crate::layout::ACPI_AREA_LEN as AREA_LEN;
 
 struct Env<'a> {
     fw: &'a mut FwCfg,
@@ -84,9 +83,19 @@ impl LoaderEnv for Env<'_> {
     }
 }
 
+/// Installs QEMU's ACPI tables at `[base, base + AREA_LEN)`; returns the
+/// RSDP's address.
+pub fn install(fw: &mut FwCfg, base: u64) -> Result<u64, BootError> {
+    run_loader(fw, base)
+        .map_err(BootError::Acpi)?
+        .ok_or(BootError::NoAcpiTables)?
+        .rsdp()
+        .map_err(BootError::Acpi)
+}
+
 /// Runs the table-loader script into `[base, base + AREA_LEN)`; returns the
 /// allocations (RSDP among them), or `None` when QEMU offers no tables.
-pub fn install(fw: &mut FwCfg, base: u64) -> Result<Option<Loaded>, LoaderError> {
+fn run_loader(fw: &mut FwCfg, base: u64) -> Result<Option<Loaded>, LoaderError> {
     let script = match fwc::find_file(fw, "etc/table-loader") {
         Ok(Some(f)) => f,
         Ok(None) => return Ok(None),

@@ -3,7 +3,8 @@
 use core::fmt::{self, Write};
 use x86_64::instructions::port::Port;
 
-use crate::layout::DEBUGCON_PORT;
+/// QEMU `isa-debugcon` (`-global isa-debugcon.iobase=0x402`).
+pub const DEBUGCON_PORT: u16 = 0x402;
 
 struct DebugCon;
 
@@ -27,6 +28,6 @@ pub fn print(args: fmt::Arguments) {
 #[macro_export]
 macro_rules! log {
     ($($arg:tt)*) => {
-        $crate::console::print(format_args!("smmvmi: {}\n", format_args!($($arg)*)))
+        $crate::hw::console::print(format_args!("smmvmi: {}\n", format_args!($($arg)*)))
     };
 }

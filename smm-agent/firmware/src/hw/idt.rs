@@ -1,10 +1,14 @@
-//! CPU exceptions: one IDT for boot and SMM. Before Linux, an exception is
-//! reported on the debug console and stops the machine with a distinct code;
-//! in SMM it is reported in the mailbox and the SMI returns (src/smi.rs).
+//! The IDT shared by boot and SMM: 32 exception stubs (`asm/smm.s`) that
+//! call `exception_handler` (`smm::exceptions`) with the [`Frame`] they
+//! pushed, and the description of a frame on the debug console.
 
-use crate::exit::{ExitCode, exit};
+use super::cpu;
+use super::memory::Region;
 use crate::log;
-use crate::memory::Region;
+
+/// The 64-bit code selector of the firmware's GDTs (`layout::SEL_CODE64`,
+/// checked there).
+pub const CODE64_SELECTOR: u16 = 0x10;
 
 unsafe extern "C" {
     static firmware_idt: u8;
@@ -49,7 +53,7 @@ pub fn init() {
     let stubs: &[u64; 32] = unsafe { &exception_stubs };
     for (i, &handler) in stubs.iter().enumerate() {
         let low = (handler & 0xffff)
-            | (0x10 << 16) // selector: 64-bit code
+            | (u64::from(CODE64_SELECTOR) << 16)
             | (0x8e << 40) // present, DPL 0, interrupt gate
             | ((handler >> 16) & 0xffff) << 48;
         let high = handler >> 32;
@@ -99,11 +103,7 @@ const NAMES: [&str; 32] = [
 ];
 
 pub fn describe(frame: &Frame) {
-    let cr2: u64;
-    // SAFETY: reading CR2 has no side effects.
-    unsafe {
-        core::arch::asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack, preserves_flags))
-    };
+    let cr2 = cpu::read_cr2();
     let name = NAMES.get(frame.vector as usize).copied().unwrap_or("?");
     log!(
         "exception {} ({name}) error={:#x} rip={:#x} rsp={:#x} cr2={cr2:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x}",
@@ -118,15 +118,4 @@ pub fn describe(frame: &Frame) {
         frame.rsi,
         frame.rdi
     );
-}
-
-/// Called by `exc_common`. Before Linux it stops the machine; in SMM it
-/// returns the faulting CPU's per-CPU block so the SMI can return.
-#[unsafe(no_mangle)]
-extern "C" fn exception_handler(frame: &Frame) -> u64 {
-    if crate::smi::in_smm() {
-        return crate::smi::on_exception(frame);
-    }
-    describe(frame);
-    exit(ExitCode::Exception)
 }

@@ -2,27 +2,24 @@
 //! serves the mailbox, and all return with RSM. Nothing here trusts the
 //! mailbox: it is read once into SMRAM and checked there.
 //!
-//! State lives in [`SMM`], a static of the image: in SMM the image is the
-//! copy inside TSEG, so this is SMRAM that neither the OS nor the host can
-//! reach. The boot code fills it in before the image is copied.
+//! What boot decided is the sealed [`config()`]; the live state of the
+//! rendezvous lives in [`SMM`], a static of the image: in SMM the image is
+//! the copy inside TSEG, so this is SMRAM that neither the OS nor the host
+//! can reach. Boot never stores into it.
 
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use smmvmi_agent::rendezvous::{Clock, Rendezvous, Role, Timeouts};
 use smmvmi_mailbox::layout as mb;
 
-use crate::exceptions::Frame;
-use crate::layout::{PHYS_OFF, RELOC_DATA};
-use crate::memory::Region;
-use crate::pci_cfg;
-use crate::tsc;
-
-/// Per-CPU block (at the start of the CPU's TSEG tile): FXSAVE area at +0
-/// (512 bytes), saved RSP at +512 (used by `smm_abort_resume`), CPU index at +520.
-pub const PERCPU_INDEX: u64 = 520;
-/// Offset in RELOC_DATA where the first SMI after locking reports how many
-/// CPUs it saw (boot self-test only; the agent stops writing it after that).
-pub const SELFTEST_WORD: u64 = 0x20;
+use super::config::config;
+use crate::hw::idt::Frame;
+use crate::hw::memory::Region;
+use crate::hw::pci_cfg;
+use crate::hw::{cpu, tsc};
+use crate::layout::{
+    PERCPU_INDEX, PERCPU_LEN, PHYS_OFF, RELOC_DATA, RELOC_DATA_LEN, SELFTEST_WORD, STACK_SIZE,
+};
 
 /// How long the leader of an SMI session waits for the other CPUs.
 const GATHER_MS: u64 = 100;
@@ -32,24 +29,12 @@ const GATHER_MS: u64 = 100;
 /// vanished (left SMM without RSM) is given up.
 const FOLLOW_MS: u64 = 500;
 
-/// SMM-private state (SMRAM once the image is copied into TSEG).
+/// SMM-private live state (SMRAM once the image is copied into TSEG). Its
+/// initial values are the constants below; boot stores nothing here.
 pub struct SmmShared {
-    pub smm_cr3: AtomicU64,
-    pub ncpus: AtomicU32,
-    /// CPU indices (= APIC IDs) present at boot, one bit each.
-    pub cpu_mask: AtomicU64,
-    pub tseg_base: AtomicU64,
-    pub tseg_size: AtomicU64,
-    /// Mailbox: physical address and size of ivshmem BAR2 (0 = none), and
-    /// the PCI location it was assigned at (bus << 8 | dev << 3 | fn).
-    pub mailbox_pa: AtomicU64,
-    pub mailbox_len: AtomicU64,
-    pub mailbox_bdf: AtomicU32,
-    pub features: AtomicU64,
-    pub boot_selftest: AtomicBool,
-    /// TSC ticks per millisecond, measured at boot.
-    pub tsc_per_ms: AtomicU64,
-
+    /// The first session after the seal is the boot self-test: it reports
+    /// the CPUs it saw in RELOC_DATA, once.
+    boot_selftest: AtomicBool,
     mailbox_moved: AtomicU64,
     faults: AtomicU64,
     /// Longest time one CPU spent in SMM for one SMI, in TSC ticks (from
@@ -58,23 +43,14 @@ pub struct SmmShared {
 }
 
 pub static SMM: SmmShared = SmmShared {
-    smm_cr3: AtomicU64::new(0),
-    ncpus: AtomicU32::new(0),
-    cpu_mask: AtomicU64::new(0),
-    tseg_base: AtomicU64::new(0),
-    tseg_size: AtomicU64::new(0),
-    mailbox_pa: AtomicU64::new(0),
-    mailbox_len: AtomicU64::new(0),
-    mailbox_bdf: AtomicU32::new(0),
-    features: AtomicU64::new(0),
-    boot_selftest: AtomicBool::new(false),
-    tsc_per_ms: AtomicU64::new(0),
+    boot_selftest: AtomicBool::new(true),
     mailbox_moved: AtomicU64::new(0),
     faults: AtomicU64::new(0),
     max_residency: AtomicU64::new(0),
 };
 
-/// Who serves, who waits, and for how long (host-tested state machine).
+/// Who serves, who waits, and for how long (host-tested state machine,
+/// `smmvmi_agent::rendezvous`).
 static RENDEZVOUS: Rendezvous = Rendezvous::new();
 
 /// The calling CPU's TSC; waits `pause`, which under TCG lets the other
@@ -88,7 +64,7 @@ impl Clock for TscClock {
 }
 
 fn timeouts() -> Timeouts {
-    let per_ms = SMM.tsc_per_ms.load(Ordering::Relaxed).max(1);
+    let per_ms = config().tsc_per_ms.max(1);
     Timeouts {
         gather: GATHER_MS * per_ms,
         follow: FOLLOW_MS * per_ms,
@@ -97,20 +73,16 @@ fn timeouts() -> Timeouts {
 
 /// True when running in SMM (CR3 is the SMM page table).
 pub fn in_smm() -> bool {
-    let cr3: u64;
-    // SAFETY: reading CR3 has no side effects.
-    unsafe {
-        core::arch::asm!("mov {}, cr3", out(reg) cr3, options(nomem, nostack, preserves_flags))
-    };
-    let smm = SMM.smm_cr3.load(Ordering::Relaxed);
+    let cr3 = cpu::read_cr3();
+    let smm = config().smm_cr3;
     smm != 0 && cr3 & !0xfff == smm
 }
 
 fn percpu(block: u64) -> Region {
     // SAFETY: `block` is this CPU's per-CPU block in its TSEG tile, set up
-    // by smm::install_and_relocate and passed in by the entry stub; the
-    // first 0x1000 bytes of the tile belong to this CPU alone.
-    unsafe { Region::new(block, 0x1000) }
+    // by boot::tseg::install_and_relocate and passed in by the entry stub;
+    // the first PERCPU_LEN bytes of the tile belong to this CPU alone.
+    unsafe { Region::new(block, PERCPU_LEN) }
 }
 
 /// The Rust side of every SMI (called by `smm_common_entry`). Returns within
@@ -120,12 +92,11 @@ fn percpu(block: u64) -> Region {
 extern "C" fn smm_main(block: u64) {
     let entered = tsc::now();
     let cpu = percpu(block).read_u32(PERCPU_INDEX);
-    crate::agent::snapshot_self(cpu, block);
+    super::agent::snapshot_self(cpu, block);
     let timeouts = timeouts();
     match RENDEZVOUS.arrive(cpu).role {
         Role::Leader { generation } => {
-            let expected = SMM.cpu_mask.load(Ordering::Relaxed);
-            let gathered = RENDEZVOUS.gather(generation, expected, &timeouts, &TscClock);
+            let gathered = RENDEZVOUS.gather(generation, config().cpu_mask, &timeouts, &TscClock);
             if RENDEZVOUS.claim(cpu) {
                 serve(gathered.present);
             }
@@ -145,13 +116,12 @@ extern "C" fn smm_main(block: u64) {
 /// BAR; then the recorded address may be RAM or another device, and the
 /// agent must not write to it.
 fn mailbox() -> Option<Region> {
-    let pa = SMM.mailbox_pa.load(Ordering::Relaxed);
-    let len = SMM.mailbox_len.load(Ordering::Relaxed);
+    let bar = config().mailbox?;
+    let (pa, len) = (bar.pa, bar.len);
     if pa == 0 || len < mb::HEADER_SIZE as u64 {
         return None;
     }
-    let bdf = SMM.mailbox_bdf.load(Ordering::Relaxed);
-    let (bus, dev, func) = ((bdf >> 8) as u8, ((bdf >> 3) & 0x1f) as u8, (bdf & 7) as u8);
+    let (bus, dev, func) = (bar.bdf.bus, bar.bdf.dev, bar.bdf.func);
     let in_place = {
         let _latch = pci_cfg::AddressLatchGuard::save();
         let cmd = pci_cfg::read16(bus, dev, func, 0x04);
@@ -171,36 +141,14 @@ fn mailbox() -> Option<Region> {
     Some(unsafe { Region::new(PHYS_OFF + pa, len) })
 }
 
-/// Before SMM is locked: tells the host that a firmware owns the mailbox
-/// and is booting (the agent publishes "ready" on its first SMI).
-pub fn announce_booting(pa: u64, len: u64) {
-    if len < mb::HEADER_SIZE as u64 {
-        return;
-    }
-    // SAFETY: the ivshmem BAR just assigned by the firmware, identity mapped
-    // by the boot page tables; shared with the host, so volatile accesses.
-    let mbox = unsafe { Region::new(pa, mb::HEADER_SIZE as u64) };
-    mbox.write_volatile(mb::OFF_MAGIC as u64, &mb::MAGIC);
-    mbox.write_u32(mb::OFF_VERSION as u64, mb::VERSION);
-    mbox.write_u32(mb::OFF_SIZE as u64, len as u32);
-    mbox.write_u32(mb::OFF_STATE as u64, mb::AgentState::Booting as u32);
-}
-
-/// APM command that makes a `fault-injection` build fault in SMM.
-#[cfg(feature = "fault-injection")]
-const APM_CMD_INJECT_FAULT: u8 = 0xfe;
-/// APM command that makes a `fault-injection` build call into guest RAM.
-#[cfg(feature = "fault-injection")]
-const APM_CMD_EXECUTE_GUEST: u8 = 0xfd;
-
 /// Serves one SMI session (this CPU holds the serve claim): publishes the
 /// agent's state and answers PING and the request. `present`: the CPUs whose
 /// snapshots are stored for this session.
 fn serve(present: u64) {
     #[cfg(feature = "fault-injection")]
     {
-        // SAFETY: reading the APM control port returns the last command byte.
-        let cmd = unsafe { x86_64::instructions::port::Port::<u8>::new(0xb2).read() };
+        use crate::layout::{APM_CMD_EXECUTE_GUEST, APM_CMD_INJECT_FAULT};
+        let cmd = crate::hw::chipset::apm_command();
         if cmd == APM_CMD_INJECT_FAULT {
             // SAFETY: deliberately raises #UD to exercise the SMM fault path.
             unsafe { core::arch::asm!("ud2", options(nomem, nostack)) };
@@ -215,14 +163,14 @@ fn serve(present: u64) {
     if SMM.boot_selftest.swap(false, Ordering::Relaxed) {
         // SAFETY: RELOC_DATA is firmware-owned low RAM during boot; the flag
         // makes this the only write there, on the self-test SMI before Linux.
-        let data = unsafe { Region::new(PHYS_OFF + RELOC_DATA, 0x1000) };
+        let data = unsafe { Region::new(PHYS_OFF + RELOC_DATA, RELOC_DATA_LEN) };
         data.write_u32(SELFTEST_WORD, present.count_ones().max(1));
     }
     let Some(mbox) = mailbox() else { return };
     publish_header(&mbox);
     let ping = mbox.read_u64(mb::OFF_PING_REQ as u64);
     mbox.write_u64(mb::OFF_PING_ACK as u64, ping);
-    if let Some((served, cycles)) = crate::agent::serve(&mbox, present)
+    if let Some((served, cycles)) = super::agent::serve(&mbox, present)
         && served != smmvmi_agent::Served::Idle
     {
         mbox.write_u64(mb::OFF_SERVE_CYCLES as u64, cycles);
@@ -231,15 +179,11 @@ fn serve(present: u64) {
 
 fn publish_header(mbox: &Region) {
     let counters = RENDEZVOUS.counters();
-    let per_ms = SMM.tsc_per_ms.load(Ordering::Relaxed).max(1);
     mbox.write_volatile(mb::OFF_MAGIC as u64, &mb::MAGIC);
     mbox.write_u32(mb::OFF_VERSION as u64, mb::VERSION);
-    mbox.write_u64(
-        mb::OFF_FEATURES as u64,
-        SMM.features.load(Ordering::Relaxed),
-    );
+    mbox.write_u64(mb::OFF_FEATURES as u64, config().features);
     mbox.write_u32(mb::OFF_SIZE as u64, mbox.len() as u32);
-    mbox.write_u32(mb::OFF_NCPUS as u64, SMM.ncpus.load(Ordering::Relaxed));
+    mbox.write_u32(mb::OFF_NCPUS as u64, config().ncpus);
     mbox.write_u64(mb::OFF_SMI_COUNT as u64, counters.sessions);
     mbox.write_u64(mb::OFF_PARTIAL_SESSIONS as u64, counters.partial_sessions);
     mbox.write_u64(
@@ -251,12 +195,12 @@ fn publish_header(mbox: &Region) {
     mbox.write_u64(mb::OFF_SERVE_BUSY as u64, counters.serve_busy);
     mbox.write_u64(
         mb::OFF_MAX_SMM_US as u64,
-        SMM.max_residency.load(Ordering::Relaxed) * 1000 / per_ms,
+        SMM.max_residency.load(Ordering::Relaxed) * 1000 / config().tsc_per_ms.max(1),
     );
-    crate::agent::publish(mbox);
+    super::agent::publish(mbox);
     let state = if SMM.faults.load(Ordering::Relaxed) != 0 {
         mb::AgentState::Fault
-    } else if crate::agent::provisioned() {
+    } else if super::agent::provisioned() {
         mb::AgentState::Ready
     } else {
         mb::AgentState::Unprovisioned
@@ -269,13 +213,13 @@ fn publish_header(mbox: &Region) {
 /// per-CPU block for `smm_abort_resume`.
 pub fn on_exception(frame: &Frame) -> u64 {
     // The frame is on this CPU's SMM stack, whose lowest word holds the
-    // CPU's tile (per-CPU block) address (smm::install_and_relocate).
-    let stack_base = (frame as *const Frame as u64) & !(crate::smm::STACK_SIZE - 1);
+    // CPU's tile (per-CPU block) address (boot::tseg::install_and_relocate).
+    let stack_base = (frame as *const Frame as u64) & !(STACK_SIZE - 1);
     // SAFETY: `stack_base` is the base of the SMM stack we are running on,
     // in TSEG; its first 8 bytes were written at install time.
     let block = unsafe { Region::new(stack_base, 8) }.read_u64(0);
     let cpu = percpu(block).read_u32(PERCPU_INDEX);
-    crate::exceptions::describe(frame);
+    crate::hw::idt::describe(frame);
     SMM.faults.fetch_add(1, Ordering::Relaxed);
     if let Some(mbox) = mailbox() {
         mbox.write_u32(mb::OFF_FAULT_CODE as u64, 0x100 | frame.vector as u32);

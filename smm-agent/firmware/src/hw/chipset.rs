@@ -6,7 +6,7 @@ use x86_64::instructions::port::Port;
 
 use smmvmi_boot::q35;
 
-use crate::pci_cfg;
+use super::pci_cfg;
 
 const MCH: (u8, u8, u8) = (0, q35::MCH_DEVICE, 0);
 const LPC: (u8, u8, u8) = (0, q35::LPC_DEVICE, 0);
@@ -91,6 +91,13 @@ pub fn lock_smi_enable() {
 pub fn raise_apm_smi(command: u8) {
     // SAFETY: APM control port; the SMI it raises enters our own handler.
     unsafe { Port::<u8>::new(q35::APM_CNT_PORT).write(command) };
+}
+
+/// The last APM command byte written (which SMI this is, for test builds).
+#[cfg(feature = "fault-injection")]
+pub fn apm_command() -> u8 {
+    // SAFETY: reading the APM control port returns the last command byte.
+    unsafe { Port::<u8>::new(q35::APM_CNT_PORT).read() }
 }
 
 /// The CMOS real-time clock's date and time registers (seconds, minutes,

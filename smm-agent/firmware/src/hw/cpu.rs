@@ -1,0 +1,42 @@
+//! The CPU's own registers: control registers, CPUID facts the firmware
+//! needs, and MSRs.
+
+/// CR3 (the current page-table root).
+pub fn read_cr3() -> u64 {
+    let cr3: u64;
+    // SAFETY: reading CR3 has no side effects.
+    unsafe {
+        core::arch::asm!("mov {}, cr3", out(reg) cr3, options(nomem, nostack, preserves_flags))
+    };
+    cr3
+}
+
+/// CR2 (the address of the last page fault).
+pub fn read_cr2() -> u64 {
+    let cr2: u64;
+    // SAFETY: reading CR2 has no side effects.
+    unsafe {
+        core::arch::asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack, preserves_flags))
+    };
+    cr2
+}
+
+/// Raises #UD. The IDT (`hw::idt`) takes it: before Linux the machine
+/// stops with a report; in SMM the fault path reports it and the SMI
+/// returns. Used to turn a panic in SMM into that path.
+pub fn raise_invalid_opcode() -> ! {
+    // SAFETY: `ud2` only raises #UD, handled by the firmware's own IDT,
+    // which never returns here.
+    unsafe { core::arch::asm!("ud2", options(nomem, nostack, noreturn)) }
+}
+
+/// Whether the CPU has the NX bit (CPUID 0x80000001:EDX[20]).
+pub fn has_nx() -> bool {
+    core::arch::x86_64::__cpuid(0x8000_0000).eax >= 0x8000_0001
+        && core::arch::x86_64::__cpuid(0x8000_0001).edx & (1 << 20) != 0
+}
+
+/// This CPU's initial APIC ID (CPUID.1:EBX[31:24]).
+pub fn initial_apic_id() -> u32 {
+    core::arch::x86_64::__cpuid(1).ebx >> 24
+}
