@@ -50,6 +50,7 @@ use core::arch::global_asm;
 use smmvmi_boot::e820 as e820_kind;
 use smmvmi_boot::fw_cfg as fwc;
 use smmvmi_boot::q35;
+use smmvmi_mailbox::layout as mb;
 
 use boot::error::BootError;
 use boot::{acpi, e820, linux, pci, platform, tseg};
@@ -132,10 +133,20 @@ fn boot() -> Result<linux::Prepared, BootError> {
     let rsdp = acpi::install(&mut fw, acpi_base)?;
     log!("ACPI tables at {acpi_base:#x}, RSDP {rsdp:#x}");
 
+    // SAFETY: the ACPI area the table-loader just filled: firmware-owned RAM
+    // below TSEG, identity mapped, nothing else writes it before Linux; the
+    // slice is dropped before Linux runs.
+    let acpi_tables = unsafe {
+        core::slice::from_raw_parts(acpi_base as *const u8, layout::ACPI_AREA_LEN as usize)
+    };
+    let memhp = boot::memhp::plan(&mut fw, &e820, acpi_tables, lowmem, (tseg_base, tseg_size));
     let ncpus = fwc::read_u16_le(&mut fw, fwc::NB_CPUS).into();
     let plan = tseg::Plan {
         ncpus,
-        phys_end: e820.highest_ram_end(),
+        // The SMM alias of guest memory covers DIMMs plugged later too.
+        phys_end: e820
+            .highest_ram_end()
+            .max(memhp.map_or(0, |hp| hp.window.1)),
     };
     // SAFETY: [tseg_base, +tseg_size) is TSEG as the MCH reports it, at the
     // top of RAM below 4 GiB (platform::tseg_range), open since reset (T_EN
@@ -147,13 +158,16 @@ fn boot() -> Result<linux::Prepared, BootError> {
     let installed = tseg::install_and_relocate(&open, &plan)?;
     let cpu_mask = installed.cpu_mask;
     log!("SMBASE relocated on {ncpus} CPUs (APIC IDs mask {cpu_mask:#x})");
-    let features = tseg::negotiate_broadcast(&mut fw)?;
+    let doorbell = mailbox.is_some_and(|m| m.doorbell.is_some());
+    let features =
+        tseg::negotiate_broadcast(&mut fw)? | if doorbell { mb::FEATURE_DOORBELL } else { 0 };
     let config = SmmConfig {
         smm_cr3: installed.smm_cr3,
         ncpus,
         cpu_mask,
         mailbox,
         features,
+        memhp,
         tsc_per_ms: tsc::calibrate(),
     };
     let handoff = e820::handoff(

@@ -10,7 +10,7 @@ use crate::hw::memory::Region;
 use crate::hw::{chipset, pci_cfg};
 use crate::layout::REPLY_BUF_LEN;
 use crate::log;
-use crate::smm::config::MailboxBar;
+use crate::smm::config::{DoorbellBars, MailboxBar};
 
 /// The mailbox device: QEMU `ivshmem-plain` (1af4:1110), shared memory in BAR2.
 const IVSHMEM_VENDOR: u16 = 0x1af4;
@@ -60,6 +60,22 @@ pub fn assign() -> Result<Option<MailboxBar>, BootError> {
             }
             Some(b) => {
                 announce_booting(b.addr, b.size);
+                let doorbell = smmvmi_boot::msix::find(&mut pci_cfg::Cf8, b.bdf).and_then(|msix| {
+                    let regs = assigned.find(IVSHMEM_VENDOR, IVSHMEM_DEVICE, 0)?;
+                    let table = assigned.find(IVSHMEM_VENDOR, IVSHMEM_DEVICE, msix.table_bar)?;
+                    log!(
+                        "SMI doorbell: ivshmem-doorbell MSI-X, {} vectors in BAR{} at {:#x}",
+                        msix.entries,
+                        msix.table_bar,
+                        table.addr
+                    );
+                    Some(DoorbellBars {
+                        regs_pa: regs.addr,
+                        table_bar: msix.table_bar,
+                        table_bar_pa: table.addr,
+                        msix,
+                    })
+                });
                 log!(
                     "mailbox: ivshmem BAR{IVSHMEM_BAR} at {:#x}, {} KiB",
                     b.addr,
@@ -69,6 +85,7 @@ pub fn assign() -> Result<Option<MailboxBar>, BootError> {
                     pa: b.addr,
                     len: b.size,
                     bdf: b.bdf,
+                    doorbell,
                 })
             }
             None => {

@@ -143,8 +143,13 @@ pub fn serve(mailbox: &Region, present_mask: u64) -> Option<(Served, u64)> {
             ZERO_CPU
         };
     }
+    // RAM plugged after boot joins the map for this request only (a DIMM
+    // removed since is forgotten at once).
+    let hotplugged = config()
+        .memhp
+        .map(|hp| super::memhp::ram_now(&agent.ram, &hp));
     let ctx = ServeContext {
-        ram: &agent.ram,
+        ram: hotplugged.as_ref().unwrap_or(&agent.ram),
         smram: agent.smram,
         cpus: &agent.cpus[..ncpus],
         sev: agent.sev,

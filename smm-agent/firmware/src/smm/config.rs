@@ -30,6 +30,35 @@ pub struct MailboxBar {
     /// Where the device is, to check on every SMI that the BAR is still
     /// decoded at `pa` (the OS owns PCI configuration).
     pub bdf: Bdf,
+    /// The SMI doorbell, if the device is `ivshmem-doorbell`.
+    pub doorbell: Option<DoorbellBars>,
+}
+
+/// The ivshmem-doorbell registers and MSI-X table, when the mailbox device
+/// has them (`ivshmem-plain` has no MSI-X): the SMI doorbell
+/// (`smmvmi_boot::msix`).
+#[derive(Clone, Copy, Debug)]
+pub struct DoorbellBars {
+    /// BAR0 (registers; the Doorbell register is at +12).
+    pub regs_pa: u64,
+    /// The BAR holding the MSI-X table, its index and address.
+    pub table_bar: u8,
+    pub table_bar_pa: u64,
+    /// The capability as found at boot (QEMU's capability list is fixed).
+    pub msix: smmvmi_boot::msix::MsixCap,
+}
+
+/// RAM hot-plug through QEMU's ACPI memory hot-plug controller
+/// (`smmvmi_boot::memhp`), when the machine has DIMM slots.
+#[derive(Clone, Copy, Debug)]
+pub struct MemHotplug {
+    /// DIMM slots (from the DSDT's MDNR).
+    pub slots: u32,
+    /// QEMU's device-memory window: DIMMs must lie inside.
+    pub window: (u64, u64),
+    /// Ranges no DIMM may overlap: TSEG, the 32-bit PCI hole (MMCONFIG,
+    /// BARs, LAPIC, IOAPIC, ROM), the 64-bit BARs.
+    pub forbidden: [(u64, u64); 3],
 }
 
 /// Everything SMM needs from boot, decided once before SMRAM is locked.
@@ -45,8 +74,11 @@ pub struct SmmConfig {
     pub cpu_mask: u64,
     /// `None`: no usable ivshmem device, the agent serves nothing.
     pub mailbox: Option<MailboxBar>,
-    /// SMI features negotiated with QEMU (published in the mailbox header).
+    /// SMI features negotiated with QEMU, and FEATURE_DOORBELL when the
+    /// mailbox device has one (published in the mailbox header).
     pub features: u64,
+    /// RAM hot-plug, if the machine has DIMM slots.
+    pub memhp: Option<MemHotplug>,
     /// TSC ticks per millisecond, measured at boot.
     pub tsc_per_ms: u64,
 }
@@ -59,6 +91,7 @@ impl SmmConfig {
         cpu_mask: 0,
         mailbox: None,
         features: 0,
+        memhp: None,
         tsc_per_ms: 0,
     };
 }

@@ -9,5 +9,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod doorbell;
 pub mod exceptions;
+pub mod memhp;
 pub mod smi;

@@ -12,14 +12,17 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use smmvmi_agent::rendezvous::{Clock, Rendezvous, Role, Timeouts};
 use smmvmi_mailbox::layout as mb;
 
-use super::config::config;
+use super::config::{MailboxBar, config};
+use super::doorbell;
 use crate::hw::idt::Frame;
 use crate::hw::memory::Region;
-use crate::hw::pci_cfg;
 use crate::hw::{cpu, tsc};
 use crate::layout::{
     PERCPU_INDEX, PERCPU_LEN, PHYS_OFF, RELOC_DATA, RELOC_DATA_LEN, SELFTEST_WORD, STACK_SIZE,
 };
+
+/// The ivshmem BAR that holds the shared memory.
+const MAILBOX_BAR: u8 = 2;
 
 /// How long the leader of an SMI session waits for the other CPUs.
 const GATHER_MS: u64 = 100;
@@ -37,6 +40,8 @@ pub struct SmmShared {
     boot_selftest: AtomicBool,
     mailbox_moved: AtomicU64,
     faults: AtomicU64,
+    /// Times the doorbell's MSI-X arming was found undone and restored.
+    doorbell_rearms: AtomicU64,
     /// Longest time one CPU spent in SMM for one SMI, in TSC ticks (from
     /// the Rust entry to the return to the RSM stub).
     max_residency: AtomicU64,
@@ -46,6 +51,7 @@ pub static SMM: SmmShared = SmmShared {
     boot_selftest: AtomicBool::new(true),
     mailbox_moved: AtomicU64::new(0),
     faults: AtomicU64::new(0),
+    doorbell_rearms: AtomicU64::new(0),
     max_residency: AtomicU64::new(0),
 };
 
@@ -115,22 +121,13 @@ extern "C" fn smm_main(block: u64) {
 /// it there. The OS controls PCI config space and may move or disable the
 /// BAR; then the recorded address may be RAM or another device, and the
 /// agent must not write to it.
-fn mailbox() -> Option<Region> {
+fn mailbox() -> Option<(Region, MailboxBar)> {
     let bar = config().mailbox?;
     let (pa, len) = (bar.pa, bar.len);
     if pa == 0 || len < mb::HEADER_SIZE as u64 {
         return None;
     }
-    let (bus, dev, func) = (bar.bdf.bus, bar.bdf.dev, bar.bdf.func);
-    let in_place = {
-        let _latch = pci_cfg::AddressLatchGuard::save();
-        let cmd = pci_cfg::read16(bus, dev, func, 0x04);
-        let lo = pci_cfg::read32(bus, dev, func, 0x18);
-        let hi = pci_cfg::read32(bus, dev, func, 0x1c);
-        let bar = (u64::from(hi) << 32) | u64::from(lo & !0xf);
-        cmd & 0x2 != 0 && bar == pa
-    };
-    if !in_place {
+    if !doorbell::bar_decoded_at(bar.bdf, MAILBOX_BAR, pa) {
         SMM.mailbox_moved.fetch_add(1, Ordering::Relaxed);
         return None;
     }
@@ -138,7 +135,7 @@ fn mailbox() -> Option<Region> {
     // just verified is still decoded there; PHYS_OFF maps all physical
     // memory in SMM. It is shared with the guest and the host, so it is only
     // accessed with the volatile accessors.
-    Some(unsafe { Region::new(PHYS_OFF + pa, len) })
+    Some((unsafe { Region::new(PHYS_OFF + pa, len) }, bar))
 }
 
 /// Serves one SMI session (this CPU holds the serve claim): publishes the
@@ -166,7 +163,10 @@ fn serve(present: u64) {
         let data = unsafe { Region::new(PHYS_OFF + RELOC_DATA, RELOC_DATA_LEN) };
         data.write_u32(SELFTEST_WORD, present.count_ones().max(1));
     }
-    let Some(mbox) = mailbox() else { return };
+    let Some((mbox, bar)) = mailbox() else { return };
+    if doorbell::arm(&bar, config().cpu_mask) == Some(true) {
+        SMM.doorbell_rearms.fetch_add(1, Ordering::Relaxed);
+    }
     publish_header(&mbox);
     let ping = mbox.read_u64(mb::OFF_PING_REQ as u64);
     mbox.write_u64(mb::OFF_PING_ACK as u64, ping);
@@ -174,6 +174,7 @@ fn serve(present: u64) {
         && served != smmvmi_agent::Served::Idle
     {
         mbox.write_u64(mb::OFF_SERVE_CYCLES as u64, cycles);
+        doorbell::ring(&mbox, &bar);
     }
 }
 
@@ -193,6 +194,10 @@ fn publish_header(mbox: &Region) {
     mbox.write_u64(mb::OFF_VANISHED_CPUS as u64, counters.vanished_cpus);
     mbox.write_u64(mb::OFF_FOLLOWER_TIMEOUTS as u64, counters.follower_timeouts);
     mbox.write_u64(mb::OFF_SERVE_BUSY as u64, counters.serve_busy);
+    mbox.write_u64(
+        mb::OFF_DOORBELL_REARMS as u64,
+        SMM.doorbell_rearms.load(Ordering::Relaxed),
+    );
     mbox.write_u64(
         mb::OFF_MAX_SMM_US as u64,
         SMM.max_residency.load(Ordering::Relaxed) * 1000 / config().tsc_per_ms.max(1),
@@ -221,7 +226,7 @@ pub fn on_exception(frame: &Frame) -> u64 {
     let cpu = percpu(block).read_u32(PERCPU_INDEX);
     crate::hw::idt::describe(frame);
     SMM.faults.fetch_add(1, Ordering::Relaxed);
-    if let Some(mbox) = mailbox() {
+    if let Some((mbox, _)) = mailbox() {
         mbox.write_u32(mb::OFF_FAULT_CODE as u64, 0x100 | frame.vector as u32);
         mbox.write_u32(mb::OFF_FAULT_CPU as u64, cpu);
         mbox.write_u64(mb::OFF_FAULT_RIP as u64, frame.rip);
