@@ -1,10 +1,9 @@
 //! Every fixed address and port the firmware uses, in one place
 //! (Firecracker's `arch/x86_64/layout.rs` idea).
 
-/// QEMU `isa-debugcon` (`-global isa-debugcon.iobase=0x402`).
-pub const DEBUGCON_PORT: u16 = 0x402;
-/// QEMU `isa-debug-exit` (`iobase=0xf4`).
-pub const DEBUG_EXIT_PORT: u16 = 0xf4;
+/// QEMU `isa-debugcon` and `isa-debug-exit` ports: platform facts shared
+/// with the host and the harness (`smmvmi_mailbox::platform`).
+pub use smmvmi_mailbox::platform::{DEBUG_EXIT_PORT, DEBUGCON_PORT};
 
 // Boot page tables (built by `asm/reset.s`): 0x100000..0x106000, an identity
 // map of 0..4 GiB with 2 MiB pages. Kept in assembly; listed here for the

@@ -52,9 +52,10 @@ global_asm!(include_str!("asm/mem.s"), options(att_syntax));
 global_asm!(include_str!("asm/smm.s"), options(att_syntax));
 
 /// The mailbox device: QEMU `ivshmem-plain` (1af4:1110), shared memory in BAR2.
-const IVSHMEM_VENDOR: u16 = 0x1af4;
-const IVSHMEM_DEVICE: u16 = 0x1110;
-const IVSHMEM_BAR: u8 = 2;
+use smmvmi_mailbox::platform::{
+    IVSHMEM_BAR_SHMEM as IVSHMEM_BAR, IVSHMEM_DEVICE_ID as IVSHMEM_DEVICE,
+    IVSHMEM_VENDOR_ID as IVSHMEM_VENDOR,
+};
 
 fn mailbox_min() -> u64 {
     smmvmi_mailbox::layout::MIN_MAILBOX_SIZE as u64

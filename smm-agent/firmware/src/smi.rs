@@ -241,19 +241,15 @@ pub fn announce_booting(pa: u64, len: u64) {
     mbox.write_u32(mb::OFF_STATE as u64, mb::AgentState::Booting as u32);
 }
 
-/// APM command that makes a `fault-injection` build fault in SMM.
 #[cfg(feature = "fault-injection")]
-const APM_CMD_INJECT_FAULT: u8 = 0xfe;
-/// APM command that makes a `fault-injection` build call into guest RAM.
-#[cfg(feature = "fault-injection")]
-const APM_CMD_EXECUTE_GUEST: u8 = 0xfd;
+use smmvmi_mailbox::platform::{APM_CMD_EXECUTE_GUEST, APM_CMD_INJECT_FAULT, APM_CNT_PORT};
 
 /// Serves one SMI session: publishes the agent's state and answers PING.
 fn serve() {
     #[cfg(feature = "fault-injection")]
     {
         // SAFETY: reading the APM control port returns the last command byte.
-        let cmd = unsafe { x86_64::instructions::port::Port::<u8>::new(0xb2).read() };
+        let cmd = unsafe { x86_64::instructions::port::Port::<u8>::new(APM_CNT_PORT).read() };
         if cmd == APM_CMD_INJECT_FAULT {
             // SAFETY: deliberately raises #UD to exercise the SMM fault path.
             unsafe { core::arch::asm!("ud2", options(nomem, nostack)) };

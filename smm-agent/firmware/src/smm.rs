@@ -45,7 +45,7 @@ pub const MIN_TSEG: u64 = REPLY_BUF_OFF + REPLY_BUF_LEN;
 pub const MAX_MAPPED_GIB: u64 = 256;
 
 /// APM command byte used for SMIs the firmware raises itself.
-const APM_CMD_FIRMWARE: u8 = 0xa5;
+use smmvmi_mailbox::platform::APM_CMD_FIRMWARE;
 
 unsafe extern "C" {
     static __fw_start: u8;
