@@ -11,7 +11,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use smmvmi_mailbox::client::{self, Poll};
+use smmvmi_mailbox::header;
 use smmvmi_mailbox::layout::{self, AgentState, Areas, HEADER_SIZE, SESSION_SALT_LEN};
+use smmvmi_mailbox::shared::{AccessError, SharedMemory, check_access};
 
 /// Errors of the mailbox file.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +44,9 @@ pub enum MailboxFileError {
         /// What the client module says.
         source: client::PostError,
     },
+    /// An offset or length outside the mailbox (a caller's bug).
+    #[error("mailbox file: {0}")]
+    Access(#[from] AccessError),
 }
 
 /// A snapshot of the mailbox header (all fields untrusted).
@@ -82,49 +87,25 @@ pub struct Header {
     pub serve_cycles: u64,
     /// SMI sessions served before every CPU arrived.
     pub partial_sessions: u64,
-    /// SMI sessions recovered after their leader vanished or went stale.
+    /// SMI sessions the SMM runtime recovered (leader vanished, or stale).
     pub recovered_sessions: u64,
-    /// CPUs found to have left SMM without RSM.
+    /// Times a CPU was found to have left SMM without RSM.
     pub vanished_cpus: u64,
-    /// Followers that gave up waiting for their session's release.
+    /// Times a follower CPU stopped waiting for its leader.
     pub follower_timeouts: u64,
     /// Sessions that served nothing: another CPU held the serve claim.
     pub serve_busy: u64,
     /// Longest time one CPU spent in SMM for one SMI, in microseconds.
     pub max_smm_us: u64,
+    /// Times the agent re-armed its MSI-X SMI doorbell.
+    pub doorbell_rearms: u64,
 }
 
 impl Header {
-    /// Decodes a header snapshot.
+    /// Decodes a header snapshot (the contract's typed layout,
+    /// [`header::Header`]).
     pub fn parse(b: &[u8; HEADER_SIZE]) -> Self {
-        let u32_at = |o| layout::read_u32(b, o).unwrap_or(0);
-        let u64_at = |o| layout::read_u64(b, o).unwrap_or(0);
-        Self {
-            magic_ok: b[layout::OFF_MAGIC..layout::OFF_MAGIC + 8] == layout::MAGIC,
-            version: u32_at(layout::OFF_VERSION),
-            state_raw: u32_at(layout::OFF_STATE),
-            features: u64_at(layout::OFF_FEATURES),
-            size: u32_at(layout::OFF_SIZE),
-            ncpus: u32_at(layout::OFF_NCPUS),
-            smi_count: u64_at(layout::OFF_SMI_COUNT),
-            ping_req: u64_at(layout::OFF_PING_REQ),
-            ping_ack: u64_at(layout::OFF_PING_ACK),
-            fault_code: u32_at(layout::OFF_FAULT_CODE),
-            fault_cpu: u32_at(layout::OFF_FAULT_CPU),
-            fault_rip: u64_at(layout::OFF_FAULT_RIP),
-            doorbell: u64_at(layout::OFF_REQ_DOORBELL),
-            reply_done: u64_at(layout::OFF_REPLY_DONE),
-            serve_status: u32_at(layout::OFF_SERVE_STATUS),
-            reply_len: u32_at(layout::OFF_REPLY_LEN),
-            salt: layout::session_salt(b).unwrap_or_default(),
-            serve_cycles: u64_at(layout::OFF_SERVE_CYCLES),
-            partial_sessions: u64_at(layout::OFF_PARTIAL_SESSIONS),
-            recovered_sessions: u64_at(layout::OFF_RECOVERED_SESSIONS),
-            vanished_cpus: u64_at(layout::OFF_VANISHED_CPUS),
-            follower_timeouts: u64_at(layout::OFF_FOLLOWER_TIMEOUTS),
-            serve_busy: u64_at(layout::OFF_SERVE_BUSY),
-            max_smm_us: u64_at(layout::OFF_MAX_SMM_US),
-        }
+        Self::from(&header::Header::parse(b))
     }
 
     /// The agent state, if the word is a known one.
@@ -160,6 +141,38 @@ impl Header {
             self.reply_done,
             self.serve_status
         )
+    }
+}
+
+impl From<&header::Header> for Header {
+    fn from(h: &header::Header) -> Self {
+        Self {
+            magic_ok: h.magic_ok(),
+            version: h.version.get(),
+            state_raw: h.state.get(),
+            features: h.features.get(),
+            size: h.size.get(),
+            ncpus: h.ncpus.get(),
+            smi_count: h.smi_count.get(),
+            ping_req: h.ping_req.get(),
+            ping_ack: h.ping_ack.get(),
+            fault_code: h.fault_code.get(),
+            fault_cpu: h.fault_cpu.get(),
+            fault_rip: h.fault_rip.get(),
+            doorbell: h.req_doorbell.get(),
+            reply_done: h.reply_done.get(),
+            serve_status: h.serve_status.get(),
+            reply_len: h.reply_len.get(),
+            salt: h.session_salt,
+            serve_cycles: h.serve_cycles.get(),
+            partial_sessions: h.partial_sessions.get(),
+            recovered_sessions: h.recovered_sessions.get(),
+            vanished_cpus: h.vanished_cpus.get(),
+            follower_timeouts: h.follower_timeouts.get(),
+            serve_busy: h.serve_busy.get(),
+            max_smm_us: h.max_smm_us.get(),
+            doorbell_rearms: h.doorbell_rearms.get(),
+        }
     }
 }
 
@@ -220,83 +233,92 @@ impl MailboxFile {
         }
     }
 
-    /// Reads `buf.len()` bytes at `offset`.
-    pub fn read_at(&self, offset: usize, buf: &mut [u8]) -> Result<(), MailboxFileError> {
+    fn pread(&self, offset: usize, buf: &mut [u8]) -> Result<(), MailboxFileError> {
         self.file
             .read_exact_at(buf, offset as u64)
             .map_err(|e| self.io(e))
     }
 
-    /// Writes `data` at `offset`.
-    pub fn write_at(&self, offset: usize, data: &[u8]) -> Result<(), MailboxFileError> {
+    fn pwrite(&self, offset: usize, data: &[u8]) -> Result<(), MailboxFileError> {
         self.file
             .write_all_at(data, offset as u64)
             .map_err(|e| self.io(e))
     }
 
-    /// Reads a little-endian u64.
-    pub fn read_u64(&self, offset: usize) -> Result<u64, MailboxFileError> {
-        let mut b = [0u8; 8];
-        self.read_at(offset, &mut b)?;
-        Ok(u64::from_le_bytes(b))
-    }
-
-    /// Writes a little-endian u64.
-    pub fn write_u64(&self, offset: usize, v: u64) -> Result<(), MailboxFileError> {
-        self.write_at(offset, &v.to_le_bytes())
-    }
-
-    /// A fresh header snapshot.
+    /// A fresh header snapshot (one `pread` of the whole header).
     pub fn header(&self) -> Result<Header, MailboxFileError> {
-        let mut b = [0u8; HEADER_SIZE];
-        self.read_at(0, &mut b)?;
-        Ok(Header::parse(&b))
+        Ok(Header::from(&header::Header::read_from(self)?))
     }
 
     /// Hand-shake step 1: the frame into the request area, then the
     /// doorbell (two `pwrite`s in this order; the kernel's page cache is the
     /// shared memory, so the guest sees them in program order on x86).
     pub fn post_request(&self, frame: &[u8], doorbell: u64) -> Result<(), MailboxFileError> {
-        // Validate with the contract's own checks on a small stand-in.
-        if frame.len() > self.areas.request_capacity() || doorbell == 0 {
-            let mut fake = vec![0u8; self.size];
-            let err = client::post_request(&mut fake, frame, doorbell)
-                .err()
-                .unwrap_or(client::PostError::ZeroDoorbell);
-            return Err(MailboxFileError::Post {
+        client::post_request(self, frame, doorbell).map_err(|e| match e.into_contract() {
+            Ok(source) => MailboxFileError::Post {
                 path: self.path.display().to_string(),
-                source: err,
-            });
-        }
-        self.write_at(self.areas.request.start, frame)?;
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.write_u64(layout::OFF_REQ_DOORBELL, doorbell)
+                source,
+            },
+            Err(access) => access,
+        })
     }
 
-    /// Hand-shake step 3: has the agent served `doorbell`? Reads the done
-    /// word first and the status and length after it (the agent writes them
-    /// before the done word).
+    /// Hand-shake step 3: has the agent served `doorbell`?
     pub fn poll_reply(&self, doorbell: u64) -> Result<Poll, MailboxFileError> {
-        if self.read_u64(layout::OFF_REPLY_DONE)? != doorbell {
-            return Ok(Poll::Pending);
-        }
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        let mut b = [0u8; 8];
-        self.read_at(layout::OFF_SERVE_STATUS, &mut b)?;
-        let status = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        let reply_len = u32::from_le_bytes([b[4], b[5], b[6], b[7]]) as usize;
-        Ok(Poll::Done {
-            status,
-            reply_len: reply_len.min(self.areas.reply_capacity()),
-        })
+        client::poll_reply(self, doorbell)
     }
 
     /// Copies `len` bytes (clamped to the reply area) out of the reply area.
     pub fn read_reply(&self, len: usize) -> Result<Vec<u8>, MailboxFileError> {
-        let len = len.min(self.areas.reply_capacity());
-        let mut v = vec![0u8; len];
-        self.read_at(self.areas.reply.start, &mut v)?;
+        let mut v = vec![0u8; len.min(self.areas.reply_capacity())];
+        client::copy_reply(self, &mut v)?;
         Ok(v)
+    }
+}
+
+/// The backing file as the contract's shared memory: every access is a
+/// fresh `pread`/`pwrite` at a bounds-checked offset (no mapping, so
+/// nothing read can change after it was copied). `pwrite`s reach the page
+/// cache, which is the memory QEMU maps, in program order.
+impl SharedMemory for MailboxFile {
+    type Error = MailboxFileError;
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn load_u32(&self, off: usize) -> Result<u32, MailboxFileError> {
+        check_access(self.size, off, 4, 4)?;
+        let mut b = [0u8; 4];
+        self.pread(off, &mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    fn load_u64(&self, off: usize) -> Result<u64, MailboxFileError> {
+        check_access(self.size, off, 8, 8)?;
+        let mut b = [0u8; 8];
+        self.pread(off, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    fn store_u32(&self, off: usize, v: u32) -> Result<(), MailboxFileError> {
+        check_access(self.size, off, 4, 4)?;
+        self.pwrite(off, &v.to_le_bytes())
+    }
+
+    fn store_u64(&self, off: usize, v: u64) -> Result<(), MailboxFileError> {
+        check_access(self.size, off, 8, 8)?;
+        self.pwrite(off, &v.to_le_bytes())
+    }
+
+    fn copy_out(&self, off: usize, dst: &mut [u8]) -> Result<(), MailboxFileError> {
+        check_access(self.size, off, dst.len(), 1)?;
+        self.pread(off, dst)
+    }
+
+    fn copy_in(&self, off: usize, src: &[u8]) -> Result<(), MailboxFileError> {
+        check_access(self.size, off, src.len(), 1)?;
+        self.pwrite(off, src)
     }
 }
 
@@ -328,15 +350,18 @@ mod tests {
         let p = temp("post", 1 << 20);
         let mb = MailboxFile::open(&p).unwrap();
         mb.post_request(&[7u8; 100], 42).unwrap();
-        let mut raw = std::fs::read(&p).unwrap();
+        let raw = std::fs::read(&p).unwrap();
         assert_eq!(&raw[mb.areas().request.start..][..100], &[7u8; 100]);
-        assert_eq!(layout::read_u64(&raw, layout::OFF_REQ_DOORBELL), Some(42));
+        assert_eq!(
+            raw[layout::OFF_REQ_DOORBELL..][..8],
+            42u64.to_le_bytes(),
+            "the doorbell is where the contract says"
+        );
         assert_eq!(mb.poll_reply(42).unwrap(), Poll::Pending);
-        // Agent side, simulated with the contract's writers.
-        layout::write_u32(&mut raw, layout::OFF_SERVE_STATUS, 1);
-        layout::write_u32(&mut raw, layout::OFF_REPLY_LEN, u32::MAX);
-        layout::write_u64(&mut raw, layout::OFF_REPLY_DONE, 42);
-        std::fs::write(&p, &raw).unwrap();
+        // Agent side, simulated through the same shared-memory trait.
+        mb.store_u32(layout::OFF_SERVE_STATUS, 1).unwrap();
+        mb.store_u32(layout::OFF_REPLY_LEN, u32::MAX).unwrap();
+        mb.store_u64(layout::OFF_REPLY_DONE, 42).unwrap();
         assert_eq!(
             mb.poll_reply(42).unwrap(),
             Poll::Done {
@@ -349,20 +374,23 @@ mod tests {
         let too_big = vec![0u8; mb.areas().request_capacity() + 1];
         let e = mb.post_request(&too_big, 5).unwrap_err().to_string();
         assert!(e.contains("request frame must fit"), "{e}");
+        let e = mb.load_u64(1 << 20).unwrap_err().to_string();
+        assert!(e.contains("must lie inside"), "{e}");
         std::fs::remove_file(p).unwrap();
     }
 
     #[test]
     fn header_gate() {
-        let mut b = [0u8; HEADER_SIZE];
-        assert!(!Header::parse(&b).accepts_host_smi());
-        b[..8].copy_from_slice(&layout::MAGIC);
-        layout::write_u32(&mut b, layout::OFF_VERSION, layout::VERSION);
-        layout::write_u32(&mut b, layout::OFF_STATE, AgentState::Ready as u32);
-        assert!(!Header::parse(&b).accepts_host_smi(), "no broadcast bit");
-        layout::write_u64(&mut b, layout::OFF_FEATURES, layout::FEATURE_SMI_BROADCAST);
-        assert!(Header::parse(&b).accepts_host_smi());
-        layout::write_u32(&mut b, layout::OFF_STATE, AgentState::Booting as u32);
-        assert!(!Header::parse(&b).accepts_host_smi());
+        let mut h = header::Header::zeroed();
+        let parse = |h: &header::Header| Header::from(h);
+        assert!(!parse(&h).accepts_host_smi());
+        h.magic = layout::MAGIC;
+        h.version = layout::VERSION.into();
+        h.state = (AgentState::Ready as u32).into();
+        assert!(!parse(&h).accepts_host_smi(), "no broadcast bit");
+        h.features = layout::FEATURE_SMI_BROADCAST.into();
+        assert!(parse(&h).accepts_host_smi());
+        h.state = (AgentState::Booting as u32).into();
+        assert!(!parse(&h).accepts_host_smi());
     }
 }

@@ -10,9 +10,11 @@ use std::time::Duration;
 
 use crate::qmp::{Qmp, QmpError};
 
+use smmvmi_mailbox::platform::{APM_CMD_SERVE, APM_CNT_PORT};
+
 /// The APM command byte the firmware's SMI handler treats as "serve the
-/// mailbox" (any value works; 0x10 is the project's convention).
-pub const APM_COMMAND: u8 = 0x10;
+/// mailbox" ([`APM_CMD_SERVE`]).
+pub const APM_COMMAND: u8 = APM_CMD_SERVE;
 
 /// Errors of SMI backends.
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +63,7 @@ impl QmpSmi {
     pub fn with(qmp: Qmp) -> Self {
         Self {
             qmp,
-            command_line: format!("o /b 0xb2 {APM_COMMAND:#x}"),
+            command_line: format!("o /b {APM_CNT_PORT:#x} {APM_COMMAND:#x}"),
         }
     }
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use smmvmi_mailbox::client::Poll;
 use smmvmi_mailbox::layout::ServeStatus;
+use smmvmi_mailbox::shared::SharedMemory;
 use smmvmi_mailbox::wire::FrameHeader;
 
 use crate::mailbox_file::{Header, MailboxFile, MailboxFileError};
@@ -203,7 +204,7 @@ impl Injector {
                         reply: self.mailbox.read_reply(reply_len)?,
                         serve_cycles: self
                             .mailbox
-                            .read_u64(smmvmi_mailbox::layout::OFF_SERVE_CYCLES)?,
+                            .load_u64(smmvmi_mailbox::layout::OFF_SERVE_CYCLES)?,
                         smis,
                         elapsed,
                     }),

@@ -8,20 +8,19 @@ use std::time::{Duration, Instant};
 
 use host_injector::{Injector, MailboxFile, SmiBackend, SmiError, TransactError};
 use smmvmi_mailbox::layout::{self, AgentState, ServeStatus};
+use smmvmi_mailbox::shared::SharedMemory;
 use smmvmi_mailbox::wire::{Direction, FrameHeader};
+use smmvmi_testkit::MailboxBuilder;
+use smmvmi_testkit::mailbox::MAILBOX_SIZE;
 
 fn mailbox(name: &str, ready: bool) -> PathBuf {
     let p = std::env::temp_dir().join(format!("hi-tx-{name}-{}", std::process::id()));
-    let mut b = vec![0u8; 1 << 20];
-    b[..8].copy_from_slice(&layout::MAGIC);
-    layout::write_u32(&mut b, layout::OFF_VERSION, layout::VERSION);
-    if ready {
-        layout::write_u32(&mut b, layout::OFF_STATE, AgentState::Ready as u32);
-        layout::write_u64(&mut b, layout::OFF_FEATURES, layout::FEATURE_SMI_BROADCAST);
+    let b = if ready {
+        MailboxBuilder::ready()
     } else {
-        layout::write_u32(&mut b, layout::OFF_STATE, AgentState::Booting as u32);
-    }
-    std::fs::write(&p, b).unwrap();
+        MailboxBuilder::new(MAILBOX_SIZE).state(AgentState::Booting)
+    };
+    b.write_file(&p).unwrap();
     p
 }
 
@@ -38,18 +37,13 @@ impl SmiBackend for Scripted {
         let n = self.raised.fetch_add(1, Ordering::SeqCst) + 1;
         if n == self.answer_on {
             let mb = MailboxFile::open(&self.path).unwrap();
-            let bell = mb.read_u64(layout::OFF_REQ_DOORBELL).unwrap();
-            mb.write_at(mb.areas().reply.start, b"sealed-reply")
+            let bell = mb.load_u64(layout::OFF_REQ_DOORBELL).unwrap();
+            mb.copy_in(mb.areas().reply.start, b"sealed-reply").unwrap();
+            mb.store_u32(layout::OFF_SERVE_STATUS, self.status as u32)
                 .unwrap();
-            mb.write_at(
-                layout::OFF_SERVE_STATUS,
-                &(self.status as u32).to_le_bytes(),
-            )
-            .unwrap();
-            mb.write_at(layout::OFF_REPLY_LEN, &12u32.to_le_bytes())
-                .unwrap();
-            mb.write_u64(layout::OFF_SERVE_CYCLES, 1234).unwrap();
-            mb.write_u64(layout::OFF_REPLY_DONE, bell).unwrap();
+            mb.store_u32(layout::OFF_REPLY_LEN, 12).unwrap();
+            mb.store_u64(layout::OFF_SERVE_CYCLES, 1234).unwrap();
+            mb.store_u64(layout::OFF_REPLY_DONE, bell).unwrap();
         }
         Ok(())
     }
@@ -93,8 +87,8 @@ fn re_raises_until_the_agent_answers() {
     assert_eq!(t.smis, 4);
     assert_eq!(raised.load(Ordering::SeqCst), 4);
     assert_eq!(t.serve_cycles, 1234);
-    let raw = std::fs::read(&p).unwrap();
-    assert_eq!(layout::read_u64(&raw, layout::OFF_REQ_DOORBELL), Some(77));
+    let mb = MailboxFile::open(&p).unwrap();
+    assert_eq!(mb.load_u64(layout::OFF_REQ_DOORBELL).unwrap(), 77);
     std::fs::remove_file(p).unwrap();
 }
 
@@ -147,7 +141,7 @@ fn no_smi_before_the_agent_is_ready() {
     assert!(matches!(e, TransactError::NotReady { .. }), "{e}");
     assert!(e.to_string().contains("QEMU 7.2"), "{e}");
     assert_eq!(raised.load(Ordering::SeqCst), 0, "no SMI may be raised");
-    let raw = std::fs::read(&p).unwrap();
-    assert_eq!(layout::read_u64(&raw, layout::OFF_REQ_DOORBELL), Some(0));
+    let mb = MailboxFile::open(&p).unwrap();
+    assert_eq!(mb.load_u64(layout::OFF_REQ_DOORBELL).unwrap(), 0);
     std::fs::remove_file(p).unwrap();
 }

@@ -20,7 +20,8 @@ use crate::endpoint::Endpoint;
 pub enum SessionError {
     /// The key file is unusable.
     #[error(
-        "key file {path}: expected exactly {SHARED_KEY_LEN} raw bytes (the file given to the VM with -fw_cfg name=opt/smmvmi/key), {problem}"
+        "key file {path}: expected exactly {SHARED_KEY_LEN} raw bytes (the file given to the VM with -fw_cfg name={key_file}), {problem}",
+        key_file = smmvmi_mailbox::platform::KEY_FW_CFG_FILE
     )]
     Key {
         /// Key file.
@@ -42,7 +43,8 @@ pub enum SessionError {
     Reply(#[from] ClientError),
     /// The agent has no key.
     #[error(
-        "the agent is unprovisioned (no key reached the firmware): it serves only plain INFO, whose content proves nothing. Start the VM with -fw_cfg name=opt/smmvmi/key,file=KEY (cargo xtask vm up does)"
+        "the agent is unprovisioned (no key reached the firmware): it serves only plain INFO, whose content proves nothing. Start the VM with -fw_cfg name={},file=KEY (cargo xtask vm up does)",
+        smmvmi_mailbox::platform::KEY_FW_CFG_FILE
     )]
     Unprovisioned,
     /// The session salt in the header changed after this session started.

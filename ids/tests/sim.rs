@@ -9,18 +9,13 @@ use std::time::Duration;
 use host_injector::{Injector, MailboxFile, SmiBackend, SmiError, TransactError};
 use ids::kernel::{self, BannerSearch, KernelError};
 use ids::session::{Session, SessionError};
-use smmvmi_agent::{
-    AgentState, CheckedPhys, CpuSnapshot, PhysMemory, PhysRange, RamMap, ServeContext, SevConfig,
-};
 use smmvmi_mailbox::client::ClientError;
-use smmvmi_mailbox::layout::{self, Areas, ServeStatus};
+use smmvmi_mailbox::layout::ServeStatus;
 use smmvmi_mailbox::wire::{Op, Status};
+use smmvmi_testkit::{FakeMem, Machine, MailboxBuilder, PtBuilder, SimAgent, cpu};
 
-const RAM: usize = 128 << 20;
+const RAM: u64 = 128 << 20;
 const SMRAM: (u64, u64) = (0x700_0000, 0x100_0000);
-const PML4: u64 = 0x10000;
-const PDPT: u64 = 0x11000;
-const PD: u64 = 0x12000;
 const TEXT: u64 = 0xFFFF_FFFF_9A00_0000;
 const TEXT_PA: u64 = 0x200_0000;
 const LSTAR: u64 = TEXT + 0xA0_0080;
@@ -30,77 +25,35 @@ const BANNER_VA: u64 = TEXT + (14 << 20) + (512 << 10) - 20;
 const BANNER: &str = "Linux version 6.1.0-sim (sim@host) (gcc 12) #1 SMP PREEMPT_DYNAMIC\n";
 const KEY: [u8; 32] = [0x42; 32];
 
-struct Mem(Vec<u8>);
-
-impl PhysMemory for Mem {
-    fn read(&self, range: CheckedPhys, buf: &mut [u8]) {
-        let a = range.addr() as usize;
-        let n = buf.len().min(range.len());
-        buf[..n].copy_from_slice(&self.0[a..a + n]);
-    }
-}
-
-fn guest_ram() -> Mem {
-    let mut m = vec![0u8; RAM];
-    let mut put =
-        |pa: u64, v: u64| m[pa as usize..pa as usize + 8].copy_from_slice(&v.to_le_bytes());
-    put(PML4 + 8 * 511, PDPT | 3);
-    put(PDPT + 8 * ((TEXT >> 30) & 511), PD | 3);
+/// Guest RAM with the kernel text mapped by 2 MiB pages (one gap) and the
+/// page-table root to use as CR3.
+fn guest_ram() -> (FakeMem, u64) {
+    let mut pt = PtBuilder::new(4, 0);
     for i in 0..16u64 {
         if i == 6 {
             continue; // text + 12 MiB .. + 14 MiB: freed gap, not present
         }
-        put(
-            PD + 8 * (((TEXT >> 21) & 511) + i),
-            (TEXT_PA + (i << 21)) | 0x83,
-        );
+        pt.map(TEXT + (i << 21), TEXT_PA + (i << 21), 21);
     }
-    let pa = (TEXT_PA + (BANNER_VA - TEXT)) as usize;
-    m[pa..pa + BANNER.len()].copy_from_slice(BANNER.as_bytes());
+    let mut m = pt.mem;
+    m.write(TEXT_PA + (BANNER_VA - TEXT), BANNER.as_bytes());
     // A decoy without the final NUL, and one in the unmapped gap.
-    let decoy = (TEXT_PA + (13 << 20)) as usize;
-    m[decoy..decoy + 20].copy_from_slice(b"Linux version decoy\n");
-    let decoy2 = (TEXT_PA + (11 << 20)) as usize;
-    m[decoy2..decoy2 + 21].copy_from_slice(b"Linux version decoy\nX");
-    Mem(m)
+    m.write(TEXT_PA + (13 << 20), b"Linux version decoy\n");
+    m.write(TEXT_PA + (11 << 20), b"Linux version decoy\nX");
+    (m, pt.root)
 }
 
-fn cpu(lstar: u64) -> CpuSnapshot {
-    CpuSnapshot {
-        cr0: 0x8005_0033,
-        cr3: PML4,
-        cr4: 0x6F0,
-        efer: 0xD01,
-        msrs_valid: 1,
-        msr_lstar: lstar,
-        ..Default::default()
-    }
+/// The simulated agent behind the injector: every SMI serves the mailbox
+/// file through the contract's shared-memory trait.
+struct FileAgent {
+    mailbox: MailboxFile,
+    agent: SimAgent,
 }
 
-struct SimAgent {
-    path: PathBuf,
-    state: AgentState<'static>,
-    ram: RamMap,
-    cpus: Vec<CpuSnapshot>,
-    mem: Mem,
-    served: Vec<ServeStatus>,
-}
-
-impl SmiBackend for SimAgent {
+impl SmiBackend for FileAgent {
     fn raise(&mut self) -> Result<(), SmiError> {
-        let mut mb = std::fs::read(&self.path).map_err(|e| SmiError::Other(e.to_string()))?;
-        let ctx = ServeContext {
-            ram: &self.ram,
-            smram: PhysRange::new(SMRAM.0, SMRAM.1).unwrap(),
-            cpus: &self.cpus,
-            sev: SevConfig::default(),
-        };
-        if let smmvmi_agent::Served::Answered(s) =
-            smmvmi_agent::serve(&mut mb, &mut self.state, &ctx, &self.mem)
-        {
-            self.served.push(s);
-        }
-        std::fs::write(&self.path, &mb).map_err(|e| SmiError::Other(e.to_string()))
+        self.agent.serve_checked(&self.mailbox);
+        Ok(())
     }
     fn name(&self) -> &'static str {
         "sim"
@@ -109,29 +62,16 @@ impl SmiBackend for SimAgent {
 
 fn sim(name: &str, lstar: u64, smp: usize) -> (Injector, PathBuf) {
     let path = std::env::temp_dir().join(format!("ids-sim-{name}-{}", std::process::id()));
-    let size = 1 << 20;
-    let mut mb = vec![0u8; size];
-    mb[..8].copy_from_slice(&layout::MAGIC);
-    layout::write_u32(&mut mb, layout::OFF_VERSION, layout::VERSION);
-    layout::write_u32(&mut mb, layout::OFF_STATE, layout::AgentState::Ready as u32);
-    layout::write_u64(&mut mb, layout::OFF_FEATURES, layout::FEATURE_SMI_BROADCAST);
-    let areas = Areas::from_size(size).unwrap();
-    let req: &'static mut [u8] = Box::leak(vec![0u8; areas.request_capacity()].into_boxed_slice());
-    let rep: &'static mut [u8] = Box::leak(vec![0u8; areas.reply_capacity()].into_boxed_slice());
-    let state = AgentState::new(Some(&KEY), [7; 16], req, rep);
-    state.publish(&mut mb);
-    std::fs::write(&path, &mb).unwrap();
-    let mut ram = RamMap::new();
-    ram.push(0, RAM as u64).unwrap();
-    let agent = SimAgent {
-        path: path.clone(),
-        state,
-        ram,
-        cpus: vec![cpu(lstar); smp],
-        mem: guest_ram(),
-        served: Vec::new(),
-    };
-    let inj = Injector::new(MailboxFile::open(&path).unwrap(), Box::new(agent));
+    MailboxBuilder::ready().write_file(&path).unwrap();
+    let (mem, root) = guest_ram();
+    let mut cpu0 = cpu(root, 4);
+    cpu0.msr_lstar = lstar;
+    let agent = SimAgent::new(mem, Machine::flat(RAM, SMRAM), Some(&KEY), [7; 16])
+        .with_cpus(vec![cpu0; smp]);
+    let mailbox = MailboxFile::open(&path).unwrap();
+    agent.publish(&mailbox).unwrap();
+    let backend = FileAgent { mailbox, agent };
+    let inj = Injector::new(MailboxFile::open(&path).unwrap(), Box::new(backend));
     (inj, path)
 }
 

@@ -10,7 +10,7 @@
 //! is an error, never data.
 //!
 //! Keys: derive [`SessionKeys`] from the shared key and the session salt the
-//! agent publishes in the header ([`layout::session_salt`]); when the salt
+//! agent publishes in the header ([`crate::header::Header::session_salt`]); when the salt
 //! changes (the VM rebooted) build a new [`Client`]. A forged salt only makes
 //! replies fail to open.
 //!
@@ -20,8 +20,11 @@
 //! session, e.g. the current time in nanoseconds since the Unix epoch, or a
 //! persisted counter. The agent rejects sequences that do not grow.
 
+use core::sync::atomic::{Ordering, compiler_fence};
+
 use crate::crypto::{self, CryptoError, SessionKeys};
-use crate::layout::{self, Areas, ServeStatus};
+use crate::layout::{self, Areas, HEADER_SIZE, ServeStatus};
+use crate::shared::{AccessError, SharedMemory};
 use crate::wire::{
     self, Direction, FRAME_HEADER_LEN, FrameHeader, IDS_NONCE_LEN, Op, REPLY_FLAG_UNAUTHENTICATED,
     ReplyBody, TAG_LEN, WireError,
@@ -250,26 +253,43 @@ pub fn parse_plain_reply(buf: &[u8]) -> Result<ReplyBody<'_>, ClientError> {
     Ok(ReplyBody::parse(body)?)
 }
 
-/// Host side of the hand-shake, step 1: writes `frame` into the request area
-/// of `mailbox` and then the doorbell (must be non-zero and differ from the
-/// previous one; the request sequence is the natural choice). The caller
-/// raises the SMI afterwards. For a mailbox mapped from a file, the caller's
-/// mapping must not reorder the doorbell store before the frame (x86 does not).
-pub fn post_request(mailbox: &mut [u8], frame: &[u8], doorbell: u64) -> Result<(), PostError> {
-    let areas = Areas::from_size(mailbox.len()).map_err(PostError::Layout)?;
-    if frame.len() > areas.request_capacity() {
+/// Host side of the hand-shake, step 1: copies `frame` into the request
+/// area of `mailbox` and then stores the doorbell (must be non-zero and
+/// differ from the previous one; the request sequence is the natural
+/// choice). The caller raises the SMI afterwards. x86 does not reorder the
+/// doorbell store before the frame's stores; the release fence keeps the
+/// compiler from doing so.
+pub fn post_request<S: SharedMemory>(
+    mailbox: &S,
+    frame: &[u8],
+    doorbell: u64,
+) -> Result<(), PostError<S::Error>> {
+    let areas =
+        check_post(mailbox.size(), frame.len(), doorbell).map_err(PostError::with_access)?;
+    mailbox
+        .copy_in(areas.request.start, frame)
+        .map_err(PostError::Access)?;
+    compiler_fence(Ordering::Release);
+    mailbox
+        .store_u64(layout::OFF_REQ_DOORBELL, doorbell)
+        .map_err(PostError::Access)
+}
+
+/// Checks, without touching the mailbox, that a frame of `frame_len` bytes
+/// with `doorbell` can be posted to a mailbox of `size` bytes; returns its
+/// areas.
+pub fn check_post(size: usize, frame_len: usize, doorbell: u64) -> Result<Areas, PostError> {
+    let areas = Areas::from_size(size).map_err(PostError::Layout)?;
+    if frame_len > areas.request_capacity() {
         return Err(PostError::TooLarge {
             capacity: areas.request_capacity(),
-            found: frame.len(),
+            found: frame_len,
         });
     }
     if doorbell == 0 {
         return Err(PostError::ZeroDoorbell);
     }
-    mailbox[areas.request.start..areas.request.start + frame.len()].copy_from_slice(frame);
-    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::Release);
-    layout::write_u64(mailbox, layout::OFF_REQ_DOORBELL, doorbell);
-    Ok(())
+    Ok(areas)
 }
 
 /// What the host sees when it polls for the reply.
@@ -282,7 +302,7 @@ pub enum Poll {
     Done {
         /// Raw serve status ([`ServeStatus::from_raw`]).
         status: u32,
-        /// Claimed reply frame length, clamped to the reply area.
+        /// Claimed reply frame length in bytes, clamped to the reply area.
         reply_len: usize,
     },
 }
@@ -297,33 +317,43 @@ impl Poll {
     }
 }
 
-/// Host side, step 3: checks whether the agent served `doorbell`.
-pub fn poll_reply(mailbox: &[u8], doorbell: u64) -> Poll {
-    let Ok(areas) = Areas::from_size(mailbox.len()) else {
-        return Poll::Pending;
+/// Host side, step 3: checks whether the agent served `doorbell`. Loads the
+/// done word first and the status and length after it (the agent stores
+/// them before the done word). A mailbox of unsupported size never
+/// completes.
+pub fn poll_reply<S: SharedMemory>(mailbox: &S, doorbell: u64) -> Result<Poll, S::Error> {
+    let Ok(areas) = Areas::from_size(mailbox.size()) else {
+        return Ok(Poll::Pending);
     };
-    if layout::read_u64(mailbox, layout::OFF_REPLY_DONE) != Some(doorbell) {
-        return Poll::Pending;
+    if mailbox.load_u64(layout::OFF_REPLY_DONE)? != doorbell {
+        return Ok(Poll::Pending);
     }
-    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::Acquire);
-    let status = layout::read_u32(mailbox, layout::OFF_SERVE_STATUS).unwrap_or(0);
-    let reply_len = layout::read_u32(mailbox, layout::OFF_REPLY_LEN).unwrap_or(0) as usize;
-    Poll::Done {
+    compiler_fence(Ordering::Acquire);
+    let status = mailbox.load_u32(layout::OFF_SERVE_STATUS)?;
+    let reply_len = mailbox.load_u32(layout::OFF_REPLY_LEN)? as usize;
+    Ok(Poll::Done {
         status,
         reply_len: reply_len.min(areas.reply_capacity()),
-    }
+    })
 }
 
-/// The reply area of a mailbox (copy it out before opening: the guest can
-/// change it at any time).
-pub fn reply_area(mailbox: &[u8]) -> Option<&[u8]> {
-    let areas = Areas::from_size(mailbox.len()).ok()?;
-    mailbox.get(areas.reply)
+/// Copies the first `out.len()` bytes of the reply area (at most its
+/// capacity) out of the mailbox, once; returns how many were copied. Open
+/// the copy, never the mailbox: the guest can change it at any time.
+pub fn copy_reply<S: SharedMemory>(mailbox: &S, out: &mut [u8]) -> Result<usize, S::Error> {
+    let areas = Areas::from_size(mailbox.size()).map_err(|_| AccessError::OutOfBounds {
+        off: HEADER_SIZE,
+        len: out.len(),
+        size: mailbox.size(),
+    })?;
+    let n = out.len().min(areas.reply_capacity());
+    mailbox.copy_out(areas.reply.start, &mut out[..n])?;
+    Ok(n)
 }
 
-/// Errors of [`post_request`].
+/// Errors of [`post_request`]; `E` is the mailbox's access error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum PostError {
+pub enum PostError<E = core::convert::Infallible> {
     /// The mailbox has an unsupported size.
     #[error("mailbox layout: {0}")]
     Layout(layout::LayoutError),
@@ -332,14 +362,41 @@ pub enum PostError {
         "request frame must fit the request area of {capacity} bytes, found {found}: send fewer ops per request"
     )]
     TooLarge {
-        /// Request area capacity.
+        /// Request area capacity in bytes.
         capacity: usize,
-        /// Frame length.
+        /// Frame length in bytes.
         found: usize,
     },
     /// The doorbell value 0 means "nothing posted".
     #[error("doorbell must be non-zero, found 0: use the request sequence")]
     ZeroDoorbell,
+    /// Writing the mailbox failed.
+    #[error("mailbox access: {0}")]
+    Access(E),
+}
+
+impl PostError {
+    /// The same contract error for a mailbox with access errors `E`.
+    pub fn with_access<E>(self) -> PostError<E> {
+        match self {
+            PostError::Layout(e) => PostError::Layout(e),
+            PostError::TooLarge { capacity, found } => PostError::TooLarge { capacity, found },
+            PostError::ZeroDoorbell => PostError::ZeroDoorbell,
+            PostError::Access(never) => match never {},
+        }
+    }
+}
+
+impl<E> PostError<E> {
+    /// Splits an access failure (`Err(E)`) from a contract error (`Ok`).
+    pub fn into_contract(self) -> Result<PostError, E> {
+        match self {
+            PostError::Layout(e) => Ok(PostError::Layout(e)),
+            PostError::TooLarge { capacity, found } => Ok(PostError::TooLarge { capacity, found }),
+            PostError::ZeroDoorbell => Ok(PostError::ZeroDoorbell),
+            PostError::Access(e) => Err(e),
+        }
+    }
 }
 
 #[cfg(feature = "std")]

@@ -208,3 +208,124 @@ proptest! {
         let _ = c.open_reply(&mut m);
     }
 }
+
+/// The encoders produce exactly the bytes of the index-arithmetic encoders
+/// they replaced (golden values recorded from the previous implementation).
+#[test]
+fn encodings_are_byte_identical_to_layout_v1() {
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    let h = FrameHeader {
+        direction: Direction::Reply,
+        body_len: 0x1234,
+        seq: 0x0102030405060708,
+        in_reply_to: 0x1112131415161718,
+    };
+    assert_eq!(
+        hex(&h.encode()),
+        "0100020034120000080706050403020118171615141312110000000000000000",
+        "frame"
+    );
+    let op = Op::ReadVirt {
+        space: AddressSpace {
+            cpu: 3,
+            cr3: Some(0xabc000),
+            pti: Pti::User,
+        },
+        addr: 0xffff_8000_1234_5678,
+        len: 0x400,
+    };
+    assert_eq!(
+        hex(&op.encode()),
+        "010500000300000000c0ab0000000000785634120080ffff0004000000000000",
+        "op"
+    );
+    let mut body = [0u8; 24 + 64];
+    let n = encode_request_body(&[9; 16], &[op, Op::Info], &mut body).unwrap();
+    assert_eq!(
+        hex(&body[..n]),
+        "090909090909090909090909090909090200000000000000010500000300000000c0ab0000000000785634120080ffff00040000000000000500000000000000000000000000000000000000000000000000000000000000",
+        "req"
+    );
+    let mut out = [0u8; 128];
+    let mut w = ReplyWriter::new(&mut out, 77, &[1; 16], &[2; 16], 0).unwrap();
+    w.push(2, 5, |d| {
+        d[..5].copy_from_slice(b"hello");
+        (Status::NotPresent, 3, 0xdead, 5)
+    });
+    let n = w.finish();
+    assert_eq!(
+        hex(&out[..n]),
+        "4d00000000000000010101010101010101010101010101010202020202020202020202020202020201000000000000000201030005000000adde00000000000068656c6c6f000000",
+        "reply"
+    );
+    let mut wr = WalkRecord {
+        va: 1,
+        pa: 2,
+        levels: 5,
+        depth: 2,
+        page_shift: 21,
+        ..Default::default()
+    };
+    wr.entries[0] = (0x10, 0x20);
+    wr.entries[4] = (0x30, 0x40);
+    let mut b = [0u8; WALK_RECORD_LEN];
+    wr.encode(&mut b);
+    assert_eq!(
+        hex(&b),
+        "0100000000000000020000000000000005021500000000001000000000000000200000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000030000000000000004000000000000000",
+        "walk"
+    );
+    let cs = CpuState {
+        rax: 1,
+        msr_sysenter_eip: 0x55,
+        cr3: 0x77,
+        ..Default::default()
+    };
+    let mut b = [0u8; CpuState::LEN];
+    cs.encode(&mut b);
+    assert_eq!(
+        hex(&b),
+        "0100000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000770000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000005500000000000000",
+        "cpu"
+    );
+    let ih = InfoHeader {
+        agent_version: 0x10000,
+        cpu_count: 9,
+        sev_flags: 1,
+        c_bit: 47,
+        ram_range_count: 9,
+        max_read: 0x1000,
+        smram_base: 0x7f000000,
+        smram_size: 0x1000000,
+    };
+    let mut b = [0u8; 128];
+    let n = encode_info(
+        &ih,
+        [RamRange {
+            base: 0x1000,
+            len: 0x2000,
+        }]
+        .into_iter(),
+        [
+            InfoCpu {
+                paging_levels: 5,
+                flags: 1,
+            },
+            InfoCpu {
+                paging_levels: 4,
+                flags: 0,
+            },
+        ]
+        .into_iter(),
+        &mut b,
+    )
+    .unwrap();
+    assert_eq!(
+        hex(&b[..n]),
+        "0000010002000000010000002f00000001000000001000000000007f0000000000000001000000000010000000000000002000000000000005010000000000000400000000000000",
+        "info"
+    );
+}

@@ -1,12 +1,13 @@
 //! The host's view of a VM's mailbox file (the `ivshmem-plain` backing file).
-//! Offsets come from `smmvmi_mailbox::layout`; every value read here was
+//! Offsets come from `smmvmi_mailbox::header`; every value read here was
 //! written by an untrusted party and is only reported, never acted upon.
+//! The file is reached only through the contract's `SharedMemory` trait, as
+//! the host-injector implements it (fresh `pread`/`pwrite`s).
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use smmvmi_mailbox::layout;
+use smmvmi_mailbox::shared::SharedMemory;
 
 /// A snapshot of the mailbox header: the host-injector's type, so that the
 /// tests read the header exactly as the product does.
@@ -16,6 +17,10 @@ pub use host_injector::mailbox_file::Header as MailboxHeader;
 #[derive(Clone, Debug)]
 pub struct MailboxFile {
     path: PathBuf,
+}
+
+fn to_io(e: host_injector::MailboxFileError) -> std::io::Error {
+    std::io::Error::other(e)
 }
 
 impl MailboxFile {
@@ -36,45 +41,49 @@ impl MailboxFile {
         f.set_len(Self::SIZE)
     }
 
-    /// Reads the header.
-    pub fn header(&self) -> std::io::Result<MailboxHeader> {
-        let mut b = [0u8; layout::HEADER_SIZE];
-        File::open(&self.path)?.read_exact_at(&mut b, 0)?;
-        Ok(MailboxHeader::parse(&b))
+    /// The file as the contract's shared memory (opened afresh: the VM's
+    /// state directory may have been recreated since).
+    pub fn open(&self) -> std::io::Result<host_injector::MailboxFile> {
+        host_injector::MailboxFile::open(&self.path).map_err(to_io)
     }
 
-    /// Writes a little-endian u64 at `offset` (e.g. [`layout::OFF_PING_REQ`]).
+    /// Reads the header.
+    pub fn header(&self) -> std::io::Result<MailboxHeader> {
+        self.open()?.header().map_err(to_io)
+    }
+
+    /// Writes a little-endian u64 at `offset` (e.g. [`smmvmi_mailbox::header::OFF_PING_REQ`]).
     pub fn write_u64(&self, offset: usize, value: u64) -> std::io::Result<()> {
-        let f = std::fs::OpenOptions::new().write(true).open(&self.path)?;
-        f.write_all_at(&value.to_le_bytes(), offset as u64)
+        self.open()?.store_u64(offset, value).map_err(to_io)
     }
 
     /// Reads a little-endian u64 at `offset`.
     pub fn read_u64(&self, offset: usize) -> std::io::Result<u64> {
-        let mut b = [0u8; 8];
-        File::open(&self.path)?.read_exact_at(&mut b, offset as u64)?;
-        Ok(u64::from_le_bytes(b))
+        self.open()?.load_u64(offset).map_err(to_io)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use smmvmi_mailbox::layout::AgentState;
+    use smmvmi_mailbox::header::{self, AgentState};
+    use smmvmi_mailbox::zerocopy::IntoBytes;
 
     #[test]
     fn header_round_trip() {
-        let mut b = [0u8; layout::HEADER_SIZE];
-        b[..8].copy_from_slice(&layout::MAGIC);
-        b[layout::OFF_VERSION..][..4].copy_from_slice(&layout::VERSION.to_le_bytes());
-        b[layout::OFF_STATE..][..4].copy_from_slice(&2u32.to_le_bytes());
-        b[layout::OFF_FEATURES..][..8].copy_from_slice(&1u64.to_le_bytes());
-        b[layout::OFF_PING_ACK..][..8].copy_from_slice(&0xabcdu64.to_le_bytes());
+        let mut h = header::Header::zeroed();
+        h.magic = header::MAGIC;
+        h.version = header::VERSION.into();
+        h.state = (AgentState::Ready as u32).into();
+        h.features = header::FEATURE_SMI_BROADCAST.into();
+        h.ping_ack = 0xabcd.into();
+        let mut b = [0u8; header::HEADER_SIZE];
+        b.copy_from_slice(h.as_bytes());
         let h = MailboxHeader::parse(&b);
         assert!(h.magic_ok && h.accepts_host_smi());
         assert_eq!(h.ping_ack, 0xabcd);
         assert_eq!(h.state(), Some(AgentState::Ready));
-        assert!(!MailboxHeader::parse(&[0u8; layout::HEADER_SIZE]).accepts_host_smi());
+        assert!(!MailboxHeader::parse(&[0u8; header::HEADER_SIZE]).accepts_host_smi());
     }
 
     #[test]
@@ -83,9 +92,9 @@ mod tests {
         let mb = MailboxFile::new(&p);
         mb.create_zeroed().unwrap();
         assert_eq!(std::fs::metadata(&p).unwrap().len(), MailboxFile::SIZE);
-        mb.write_u64(layout::OFF_PING_REQ, 42).unwrap();
+        mb.write_u64(header::OFF_PING_REQ, 42).unwrap();
         assert_eq!(mb.header().unwrap().ping_req, 42);
-        assert_eq!(mb.read_u64(layout::OFF_PING_REQ).unwrap(), 42);
+        assert_eq!(mb.read_u64(header::OFF_PING_REQ).unwrap(), 42);
         std::fs::remove_file(p).unwrap();
     }
 }

@@ -23,7 +23,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use smmvmi_mailbox::layout;
+use smmvmi_mailbox::{layout, platform};
 
 use crate::command_channel::{ChannelError, CommandChannel, ExecOutput};
 use crate::guest_image::{self, GuestImage, GuestImageError, KernelDeb, READY_MARKER};
@@ -523,12 +523,6 @@ impl Vm {
             ),
             "-device".into(),
             "ivshmem-plain,memdev=mb".into(),
-            "-device".into(),
-            "isa-debug-exit,iobase=0xf4,iosize=4".into(),
-            "-debugcon".into(),
-            format!("file:{}", s(&info.debugcon_log)),
-            "-global".into(),
-            "isa-debugcon.iobase=0x402".into(),
             "-fw_cfg".into(),
             format!("name={KEY_FW_CFG_NAME},file={}", s(&info.key)),
             "-qmp".into(),
@@ -536,6 +530,7 @@ impl Vm {
             "-pidfile".into(),
             s(&state_dir.join("qemu.pid")),
         ]);
+        args.extend(debug_device_args(&info.debugcon_log));
         args.extend(config.extra_args.iter().cloned());
         std::fs::write(state_dir.join("qemu.cmdline"), shell_words(&args))
             .map_err(io("write qemu.cmdline"))?;
@@ -865,7 +860,11 @@ impl Vm {
         }
         let value = fresh_ping_value(h.ping_ack);
         self.ping_with(value, timeout, || {
-            self.hmp(&format!("o /b 0xb2 {smi_command:#x}")).map(|_| ())
+            self.hmp(&format!(
+                "o /b {:#x} {smi_command:#x}",
+                platform::APM_CNT_PORT
+            ))
+            .map(|_| ())
         })
     }
 
@@ -952,7 +951,25 @@ impl Drop for Vm {
 }
 
 /// The fw_cfg file the firmware reads the agent key from.
-pub const KEY_FW_CFG_NAME: &str = "opt/smmvmi/key";
+pub const KEY_FW_CFG_NAME: &str = platform::KEY_FW_CFG_FILE;
+
+/// QEMU arguments for the firmware's debug devices: `isa-debug-exit` at
+/// [`platform::DEBUG_EXIT_PORT`] and `isa-debugcon` at
+/// [`platform::DEBUGCON_PORT`] logging to `debugcon`.
+pub fn debug_device_args(debugcon: &Path) -> [String; 6] {
+    [
+        "-device".into(),
+        format!(
+            "isa-debug-exit,iobase={:#x},iosize={}",
+            platform::DEBUG_EXIT_PORT,
+            platform::DEBUG_EXIT_IOSIZE
+        ),
+        "-debugcon".into(),
+        format!("file:{}", debugcon.display()),
+        "-global".into(),
+        format!("isa-debugcon.iobase={:#x}", platform::DEBUGCON_PORT),
+    ]
+}
 
 /// Writes 32 fresh random bytes (from /dev/urandom) to `path`, mode 0600.
 fn write_fresh_key(path: &Path) -> Result<(), VmError> {
@@ -1014,8 +1031,12 @@ pub fn describe_exit(status: ExitStatus) -> String {
         (Some(0), _) => "exited with status 0 (clean shutdown)".into(),
         (Some(1), _) => "exited with status 1 (QEMU error, or isa-debug-exit value 0)".into(),
         (Some(c), _) if c % 2 == 1 => {
+            let code = match platform::ExitCode::from_qemu_status(c) {
+                Some(code) => format!(" ({code:?})"),
+                None => String::new(),
+            };
             format!(
-                "exited with status {c}: isa-debug-exit, the firmware wrote {:#x}",
+                "exited with status {c}: isa-debug-exit, the firmware wrote {:#x}{code}",
                 (c - 1) / 2
             )
         }

@@ -18,6 +18,9 @@ use ids::session::SessionError;
 use smmvmi_mailbox::client::{self, Client, ClientError, Poll};
 use smmvmi_mailbox::crypto::SessionKeys;
 use smmvmi_mailbox::layout::{self, ServeStatus};
+use smmvmi_mailbox::platform::{
+    APM_CMD_SERVE, IVSHMEM_BAR_SHMEM, IVSHMEM_DEVICE_ID, IVSHMEM_VENDOR_ID,
+};
 use smmvmi_mailbox::wire::{Op, Status};
 use smmvmi_tests::vm::Vm;
 
@@ -28,9 +31,12 @@ const DEADLINE: Duration = Duration::from_secs(10);
 fn mailbox_bar(vm: &Vm) -> u64 {
     let out = sh(
         vm,
-        "for d in /sys/bus/pci/devices/*; do \
-           if [ \"$(cat $d/vendor)\" = 0x1af4 ] && [ \"$(cat $d/device)\" = 0x1110 ]; then \
-             sed -n 3p $d/resource; fi; done",
+        &format!(
+            "for d in /sys/bus/pci/devices/*; do \
+               if [ \"$(cat $d/vendor)\" = {IVSHMEM_VENDOR_ID:#06x} ] && [ \"$(cat $d/device)\" = {IVSHMEM_DEVICE_ID:#06x} ]; then \
+                 sed -n {}p $d/resource; fi; done",
+            IVSHMEM_BAR_SHMEM + 1
+        ),
     );
     let first = out.split_whitespace().next().unwrap_or("");
     let bar = u64::from_str_radix(first.trim_start_matches("0x"), 16).unwrap_or_else(|_| {
@@ -63,7 +69,7 @@ fn guest_request(vm: &Vm, bar: u64, frame: &[u8]) -> Option<ServeStatus> {
     guest_write(vm, bar, layout::OFF_REQ_DOORBELL, &doorbell.to_le_bytes());
     let deadline = Instant::now() + DEADLINE;
     loop {
-        sh(vm, "smi 0x10");
+        sh(vm, &format!("smi {APM_CMD_SERVE:#x}"));
         let wait = Instant::now() + Duration::from_millis(500);
         while Instant::now() < wait {
             if let Poll::Done { status, .. } = mb.poll_reply(doorbell).unwrap() {
@@ -146,7 +152,10 @@ fn guest_root_cannot_forge_replay_or_crash_the_agent() {
     still_serving(&vm, &mut s, "plain request");
 
     // A storm of guest SMIs with nothing new posted.
-    sh(&vm, "for i in $(seq 50); do smi 0x10; done");
+    sh(
+        &vm,
+        &format!("for i in $(seq 50); do smi {APM_CMD_SERVE:#x}; done"),
+    );
     still_serving(&vm, &mut s, "50 guest SMIs");
     finish(vm);
 }

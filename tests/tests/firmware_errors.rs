@@ -2,7 +2,7 @@
 //! on the debug console and a distinct isa-debug-exit code, never hang.
 //!
 //! QEMU's exit status is `(code << 1) | 1` for the code the firmware writes
-//! to port 0xf4 (`smm-agent/firmware/src/exit.rs`).
+//! to the isa-debug-exit port (`smmvmi_mailbox::platform::ExitCode`).
 //!
 //! Run with `cargo xtask test` (these are `#[ignore]`d for plain `cargo test`).
 
@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use smmvmi_mailbox::platform::ExitCode;
 use smmvmi_tests::guest_image::GuestImage;
-use smmvmi_tests::vm::{FIRMWARE_ENV, Firmware};
+use smmvmi_tests::vm::{FIRMWARE_ENV, Firmware, debug_device_args};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -47,9 +48,7 @@ fn run(test: &str, args: &[&str]) -> (i32, String) {
             "none",
         ])
         .args(["-bios", &firmware().display().to_string()])
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
-        .args(["-debugcon", &format!("file:{}", debugcon.display())])
-        .args(["-global", "isa-debugcon.iobase=0x402"])
+        .args(debug_device_args(&debugcon))
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -88,12 +87,13 @@ fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
-fn expect_stop(test: &str, args: &[&str], code: u32, message: &str) {
+fn expect_stop(test: &str, args: &[&str], code: ExitCode, message: &str) {
     let (status, log) = run(test, args);
-    let want = ((code << 1) | 1) as i32;
+    let want = code.qemu_status();
     assert_eq!(
         status, want,
-        "{test}: expected QEMU exit status {want} (firmware code {code:#x}); debugcon:\n{log}"
+        "{test}: expected QEMU exit status {want} (firmware code {code:?} = {:#x}); debugcon:\n{log}",
+        code as u32
     );
     assert!(
         log.contains(message),
@@ -107,7 +107,7 @@ fn no_kernel() {
     expect_stop(
         "nokernel",
         &["-machine", "q35,smm=on", "-m", "512M"],
-        0x10,
+        ExitCode::NoKernel,
         "no kernel in fw_cfg: start QEMU with -kernel",
     );
 }
@@ -132,7 +132,7 @@ fn not_a_bzimage() {
             "-kernel",
             &junk.display().to_string(),
         ],
-        0x11,
+        ExitCode::BadKernel,
         "is not a bzImage",
     );
     let _ = std::fs::remove_file(junk);
@@ -152,7 +152,7 @@ fn no_acpi_tables() {
             "-kernel",
             &g.kernel.display().to_string(),
         ],
-        0x12,
+        ExitCode::NoAcpi,
         "no ACPI tables",
     );
 }
@@ -171,7 +171,7 @@ fn no_smram() {
             "-kernel",
             &g.kernel.display().to_string(),
         ],
-        0x13,
+        ExitCode::NoSmram,
         "no SMI support",
     );
 }
@@ -192,7 +192,7 @@ fn too_little_ram() {
             "-initrd",
             &g.initrd.display().to_string(),
         ],
-        0x14,
+        ExitCode::TooLittleRam,
         "too little RAM",
     );
 }
@@ -213,7 +213,7 @@ fn tseg_too_small() {
             "-kernel",
             &g.kernel.display().to_string(),
         ],
-        0x13,
+        ExitCode::NoSmram,
         "TSEG is 8 MiB, need at least 15 MiB",
     );
 }

@@ -9,6 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{AGENT_READY, PING, boot, config, finish, sh};
+use smmvmi_mailbox::platform::APM_CMD_SERVE;
 use smmvmi_tests::vm::{Vm, fresh_ping_value};
 use smmvmi_tests::{parse_mem_size, workload};
 
@@ -99,8 +100,11 @@ fn smi_from_guest_reaches_handler() {
     wait_ready(&vm);
     let before = vm.mailbox().unwrap();
     let value = fresh_ping_value(before.ping_ack);
-    vm.ping_with(value, PING, || vm.run_shell_command("smi 0x10").map(|_| ()))
-        .unwrap_or_else(|e| panic!("guest-raised SMI: {e}"));
+    vm.ping_with(value, PING, || {
+        vm.run_shell_command(&format!("smi {APM_CMD_SERVE:#x}"))
+            .map(|_| ())
+    })
+    .unwrap_or_else(|e| panic!("guest-raised SMI: {e}"));
     let after = vm.mailbox().unwrap();
     assert!(
         after.smi_count > before.smi_count,
@@ -124,7 +128,7 @@ fn smi_from_host_reaches_handler() {
     wait_ready(&vm);
     let before = vm.mailbox().unwrap();
     for _ in 0..3 {
-        vm.host_smi_ping(0x10, PING)
+        vm.host_smi_ping(APM_CMD_SERVE, PING)
             .unwrap_or_else(|e| panic!("host-raised SMI: {e}"));
     }
     let after = vm.mailbox().unwrap();
@@ -185,7 +189,7 @@ fn thousand_host_smis_during_cpu_workload() {
     start_run(run);
     while raised < SMIS {
         for _ in 0..BATCH {
-            vm.host_smi_ping(0x10, PING)
+            vm.host_smi_ping(APM_CMD_SERVE, PING)
                 .unwrap_or_else(|e| panic!("SMI {raised}: {e}"));
             raised += 1;
         }

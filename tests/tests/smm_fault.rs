@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::{AGENT_READY, PING, boot, finish, sh};
 use smmvmi_mailbox::layout::AgentState;
+use smmvmi_mailbox::platform::{APM_CMD_EXECUTE_GUEST, APM_CMD_INJECT_FAULT, APM_CMD_SERVE};
 use smmvmi_tests::mailbox::MailboxHeader;
 use smmvmi_tests::vm::{Firmware, Vm, VmConfig, fresh_ping_value};
 
@@ -50,7 +51,7 @@ fn fault_in_smm_is_reported_and_smis_keep_working() {
     let vm = boot_fault_injection("smmfault");
 
     // Guest root raises the faulting SMI itself.
-    sh(&vm, "smi 0xfe");
+    sh(&vm, &format!("smi {APM_CMD_INJECT_FAULT:#x}"));
     let header = wait_for_fault(&vm);
     assert_eq!(
         header.state(),
@@ -72,8 +73,10 @@ fn fault_in_smm_is_reported_and_smis_keep_working() {
     // The guest survived and SMIs still return and are served.
     assert_eq!(sh(&vm, "echo alive"), "alive");
     let value = fresh_ping_value(header.ping_ack);
-    vm.ping_with(value, PING, || vm.exec("smi 0x10").map(|_| ()))
-        .unwrap_or_else(|e| panic!("an SMI after the fault was not served: {e}"));
+    vm.ping_with(value, PING, || {
+        vm.exec(&format!("smi {APM_CMD_SERVE:#x}")).map(|_| ())
+    })
+    .unwrap_or_else(|e| panic!("an SMI after the fault was not served: {e}"));
     assert_eq!(sh(&vm, "cat /proc/sys/kernel/ostype"), "Linux");
     finish(vm);
 }
@@ -85,7 +88,7 @@ fn smm_never_executes_guest_memory() {
 
     // APM 0xFD: the serving CPU calls into guest RAM. The SMM page tables
     // map guest memory no-execute, so the instruction fetch itself faults.
-    sh(&vm, "smi 0xfd");
+    sh(&vm, &format!("smi {APM_CMD_EXECUTE_GUEST:#x}"));
     let header = wait_for_fault(&vm);
     assert_eq!(
         header.fault_code,

@@ -198,8 +198,11 @@ fn smi_round_trip(image: &GuestImage, count: usize, accel: &str) -> anyhow::Resu
     let mut rtts = Vec::with_capacity(count);
     for _ in 0..count {
         rtts.push(
-            vm.host_smi_ping(0x10, Duration::from_secs(10))?
-                .as_secs_f64()
+            vm.host_smi_ping(
+                smmvmi_mailbox::platform::APM_CMD_SERVE,
+                Duration::from_secs(10),
+            )?
+            .as_secs_f64()
                 * 1e3,
         );
     }

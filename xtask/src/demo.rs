@@ -54,7 +54,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         header.smi_count
     );
     for i in 1..=args.smis {
-        let rtt = vm.host_smi_ping(0x10, Duration::from_secs(10))?;
+        let rtt = vm.host_smi_ping(
+            smmvmi_mailbox::platform::APM_CMD_SERVE,
+            Duration::from_secs(10),
+        )?;
         let h = vm.mailbox()?;
         println!(
             "  host SMI {i}: ping {:#018x} acknowledged in {:.2} ms; agent SMI count {}",

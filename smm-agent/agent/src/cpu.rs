@@ -9,6 +9,11 @@
 //! reloads the segment registers, so RDMSR of IA32_FS_BASE/IA32_GS_BASE in
 //! SMM no longer shows the interrupted values.
 
+use core::mem::offset_of;
+
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
+
 pub use smmvmi_mailbox::wire::CpuState as CpuSnapshot;
 
 /// Length of the save-state slice (`SMBASE+0xFC00 .. SMBASE+0x10000`).
@@ -27,119 +32,202 @@ pub const MSR_KERNEL_GS_BASE: u32 = 0xC000_0102;
 /// IA32_SYSENTER_EIP.
 pub const MSR_SYSENTER_EIP: u32 = 0x176;
 
-// Offsets from SMBASE+0x8000, as in the notes.
+/// One segment register in the save state (selector, attributes, limit,
+/// base: QEMU `do_smm_enter`, AMD64 map).
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct SegmentLe {
+    /// Selector.
+    pub selector: U16,
+    /// Attributes (descriptor flags).
+    pub attrib: U16,
+    /// Limit in bytes.
+    pub limit: U32,
+    /// Base address.
+    pub base: U64,
+}
+
+/// QEMU's AMD64 SMRAM save-state map, `SMBASE+0xFC00 .. SMBASE+0x10000`,
+/// as a typed little-endian layout. Field comments give the offset from
+/// SMBASE+0x8000, as in `../shared/notes/q35-smm.md`; the `reserved*`
+/// fields are state the agent does not decode.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct SaveStateLe {
+    /// 0x7C00..0x7E00.
+    pub reserved0: [u8; 0x200],
+    /// 0x7E00: ES, CS, SS, DS, FS, GS ([`Seg`] order).
+    pub segments: [SegmentLe; 6],
+    /// 0x7E60.
+    pub reserved1: [u8; 4],
+    /// 0x7E64: GDTR limit.
+    pub gdtr_limit: U32,
+    /// 0x7E68: GDTR base.
+    pub gdtr_base: U64,
+    /// 0x7E70: LDTR.
+    pub reserved2: [u8; 0x14],
+    /// 0x7E84: IDTR limit.
+    pub idtr_limit: U32,
+    /// 0x7E88: IDTR base.
+    pub idtr_base: U64,
+    /// 0x7E90: TR and the rest.
+    pub reserved3: [u8; 0x40],
+    /// 0x7ED0: EFER.
+    pub efer: U64,
+    /// 0x7ED8.
+    pub reserved4: [u8; 0x24],
+    /// 0x7EFC: SMM revision id.
+    pub revision: U32,
+    /// 0x7F00: SMBASE.
+    pub smbase: U32,
+    /// 0x7F04.
+    pub reserved5: [u8; 0x44],
+    /// 0x7F48: CR4.
+    pub cr4: U64,
+    /// 0x7F50: CR3.
+    pub cr3: U64,
+    /// 0x7F58: CR0.
+    pub cr0: U64,
+    /// 0x7F60: DR7.
+    pub dr7: U64,
+    /// 0x7F68: DR6.
+    pub dr6: U64,
+    /// 0x7F70: RFLAGS.
+    pub rflags: U64,
+    /// 0x7F78: RIP.
+    pub rip: U64,
+    /// 0x7F80: R15.
+    pub r15: U64,
+    /// 0x7F88: R14.
+    pub r14: U64,
+    /// 0x7F90: R13.
+    pub r13: U64,
+    /// 0x7F98: R12.
+    pub r12: U64,
+    /// 0x7FA0: R11.
+    pub r11: U64,
+    /// 0x7FA8: R10.
+    pub r10: U64,
+    /// 0x7FB0: R9.
+    pub r9: U64,
+    /// 0x7FB8: R8.
+    pub r8: U64,
+    /// 0x7FC0: RDI.
+    pub rdi: U64,
+    /// 0x7FC8: RSI.
+    pub rsi: U64,
+    /// 0x7FD0: RBP.
+    pub rbp: U64,
+    /// 0x7FD8: RSP.
+    pub rsp: U64,
+    /// 0x7FE0: RBX.
+    pub rbx: U64,
+    /// 0x7FE8: RDX.
+    pub rdx: U64,
+    /// 0x7FF0: RCX.
+    pub rcx: U64,
+    /// 0x7FF8: RAX.
+    pub rax: U64,
+}
+
+/// Offset of the slice from SMBASE+0x8000 (the notes' offsets minus this
+/// are offsets into [`SaveStateLe`]).
 const BASE: usize = 0x7C00;
-const SEG_ES: usize = 0x7E00;
-const GDTR_LIMIT: usize = 0x7E64;
-const GDTR_BASE: usize = 0x7E68;
-const IDTR_LIMIT: usize = 0x7E84;
-const IDTR_BASE: usize = 0x7E88;
-const EFER: usize = 0x7ED0;
-const REVISION: usize = 0x7EFC;
-const SMBASE: usize = 0x7F00;
-const CR4: usize = 0x7F48;
-const CR3: usize = 0x7F50;
-const CR0: usize = 0x7F58;
-const DR7: usize = 0x7F60;
-const DR6: usize = 0x7F68;
-const RFLAGS: usize = 0x7F70;
-const RIP: usize = 0x7F78;
-const R15: usize = 0x7F80;
-const RDI: usize = 0x7FC0;
-const RSI: usize = 0x7FC8;
-const RBP: usize = 0x7FD0;
-const RSP: usize = 0x7FD8;
-const RBX: usize = 0x7FE0;
-const RDX: usize = 0x7FE8;
-const RCX: usize = 0x7FF0;
-const RAX: usize = 0x7FF8;
 
-fn q(s: &[u8; SAVE_STATE_LEN], off: usize) -> u64 {
-    let i = off - BASE;
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&s[i..i + 8]);
-    u64::from_le_bytes(b)
-}
-
-fn d(s: &[u8; SAVE_STATE_LEN], off: usize) -> u64 {
-    let i = off - BASE;
-    u64::from(u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]))
-}
-
-fn w(s: &[u8; SAVE_STATE_LEN], off: usize) -> u64 {
-    let i = off - BASE;
-    u64::from(u16::from_le_bytes([s[i], s[i + 1]]))
-}
+// The map is QEMU's: pin every decoded field to the notes' offset.
+const _: () = {
+    assert!(size_of::<SaveStateLe>() == SAVE_STATE_LEN);
+    assert!(BASE + offset_of!(SaveStateLe, segments) == 0x7E00);
+    assert!(BASE + offset_of!(SaveStateLe, gdtr_limit) == 0x7E64);
+    assert!(BASE + offset_of!(SaveStateLe, gdtr_base) == 0x7E68);
+    assert!(BASE + offset_of!(SaveStateLe, idtr_limit) == 0x7E84);
+    assert!(BASE + offset_of!(SaveStateLe, idtr_base) == 0x7E88);
+    assert!(BASE + offset_of!(SaveStateLe, efer) == 0x7ED0);
+    assert!(BASE + offset_of!(SaveStateLe, revision) == 0x7EFC);
+    assert!(BASE + offset_of!(SaveStateLe, smbase) == 0x7F00);
+    assert!(BASE + offset_of!(SaveStateLe, cr4) == 0x7F48);
+    assert!(BASE + offset_of!(SaveStateLe, cr3) == 0x7F50);
+    assert!(BASE + offset_of!(SaveStateLe, cr0) == 0x7F58);
+    assert!(BASE + offset_of!(SaveStateLe, dr7) == 0x7F60);
+    assert!(BASE + offset_of!(SaveStateLe, dr6) == 0x7F68);
+    assert!(BASE + offset_of!(SaveStateLe, rflags) == 0x7F70);
+    assert!(BASE + offset_of!(SaveStateLe, rip) == 0x7F78);
+    assert!(BASE + offset_of!(SaveStateLe, r15) == 0x7F80);
+    assert!(BASE + offset_of!(SaveStateLe, r8) == 0x7FB8);
+    assert!(BASE + offset_of!(SaveStateLe, rdi) == 0x7FC0);
+    assert!(BASE + offset_of!(SaveStateLe, rsp) == 0x7FD8);
+    assert!(BASE + offset_of!(SaveStateLe, rax) == 0x7FF8);
+};
 
 /// Segment index in the save state's segment array.
-#[derive(Clone, Copy)]
-enum Seg {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seg {
+    /// ES.
     Es = 0,
+    /// CS.
     Cs = 1,
+    /// SS.
     Ss = 2,
+    /// DS.
     Ds = 3,
+    /// FS.
     Fs = 4,
+    /// GS.
     Gs = 5,
-}
-
-fn seg_selector(s: &[u8; SAVE_STATE_LEN], seg: Seg) -> u64 {
-    w(s, SEG_ES + 16 * seg as usize)
-}
-
-fn seg_base(s: &[u8; SAVE_STATE_LEN], seg: Seg) -> u64 {
-    q(s, SEG_ES + 16 * seg as usize + 8)
 }
 
 /// Decodes an AMD64 save state. The MSR fields other than FS/GS base stay
 /// zero and `msrs_valid` is 0 until [`apply_msrs`].
-pub fn decode_save_state(s: &[u8; SAVE_STATE_LEN]) -> CpuSnapshot {
-    let r = |i: usize| q(s, R15 + 8 * (7 - i)); // R8 + i
+pub fn decode_save_state(raw: &[u8; SAVE_STATE_LEN]) -> CpuSnapshot {
+    let s = SaveStateLe::read_from_bytes(raw).unwrap_or_else(|_| SaveStateLe::new_zeroed());
+    let seg = |seg: Seg| s.segments[seg as usize];
+    let sel = |g: Seg| u64::from(seg(g).selector.get());
     CpuSnapshot {
-        rax: q(s, RAX),
-        rbx: q(s, RBX),
-        rcx: q(s, RCX),
-        rdx: q(s, RDX),
-        rsi: q(s, RSI),
-        rdi: q(s, RDI),
-        rbp: q(s, RBP),
-        rsp: q(s, RSP),
-        r8: r(0),
-        r9: r(1),
-        r10: r(2),
-        r11: r(3),
-        r12: r(4),
-        r13: r(5),
-        r14: r(6),
-        r15: r(7),
-        rip: q(s, RIP),
-        rflags: q(s, RFLAGS),
-        cr0: q(s, CR0),
-        cr3: q(s, CR3),
-        cr4: q(s, CR4),
-        efer: q(s, EFER),
-        dr6: q(s, DR6),
-        dr7: q(s, DR7),
-        gdtr_base: q(s, GDTR_BASE),
-        gdtr_limit: d(s, GDTR_LIMIT),
-        idtr_base: q(s, IDTR_BASE),
-        idtr_limit: d(s, IDTR_LIMIT),
-        cs_selector: seg_selector(s, Seg::Cs),
-        ss_selector: seg_selector(s, Seg::Ss),
-        ds_selector: seg_selector(s, Seg::Ds),
-        es_selector: seg_selector(s, Seg::Es),
-        fs_selector: seg_selector(s, Seg::Fs),
-        gs_selector: seg_selector(s, Seg::Gs),
-        fs_seg_base: seg_base(s, Seg::Fs),
-        gs_seg_base: seg_base(s, Seg::Gs),
-        smbase: d(s, SMBASE),
-        smm_revision: d(s, REVISION),
+        rax: s.rax.get(),
+        rbx: s.rbx.get(),
+        rcx: s.rcx.get(),
+        rdx: s.rdx.get(),
+        rsi: s.rsi.get(),
+        rdi: s.rdi.get(),
+        rbp: s.rbp.get(),
+        rsp: s.rsp.get(),
+        r8: s.r8.get(),
+        r9: s.r9.get(),
+        r10: s.r10.get(),
+        r11: s.r11.get(),
+        r12: s.r12.get(),
+        r13: s.r13.get(),
+        r14: s.r14.get(),
+        r15: s.r15.get(),
+        rip: s.rip.get(),
+        rflags: s.rflags.get(),
+        cr0: s.cr0.get(),
+        cr3: s.cr3.get(),
+        cr4: s.cr4.get(),
+        efer: s.efer.get(),
+        dr6: s.dr6.get(),
+        dr7: s.dr7.get(),
+        gdtr_base: s.gdtr_base.get(),
+        gdtr_limit: u64::from(s.gdtr_limit.get()),
+        idtr_base: s.idtr_base.get(),
+        idtr_limit: u64::from(s.idtr_limit.get()),
+        cs_selector: sel(Seg::Cs),
+        ss_selector: sel(Seg::Ss),
+        ds_selector: sel(Seg::Ds),
+        es_selector: sel(Seg::Es),
+        fs_selector: sel(Seg::Fs),
+        gs_selector: sel(Seg::Gs),
+        fs_seg_base: seg(Seg::Fs).base.get(),
+        gs_seg_base: seg(Seg::Gs).base.get(),
+        smbase: u64::from(s.smbase.get()),
+        smm_revision: u64::from(s.revision.get()),
         msrs_valid: 0,
         msr_lstar: 0,
         msr_star: 0,
         msr_cstar: 0,
         msr_kernel_gs_base: 0,
-        msr_fs_base: seg_base(s, Seg::Fs),
-        msr_gs_base: seg_base(s, Seg::Gs),
+        msr_fs_base: seg(Seg::Fs).base.get(),
+        msr_gs_base: seg(Seg::Gs).base.get(),
         msr_sysenter_eip: 0,
     }
 }

@@ -20,8 +20,11 @@
 //! CPU stored its snapshot):
 //! 1. fill `CpuSnapshot`s with [`cpu::decode_save_state`] and
 //!    [`cpu::apply_msrs`];
-//! 2. call [`serve`] with the mailbox BAR as a slice of the size the
-//!    firmware sized it (not the header's size field);
+//! 2. call [`serve`] with the mailbox BAR as a
+//!    [`SharedMemory`](smmvmi_mailbox::shared::SharedMemory) of the size the
+//!    firmware sized it (not the header's size field): volatile loads,
+//!    stores and copies, never a reference into memory the guest and the
+//!    host write;
 //! 3. optionally write the TSC delta to `layout::OFF_SERVE_CYCLES`.
 #![no_std]
 #![forbid(unsafe_code)]

@@ -4,6 +4,7 @@ use core::sync::atomic::{Ordering, compiler_fence};
 
 use smmvmi_mailbox::crypto::{self, SHARED_KEY_LEN, SessionKeys};
 use smmvmi_mailbox::layout::{self, Areas, SESSION_SALT_LEN, ServeStatus};
+use smmvmi_mailbox::shared::SharedMemory;
 use smmvmi_mailbox::wire::{
     AddressSpace, CpuState, Direction, FRAME_HEADER_LEN, FRAME_OVERHEAD, FrameHeader, InfoCpu,
     InfoHeader, Op, OpKind, REPLY_FLAG_UNAUTHENTICATED, RamRange, ReplyWriter, RequestBody,
@@ -101,12 +102,8 @@ impl<'b> AgentState<'b> {
 
     /// Writes the session salt into the mailbox header (at boot; `serve`
     /// rewrites it every time).
-    pub fn publish(&self, mailbox: &mut [u8]) {
-        if let Some(dst) =
-            mailbox.get_mut(layout::OFF_SESSION_SALT..layout::OFF_SESSION_SALT + SESSION_SALT_LEN)
-        {
-            dst.copy_from_slice(&self.salt);
-        }
+    pub fn publish<S: SharedMemory>(&self, mailbox: &S) -> Result<(), S::Error> {
+        mailbox.copy_in(layout::OFF_SESSION_SALT, &self.salt)
     }
 
     /// The last request sequence accepted.
@@ -122,54 +119,83 @@ pub enum Served {
     Idle,
     /// A doorbell was answered with this status (also in the header).
     Answered(ServeStatus),
-    /// The mailbox slice has an unsupported size: nothing written.
+    /// The mailbox has an unsupported size or refused an access: nothing
+    /// (more) written.
     Unusable,
 }
 
 /// Serves the request in `mailbox`, if the doorbell says there is a new one.
 ///
-/// The mailbox is read in two places only: the doorbell (once) and the
+/// The mailbox is read in two places only: the doorbell (one load) and the
 /// request frame (copied once into the SMRAM request buffer: the 32-byte
 /// header first, then exactly the body and tag it announces, bounded by the
 /// request area and the buffer). Everything is checked on the copy. The
 /// reply is built and sealed in the SMRAM reply buffer and copied out once;
-/// the done word is written last. Never panics, never reads memory other
-/// than through `mem` with guard-checked ranges.
-pub fn serve<M: PhysMemory>(
-    mailbox: &mut [u8],
+/// the done word is stored last. Never panics, never reads memory other
+/// than through `mem` with guard-checked ranges, never holds a reference
+/// into the mailbox.
+pub fn serve<S: SharedMemory, M: PhysMemory>(
+    mailbox: &S,
     state: &mut AgentState<'_>,
     ctx: &ServeContext<'_>,
     mem: &M,
 ) -> Served {
-    let Ok(areas) = Areas::from_size(mailbox.len()) else {
+    let Ok(areas) = Areas::from_size(mailbox.size()) else {
         return Served::Unusable;
     };
-    let doorbell = layout::read_u64(mailbox, layout::OFF_REQ_DOORBELL).unwrap_or(0);
+    let Ok(doorbell) = mailbox.load_u64(layout::OFF_REQ_DOORBELL) else {
+        return Served::Unusable;
+    };
     if doorbell == 0 || doorbell == state.last_doorbell {
         return Served::Idle;
     }
     state.last_doorbell = doorbell;
-    state.publish(mailbox);
+    if state.publish(mailbox).is_err() {
+        return Served::Unusable;
+    }
 
     let (status, reply_len) = answer(mailbox, &areas, state, ctx, mem);
 
     let reply_len = reply_len
         .min(areas.reply_capacity())
         .min(state.reply_buf.len());
-    if let Some(dst) = mailbox.get_mut(areas.reply.start..areas.reply.start + reply_len) {
-        dst.copy_from_slice(&state.reply_buf[..reply_len]);
+    let written = (|| {
+        mailbox.copy_in(areas.reply.start, &state.reply_buf[..reply_len])?;
+        mailbox.store_u32(layout::OFF_REPLY_LEN, reply_len as u32)?;
+        mailbox.store_u32(layout::OFF_SERVE_STATUS, status as u32)?;
+        compiler_fence(Ordering::Release);
+        mailbox.store_u64(layout::OFF_REPLY_DONE, doorbell)
+    })();
+    match written {
+        Ok(()) => Served::Answered(status),
+        Err(_) => Served::Unusable,
     }
-    layout::write_u32(mailbox, layout::OFF_REPLY_LEN, reply_len as u32);
-    layout::write_u32(mailbox, layout::OFF_SERVE_STATUS, status as u32);
-    compiler_fence(Ordering::Release);
-    layout::write_u64(mailbox, layout::OFF_REPLY_DONE, doorbell);
-    Served::Answered(status)
+}
+
+/// Copies the request frame out of the mailbox into `req` (the SMRAM
+/// buffer, already bounded by the request area): the header first, then
+/// exactly what it announces. Returns the parsed header and the frame
+/// length, or `None` if the frame does not fit or cannot be read.
+fn copy_in_request<S: SharedMemory>(
+    mailbox: &S,
+    areas: &Areas,
+    req: &mut [u8],
+) -> Option<(FrameHeader, usize)> {
+    let head = req.get_mut(..FRAME_HEADER_LEN)?;
+    mailbox.copy_out(areas.request.start, head).ok()?;
+    let header = FrameHeader::parse(head).ok()?;
+    let frame_len = header.frame_len();
+    let rest = req.get_mut(FRAME_HEADER_LEN..frame_len)?;
+    mailbox
+        .copy_out(areas.request.start + FRAME_HEADER_LEN, rest)
+        .ok()?;
+    Some((header, frame_len))
 }
 
 /// Produces the reply frame in `state.reply_buf`; returns the status and the
 /// frame length (0 if there is no reply frame).
-fn answer<M: PhysMemory>(
-    mailbox: &[u8],
+fn answer<S: SharedMemory, M: PhysMemory>(
+    mailbox: &S,
     areas: &Areas,
     state: &mut AgentState<'_>,
     ctx: &ServeContext<'_>,
@@ -184,28 +210,9 @@ fn answer<M: PhysMemory>(
     // Copy in: header first, then what it announces, all bounded.
     let req_cap = areas.request_capacity().min(state.request_buf.len());
     let req = &mut state.request_buf[..req_cap];
-    let Some(src_head) = mailbox.get(areas.request.start..areas.request.start + FRAME_HEADER_LEN)
-    else {
+    let Some((header, frame_len)) = copy_in_request(mailbox, areas, req) else {
         return (ServeStatus::BadFrame, 0);
     };
-    let Some(head) = req.get_mut(..FRAME_HEADER_LEN) else {
-        return (ServeStatus::BadFrame, 0);
-    };
-    head.copy_from_slice(src_head);
-    let header = match FrameHeader::parse(head) {
-        Ok(h) => h,
-        Err(_) => return (ServeStatus::BadFrame, 0),
-    };
-    let frame_len = header.frame_len();
-    if frame_len > req_cap {
-        return (ServeStatus::BadFrame, 0);
-    }
-    let Some(src_rest) =
-        mailbox.get(areas.request.start + FRAME_HEADER_LEN..areas.request.start + frame_len)
-    else {
-        return (ServeStatus::BadFrame, 0);
-    };
-    req[FRAME_HEADER_LEN..frame_len].copy_from_slice(src_rest);
     let frame = &mut req[..frame_len];
 
     match header.direction {

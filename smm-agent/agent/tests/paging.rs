@@ -1,11 +1,10 @@
 //! The walker against page tables built in fake memory.
 
-mod common;
-
-use common::*;
 use proptest::prelude::*;
 use smmvmi_agent::guard::{Guard, Refusal};
 use smmvmi_agent::paging::{PagingMode, WalkError, walk};
+use smmvmi_testkit::PtBuilder;
+use smmvmi_testkit::memory::{HIGH_RAM, MMIO, SMRAM, ram_map, smram};
 
 const C_BIT: u64 = 1 << 47;
 

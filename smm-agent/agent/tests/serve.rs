@@ -1,15 +1,15 @@
 //! `serve` end to end on the host: IDS client -> mailbox -> agent -> mailbox -> client.
 
-mod common;
-
-use common::*;
 use proptest::prelude::*;
 use smmvmi_agent::CpuSnapshot;
 use smmvmi_agent::serve::{AgentState, ServeContext, Served, SevConfig, serve};
 use smmvmi_mailbox::client::{self, Client, ClientError, Poll};
 use smmvmi_mailbox::crypto::SessionKeys;
 use smmvmi_mailbox::layout::{self, Areas, ServeStatus};
+use smmvmi_mailbox::shared::SharedMemory;
 use smmvmi_mailbox::wire::{AddressSpace, CpuState, Info, Op, OpKind, Pti, Status, WalkRecord};
+use smmvmi_testkit::memory::{MMIO, SMRAM, ram_map, smram};
+use smmvmi_testkit::{BufferMailbox, MailboxBuilder, PtBuilder, cpu};
 
 const KEY: [u8; 32] = [0x42; 32];
 const SALT: [u8; 16] = [0x17; 16];
@@ -19,7 +19,7 @@ const BANNER_VA: u64 = 0xFFFF_FFFF_8200_0100;
 const KERNEL_PA: u64 = 0x0200_0000;
 
 struct World {
-    mailbox: Vec<u8>,
+    mailbox: BufferMailbox,
     req_buf: Vec<u8>,
     reply_buf: Vec<u8>,
     pt: PtBuilder,
@@ -46,8 +46,7 @@ impl World {
         pt.mem.write(0x0300_1000, b"IJKLMNOP");
         let cr3 = pt.cr3();
         let cpus = vec![cpu(cr3, levels), cpu(cr3 | 0x1000, levels)];
-        let mut mailbox = vec![0u8; MB];
-        mailbox[..8].copy_from_slice(&layout::MAGIC);
+        let mailbox = MailboxBuilder::new(MB).buffer();
         let areas = Areas::from_size(MB).unwrap();
         Self {
             mailbox,
@@ -96,7 +95,7 @@ impl Harness<'_, '_> {
             cpus: &self.w.cpus,
             sev: self.w.sev,
         };
-        let r = serve(&mut self.w.mailbox, &mut self.state, &ctx, &self.w.pt.mem);
+        let r = serve(&self.w.mailbox, &mut self.state, &ctx, &self.w.pt.mem);
         self.w.pt.mem.assert_reads_safe();
         r
     }
@@ -104,10 +103,16 @@ impl Harness<'_, '_> {
     /// Posts `frame` with `doorbell`, raises the "SMI", returns the poll and
     /// a copy of the reply area.
     fn roundtrip(&mut self, frame: &[u8], doorbell: u64) -> (Poll, Vec<u8>) {
-        client::post_request(&mut self.w.mailbox, frame, doorbell).unwrap();
+        client::post_request(&self.w.mailbox, frame, doorbell).unwrap();
         self.smi();
-        let poll = client::poll_reply(&self.w.mailbox, doorbell);
-        let reply = client::reply_area(&self.w.mailbox).unwrap().to_vec();
+        let poll = client::poll_reply(&self.w.mailbox, doorbell).unwrap();
+        let len = match poll {
+            Poll::Done { reply_len, .. } => reply_len,
+            Poll::Pending => 0,
+        };
+        let mut reply = vec![0u8; len];
+        let n = client::copy_reply(&self.w.mailbox, &mut reply).unwrap();
+        reply.truncate(n);
         (poll, reply)
     }
 }
@@ -426,16 +431,16 @@ proptest! {
         header_junk in prop::collection::vec(any::<u8>(), 0x100),
         doorbell in 1u64..,
     ) {
-        let mut w = World::new(4, 0);
-        w.mailbox[..0x100].copy_from_slice(&header_junk);
+        let w = &mut World::new(4, 0);
+        w.mailbox.copy_in(0, &header_junk).unwrap();
         let start = Areas::from_size(MB).unwrap().request.start;
-        w.mailbox[start..start + bytes.len()].copy_from_slice(&bytes);
-        layout::write_u64(&mut w.mailbox, layout::OFF_REQ_DOORBELL, doorbell);
+        w.mailbox.copy_in(start, &bytes).unwrap();
+        w.mailbox.store_u64(layout::OFF_REQ_DOORBELL, doorbell).unwrap();
         let key = provisioned.then_some(KEY);
-        with_agent(&mut w, key.as_ref(), |h| {
+        with_agent(w, key.as_ref(), |h| {
             let served = h.smi();
             prop_assert!(matches!(served, Served::Answered(_)));
-            let len = layout::read_u32(&h.w.mailbox, layout::OFF_REPLY_LEN).unwrap() as usize;
+            let len = h.w.mailbox.load_u32(layout::OFF_REPLY_LEN).unwrap() as usize;
             prop_assert!(len <= Areas::from_size(MB).unwrap().reply_capacity());
             Ok(())
         })?;

@@ -74,10 +74,9 @@ pub const SMI_EN_GBL_SMI_EN: u32 = 1 << 0;
 /// SMI_EN: APMC_EN (bit 5) — APM port writes raise SMIs.
 pub const SMI_EN_APMC_EN: u32 = 1 << 5;
 
-/// APM control port: writing raises the SMI.
-pub const APM_CNT_PORT: u16 = 0xB2;
-/// APM status port: a data byte for the handler.
-pub const APM_STS_PORT: u16 = 0xB3;
+/// APM control port (writing raises the SMI) and status port (a data byte
+/// for the handler): platform facts shared with the host and the harness.
+pub use smmvmi_mailbox::platform::{APM_CNT_PORT, APM_STS_PORT};
 /// APM commands QEMU consumes itself (ACPI enable/disable): no SMI.
 pub const APM_RESERVED_COMMANDS: [u8; 2] = [0x02, 0x03];
 

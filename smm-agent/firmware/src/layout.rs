@@ -15,19 +15,16 @@ use smmvmi_boot::q35;
 // ---------------------------------------------------------------------------
 // APM commands (written to `q35::APM_CNT_PORT`, each raises an SMI)
 
-/// APM command byte used for SMIs the firmware raises itself (relocation,
-/// the self-test). Not one of QEMU's reserved ACPI enable/disable commands.
-pub const APM_CMD_FIRMWARE: u8 = 0xa5;
+/// APM command bytes: platform facts shared with the host and the harness
+/// (`smmvmi_mailbox::platform`): the firmware's own SMIs (relocation, the
+/// self-test), and the test-only fault-injection commands.
+pub use smmvmi_mailbox::platform::APM_CMD_FIRMWARE;
+#[cfg(feature = "fault-injection")]
+pub use smmvmi_mailbox::platform::{APM_CMD_EXECUTE_GUEST, APM_CMD_INJECT_FAULT};
 const _: () = assert!(
     APM_CMD_FIRMWARE != q35::APM_RESERVED_COMMANDS[0]
         && APM_CMD_FIRMWARE != q35::APM_RESERVED_COMMANDS[1]
 );
-/// APM command that makes a `fault-injection` build fault in SMM.
-#[cfg(feature = "fault-injection")]
-pub const APM_CMD_INJECT_FAULT: u8 = 0xfe;
-/// APM command that makes a `fault-injection` build call into guest RAM.
-#[cfg(feature = "fault-injection")]
-pub const APM_CMD_EXECUTE_GUEST: u8 = 0xfd;
 
 // ---------------------------------------------------------------------------
 // Segment selectors of the firmware's GDTs (the boot GDT in `asm/reset.s`

@@ -69,8 +69,9 @@ pub fn ids_session(vm: &Vm) -> ids::Session {
         h.state(),
         Some(smmvmi_mailbox::layout::AgentState::Ready),
         "agent state {:?}: expected Ready (a provisioned agent serving sealed requests). \
-         Unprovisioned means the firmware did not take the key from fw_cfg opt/smmvmi/key",
-        h.state()
+         Unprovisioned means the firmware did not take the key from fw_cfg {}",
+        h.state(),
+        smmvmi_mailbox::platform::KEY_FW_CFG_FILE
     );
     vm.release_qmp();
     let ep = ids::Endpoint::from_state_dir(vm.state_dir());

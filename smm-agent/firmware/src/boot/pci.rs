@@ -12,10 +12,12 @@ use crate::layout::REPLY_BUF_LEN;
 use crate::log;
 use crate::smm::config::{DoorbellBars, MailboxBar};
 
-/// The mailbox device: QEMU `ivshmem-plain` (1af4:1110), shared memory in BAR2.
-const IVSHMEM_VENDOR: u16 = 0x1af4;
-const IVSHMEM_DEVICE: u16 = 0x1110;
-const IVSHMEM_BAR: u8 = 2;
+/// The mailbox device: QEMU `ivshmem-plain` or `ivshmem-doorbell`
+/// (1af4:1110), shared memory in BAR2, registers in BAR0.
+use smmvmi_mailbox::platform::{
+    IVSHMEM_BAR_REGISTERS, IVSHMEM_BAR_SHMEM as IVSHMEM_BAR, IVSHMEM_DEVICE_ID as IVSHMEM_DEVICE,
+    IVSHMEM_VENDOR_ID as IVSHMEM_VENDOR,
+};
 
 fn mailbox_min() -> u64 {
     mb::MIN_MAILBOX_SIZE as u64
@@ -61,7 +63,7 @@ pub fn assign() -> Result<Option<MailboxBar>, BootError> {
             Some(b) => {
                 announce_booting(b.addr, b.size);
                 let doorbell = smmvmi_boot::msix::find(&mut pci_cfg::Cf8, b.bdf).and_then(|msix| {
-                    let regs = assigned.find(IVSHMEM_VENDOR, IVSHMEM_DEVICE, 0)?;
+                    let regs = assigned.find(IVSHMEM_VENDOR, IVSHMEM_DEVICE, IVSHMEM_BAR_REGISTERS)?;
                     let table = assigned.find(IVSHMEM_VENDOR, IVSHMEM_DEVICE, msix.table_bar)?;
                     log!(
                         "SMI doorbell: ivshmem-doorbell MSI-X, {} vectors in BAR{} at {:#x}",

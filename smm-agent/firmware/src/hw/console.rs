@@ -3,8 +3,9 @@
 use core::fmt::{self, Write};
 use x86_64::instructions::port::Port;
 
-/// QEMU `isa-debugcon` (`-global isa-debugcon.iobase=0x402`).
-pub const DEBUGCON_PORT: u16 = 0x402;
+/// QEMU `isa-debugcon` (`-global isa-debugcon.iobase=0x402`), a platform
+/// fact shared with the harness.
+use smmvmi_mailbox::platform::DEBUGCON_PORT;
 
 struct DebugCon;
 

@@ -4,6 +4,8 @@
 
 use core::ptr;
 
+use smmvmi_mailbox::shared::{AccessError, SharedMemory, check_access};
+
 /// A range of mapped memory the firmware may read and write.
 #[derive(Clone, Copy, Debug)]
 pub struct Region {
@@ -119,14 +121,93 @@ impl Region {
 }
 
 impl Region {
-    /// The region as a byte slice.
+    /// The region as a byte slice, for firmware-owned memory that nobody
+    /// else writes (the agent's SMRAM buffers). Never over shared memory:
+    /// the mailbox is reached only through [`SharedMemory`].
     ///
     /// # Safety
     /// No other Rust reference to this memory may be live while the slice
-    /// is, and for memory that others write concurrently (the mailbox) the
-    /// user must read every byte it relies on once and copy before checking.
+    /// is, and nothing outside this CPU's control (guest, host, device)
+    /// writes it.
     pub unsafe fn as_mut_slice(&self) -> &'static mut [u8] {
         // SAFETY: mapped and ours (creator's contract), exclusivity as above.
         unsafe { core::slice::from_raw_parts_mut(self.base as *mut u8, self.len as usize) }
+    }
+}
+
+/// The mailbox BAR (or any region others write) as the contract's shared
+/// memory: every access bounds-checked without panicking, words as single
+/// volatile accesses, copies as volatile word/byte accesses. No reference
+/// into the region is ever formed.
+impl SharedMemory for Region {
+    type Error = AccessError;
+
+    fn size(&self) -> usize {
+        self.len as usize
+    }
+
+    fn load_u32(&self, off: usize) -> Result<u32, AccessError> {
+        check_access(self.size(), off, 4, 4)?;
+        Ok(u32::from_le(self.read_u32(off as u64)))
+    }
+
+    fn load_u64(&self, off: usize) -> Result<u64, AccessError> {
+        check_access(self.size(), off, 8, 8)?;
+        Ok(u64::from_le(self.read_u64(off as u64)))
+    }
+
+    fn store_u32(&self, off: usize, v: u32) -> Result<(), AccessError> {
+        check_access(self.size(), off, 4, 4)?;
+        self.write_u32(off as u64, v.to_le());
+        Ok(())
+    }
+
+    fn store_u64(&self, off: usize, v: u64) -> Result<(), AccessError> {
+        check_access(self.size(), off, 8, 8)?;
+        self.write_u64(off as u64, v.to_le());
+        Ok(())
+    }
+
+    fn copy_out(&self, off: usize, dst: &mut [u8]) -> Result<(), AccessError> {
+        check_access(self.size(), off, dst.len(), 1)?;
+        let src = self.ptr(off as u64, dst.len());
+        let mut i = 0;
+        while i < dst.len() {
+            let p = src.wrapping_add(i);
+            if (p as usize).is_multiple_of(8) && dst.len() - i >= 8 {
+                // SAFETY: `p..p + 8` lies in the range checked above and is
+                // 8-byte aligned; a volatile load because others write it.
+                let w = unsafe { ptr::read_volatile(p as *const u64) };
+                dst[i..i + 8].copy_from_slice(&w.to_ne_bytes());
+                i += 8;
+            } else {
+                // SAFETY: `p` lies in the range checked above.
+                dst[i] = unsafe { ptr::read_volatile(p) };
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn copy_in(&self, off: usize, src: &[u8]) -> Result<(), AccessError> {
+        check_access(self.size(), off, src.len(), 1)?;
+        let dst = self.ptr(off as u64, src.len());
+        let mut i = 0;
+        while i < src.len() {
+            let p = dst.wrapping_add(i);
+            if (p as usize).is_multiple_of(8) && src.len() - i >= 8 {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(&src[i..i + 8]);
+                // SAFETY: `p..p + 8` lies in the range checked above and is
+                // 8-byte aligned; volatile because others read it.
+                unsafe { ptr::write_volatile(p as *mut u64, u64::from_ne_bytes(w)) };
+                i += 8;
+            } else {
+                // SAFETY: `p` lies in the range checked above.
+                unsafe { ptr::write_volatile(p, src[i]) };
+                i += 1;
+            }
+        }
+        Ok(())
     }
 }

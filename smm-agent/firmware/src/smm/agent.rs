@@ -23,7 +23,7 @@ use crate::log;
 
 /// The fw_cfg file a test setup provisions the key with (visible to the
 /// host: for tests only; SEV setups inject the key as a launch secret).
-pub const KEY_FILE: &str = "opt/smmvmi/key";
+pub const KEY_FILE: &str = smmvmi_mailbox::platform::KEY_FW_CFG_FILE;
 
 /// A cell whose contents only one CPU touches at a time: the boot CPU
 /// before Linux, or the CPU serving the current SMI session (the rendezvous
@@ -154,11 +154,10 @@ pub fn serve(mailbox: &Region, present_mask: u64) -> Option<(Served, u64)> {
         cpus: &agent.cpus[..ncpus],
         sev: agent.sev,
     };
-    // SAFETY: the mailbox BAR, verified in place by `smi::mailbox`. The
-    // guest or host may write it concurrently; `serve` reads each field it
-    // relies on once and copies the request into SMRAM before checking it.
-    let slice = unsafe { mailbox.as_mut_slice() };
-    let served = smmvmi_agent::serve(slice, state, &ctx, &GuestMemory);
+    // The mailbox BAR, verified in place by `smi::mailbox`, which the guest
+    // and the host write concurrently: `serve` reaches it only through the
+    // volatile `SharedMemory` accesses of `Region`.
+    let served = smmvmi_agent::serve(mailbox, state, &ctx, &GuestMemory);
     Some((served, crate::hw::tsc::now().wrapping_sub(t0)))
 }
 
@@ -175,8 +174,9 @@ pub fn provisioned() -> bool {
 pub fn publish(mailbox: &Region) {
     // SAFETY: boot CPU before Linux, or the serving CPU.
     if let Some(state) = unsafe { AGENT.get() }.state.as_ref() {
-        // SAFETY: the mailbox BAR (see `serve`).
-        state.publish(unsafe { mailbox.as_mut_slice() });
+        // The mailbox BAR, through volatile accesses (see `serve`); a failed
+        // store leaves the old salt, and requests then fail to open.
+        let _ = state.publish(mailbox);
     }
 }
 
