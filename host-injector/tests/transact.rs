@@ -58,6 +58,8 @@ fn frame(seq: u64) -> Vec<u8> {
         body_len: 8,
         seq,
         in_reply_to: 0,
+        flags: 0,
+        client: 0,
     }
     .encode()
     .to_vec();

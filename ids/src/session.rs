@@ -127,10 +127,14 @@ fn now_nanos() -> u64 {
         .unwrap_or(1)
 }
 
-fn fresh_nonce() -> [u8; IDS_NONCE_LEN] {
-    let mut n = [0u8; IDS_NONCE_LEN];
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut n = [0u8; N];
     getrandom::fill(&mut n).expect("the OS random source must work");
     n
+}
+
+fn fresh_nonce() -> [u8; IDS_NONCE_LEN] {
+    random_bytes()
 }
 
 fn describe(op: &Op) -> String {
@@ -168,12 +172,23 @@ impl Session {
         let salt = header.salt;
         Ok(Self {
             injector,
-            client: Client::new(SessionKeys::derive(key, &salt), now_nanos()),
+            // A random client id: this session's keys are its own, so any
+            // number of IDS clients can share the agent (through the daemon)
+            // without ever sharing a (key, nonce) pair.
+            client: Client::new(
+                SessionKeys::derive_for(key, &salt, u64::from_le_bytes(random_bytes())),
+                now_nanos(),
+            ),
             salt,
             deadline,
             max_read: None,
             last: None,
         })
+    }
+
+    /// This session's client id (its keys are derived for it).
+    pub fn client_id(&self) -> u64 {
+        self.client.id()
     }
 
     /// The injector (header, raw SMIs).

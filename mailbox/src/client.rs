@@ -108,6 +108,11 @@ impl Client {
         }
     }
 
+    /// This client's id (the one its keys were derived for).
+    pub fn id(&self) -> u64 {
+        self.keys.client()
+    }
+
     /// The sequence the next request will carry.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
@@ -133,6 +138,19 @@ impl Client {
         ids_nonce: [u8; IDS_NONCE_LEN],
         out: &mut [u8],
     ) -> Result<usize, ClientError> {
+        self.seal_request_with(ops, ids_nonce, 0, out)
+    }
+
+    /// [`Client::seal_request`] with frame `flags` (e.g.
+    /// [`crate::frame::FLAG_NO_SNAPSHOT`] for a request one CPU can serve
+    /// alone, sent with a targeted SMI).
+    pub fn seal_request_with(
+        &mut self,
+        ops: &[Op],
+        ids_nonce: [u8; IDS_NONCE_LEN],
+        flags: u8,
+        out: &mut [u8],
+    ) -> Result<usize, ClientError> {
         let seq = self.next_seq;
         let next = seq.checked_add(1).ok_or(ClientError::SequenceExhausted)?;
         let body_len = wire::request_body_len(ops.len());
@@ -148,6 +166,8 @@ impl Client {
             body_len: body_len as u32,
             seq,
             in_reply_to: 0,
+            flags,
+            client: self.keys.client(),
         };
         let tag = crypto::seal_in_place(&self.keys, &header, frame)?;
         // Consume the sequence even if the caller never sends the frame.
@@ -176,6 +196,9 @@ impl Client {
                 found: header.direction,
             }
             .into());
+        }
+        if header.client != self.keys.client() {
+            return Err(ClientError::Unbound { what: "client id" });
         }
         if header.in_reply_to != pending.seq {
             return Err(ClientError::WrongRequest {
@@ -232,6 +255,8 @@ pub fn encode_plain_info_request(out: &mut [u8]) -> Result<usize, WireError> {
             body_len: body_len as u32,
             seq: 0,
             in_reply_to: 0,
+            flags: 0,
+            client: 0,
         }
         .encode(),
     );

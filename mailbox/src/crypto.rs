@@ -1,7 +1,10 @@
 //! Sealing and opening frames: AES-256-GCM with one key per direction.
 //!
 //! Keys: `HKDF-SHA256(salt = session salt, ikm = shared key)` expanded with
-//! the labels [`LABEL_REQUEST`] and [`LABEL_REPLY`]. The session salt is
+//! the labels [`LABEL_REQUEST`] and [`LABEL_REPLY`], each followed by the
+//! IDS client's 64-bit id (little-endian): every client has its own pair of
+//! keys, so clients that share the agent (through the daemon) never share a
+//! (key, nonce) pair whatever sequences they pick. The session salt is
 //! chosen by the agent at every boot and published in the mailbox header, so
 //! the agent's reply counter (which restarts at boot, SMRAM is not
 //! persistent) never meets the same key twice. The salt is public and may be
@@ -63,10 +66,11 @@ pub enum CryptoError {
     },
 }
 
-/// The two direction keys of one session.
+/// The two direction keys of one client's session.
 pub struct SessionKeys {
     request: Aes256Gcm,
     reply: Aes256Gcm,
+    client: u64,
 }
 
 impl core::fmt::Debug for SessionKeys {
@@ -76,16 +80,34 @@ impl core::fmt::Debug for SessionKeys {
 }
 
 impl SessionKeys {
-    /// Derives both direction keys from the shared key and the session salt.
+    /// Derives both direction keys of client 0 (tests and single-client
+    /// tools; an IDS that may share the agent uses [`SessionKeys::derive_for`]
+    /// with a random id).
     pub fn derive(shared: &[u8; SHARED_KEY_LEN], salt: &[u8; SESSION_SALT_LEN]) -> Self {
-        let mut keys = direction_keys(shared, salt);
+        Self::derive_for(shared, salt, 0)
+    }
+
+    /// Derives both direction keys of `client` from the shared key and the
+    /// session salt.
+    pub fn derive_for(
+        shared: &[u8; SHARED_KEY_LEN],
+        salt: &[u8; SESSION_SALT_LEN],
+        client: u64,
+    ) -> Self {
+        let mut keys = direction_keys(shared, salt, client);
         let [request, reply] = &keys;
         let out = Self {
             request: Aes256Gcm::new(&Key::<Aes256Gcm>::from(*request)),
             reply: Aes256Gcm::new(&Key::<Aes256Gcm>::from(*reply)),
+            client,
         };
         keys.zeroize();
         out
+    }
+
+    /// The client these keys belong to.
+    pub fn client(&self) -> u64 {
+        self.client
     }
 
     fn key(&self, dir: Direction) -> &Aes256Gcm {
@@ -96,19 +118,21 @@ impl SessionKeys {
     }
 }
 
-/// The raw request and reply keys of a session:
-/// HKDF-SHA256(salt = session salt, ikm = shared key), one label per
-/// direction. The caller zeroizes them; tests use them to check that no copy
-/// is left in guest memory.
+/// The raw request and reply keys of `client`'s session:
+/// HKDF-SHA256(salt = session salt, ikm = shared key), info = the direction's
+/// label followed by the client id (u64 LE). The caller zeroizes them; tests
+/// use them to check that no copy is left in guest memory.
 pub fn direction_keys(
     shared: &[u8; SHARED_KEY_LEN],
     salt: &[u8; SESSION_SALT_LEN],
+    client: u64,
 ) -> [[u8; 32]; 2] {
     let hk = hkdf::Hkdf::<smmvmi_sha2::Sha256>::new(Some(salt), shared);
     let mut keys = [[0u8; 32]; 2];
+    let id = client.to_le_bytes();
     // 32 bytes is far below HKDF-SHA256's 255*32 limit.
-    let _ = hk.expand(LABEL_REQUEST, &mut keys[0]);
-    let _ = hk.expand(LABEL_REPLY, &mut keys[1]);
+    let _ = hk.expand_multi_info(&[LABEL_REQUEST, &id], &mut keys[0]);
+    let _ = hk.expand_multi_info(&[LABEL_REPLY, &id], &mut keys[1]);
     keys
 }
 
@@ -222,6 +246,8 @@ mod tests {
             body_len: body.len() as u32,
             seq,
             in_reply_to: 0,
+            flags: 0,
+            client: 0,
         };
         let mut f = [0u8; 128];
         f[FRAME_HEADER_LEN..FRAME_HEADER_LEN + body.len()].copy_from_slice(body);

@@ -4,11 +4,11 @@
 //! |---|---|---|
 //! | 0x00 | 2 | frame version ([`FRAME_VERSION`]) |
 //! | 0x02 | 1 | direction ([`Direction`]) |
-//! | 0x03 | 1 | flags, zero |
+//! | 0x03 | 1 | flags ([`FLAG_NO_SNAPSHOT`]; other bits zero) |
 //! | 0x04 | 4 | body length `n` (ciphertext, without the tag) |
 //! | 0x08 | 8 | sequence: the IDS's request counter, or the agent's reply counter |
 //! | 0x10 | 8 | in reply to: the request sequence a reply answers (0 in requests) |
-//! | 0x18 | 8 | reserved, zero |
+//! | 0x18 | 8 | client: the IDS client's id (its keys are derived for it; a reply echoes it) |
 //! | 0x20 | n | body (AES-256-GCM ciphertext; plaintext for plain frames) |
 //! | 0x20+n | 16 | GCM tag (zero for plain frames) |
 //!
@@ -18,6 +18,15 @@ use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::wire::{WireError, truncated};
+
+/// Request flag: the request needs no snapshot of the other CPUs (a
+/// targeted SMI): the CPU that takes the SMI serves it at once, without
+/// waiting for the others. Authenticated with the header like every field
+/// (the agent acts on it before opening the frame; a flipped flag fails the
+/// tag, so it changes no answer).
+pub const FLAG_NO_SNAPSHOT: u8 = 1 << 0;
+/// Flag bits defined so far; a frame with any other bit is refused.
+pub const FLAGS_KNOWN: u8 = FLAG_NO_SNAPSHOT;
 
 /// Version of the frame format.
 pub const FRAME_VERSION: u16 = 1;
@@ -36,7 +45,7 @@ pub struct FrameHeaderLe {
     pub version: U16,
     /// Raw [`Direction`].
     pub direction: u8,
-    /// Zero.
+    /// [`FLAG_NO_SNAPSHOT`] or zero.
     pub flags: u8,
     /// Body length in bytes, without the tag.
     pub body_len: U32,
@@ -44,8 +53,8 @@ pub struct FrameHeaderLe {
     pub seq: U64,
     /// The request sequence a reply answers; 0 in requests.
     pub in_reply_to: U64,
-    /// Zero.
-    pub reserved: U64,
+    /// The IDS client's id.
+    pub client: U64,
 }
 
 const _: () = assert!(FRAME_HEADER_LEN == 32);
@@ -88,6 +97,11 @@ pub struct FrameHeader {
     pub seq: u64,
     /// For replies: the request sequence answered. Zero in requests.
     pub in_reply_to: u64,
+    /// [`FLAG_NO_SNAPSHOT`] or zero.
+    pub flags: u8,
+    /// The IDS client whose keys seal the frame (requests), or whose
+    /// request it answers (replies). Plain frames: zero.
+    pub client: u64,
 }
 
 impl FrameHeader {
@@ -96,11 +110,11 @@ impl FrameHeader {
         let le = FrameHeaderLe {
             version: FRAME_VERSION.into(),
             direction: self.direction as u8,
-            flags: 0,
+            flags: self.flags,
             body_len: self.body_len.into(),
             seq: self.seq.into(),
             in_reply_to: self.in_reply_to.into(),
-            reserved: 0.into(),
+            client: self.client.into(),
         };
         let mut h = [0u8; FRAME_HEADER_LEN];
         h.copy_from_slice(le.as_bytes());
@@ -108,7 +122,7 @@ impl FrameHeader {
     }
 
     /// Parses the first 32 bytes of `bytes` as a frame header. Checks the
-    /// version, the direction byte and the reserved fields; not the length.
+    /// version, the direction byte and the flags; not the length.
     pub fn parse(bytes: &[u8]) -> Result<Self, WireError> {
         let (h, _) = FrameHeaderLe::read_from_prefix(bytes)
             .map_err(|_| truncated("frame header", FRAME_HEADER_LEN, bytes.len()))?;
@@ -121,16 +135,10 @@ impl FrameHeader {
             expected: Direction::Request as u8,
             found: h.direction,
         })?;
-        if h.flags != 0 {
+        if h.flags & !FLAGS_KNOWN != 0 {
             return Err(WireError::Reserved {
                 what: "frame flags",
                 found: u64::from(h.flags),
-            });
-        }
-        if h.reserved.get() != 0 {
-            return Err(WireError::Reserved {
-                what: "frame header 0x18",
-                found: h.reserved.get(),
             });
         }
         Ok(Self {
@@ -138,6 +146,8 @@ impl FrameHeader {
             body_len: h.body_len.get(),
             seq: h.seq.get(),
             in_reply_to: h.in_reply_to.get(),
+            flags: h.flags,
+            client: h.client.get(),
         })
     }
 

@@ -60,6 +60,8 @@ fn echo_agent(request: &[u8], reply_seq: u64) -> Vec<u8> {
         body_len: n as u32,
         seq: reply_seq,
         in_reply_to: opened.header.seq,
+        flags: 0,
+        client: 0,
     };
     let len = h.frame_len();
     crypto::seal_in_place(&k, &h, &mut out[..len]).unwrap();
@@ -222,6 +224,8 @@ fn encodings_are_byte_identical_to_layout_v1() {
         body_len: 0x1234,
         seq: 0x0102030405060708,
         in_reply_to: 0x1112131415161718,
+        flags: 0,
+        client: 0,
     };
     assert_eq!(
         hex(&h.encode()),

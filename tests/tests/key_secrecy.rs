@@ -42,6 +42,7 @@ fn key_is_not_in_guest_ram() {
         "{:?}",
         banner.text
     );
+    let client = session.client_id();
     // QEMU's QMP socket serves one client at a time: hang up first.
     drop(session);
 
@@ -75,14 +76,17 @@ fn key_is_not_in_guest_ram() {
         !contains(&ram, &key[..16]) && !contains(&ram, &key[16..]),
         "half of the agent key is in guest RAM outside SMRAM"
     );
-    // The per-direction keys derived at boot (HKDF of the key and the
-    // session salt published in the mailbox); an AES-256 key schedule starts
-    // with the key itself, so a leftover schedule would be found too.
+    // The per-direction keys of the session that was served (HKDF of the
+    // key, the session salt published in the mailbox and the client id); an
+    // AES-256 key schedule starts with the key itself, so a leftover
+    // schedule would be found too.
     let salt = vm.mailbox().expect("read the mailbox header").salt;
     let shared: [u8; 32] = key.as_slice().try_into().expect("32-byte key");
     for (name, derived) in ["request", "reply"]
         .iter()
-        .zip(smmvmi_mailbox::crypto::direction_keys(&shared, &salt))
+        .zip(smmvmi_mailbox::crypto::direction_keys(
+            &shared, &salt, client,
+        ))
     {
         assert!(
             !contains(&ram, &derived),

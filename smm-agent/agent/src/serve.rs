@@ -14,6 +14,8 @@ use smmvmi_mailbox::wire::{
 use crate::cpu::CpuSnapshot;
 use crate::guard::{Alleged, Guard, PhysMemory, PhysRange, RamMap, Refusal};
 use crate::paging::{self, PagingMode, Translation, WalkError};
+use crate::replay::ReplayWindow;
+use zeroize::Zeroize;
 
 /// Agent version reported by INFO (major << 16 | minor).
 pub const AGENT_VERSION: u32 = 1 << 16;
@@ -53,9 +55,14 @@ pub struct ServeContext<'a> {
 
 /// The agent's own state, kept in SMRAM across SMIs.
 pub struct AgentState<'b> {
+    /// The shared key (SMRAM only): each IDS client's keys are derived from
+    /// it on demand.
+    shared: Option<[u8; SHARED_KEY_LEN]>,
+    /// The keys of the client served last (most requests come from the
+    /// same client: one derivation per client switch).
     keys: Option<SessionKeys>,
     salt: [u8; SESSION_SALT_LEN],
-    last_request_seq: u64,
+    replay: ReplayWindow,
     reply_seq: u64,
     last_doorbell: u64,
     request_buf: &'b mut [u8],
@@ -65,8 +72,8 @@ pub struct AgentState<'b> {
 impl core::fmt::Debug for AgentState<'_> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("AgentState")
-            .field("provisioned", &self.keys.is_some())
-            .field("last_request_seq", &self.last_request_seq)
+            .field("provisioned", &self.shared.is_some())
+            .field("replay_floor", &self.replay.floor())
             .field("reply_seq", &self.reply_seq)
             .finish_non_exhaustive()
     }
@@ -85,9 +92,10 @@ impl<'b> AgentState<'b> {
         reply_buf: &'b mut [u8],
     ) -> Self {
         Self {
-            keys: key.map(|k| SessionKeys::derive(k, &salt)),
+            shared: key.copied(),
+            keys: None,
             salt,
-            last_request_seq: 0,
+            replay: ReplayWindow::new(),
             reply_seq: 0,
             last_doorbell: 0,
             request_buf,
@@ -97,7 +105,7 @@ impl<'b> AgentState<'b> {
 
     /// True if a key is provisioned.
     pub fn is_provisioned(&self) -> bool {
-        self.keys.is_some()
+        self.shared.is_some()
     }
 
     /// Writes the session salt into the mailbox header (at boot; `serve`
@@ -105,10 +113,13 @@ impl<'b> AgentState<'b> {
     pub fn publish<S: SharedMemory>(&self, mailbox: &S) -> Result<(), S::Error> {
         mailbox.copy_in(layout::OFF_SESSION_SALT, &self.salt)
     }
+}
 
-    /// The last request sequence accepted.
-    pub fn last_request_seq(&self) -> u64 {
-        self.last_request_seq
+impl Drop for AgentState<'_> {
+    fn drop(&mut self) {
+        if let Some(k) = self.shared.as_mut() {
+            k.zeroize();
+        }
     }
 }
 
@@ -202,7 +213,7 @@ fn answer<S: SharedMemory, M: PhysMemory>(
     mem: &M,
 ) -> (ServeStatus, usize) {
     let reply_cap = areas.reply_capacity().min(state.reply_buf.len());
-    let Some(keys) = state.keys.as_ref() else {
+    let Some(shared) = state.shared.as_ref() else {
         let len = plain_info(&mut state.reply_buf[..reply_cap], ctx, reply_cap);
         return (ServeStatus::Unprovisioned, len);
     };
@@ -220,15 +231,23 @@ fn answer<S: SharedMemory, M: PhysMemory>(
         Direction::PlainRequest => return (ServeStatus::SealedRequired, 0),
         _ => return (ServeStatus::BadFrame, 0),
     }
-    if header.seq <= state.last_request_seq {
+    if state.replay.check(header.client, header.seq).is_err() {
         return (ServeStatus::Replay, 0);
     }
+    if state.keys.as_ref().map(SessionKeys::client) != Some(header.client) {
+        state.keys = Some(SessionKeys::derive_for(shared, &state.salt, header.client));
+    }
+    let Some(keys) = state.keys.as_ref() else {
+        return (ServeStatus::BadTag, 0);
+    };
     let opened = match crypto::open_in_place(keys, Direction::Request, frame) {
         Ok(o) => o,
         Err(_) => return (ServeStatus::BadTag, 0),
     };
     // Authentic and fresh: consume the sequence before anything else.
-    state.last_request_seq = header.seq;
+    if state.replay.accept(header.client, header.seq).is_err() {
+        return (ServeStatus::Replay, 0);
+    }
     let Ok(body) = RequestBody::parse(&frame[opened.body.clone()]) else {
         return (ServeStatus::BadBody, 0);
     };
@@ -268,6 +287,8 @@ fn answer<S: SharedMemory, M: PhysMemory>(
         body_len: body_len as u32,
         seq: reply_seq,
         in_reply_to: header.seq,
+        flags: 0,
+        client: header.client,
     };
     let frame_len = out.frame_len();
     match crypto::seal_in_place(keys, &out, &mut reply[..frame_len]) {
@@ -541,6 +562,8 @@ fn plain_info(reply: &mut [u8], ctx: &ServeContext<'_>, reply_cap: usize) -> usi
         body_len: body_len as u32,
         seq: 0,
         in_reply_to: 0,
+        flags: 0,
+        client: 0,
     };
     let len = h.frame_len();
     reply[..FRAME_HEADER_LEN].copy_from_slice(&h.encode());

@@ -520,3 +520,45 @@ fn cpu_absent_from_the_session_is_reported_not_guessed() {
         );
     });
 }
+
+/// Many IDS clients share one agent (through the daemon): each has its own
+/// keys (derived for its id), interleaved requests are all served, a reply
+/// opens only for the client it answers, and a replay of any client's
+/// request is refused.
+#[test]
+fn interleaved_clients_each_get_their_own_replies() {
+    let mut w = World::new(4, 0);
+    with_agent(&mut w, Some(&KEY), |h| {
+        let mut clients: Vec<Client> = (0..8u64)
+            .map(|i| Client::new(SessionKeys::derive_for(&KEY, &SALT, 0xC0FFEE + i), 5000 + i))
+            .collect();
+        let mut doorbell = 1;
+        let mut sent = Vec::new();
+        for round in 0..20u8 {
+            for (i, c) in clients.iter_mut().enumerate() {
+                let frame = c.seal_request_vec(&[Op::Info], [round; 16]).unwrap();
+                let (poll, mut reply) = h.roundtrip(&frame, doorbell);
+                doorbell += 1;
+                assert_eq!(
+                    poll.status(),
+                    Some(ServeStatus::Ok),
+                    "client {i} round {round}"
+                );
+                c.open_reply(&mut reply).unwrap();
+                sent.push(frame);
+            }
+        }
+        // A reply sealed for client 0 does not open for client 1.
+        let frame = clients[0].seal_request_vec(&[Op::Info], [9; 16]).unwrap();
+        let (_, mut reply) = h.roundtrip(&frame, doorbell);
+        doorbell += 1;
+        clients[1].seal_request_vec(&[Op::Info], [9; 16]).unwrap();
+        assert!(clients[1].open_reply(&mut reply).is_err());
+        // Every request sent is refused when replayed.
+        for frame in sent.iter().step_by(7) {
+            let (poll, _) = h.roundtrip(frame, doorbell);
+            doorbell += 1;
+            assert_eq!(poll.status(), Some(ServeStatus::Replay));
+        }
+    });
+}

@@ -63,7 +63,8 @@ pub fn assign() -> Result<Option<MailboxBar>, BootError> {
             Some(b) => {
                 announce_booting(b.addr, b.size);
                 let doorbell = smmvmi_boot::msix::find(&mut pci_cfg::Cf8, b.bdf).and_then(|msix| {
-                    let regs = assigned.find(IVSHMEM_VENDOR, IVSHMEM_DEVICE, IVSHMEM_BAR_REGISTERS)?;
+                    let regs =
+                        assigned.find(IVSHMEM_VENDOR, IVSHMEM_DEVICE, IVSHMEM_BAR_REGISTERS)?;
                     let table = assigned.find(IVSHMEM_VENDOR, IVSHMEM_DEVICE, msix.table_bar)?;
                     log!(
                         "SMI doorbell: ivshmem-doorbell MSI-X, {} vectors in BAR{} at {:#x}",

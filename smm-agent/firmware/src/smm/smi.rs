@@ -10,6 +10,7 @@
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use smmvmi_agent::rendezvous::{Clock, Rendezvous, Role, Timeouts};
+use smmvmi_mailbox::frame::{Direction, FLAG_NO_SNAPSHOT};
 use smmvmi_mailbox::layout as mb;
 
 use super::config::{MailboxBar, config};
@@ -102,9 +103,17 @@ extern "C" fn smm_main(block: u64) {
     let timeouts = timeouts();
     match RENDEZVOUS.arrive(cpu).role {
         Role::Leader { generation } => {
-            let gathered = RENDEZVOUS.gather(generation, config().cpu_mask, &timeouts, &TscClock);
+            // A request that needs no snapshot (sent with a targeted SMI) is
+            // served at once by this CPU; anything else waits for the others.
+            let expected = match mailbox() {
+                Some((mbox, _)) if no_snapshot_requested(&mbox) => 1 << cpu,
+                _ => config().cpu_mask,
+            };
+            let gathered = RENDEZVOUS.gather(generation, expected, &timeouts, &TscClock);
             if RENDEZVOUS.claim(cpu) {
-                serve(gathered.present);
+                // The BAR is checked again: other CPUs ran guest code while
+                // this one gathered.
+                serve(gathered.present, mailbox());
             }
             RENDEZVOUS.release(cpu, generation);
         }
@@ -138,10 +147,24 @@ fn mailbox() -> Option<(Region, MailboxBar)> {
     Some((unsafe { Region::new(PHYS_OFF + pa, len) }, bar))
 }
 
+/// Whether the request waiting in the mailbox says it needs no snapshot
+/// (`FLAG_NO_SNAPSHOT` in its frame header). Read before the frame is
+/// authenticated: a guest that sets or clears the flag only changes whether
+/// this SMI waits for the other CPUs; the flag is part of the authenticated
+/// header, so a changed one fails the request.
+fn no_snapshot_requested(mbox: &Region) -> bool {
+    let Ok(areas) = mb::Areas::from_size(mbox.len() as usize) else {
+        return false;
+    };
+    let word = mbox.read_u32(areas.request.start as u64);
+    let (direction, flags) = ((word >> 16) as u8, (word >> 24) as u8);
+    direction == Direction::Request as u8 && flags & FLAG_NO_SNAPSHOT != 0
+}
+
 /// Serves one SMI session (this CPU holds the serve claim): publishes the
 /// agent's state and answers PING and the request. `present`: the CPUs whose
 /// snapshots are stored for this session.
-fn serve(present: u64) {
+fn serve(present: u64, mailbox: Option<(Region, MailboxBar)>) {
     #[cfg(feature = "fault-injection")]
     {
         use crate::layout::{APM_CMD_EXECUTE_GUEST, APM_CMD_INJECT_FAULT};
@@ -163,7 +186,7 @@ fn serve(present: u64) {
         let data = unsafe { Region::new(PHYS_OFF + RELOC_DATA, RELOC_DATA_LEN) };
         data.write_u32(SELFTEST_WORD, present.count_ones().max(1));
     }
-    let Some((mbox, bar)) = mailbox() else { return };
+    let Some((mbox, bar)) = mailbox else { return };
     if doorbell::arm(&bar, config().cpu_mask) == Some(true) {
         SMM.doorbell_rearms.fetch_add(1, Ordering::Relaxed);
     }
