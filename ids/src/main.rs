@@ -137,6 +137,15 @@ fn main() -> anyhow::Result<()> {
             println!("max read {:#x} bytes", h.max_read);
             println!("smram base {:#x} size {:#x}", h.smram_base, h.smram_size);
             println!("sev flags {:#x} c-bit {}", h.sev_flags, h.c_bit);
+            if h.mem_flags & smmvmi_mailbox::records::MEM_DIMM_HOTPLUG != 0 {
+                println!("memory: DIMMs plugged after boot are tracked (listed below)");
+            }
+            if h.mem_flags & smmvmi_mailbox::records::MEM_VIRTIO_MEM_REFUSED != 0 {
+                println!(
+                    "memory: a virtio-mem device is present; its memory is NOT read (refused as not RAM): \
+                     its plugged blocks are known only through the device, which the guest drives"
+                );
+            }
             for r in &info.ram {
                 println!("ram {:#014x}..{:#014x}", r.base, r.base + r.len);
             }

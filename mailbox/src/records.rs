@@ -208,6 +208,15 @@ impl CpuState {
 /// SEV flag in [`Info::sev_flags`]: memory encryption is active.
 pub const SEV_ACTIVE: u32 = 1;
 
+/// Memory flag in [`InfoHeader::mem_flags`]: the agent tracks DIMMs plugged
+/// after boot (QEMU's ACPI memory hot-plug controller); the RAM ranges
+/// include the ones plugged now.
+pub const MEM_DIMM_HOTPLUG: u32 = 1 << 0;
+/// Memory flag: the machine has a `virtio-mem` device. Its memory is not in
+/// the RAM ranges and reads of it are refused as not RAM: the plugged blocks
+/// are known only through the device, which the guest drives.
+pub const MEM_VIRTIO_MEM_REFUSED: u32 = 1 << 1;
+
 /// One RAM range in [`Info`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RamRange {
@@ -236,6 +245,8 @@ pub struct InfoHeader {
     pub smram_base: u64,
     /// SMRAM size.
     pub smram_size: u64,
+    /// [`MEM_DIMM_HOTPLUG`], [`MEM_VIRTIO_MEM_REFUSED`].
+    pub mem_flags: u32,
 }
 
 /// The fixed part of INFO as it lies in the result data.
@@ -258,6 +269,10 @@ pub struct InfoHeaderLe {
     pub smram_base: U64,
     /// SMRAM size in bytes.
     pub smram_size: U64,
+    /// See [`InfoHeader::mem_flags`].
+    pub mem_flags: U32,
+    /// Zero.
+    pub reserved: U32,
 }
 
 /// A RAM range of INFO as it lies in the result data.
@@ -289,7 +304,7 @@ pub const INFO_RANGE_LEN: usize = size_of::<RamRangeLe>();
 /// Bytes per CPU entry in INFO.
 pub const INFO_CPU_LEN: usize = size_of::<InfoCpuLe>();
 
-const _: () = assert!(INFO_HEADER_LEN == 40 && INFO_RANGE_LEN == 16 && INFO_CPU_LEN == 8);
+const _: () = assert!(INFO_HEADER_LEN == 48 && INFO_RANGE_LEN == 16 && INFO_CPU_LEN == 8);
 /// INFO CPU flag: PCID enabled.
 pub const INFO_CPU_PCID: u8 = 1;
 
@@ -338,6 +353,8 @@ pub fn encode_info(
         max_read: header.max_read.into(),
         smram_base: header.smram_base.into(),
         smram_size: header.smram_size.into(),
+        mem_flags: header.mem_flags.into(),
+        reserved: 0.into(),
     };
     let (head, rest) = out.split_at_mut(INFO_HEADER_LEN);
     head.copy_from_slice(h.as_bytes());
@@ -374,6 +391,7 @@ impl<'a> Info<'a> {
             max_read: h.max_read.get(),
             smram_base: h.smram_base.get(),
             smram_size: h.smram_size.get(),
+            mem_flags: h.mem_flags.get(),
         };
         let nr = header.ram_range_count as usize;
         let nc = header.cpu_count as usize;

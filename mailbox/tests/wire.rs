@@ -117,6 +117,7 @@ fn info_and_cpu_state_round_trip() {
         max_read: 4096,
         smram_base: 0x7F00_0000,
         smram_size: 0x100_0000,
+        mem_flags: MEM_DIMM_HOTPLUG,
     };
     let ranges = [RamRange {
         base: 0,
@@ -304,6 +305,7 @@ fn encodings_are_byte_identical_to_layout_v1() {
         max_read: 0x1000,
         smram_base: 0x7f000000,
         smram_size: 0x1000000,
+        mem_flags: 0,
     };
     let mut b = [0u8; 128];
     let n = encode_info(
@@ -329,7 +331,7 @@ fn encodings_are_byte_identical_to_layout_v1() {
     .unwrap();
     assert_eq!(
         hex(&b[..n]),
-        "0000010002000000010000002f00000001000000001000000000007f0000000000000001000000000010000000000000002000000000000005010000000000000400000000000000",
+        "0000010002000000010000002f00000001000000001000000000007f00000000000000010000000000000000000000000010000000000000002000000000000005010000000000000400000000000000",
         "info"
     );
 }

@@ -88,6 +88,7 @@ impl<M: PhysMemory> SimAgent<M> {
             smram: self.machine.smram(),
             cpus: &self.cpus,
             sev: self.sev,
+            mem_flags: 0,
         };
         let served = smmvmi_agent::serve(mailbox, &mut self.state, &ctx, &self.mem);
         if let Served::Answered(s) = served {

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use common::{boot, config, finish, ids_session, sh};
 use ids::session::SessionError;
 use serde_json::json;
+use smmvmi_mailbox::records::{MEM_DIMM_HOTPLUG, MEM_VIRTIO_MEM_REFUSED};
 use smmvmi_mailbox::wire::Status;
 use smmvmi_tests::vm::Vm;
 
@@ -47,6 +48,11 @@ fn wait_guest(vm: &Vm, what: &str, cmd: &str, want: impl Fn(&str) -> bool) -> St
 fn ram_ranges(vm: &Vm) -> Vec<(u64, u64)> {
     let mut s = ids_session(vm);
     let info = s.info().unwrap_or_else(|e| panic!("{e}"));
+    assert_ne!(
+        info.header.mem_flags & MEM_DIMM_HOTPLUG,
+        0,
+        "INFO must say that DIMMs are tracked"
+    );
     info.ram.iter().map(|r| (r.base, r.len)).collect()
 }
 
@@ -121,5 +127,46 @@ fn a_hotplugged_dimm_is_read_through_the_agent_and_forgotten_when_removed() {
     }
     drop(s);
     assert_eq!(ram_ranges(&vm), before);
+    finish(vm);
+}
+
+/// virtio-mem memory is refused, and INFO says why (its plugged blocks are
+/// known only through the device the guest drives).
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn virtio_mem_is_refused_with_a_reason() {
+    let vm = boot(
+        config("virtiomem")
+            .mem("1G,maxmem=4G")
+            .extra_arg("-object")
+            .extra_arg("memory-backend-ram,id=vmem0,size=1G")
+            .extra_arg("-device")
+            .extra_arg("virtio-mem-pci,id=vm0,memdev=vmem0,requested-size=512M"),
+    );
+    let devices = vm
+        .qmp("query-memory-devices", None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = devices[0]["data"]["memaddr"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("query-memory-devices: {devices}"));
+    vm.release_qmp();
+    let mut s = ids_session(&vm);
+    let info = s.info().unwrap_or_else(|e| panic!("{e}"));
+    assert_ne!(
+        info.header.mem_flags & MEM_VIRTIO_MEM_REFUSED,
+        0,
+        "INFO must say virtio-mem memory is refused: {:?}",
+        info.header
+    );
+    assert!(
+        info.ram
+            .iter()
+            .all(|r| r.base + r.len <= addr || r.base >= addr + GIB)
+    );
+    match s.read_phys(addr + 0x1000, 32) {
+        Err(SessionError::Op { status, .. }) => assert_eq!(status, Status::RefusedNotRam),
+        other => panic!("READ_PHYS of virtio-mem memory: expected RefusedNotRam, got {other:?}"),
+    }
+    drop(s);
     finish(vm);
 }

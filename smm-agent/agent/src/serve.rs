@@ -17,8 +17,9 @@ use crate::paging::{self, PagingMode, Translation, WalkError};
 use crate::replay::ReplayWindow;
 use zeroize::Zeroize;
 
-/// Agent version reported by INFO (major << 16 | minor).
-pub const AGENT_VERSION: u32 = 1 << 16;
+/// Agent version reported by INFO (major << 16 | minor). 1.1: INFO carries
+/// `mem_flags` (RAM hot-plug tracked, virtio-mem refused).
+pub const AGENT_VERSION: u32 = 1 << 16 | 1;
 
 /// SEV facts the firmware found at boot (CPUID 0x8000001F, SEV_STATUS MSR).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -51,6 +52,9 @@ pub struct ServeContext<'a> {
     pub cpus: &'a [CpuSnapshot],
     /// SEV facts.
     pub sev: SevConfig,
+    /// What INFO says about memory outside the boot map
+    /// (`records::MEM_DIMM_HOTPLUG`, `MEM_VIRTIO_MEM_REFUSED`).
+    pub mem_flags: u32,
 }
 
 /// The agent's own state, kept in SMRAM across SMIs.
@@ -507,6 +511,7 @@ fn write_info(buf: &mut [u8], ctx: &ServeContext<'_>, reply_cap: usize) -> Optio
         agent_version: AGENT_VERSION,
         cpu_count: ctx.cpus.len() as u32,
         sev_flags: if ctx.sev.active { SEV_ACTIVE } else { 0 },
+        mem_flags: ctx.mem_flags,
         c_bit: u32::from(ctx.sev.c_bit),
         ram_range_count: ctx.ram.ranges().len() as u32,
         max_read: max_read_for(reply_cap) as u32,

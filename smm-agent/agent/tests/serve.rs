@@ -94,6 +94,7 @@ impl Harness<'_, '_> {
             smram: smram(),
             cpus: &self.w.cpus,
             sev: self.w.sev,
+            mem_flags: 0,
         };
         let r = serve(&self.w.mailbox, &mut self.state, &ctx, &self.w.pt.mem);
         self.w.pt.mem.assert_reads_safe();

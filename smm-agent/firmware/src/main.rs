@@ -51,6 +51,7 @@ use smmvmi_boot::e820 as e820_kind;
 use smmvmi_boot::fw_cfg as fwc;
 use smmvmi_boot::q35;
 use smmvmi_mailbox::layout as mb;
+use smmvmi_mailbox::records;
 
 use boot::error::BootError;
 use boot::{acpi, e820, linux, pci, platform, tseg};
@@ -129,7 +130,7 @@ fn boot() -> Result<linux::Prepared, BootError> {
     let acpi_base = tseg_base - layout::ACPI_AREA_LEN;
 
     // PCI before ACPI: QEMU builds the tables from both.
-    let mailbox = pci::assign()?;
+    let (mailbox, virtio_mem) = pci::assign()?;
     let rsdp = acpi::install(&mut fw, acpi_base)?;
     log!("ACPI tables at {acpi_base:#x}, RSDP {rsdp:#x}");
 
@@ -168,6 +169,15 @@ fn boot() -> Result<linux::Prepared, BootError> {
         mailbox,
         features,
         memhp,
+        mem_flags: if memhp.is_some() {
+            records::MEM_DIMM_HOTPLUG
+        } else {
+            0
+        } | if virtio_mem {
+            records::MEM_VIRTIO_MEM_REFUSED
+        } else {
+            0
+        },
         tsc_per_ms: tsc::calibrate(),
     };
     let handoff = e820::handoff(

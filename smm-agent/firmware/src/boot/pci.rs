@@ -19,6 +19,9 @@ use smmvmi_mailbox::platform::{
     IVSHMEM_VENDOR_ID as IVSHMEM_VENDOR,
 };
 
+/// PCI device id of `virtio-mem-pci` (vendor 0x1af4, as ivshmem).
+const VIRTIO_MEM_DEVICE_ID: u16 = 0x1058;
+
 fn mailbox_min() -> u64 {
     mb::MIN_MAILBOX_SIZE as u64
 }
@@ -26,7 +29,7 @@ fn mailbox_min() -> u64 {
 /// Enables MMCONFIG, assigns every BAR, and returns the mailbox BAR if
 /// there is a usable ivshmem device (a missing or ill-sized one is logged:
 /// the agent then serves nothing, but the machine boots).
-pub fn assign() -> Result<Option<MailboxBar>, BootError> {
+pub fn assign() -> Result<(Option<MailboxBar>, bool), BootError> {
     // MMCONFIG first, BARs next; QEMU builds the ACPI tables (MCFG, _CRS
     // of the host bridge) from both when the table-loader is read.
     chipset::enable_mmconfig();
@@ -49,54 +52,61 @@ pub fn assign() -> Result<Option<MailboxBar>, BootError> {
             b.size
         );
     }
-    Ok(
-        match assigned.find(IVSHMEM_VENDOR, IVSHMEM_DEVICE, IVSHMEM_BAR) {
-            Some(b) if b.size > REPLY_BUF_LEN || b.size < mailbox_min() => {
+    // virtio-mem-pci (virtio 1.0 device id 0x1040 + type 24): memory the
+    // agent does not track (its plugged blocks are known only through the
+    // device, which the guest drives).
+    let virtio_mem = assigned
+        .bars()
+        .any(|b| b.vendor == IVSHMEM_VENDOR && b.device == VIRTIO_MEM_DEVICE_ID);
+    if virtio_mem {
+        log!("virtio-mem device present: its memory is refused as not RAM (INFO says so)");
+    }
+    let mailbox = match assigned.find(IVSHMEM_VENDOR, IVSHMEM_DEVICE, IVSHMEM_BAR) {
+        Some(b) if b.size > REPLY_BUF_LEN || b.size < mailbox_min() => {
+            log!(
+                "error: the ivshmem-plain BAR is {} KiB; the agent supports {} KiB to {} KiB (e.g. size=1M): no mailbox",
+                b.size >> 10,
+                mailbox_min() >> 10,
+                REPLY_BUF_LEN >> 10
+            );
+            None
+        }
+        Some(b) => {
+            announce_booting(b.addr, b.size);
+            let doorbell = smmvmi_boot::msix::find(&mut pci_cfg::Cf8, b.bdf).and_then(|msix| {
+                let regs = assigned.find(IVSHMEM_VENDOR, IVSHMEM_DEVICE, IVSHMEM_BAR_REGISTERS)?;
+                let table = assigned.find(IVSHMEM_VENDOR, IVSHMEM_DEVICE, msix.table_bar)?;
                 log!(
-                    "error: the ivshmem-plain BAR is {} KiB; the agent supports {} KiB to {} KiB (e.g. size=1M): no mailbox",
-                    b.size >> 10,
-                    mailbox_min() >> 10,
-                    REPLY_BUF_LEN >> 10
+                    "SMI doorbell: ivshmem-doorbell MSI-X, {} vectors in BAR{} at {:#x}",
+                    msix.entries,
+                    msix.table_bar,
+                    table.addr
                 );
-                None
-            }
-            Some(b) => {
-                announce_booting(b.addr, b.size);
-                let doorbell = smmvmi_boot::msix::find(&mut pci_cfg::Cf8, b.bdf).and_then(|msix| {
-                    let regs =
-                        assigned.find(IVSHMEM_VENDOR, IVSHMEM_DEVICE, IVSHMEM_BAR_REGISTERS)?;
-                    let table = assigned.find(IVSHMEM_VENDOR, IVSHMEM_DEVICE, msix.table_bar)?;
-                    log!(
-                        "SMI doorbell: ivshmem-doorbell MSI-X, {} vectors in BAR{} at {:#x}",
-                        msix.entries,
-                        msix.table_bar,
-                        table.addr
-                    );
-                    Some(DoorbellBars {
-                        regs_pa: regs.addr,
-                        table_bar: msix.table_bar,
-                        table_bar_pa: table.addr,
-                        msix,
-                    })
-                });
-                log!(
-                    "mailbox: ivshmem BAR{IVSHMEM_BAR} at {:#x}, {} KiB",
-                    b.addr,
-                    b.size >> 10
-                );
-                Some(MailboxBar {
-                    pa: b.addr,
-                    len: b.size,
-                    bdf: b.bdf,
-                    doorbell,
+                Some(DoorbellBars {
+                    regs_pa: regs.addr,
+                    table_bar: msix.table_bar,
+                    table_bar_pa: table.addr,
+                    msix,
                 })
-            }
-            None => {
-                log!("no ivshmem-plain device: the agent has no mailbox and will serve nothing");
-                None
-            }
-        },
-    )
+            });
+            log!(
+                "mailbox: ivshmem BAR{IVSHMEM_BAR} at {:#x}, {} KiB",
+                b.addr,
+                b.size >> 10
+            );
+            Some(MailboxBar {
+                pa: b.addr,
+                len: b.size,
+                bdf: b.bdf,
+                doorbell,
+            })
+        }
+        None => {
+            log!("no ivshmem-plain device: the agent has no mailbox and will serve nothing");
+            None
+        }
+    };
+    Ok((mailbox, virtio_mem))
 }
 
 /// Before SMM is locked: tells the host that a firmware owns the mailbox

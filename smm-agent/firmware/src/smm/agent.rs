@@ -153,6 +153,7 @@ pub fn serve(mailbox: &Region, present_mask: u64) -> Option<(Served, u64)> {
         smram: agent.smram,
         cpus: &agent.cpus[..ncpus],
         sev: agent.sev,
+        mem_flags: config().mem_flags,
     };
     // The mailbox BAR, verified in place by `smi::mailbox`, which the guest
     // and the host write concurrently: `serve` reaches it only through the

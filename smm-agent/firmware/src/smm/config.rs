@@ -79,6 +79,9 @@ pub struct SmmConfig {
     pub features: u64,
     /// RAM hot-plug, if the machine has DIMM slots.
     pub memhp: Option<MemHotplug>,
+    /// What INFO says about memory outside the boot map
+    /// (`records::MEM_DIMM_HOTPLUG`, `MEM_VIRTIO_MEM_REFUSED`).
+    pub mem_flags: u32,
     /// TSC ticks per millisecond, measured at boot.
     pub tsc_per_ms: u64,
 }
@@ -92,6 +95,7 @@ impl SmmConfig {
         mailbox: None,
         features: 0,
         memhp: None,
+        mem_flags: 0,
         tsc_per_ms: 0,
     };
 }
