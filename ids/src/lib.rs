@@ -19,11 +19,13 @@
 //! batches and snapshot cache; backends: [`Session`], [`dump`], [`fake`]),
 //! [`kernel`] (kernel introspection).
 
+pub mod btf;
 pub mod dump;
 pub mod endpoint;
 pub mod fake;
 pub mod kallsyms;
 pub mod kernel;
+pub mod linux;
 pub mod memory;
 pub mod session;
 
