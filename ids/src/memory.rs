@@ -491,6 +491,32 @@ impl<M: GuestMemory> SnapshotCache<M> {
     }
 }
 
+/// A borrowed backend is a backend (a cache over a session the caller keeps).
+impl<T: GuestMemory + ?Sized> GuestMemory for &mut T {
+    fn read_batch(&mut self, reads: &[Read]) -> Result<Vec<ReadResult>, MemoryError> {
+        (**self).read_batch(reads)
+    }
+    fn translate(
+        &mut self,
+        space: AddressSpace,
+        addr: u64,
+    ) -> Result<Result<u64, Fault>, MemoryError> {
+        (**self).translate(space, addr)
+    }
+    fn cpu_state(&mut self, cpu: u32) -> Result<CpuState, MemoryError> {
+        (**self).cpu_state(cpu)
+    }
+    fn cpu_count(&mut self) -> Result<u32, MemoryError> {
+        (**self).cpu_count()
+    }
+    fn max_read(&mut self) -> Result<usize, MemoryError> {
+        (**self).max_read()
+    }
+    fn stats(&self) -> BatchStats {
+        (**self).stats()
+    }
+}
+
 /// A boxed backend is a backend (the CLI picks one at run time).
 impl<T: GuestMemory + ?Sized> GuestMemory for Box<T> {
     fn read_batch(&mut self, reads: &[Read]) -> Result<Vec<ReadResult>, MemoryError> {
