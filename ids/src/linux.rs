@@ -108,6 +108,24 @@ pub struct Kernel {
     /// True when this came from the cache.
     #[serde(skip)]
     pub from_cache: bool,
+    /// Lowest kernel-half address of this boot: `0xff00..` with 5-level
+    /// paging (CR4.LA57), `0xffff_8000..` with 4 (pointer canonicalization
+    /// follows the paging mode).
+    #[serde(skip, default = "default_kernel_half")]
+    pub kernel_half: u64,
+}
+
+fn default_kernel_half() -> u64 {
+    kernel_half(4)
+}
+
+/// Lowest kernel-half address for `levels` paging levels.
+pub fn kernel_half(levels: u8) -> u64 {
+    if levels == 5 {
+        0xFF00_0000_0000_0000
+    } else {
+        0xFFFF_8000_0000_0000
+    }
 }
 
 /// Parameters of kallsyms discovery.
@@ -264,9 +282,11 @@ impl Kernel {
         cache: Option<&std::path::Path>,
     ) -> Result<Self, LinuxError> {
         let lstar_now = lstar(m, d.cpu)?;
+        let half = kernel_half(m.cpu_state(d.cpu)?.paging_levels());
         if let Some(dir) = cache
-            && let Some(k) = Self::from_cache(m, d, dir, lstar_now)?
+            && let Some(mut k) = Self::from_cache(m, d, dir, lstar_now)?
         {
+            k.kernel_half = half;
             return Ok(k);
         }
         let (kallsyms, lstar) = discover_kallsyms(m, d)?;
@@ -286,6 +306,7 @@ impl Kernel {
             offsets,
             btf_bytes: btf.len(),
             from_cache: false,
+            kernel_half: half,
         };
         if let Some(dir) = cache {
             // A cache that cannot be written only costs time next run.
@@ -384,6 +405,7 @@ pub fn state_letter(state: u32, exit_state: u32) -> char {
 struct Walker<'a, M> {
     c: &'a mut SnapshotCache<M>,
     sp: Space,
+    kernel_half: u64,
 }
 
 impl<M: GuestMemory> Walker<'_, M> {
@@ -429,7 +451,7 @@ fn walk_list<M: GuestMemory>(
                 count: out.len(),
             });
         }
-        if cur < 0xFFFF_8000_0000_0000 || !seen.insert(cur) {
+        if cur < w.kernel_half || !seen.insert(cur) {
             return Err(LinuxError::BadList {
                 list,
                 problem: format!("entry {cur:#x} is not a kernel address or repeats"),
@@ -454,7 +476,11 @@ pub fn ps<M: GuestMemory>(
         .kallsyms
         .addr("init_task")
         .ok_or_else(|| LinuxError::NoSymbol("init_task".into()))?;
-    let mut w = Walker { c, sp: kspace(cpu) };
+    let mut w = Walker {
+        c,
+        sp: kspace(cpu),
+        kernel_half: k.kernel_half,
+    };
     let leaders: Vec<u64> = walk_list(&mut w, init + o.task_tasks, MAX_TASKS, "init_task.tasks")?
         .into_iter()
         .map(|n| n - o.task_tasks)
@@ -576,7 +602,11 @@ pub fn lsmod<M: GuestMemory>(
         .kallsyms
         .addr("modules")
         .ok_or_else(|| LinuxError::NoSymbol("modules".into()))?;
-    let mut w = Walker { c, sp: kspace(cpu) };
+    let mut w = Walker {
+        c,
+        sp: kspace(cpu),
+        kernel_half: k.kernel_half,
+    };
     let nodes = walk_list(&mut w, head, MAX_MODULES, "modules")?;
     let span = [
         o.module_name.offset + o.module_name.size,

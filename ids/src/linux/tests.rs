@@ -78,6 +78,7 @@ fn kernel(o: Offsets) -> Kernel {
         offsets: o,
         btf_bytes: 0,
         from_cache: false,
+        kernel_half: kernel_half(4),
     }
 }
 
@@ -296,6 +297,39 @@ fn cpus_find_current_through_gs() {
         (40, "pthreads", false)
     );
     assert_eq!((v[1].pid, v[1].user), (40, true));
+}
+
+#[test]
+fn five_level_kernel_addresses_are_walked() {
+    // With LA57 the direct map starts at 0xff11_0000_0000_0000, below the
+    // 4-level kernel half: the walk must follow the paging mode.
+    let (mut c, mut k) = setup(true);
+    let moved = 0xff11_0000_0100_0000u64;
+    let o = k.offsets.clone();
+    let first = c.inner().read_exact(
+        Space::Virt(AddressSpace::kernel_of(0)),
+        INIT + o.task_tasks,
+        8,
+    );
+    let first = u64::from_le_bytes(first.unwrap().try_into().unwrap());
+    // Point init_task.tasks at a copy of the first leader's list node.
+    let node = c
+        .inner()
+        .read_exact(Space::Virt(AddressSpace::kernel_of(0)), first, 16)
+        .unwrap();
+    c.inner().write_virt(moved, &node);
+    c.inner().put_u64(INIT + o.task_tasks, moved);
+    k.kernel_half = kernel_half(4);
+    assert!(matches!(
+        ps(&mut c, &k, 0, false),
+        Err(LinuxError::BadList { .. })
+    ));
+    c.new_snapshot();
+    k.kernel_half = kernel_half(5);
+    // Now accepted (the copy's task fields are elsewhere: only the walk is
+    // checked here).
+    let r = ps(&mut c, &k, 0, false);
+    assert!(!matches!(r, Err(LinuxError::BadList { .. })), "{r:?}");
 }
 
 #[test]
