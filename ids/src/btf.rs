@@ -267,6 +267,26 @@ pub struct Offsets {
     pub module_mem: Option<(u64, u64, u64, u64, u64)>,
     /// Before 6.4: `module.core_layout.base`, `.size`, `init_layout.size`.
     pub module_core_layout: Option<(u64, u64, u64)>,
+    /// The PID IDR, for a batched walk: `pid_namespace.idr.idr_rt.xa_head`,
+    /// `xa_node.shift`, `xa_node.slots`, `pid.tasks`, `task_struct.pid_links`.
+    pub pid_idr: Option<PidIdr>,
+}
+
+/// Offsets of the PID IDR walk (include/linux/xarray.h, include/linux/pid.h).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PidIdr {
+    /// `pid_namespace.idr.idr_rt.xa_head`.
+    pub ns_xa_head: u64,
+    /// `pid_namespace.idr.idr_base`.
+    pub ns_idr_base: u64,
+    /// `xa_node.shift` (u8).
+    pub node_shift: u64,
+    /// `xa_node.slots` (64 pointers).
+    pub node_slots: u64,
+    /// `pid.tasks` (hlist_head[PIDTYPE_MAX]; `[0]` is PIDTYPE_PID).
+    pub pid_tasks: u64,
+    /// `task_struct.pid_links` (hlist_node[]; `[0]` for PIDTYPE_PID).
+    pub task_pid_links: u64,
 }
 
 impl Offsets {
@@ -319,6 +339,16 @@ impl Offsets {
             module_refcnt: opt("module", "refcnt"),
             module_mem,
             module_core_layout,
+            pid_idr: (|| {
+                Some(PidIdr {
+                    ns_xa_head: f("pid_namespace", "idr.idr_rt.xa_head").ok()?,
+                    ns_idr_base: f("pid_namespace", "idr.idr_base").ok()?,
+                    node_shift: f("xa_node", "shift").ok()?,
+                    node_slots: f("xa_node", "slots").ok()?,
+                    pid_tasks: f("pid", "tasks").ok()?,
+                    task_pid_links: f("task_struct", "pid_links").ok()?,
+                })
+            })(),
         })
     }
 }

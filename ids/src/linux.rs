@@ -46,7 +46,7 @@ pub const PF_KTHREAD: u32 = 0x0020_0000;
 /// `EXIT_ZOMBIE`.
 pub const EXIT_ZOMBIE: u32 = 0x20;
 /// Cache format version.
-pub const CACHE_VERSION: u32 = 1;
+pub const CACHE_VERSION: u32 = 2;
 
 /// Errors of the Linux layer.
 #[derive(Debug, thiserror::Error)]
@@ -464,8 +464,134 @@ fn walk_list<M: GuestMemory>(
     Ok(out)
 }
 
-/// Lists processes (and their threads with `threads`), in list order.
+/// Slots of one xarray node (`XA_CHUNK_SIZE`).
+const XA_CHUNK: u64 = 64;
+/// Most xarray nodes visited.
+const MAX_XA_NODES: usize = 1 << 16;
+
+/// Every task through the PID IDR (`init_pid_ns.idr`), level by level so
+/// that each level of the radix tree, then the `struct pid`s, then the
+/// tasks are each one batch: a handful of SMIs whatever the task count.
+/// Returns task addresses in PID order.
+fn tasks_by_idr<M: GuestMemory>(
+    w: &mut Walker<'_, M>,
+    k: &Kernel,
+    idr: &crate::btf::PidIdr,
+) -> Result<Vec<u64>, LinuxError> {
+    let ns = k
+        .kallsyms
+        .addr("init_pid_ns")
+        .ok_or_else(|| LinuxError::NoSymbol("init_pid_ns".into()))?;
+    let head = w.u64(ns + idr.ns_xa_head)?;
+    let is_node = |e: u64| e & 3 == 2 && e > 4096;
+    let mut leaves: Vec<u64> = Vec::new();
+    let mut frontier: Vec<u64> = Vec::new();
+    if is_node(head) {
+        frontier.push(head - 2);
+    } else if head != 0 && head & 3 == 0 {
+        leaves.push(head);
+    }
+    let mut visited = 0usize;
+    let mut depth = 0;
+    while !frontier.is_empty() {
+        depth += 1;
+        visited += frontier.len();
+        if depth > 12 || visited > MAX_XA_NODES {
+            return Err(LinuxError::BadList {
+                list: "init_pid_ns.idr",
+                problem: format!("deeper than 12 levels or more than {MAX_XA_NODES} nodes"),
+                count: visited,
+            });
+        }
+        let len = (idr.node_slots + 8 * XA_CHUNK) as usize;
+        let reads: Vec<Read> = frontier
+            .iter()
+            .map(|&n| Read {
+                space: w.sp,
+                addr: n,
+                len,
+            })
+            .collect();
+        let res = w.c.read_many(&reads)?;
+        let mut next = Vec::new();
+        for (r, b) in reads.iter().zip(res) {
+            let b = b.map_err(|fault| MemoryError::Fault {
+                space: r.space,
+                addr: r.addr,
+                len: r.len,
+                fault,
+            })?;
+            for i in 0..XA_CHUNK {
+                let e = le64(&b, idr.node_slots + 8 * i);
+                if e == 0 {
+                    continue;
+                }
+                if is_node(e) {
+                    if e - 2 < w.kernel_half {
+                        continue;
+                    }
+                    next.push(e - 2);
+                } else if e & 3 == 0 && e >= w.kernel_half {
+                    leaves.push(e);
+                }
+            }
+        }
+        frontier = next;
+    }
+    if leaves.len() > MAX_TASKS {
+        return Err(LinuxError::BadList {
+            list: "init_pid_ns.idr",
+            problem: format!("more than {MAX_TASKS} PIDs"),
+            count: leaves.len(),
+        });
+    }
+    // struct pid -> tasks[PIDTYPE_PID].first -> task.
+    let reads: Vec<Read> = leaves
+        .iter()
+        .map(|&p| Read {
+            space: w.sp,
+            addr: p + idr.pid_tasks,
+            len: 8,
+        })
+        .collect();
+    let mut tasks = Vec::with_capacity(leaves.len());
+    for r in w.c.read_many(&reads)? {
+        let Ok(b) = r else { continue };
+        let first = le64(&b, 0);
+        if first >= w.kernel_half {
+            tasks.push(first - idr.task_pid_links);
+        }
+    }
+    Ok(tasks)
+}
+
+/// Lists processes (and their threads with `threads`): through the PID
+/// IDR in PID order when BTF describes it (few SMIs), else along
+/// `init_task.tasks` (one batch per hop).
 pub fn ps<M: GuestMemory>(
+    c: &mut SnapshotCache<M>,
+    k: &Kernel,
+    cpu: u32,
+    threads: bool,
+) -> Result<Vec<Task>, LinuxError> {
+    if let Some(idr) = k.offsets.pid_idr {
+        let mut w = Walker {
+            c: &mut *c,
+            sp: kspace(cpu),
+            kernel_half: k.kernel_half,
+        };
+        let all = tasks_by_idr(&mut w, k, &idr)?;
+        let mut tasks = describe_tasks(c, k, cpu, &all)?;
+        if !threads {
+            tasks.retain(|t| t.pid == t.tgid);
+        }
+        return Ok(tasks);
+    }
+    ps_by_list(c, k, cpu, threads)
+}
+
+/// Lists processes (and their threads with `threads`), in list order.
+pub fn ps_by_list<M: GuestMemory>(
     c: &mut SnapshotCache<M>,
     k: &Kernel,
     cpu: u32,
@@ -526,10 +652,33 @@ pub fn ps<M: GuestMemory>(
             });
         }
     }
-    w.c.prefetch(&task_reads(&all))?;
+    describe_tasks(w.c, k, cpu, &all)
+}
+
+/// Reads each task of `all` (task structs in one batch, then parents and
+/// credentials in one).
+fn describe_tasks<M: GuestMemory>(
+    c: &mut SnapshotCache<M>,
+    k: &Kernel,
+    cpu: u32,
+    all: &[u64],
+) -> Result<Vec<Task>, LinuxError> {
+    let o = &k.offsets;
+    let init = k
+        .kallsyms
+        .addr("init_task")
+        .ok_or_else(|| LinuxError::NoSymbol("init_task".into()))?;
+    let tsize = o.task_size.min(32 << 10) as usize;
+    let mut w = Walker {
+        c,
+        sp: kspace(cpu),
+        kernel_half: k.kernel_half,
+    };
+    let reads: Vec<Read> = all.iter().map(|&a| Read::kernel(cpu, a, tsize)).collect();
+    w.c.prefetch(&reads)?;
     // Parents and credentials, batched.
     let mut raw = Vec::with_capacity(all.len());
-    for &t in &all {
+    for &t in all {
         raw.push((t, w.bytes(t, tsize)?));
     }
     let mut extra = Vec::new();

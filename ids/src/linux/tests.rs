@@ -10,6 +10,7 @@ use crate::kallsyms::{Encoding, Layout, Symbol};
 const INIT: u64 = 0xffff_ffff_8200_0000;
 const MODULES: u64 = 0xffff_ffff_8210_0000;
 const HEAP: u64 = 0xffff_8880_0100_0000;
+const PID_NS: u64 = 0xffff_ffff_8220_0000;
 
 fn offsets(thread_node: bool) -> Offsets {
     Offsets {
@@ -40,6 +41,7 @@ fn offsets(thread_node: bool) -> Offsets {
         module_refcnt: Some(0x60),
         module_mem: Some((0x100, 0x40, 7, 0, 8)),
         module_core_layout: None,
+        pid_idr: None,
     }
 }
 
@@ -72,6 +74,7 @@ fn kernel(o: Offsets) -> Kernel {
                 sym(0x2_0000, "current_task"),
                 sym(INIT, "init_task"),
                 sym(MODULES, "modules"),
+                sym(PID_NS, "init_pid_ns"),
             ],
             layout,
         ),
@@ -330,6 +333,73 @@ fn five_level_kernel_addresses_are_walked() {
     // checked here).
     let r = ps(&mut c, &k, 0, false);
     assert!(!matches!(r, Err(LinuxError::BadList { .. })), "{r:?}");
+}
+
+/// Adds init_pid_ns's IDR over the tasks of `sample()` (two levels: a root
+/// node of shift 6 over leaf nodes of shift 0) and the `struct pid`s.
+fn add_idr(m: &mut FakeMemory, o: &mut Offsets, addrs: &[u64], tasks: &[FakeTask]) {
+    let idr = crate::btf::PidIdr {
+        ns_xa_head: 8,
+        ns_idr_base: 0x10,
+        node_shift: 0,
+        node_slots: 0x28,
+        pid_tasks: 0x8,
+        task_pid_links: 0x1a0,
+    };
+    o.pid_idr = Some(idr);
+    let node = |i: u64| HEAP + 0x30_0000 + i * 0x400;
+    let root = node(0);
+    m.write_virt(root + idr.node_shift, &[6]);
+    m.put_u64(PID_NS + idr.ns_xa_head, root + 2);
+    for (i, t) in tasks.iter().enumerate().skip(1) {
+        let pid = u64::from(t.pid);
+        let leaf = node(1 + pid / 64);
+        m.put_u64(root + idr.node_slots + 8 * (pid / 64), leaf + 2);
+        let sp = HEAP + 0x40_0000 + pid * 0x100;
+        m.put_u64(leaf + idr.node_slots + 8 * (pid % 64), sp);
+        m.put_u64(sp + idr.pid_tasks, addrs[i] + idr.task_pid_links);
+    }
+    // A sibling/retry entry and a value entry are skipped.
+    m.put_u64(node(1) + idr.node_slots + 8 * 63, 0x102);
+    m.put_u64(node(1) + idr.node_slots + 8 * 62, 0x7);
+}
+
+#[test]
+fn ps_through_the_pid_idr_in_few_batches() {
+    let mut o = offsets(true);
+    let mut m = FakeMemory::new(1);
+    let tasks = sample();
+    let addrs = lay_out(&mut m, &o, &tasks);
+    add_idr(&mut m, &mut o, &addrs, &tasks);
+    let mut c = SnapshotCache::new(m);
+    let k = kernel(o);
+    let all = ps(&mut c, &k, 0, true).unwrap();
+    let pids: Vec<u32> = all.iter().map(|t| t.pid).collect();
+    assert_eq!(pids, [1, 2, 3, 40, 41, 42, 50, 60]);
+    assert_eq!(all.iter().find(|t| t.pid == 50).unwrap().state, 'Z');
+    let r = c.inner().stats().requests;
+    assert!(
+        r <= 7,
+        "{r} batches: head, root, leaves, pids, tasks, parents+creds"
+    );
+    let procs = ps(&mut c, &k, 0, false).unwrap();
+    assert_eq!(procs.len(), 6);
+}
+
+#[test]
+fn a_pid_idr_that_loops_ends_in_an_error() {
+    let mut o = offsets(true);
+    let mut m = FakeMemory::new(1);
+    let tasks = sample();
+    let addrs = lay_out(&mut m, &o, &tasks);
+    add_idr(&mut m, &mut o, &addrs, &tasks);
+    let idr = o.pid_idr.unwrap();
+    // The root points at itself: depth is bounded.
+    let root = HEAP + 0x30_0000;
+    m.put_u64(root + idr.node_slots, root + 2);
+    let mut c = SnapshotCache::new(m);
+    let e = ps(&mut c, &kernel(o), 0, true).unwrap_err();
+    assert!(matches!(e, LinuxError::BadList { .. }), "{e}");
 }
 
 #[test]
