@@ -137,7 +137,26 @@ pub struct Discovery {
     pub limit: u64,
     /// Bytes of one read op.
     pub chunk: usize,
+    /// Load every symbol from the cache (`kallsyms`); without it a warm
+    /// load keeps only [`CORE_SYMBOLS`] (what the walkers use), which is
+    /// much faster to parse.
+    pub full_symbols: bool,
 }
+
+/// Symbols the walkers use; a warm load without `full_symbols` keeps these.
+pub const CORE_SYMBOLS: &[&str] = &[
+    "_text",
+    "entry_SYSCALL_64",
+    "linux_banner",
+    "init_task",
+    "init_pid_ns",
+    "modules",
+    "current_task",
+    "pcpu_hot",
+    "__per_cpu_offset",
+    "__start_BTF",
+    "__stop_BTF",
+];
 
 impl Default for Discovery {
     fn default() -> Self {
@@ -145,6 +164,7 @@ impl Default for Discovery {
             cpu: 0,
             limit: 96 << 20,
             chunk: 64 << 10,
+            full_symbols: true,
         }
     }
 }
@@ -281,8 +301,15 @@ impl Kernel {
         d: &Discovery,
         cache: Option<&std::path::Path>,
     ) -> Result<Self, LinuxError> {
-        let lstar_now = lstar(m, d.cpu)?;
-        let half = kernel_half(m.cpu_state(d.cpu)?.paging_levels());
+        let st = m.cpu_state(d.cpu)?;
+        if st.msr_lstar < KERNEL_TEXT_MIN || st.msrs_valid != 1 {
+            return Err(LinuxError::Lstar {
+                cpu: d.cpu,
+                found: st.msr_lstar,
+            });
+        }
+        let lstar_now = st.msr_lstar;
+        let half = kernel_half(st.paging_levels());
         if let Some(dir) = cache
             && let Some(mut k) = Self::from_cache(m, d, dir, lstar_now)?
         {
@@ -314,7 +341,21 @@ impl Kernel {
             if let Some(p) = f.parent() {
                 let _ = std::fs::create_dir_all(p);
             }
-            if let Ok(text) = serde_json::to_string(&k) {
+            let mut core = k.clone();
+            core.kallsyms = Kallsyms::new(
+                k.kallsyms
+                    .symbols
+                    .iter()
+                    .filter(|s| CORE_SYMBOLS.contains(&s.name.as_str()))
+                    .cloned()
+                    .collect(),
+                k.kallsyms.layout.clone(),
+            );
+            if let (Ok(all), Ok(text)) = (
+                serde_json::to_string(&k.kallsyms.symbols),
+                serde_json::to_string(&core),
+            ) {
+                let _ = std::fs::write(f.with_extension("symbols.json"), all);
                 let _ = std::fs::write(&f, text);
             }
         }
@@ -331,6 +372,9 @@ impl Kernel {
             return Ok(None);
         };
         for e in rd.flatten().take(256) {
+            if e.path().to_string_lossy().ends_with(".symbols.json") {
+                continue;
+            }
             let Ok(text) = std::fs::read_to_string(e.path()) else {
                 continue;
             };
@@ -349,6 +393,13 @@ impl Kernel {
             };
             if b[..k.banner.len()] != *k.banner.as_bytes() || b[k.banner.len()] != 0 {
                 continue;
+            }
+            if d.full_symbols {
+                let all = std::fs::read_to_string(e.path().with_extension("symbols.json"))
+                    .ok()
+                    .and_then(|t| serde_json::from_str(&t).ok());
+                let Some(all) = all else { continue };
+                k.kallsyms.symbols = all;
             }
             let delta = lstar_now.wrapping_sub(k.lstar) as i64;
             k.kallsyms.reindex();
@@ -415,6 +466,15 @@ impl<M: GuestMemory> Walker<'_, M> {
     fn u64(&mut self, a: u64) -> Result<u64, LinuxError> {
         let b = self.bytes(a, 8)?;
         Ok(u64::from_le_bytes(b.try_into().expect("8")))
+    }
+    /// Exactly these bytes, in one batch, bypassing the page cache (small
+    /// scattered reads: whole pages would cost more than they save).
+    fn exact(&mut self, reads: &[Read]) -> Result<Vec<crate::memory::ReadResult>, LinuxError> {
+        let mut out = Vec::with_capacity(reads.len());
+        for chunk in reads.chunks(crate::memory::MAX_BATCH_OPS) {
+            out.extend(self.c.inner().read_batch(chunk)?);
+        }
+        Ok(out)
     }
 }
 
@@ -512,7 +572,7 @@ fn tasks_by_idr<M: GuestMemory>(
                 len,
             })
             .collect();
-        let res = w.c.read_many(&reads)?;
+        let res = w.exact(&reads)?;
         let mut next = Vec::new();
         for (r, b) in reads.iter().zip(res) {
             let b = b.map_err(|fault| MemoryError::Fault {
@@ -555,7 +615,7 @@ fn tasks_by_idr<M: GuestMemory>(
         })
         .collect();
     let mut tasks = Vec::with_capacity(leaves.len());
-    for r in w.c.read_many(&reads)? {
+    for r in w.exact(&reads)? {
         let Ok(b) = r else { continue };
         let first = le64(&b, 0);
         if first >= w.kernel_half {
@@ -668,19 +728,36 @@ fn describe_tasks<M: GuestMemory>(
         .kallsyms
         .addr("init_task")
         .ok_or_else(|| LinuxError::NoSymbol("init_task".into()))?;
-    let tsize = o.task_size.min(32 << 10) as usize;
+    // Only the span of the fields read, not the whole task_struct.
+    let span = [
+        o.task_pid + 4,
+        o.task_tgid + 4,
+        o.task_comm + 16,
+        o.task_real_parent + 8,
+        o.task_cred + 8,
+        o.task_state + 4,
+        o.task_exit_state + 4,
+        o.task_flags + 4,
+        o.task_start + 8,
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(0)
+    .min(o.task_size.min(32 << 10)) as usize;
     let mut w = Walker {
         c,
         sp: kspace(cpu),
         kernel_half: k.kernel_half,
     };
-    let reads: Vec<Read> = all.iter().map(|&a| Read::kernel(cpu, a, tsize)).collect();
-    w.c.prefetch(&reads)?;
-    // Parents and credentials, batched.
+    let reads: Vec<Read> = all.iter().map(|&a| Read::kernel(cpu, a, span)).collect();
     let mut raw = Vec::with_capacity(all.len());
-    for &t in all {
-        raw.push((t, w.bytes(t, tsize)?));
+    for (r, res) in reads.iter().zip(w.exact(&reads)?) {
+        // A task freed between the IDR read and now is left out.
+        if let Ok(b) = res {
+            raw.push((r.addr, b));
+        }
     }
+    // Parents and credentials, batched.
     let mut extra = Vec::new();
     for (_, b) in &raw {
         extra.push(Read::kernel(
@@ -691,7 +768,7 @@ fn describe_tasks<M: GuestMemory>(
         extra.push(Read::kernel(cpu, le64(b, o.task_cred) + o.cred_uid, 4));
         extra.push(Read::kernel(cpu, le64(b, o.task_cred) + o.cred_gid, 4));
     }
-    let vals = w.c.read_many(&extra)?;
+    let vals = w.exact(&extra)?;
     let v32 = |i: usize| {
         vals[i]
             .as_ref()

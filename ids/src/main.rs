@@ -158,7 +158,11 @@ fn run_linux(cli: &Cli) -> anyhow::Result<()> {
     } else {
         linux::cache_dir()
     };
-    let k = Kernel::load(mem.inner(), &Discovery::default(), cache.as_deref())?;
+    let d = Discovery {
+        full_symbols: matches!(cli.command, Command::Kallsyms { .. } | Command::Kernel),
+        ..Discovery::default()
+    };
+    let k = Kernel::load(mem.inner(), &d, cache.as_deref())?;
     let loaded = started.elapsed();
     let load_requests = mem.inner().stats().requests;
     match &cli.command {
