@@ -352,3 +352,137 @@ impl Offsets {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Raw BTF built by hand (include/uapi/linux/btf.h): a header, types
+    /// from id 1, a string section.
+    struct Builder {
+        types: Vec<u8>,
+        strings: Vec<u8>,
+    }
+
+    impl Builder {
+        fn new() -> Self {
+            Self {
+                types: Vec::new(),
+                strings: vec![0],
+            }
+        }
+        fn s(&mut self, name: &str) -> u32 {
+            if name.is_empty() {
+                return 0;
+            }
+            let at = self.strings.len() as u32;
+            self.strings.extend_from_slice(name.as_bytes());
+            self.strings.push(0);
+            at
+        }
+        fn u32s(&mut self, v: &[u32]) {
+            for x in v {
+                self.types.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        fn ty(&mut self, name: &str, kind: u32, vlen: u32, size_or_type: u32) {
+            let n = self.s(name);
+            self.u32s(&[n, (kind << 24) | vlen, size_or_type]);
+        }
+        fn member(&mut self, name: &str, ty: u32, bit_off: u32) {
+            let n = self.s(name);
+            self.u32s(&[n, ty, bit_off]);
+        }
+        fn finish(self) -> Vec<u8> {
+            let mut out = Vec::new();
+            out.extend_from_slice(&0xeb9fu16.to_le_bytes());
+            out.push(1); // version
+            out.push(0); // flags
+            for v in [
+                24u32,
+                0,
+                self.types.len() as u32,
+                self.types.len() as u32,
+                self.strings.len() as u32,
+            ] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            out.extend_from_slice(&self.types);
+            out.extend_from_slice(&self.strings);
+            out
+        }
+    }
+
+    fn sample() -> Vec<u8> {
+        let mut b = Builder::new();
+        b.ty("int", 1, 0, 4); // 1
+        b.u32s(&[32]);
+        b.ty("char", 1, 0, 1); // 2
+        b.u32s(&[8]);
+        b.ty("", 3, 0, 0); // 3: char[16]
+        b.u32s(&[2, 1, 16]);
+        b.ty("list_head", 4, 2, 16); // 4
+        b.member("next", 5, 0);
+        b.member("prev", 5, 64);
+        b.ty("", 2, 0, 4); // 5: struct list_head *
+        b.ty("", 5, 2, 4); // 6: anonymous union
+        b.member("a", 1, 0);
+        b.member("b", 8, 0);
+        b.ty("task_struct", 4, 4, 64); // 7
+        b.member("pid", 8, 0);
+        b.member("tasks", 4, 64);
+        b.member("comm", 3, 192);
+        b.member("", 6, 320);
+        b.ty("pid_t", 8, 0, 1); // 8: typedef int
+        b.finish()
+    }
+
+    #[test]
+    fn members_through_typedefs_nesting_and_anonymous_unions() {
+        let t = Types::from_bytes(&sample()).unwrap();
+        assert_eq!(t.size_of("task_struct").unwrap(), 64);
+        assert_eq!(
+            t.field("task_struct", "pid").unwrap(),
+            Field { offset: 0, size: 4 }
+        );
+        assert_eq!(
+            t.field("task_struct", "tasks").unwrap(),
+            Field {
+                offset: 8,
+                size: 16
+            }
+        );
+        assert_eq!(t.field("task_struct", "tasks.prev").unwrap().offset, 16);
+        assert_eq!(
+            t.field("task_struct", "comm").unwrap(),
+            Field {
+                offset: 24,
+                size: 16
+            }
+        );
+        assert_eq!(
+            t.field("task_struct", "b").unwrap(),
+            Field {
+                offset: 40,
+                size: 4
+            }
+        );
+        assert_eq!(t.array("task_struct", "comm").unwrap(), (1, 16));
+        assert!(matches!(
+            t.field("task_struct", "nope"),
+            Err(BtfError::NoMember { .. })
+        ));
+        assert!(matches!(
+            t.size_of("module"),
+            Err(BtfError::NoStruct { .. })
+        ));
+    }
+
+    #[test]
+    fn garbage_is_an_error() {
+        assert!(Types::from_bytes(&[0u8; 10]).is_err());
+        let mut b = sample();
+        b.truncate(40);
+        assert!(Types::from_bytes(&b).is_err());
+    }
+}
