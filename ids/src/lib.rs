@@ -1,3 +1,4 @@
+#![forbid(unsafe_code)]
 //! The IDS client: asks the SMM agent in a monitored VM for guest memory and
 //! CPU state, and turns the answers into kernel facts (today: the kernel's
 //! version banner, found without any symbol file).
@@ -14,10 +15,18 @@
 //! memory while searching it.
 //!
 //! Modules: [`endpoint`] (where the VM is), [`session`] (sealed requests over
-//! the host-injector library), [`kernel`] (kernel introspection).
+//! the host-injector library), [`memory`] (the guest-memory trait, its
+//! batches and snapshot cache; backends: [`Session`], [`dump`], [`fake`]),
+//! [`kernel`] (kernel introspection).
 
+pub mod btf;
+pub mod dump;
 pub mod endpoint;
+pub mod fake;
+pub mod kallsyms;
 pub mod kernel;
+pub mod linux;
+pub mod memory;
 pub mod session;
 
 pub use endpoint::Endpoint;

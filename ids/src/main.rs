@@ -1,10 +1,16 @@
 //! `ids`: the IDS command line. `ids --connect ENDPOINT banner` prints the
-//! guest kernel's version banner read from guest memory by the SMM agent.
+//! guest kernel's version banner read from guest memory by the SMM agent;
+//! `ps`, `pstree`, `lsmod`, `kallsyms`, `cpus` and `kernel` read the Linux
+//! kernel with no profile (kallsyms and BTF from guest memory), from the
+//! live agent or from a dump (`--dump PATH`, written by `ids dump`).
 
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use ids::dump::DumpMemory;
 use ids::kernel::{self, BannerSearch};
+use ids::linux::{self, Discovery, Kernel};
+use ids::memory::{GuestMemory, SnapshotCache};
 use ids::{Endpoint, Session};
 use smmvmi_mailbox::wire::{AddressSpace, Pti};
 
@@ -14,8 +20,24 @@ use smmvmi_mailbox::wire::{AddressSpace, Pti};
 struct Cli {
     /// `qmp=PATH,mailbox=PATH,key=PATH`, or a VM state directory holding
     /// qmp.sock, mailbox and key (`cargo xtask vm up` prints the endpoint).
-    #[arg(long, value_name = "ENDPOINT")]
-    connect: Endpoint,
+    #[arg(long, value_name = "ENDPOINT", required_unless_present = "dump")]
+    connect: Option<Endpoint>,
+    /// Read a memory dump (raw image; its sidecar is IMAGE.json) instead
+    /// of a live VM (Linux commands only).
+    #[arg(long, value_name = "IMAGE", conflicts_with = "connect")]
+    dump: Option<std::path::PathBuf>,
+    /// Output as one JSON document.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Output as one JSON object per line.
+    #[arg(long, global = true, conflicts_with = "json")]
+    jsonl: bool,
+    /// Do not use or write the kernel cache ($XDG_CACHE_HOME/smmvmi).
+    #[arg(long, global = true)]
+    no_cache: bool,
+    /// Print requests (SMIs), bytes and time to stderr at the end.
+    #[arg(long, global = true)]
+    stats: bool,
     /// Deadline of one request in milliseconds (a silent agent is an alert).
     #[arg(long, default_value_t = 10_000)]
     deadline_ms: u64,
@@ -65,6 +87,216 @@ enum Command {
         /// CPU index.
         cpu: u32,
     },
+    /// Processes (global PIDs) as the kernel's task list holds them.
+    Ps {
+        /// Also list every thread.
+        #[arg(long)]
+        threads: bool,
+    },
+    /// Processes as a tree (by parent).
+    Pstree,
+    /// Loaded modules (as /proc/modules).
+    Lsmod,
+    /// Kernel symbols decoded from the guest's kallsyms (PATTERN: substring).
+    Kallsyms {
+        /// Only names containing this.
+        pattern: Option<String>,
+    },
+    /// What each vCPU runs: current task, CR3, user or kernel mode.
+    Cpus,
+    /// The kernel: banner, kallsyms layout, symbol count, BTF size.
+    Kernel,
+    /// Writes a memory dump of all guest RAM plus CPU states (IMAGE and
+    /// IMAGE.json) for offline analysis with --dump.
+    Dump {
+        /// Image path.
+        image: std::path::PathBuf,
+    },
+}
+
+/// Prints rows as a table, JSON or JSON lines.
+fn emit<T: serde::Serialize>(
+    cli: &Cli,
+    rows: &[T],
+    header: &str,
+    line: impl Fn(&T) -> String,
+) -> anyhow::Result<()> {
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(rows)?);
+    } else if cli.jsonl {
+        for r in rows {
+            println!("{}", serde_json::to_string(r)?);
+        }
+    } else {
+        println!("{header}");
+        for r in rows {
+            println!("{}", line(r));
+        }
+    }
+    Ok(())
+}
+
+fn open_memory(cli: &Cli) -> anyhow::Result<Box<dyn GuestMemory>> {
+    if let Some(d) = &cli.dump {
+        return Ok(Box::new(DumpMemory::open(d)?));
+    }
+    let ep = cli
+        .connect
+        .as_ref()
+        .expect("clap requires --connect or --dump");
+    Ok(Box::new(Session::connect(
+        ep,
+        Duration::from_millis(cli.deadline_ms),
+    )?))
+}
+
+fn run_linux(cli: &Cli) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let mut mem = SnapshotCache::new(open_memory(cli)?);
+    let cache = if cli.no_cache {
+        None
+    } else {
+        linux::cache_dir()
+    };
+    let d = Discovery {
+        full_symbols: matches!(cli.command, Command::Kallsyms { .. } | Command::Kernel),
+        ..Discovery::default()
+    };
+    let k = Kernel::load(mem.inner(), &d, cache.as_deref())?;
+    let loaded = started.elapsed();
+    let load_requests = mem.inner().stats().requests;
+    match &cli.command {
+        Command::Ps { threads } => {
+            let tasks = linux::ps(&mut mem, &k, 0, *threads)?;
+            emit(
+                cli,
+                &tasks,
+                &format!(
+                    "{:>7} {:>7} {:>7} {:>6} {:>6} {} {:<16} {:>12}  KTHREAD",
+                    "PID", "TGID", "PPID", "UID", "GID", "S", "COMMAND", "START(s)"
+                ),
+                |t| {
+                    format!(
+                        "{:>7} {:>7} {:>7} {:>6} {:>6} {} {:<16} {:>12.3}  {}",
+                        t.pid,
+                        t.tgid,
+                        t.ppid,
+                        t.uid,
+                        t.gid,
+                        t.state,
+                        t.comm,
+                        t.start_ns as f64 / 1e9,
+                        if t.kthread { "yes" } else { "" }
+                    )
+                },
+            )?;
+        }
+        Command::Pstree => {
+            let tasks = linux::ps(&mut mem, &k, 0, false)?;
+            if cli.json || cli.jsonl {
+                emit(cli, &tasks, "", |_| String::new())?;
+            } else {
+                fn walk(tasks: &[linux::Task], ppid: u32, depth: usize, seen: &mut Vec<u32>) {
+                    for t in tasks.iter().filter(|t| t.ppid == ppid) {
+                        if seen.contains(&t.pid) || depth > 64 {
+                            continue;
+                        }
+                        seen.push(t.pid);
+                        println!("{}{}({})", "  ".repeat(depth), t.comm, t.pid);
+                        walk(tasks, t.pid, depth + 1, seen);
+                    }
+                }
+                walk(&tasks, 0, 0, &mut Vec::new());
+            }
+        }
+        Command::Lsmod => {
+            let mods = linux::lsmod(&mut mem, &k, 0)?;
+            emit(
+                cli,
+                &mods,
+                &format!(
+                    "{:<24} {:>8} {:>4} {:<10} {:>18}",
+                    "MODULE", "SIZE", "REFS", "STATE", "BASE"
+                ),
+                |m| {
+                    format!(
+                        "{:<24} {:>8} {:>4} {:<10} {:#018x}",
+                        m.name, m.size, m.refcount, m.state, m.base
+                    )
+                },
+            )?;
+        }
+        Command::Kallsyms { pattern } => {
+            let syms: Vec<&ids::kallsyms::Symbol> = k
+                .kallsyms
+                .symbols
+                .iter()
+                .filter(|s| pattern.as_ref().is_none_or(|p| s.name.contains(p.as_str())))
+                .collect();
+            if cli.json || cli.jsonl {
+                emit(cli, &syms, "", |_| String::new())?;
+            } else {
+                let mut out = String::with_capacity(syms.len() * 48);
+                for s in syms {
+                    out.push_str(&format!("{:016x} {} {}\n", s.addr, s.kind, s.name));
+                }
+                print!("{out}");
+            }
+        }
+        Command::Cpus => {
+            let v = linux::cpus(&mut mem, &k)?;
+            emit(
+                cli,
+                &v,
+                &format!(
+                    "{:>3} {:>18} {:>18} {:<6} {:>7} COMMAND",
+                    "CPU", "CR3", "RIP", "MODE", "PID"
+                ),
+                |c| {
+                    format!(
+                        "{:>3} {:#018x} {:#018x} {:<6} {:>7} {}",
+                        c.cpu,
+                        c.cr3,
+                        c.rip,
+                        if c.user { "user" } else { "kernel" },
+                        c.pid,
+                        c.comm
+                    )
+                },
+            )?;
+        }
+        Command::Kernel => {
+            let v = serde_json::json!({
+                "banner": k.banner.trim_end(),
+                "lstar": format!("{:#x}", k.lstar),
+                "symbols": k.kallsyms.symbols.len(),
+                "layout": k.kallsyms.layout,
+                "btf_bytes": k.btf_bytes,
+                "from_cache": k.from_cache,
+                "offsets": k.offsets,
+            });
+            if cli.json || cli.jsonl {
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            }
+        }
+        _ => unreachable!("not a Linux command"),
+    }
+    if cli.stats {
+        let st = mem.inner().stats();
+        eprintln!(
+            "stats: kernel load {:.3} s, {} requests ({}); command {} requests; total {} requests, {} bytes, {:.3} s",
+            loaded.as_secs_f64(),
+            load_requests,
+            if k.from_cache { "cache" } else { "cold" },
+            st.requests - load_requests,
+            st.requests,
+            st.bytes,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
 }
 
 fn parse_u64(s: &str) -> Result<u64, String> {
@@ -101,7 +333,21 @@ fn hexdump(base: u64, data: &[u8]) {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let mut s = Session::connect(&cli.connect, Duration::from_millis(cli.deadline_ms))?;
+    if matches!(
+        cli.command,
+        Command::Ps { .. }
+            | Command::Pstree
+            | Command::Lsmod
+            | Command::Kallsyms { .. }
+            | Command::Cpus
+            | Command::Kernel
+    ) {
+        return run_linux(&cli);
+    }
+    let Some(ep) = cli.connect.clone() else {
+        anyhow::bail!("this command needs a live VM: give --connect ENDPOINT");
+    };
+    let mut s = Session::connect(&ep, Duration::from_millis(cli.deadline_ms))?;
     match cli.command {
         Command::Banner { verbose, limit } => {
             let b = kernel::find_banner(
@@ -185,6 +431,26 @@ fn main() -> anyhow::Result<()> {
             println!("{st:#x?}");
             println!("paging levels {}", st.paging_levels());
         }
+        Command::Dump { image } => {
+            let info = s.info()?;
+            let n = info.header.cpu_count;
+            let cpus = (0..n)
+                .map(|c| s.cpu_state(c))
+                .collect::<Result<Vec<_>, _>>()?;
+            let ram: Vec<(u64, u64)> = info.ram.iter().map(|r| (r.base, r.len)).collect();
+            let meta =
+                DumpMemory::write(&image, &ram, &cpus, info.header.c_bit as u8, |a, len| {
+                    Ok(s.read_phys(a, len)?)
+                })?;
+            eprintln!(
+                "dumped {} bytes in {} ranges and {} CPUs to {}",
+                meta.ram.iter().map(|r| r.len).sum::<u64>(),
+                meta.ram.len(),
+                meta.cpus.len(),
+                image.display()
+            );
+        }
+        _ => unreachable!("Linux commands return above"),
     }
     Ok(())
 }

@@ -105,6 +105,9 @@ pub struct Session {
     deadline: Duration,
     max_read: Option<usize>,
     last: Option<Transaction>,
+    info: Option<AgentInfo>,
+    stats: crate::memory::BatchStats,
+    requests: u64,
 }
 
 /// Reads a 32-byte key file.
@@ -183,6 +186,9 @@ impl Session {
             deadline,
             max_read: None,
             last: None,
+            info: None,
+            stats: Default::default(),
+            requests: 0,
         })
     }
 
@@ -216,6 +222,7 @@ impl Session {
             return Err(SessionError::Unprovisioned);
         }
         let t = self.injector.transact(frame, self.deadline)?;
+        self.requests += 1;
         if t.status == ServeStatus::Unprovisioned {
             return Err(SessionError::Unprovisioned);
         }
@@ -285,7 +292,29 @@ impl Session {
         let r = self.request_ok(Op::Info)?;
         let info = AgentInfo::parse(&r.data, true)?;
         self.max_read = Some(info.header.max_read as usize);
+        self.info = Some(info.clone());
         Ok(info)
+    }
+
+    /// The INFO of this session's last `info()`, if any.
+    pub fn info_cache(&self) -> Option<&AgentInfo> {
+        self.info.as_ref()
+    }
+
+    /// Counters of the memory layer (batches, requests = SMIs, bytes).
+    pub fn memory_stats(&self) -> crate::memory::BatchStats {
+        let mut s = self.stats;
+        s.requests = self.client_requests();
+        s
+    }
+
+    pub(crate) fn stats_mut(&mut self) -> &mut crate::memory::BatchStats {
+        &mut self.stats
+    }
+
+    /// Sealed requests carried so far (each one SMI).
+    pub fn client_requests(&self) -> u64 {
+        self.requests
     }
 
     /// Largest data length of one READ (from INFO, asked once).

@@ -48,9 +48,10 @@ const CMDD_SH: &str = include_str!("../guest/cmdd.sh");
 const PROGRAMS: &[(&str, &str)] = &[
     ("smi", include_str!("../guest/smi.c")),
     ("cpuburn", include_str!("../guest/cpuburn.c")),
+    ("threads", include_str!("../guest/threads.c")),
 ];
 /// Bump when the image layout changes in a way the inputs do not show.
-const BUILDER_VERSION: &str = "guest-image v1";
+const BUILDER_VERSION: &str = "guest-image v2 (compressed modules unpacked)";
 
 /// Errors while building the guest image.
 #[derive(Debug, thiserror::Error)]
@@ -280,12 +281,20 @@ pub fn build(
     let (mut included, mut missing) = (Vec::new(), Vec::new());
     for m in MODULES {
         let want = format!("{m}.ko");
-        match found
-            .iter()
-            .find(|p| p.file_name().and_then(|n| n.to_str()) == Some(&want))
-        {
-            Some(p) => {
-                let bytes = std::fs::read(p).map_err(io(format!("read {}", p.display())))?;
+        // Debian ships 6.1's modules plain and 6.12's compressed; busybox
+        // insmod takes plain ELF only, so compressed ones are unpacked here.
+        let hit = found.iter().find_map(|p| {
+            let n = p.file_name()?.to_str()?;
+            let how = n.strip_prefix(want.as_str())?;
+            matches!(how, "" | ".xz" | ".zst").then(|| (p, how))
+        });
+        match hit {
+            Some((p, how)) => {
+                let bytes = match how {
+                    "" => std::fs::read(p).map_err(io(format!("read {}", p.display())))?,
+                    ".xz" => decompress(Command::new("xz").arg("-dc").arg(p))?,
+                    _ => decompress(Command::new("zstd").arg("-dcq").arg(p))?,
+                };
                 archive.file(&format!("lib/modules/{want}"), 0o644, &bytes);
                 included.push(m.to_string());
             }
@@ -395,6 +404,84 @@ fn find_files(dir: &Path, out: &mut Vec<PathBuf>) {
             out.push(p);
         }
     }
+}
+
+/// Runs a decompressor and returns its stdout.
+fn decompress(cmd: &mut Command) -> Result<Vec<u8>, GuestImageError> {
+    let command = format!("{cmd:?}");
+    let out = cmd.output().map_err(|e| GuestImageError::Tool {
+        command: command.clone(),
+        detail: format!("{e} (install xz-utils / zstd)"),
+    })?;
+    if !out.status.success() || out.stdout.is_empty() {
+        return Err(GuestImageError::Tool {
+            command,
+            detail: format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    Ok(out.stdout)
+}
+
+/// Debian 12's 6.12 LTS cloud kernel package: the newest one already in
+/// `.cache/debs`, else the newest the archive lists (`apt-cache search`).
+pub fn resolve_lts_612() -> Result<KernelDeb, GuestImageError> {
+    let is_612 = |n: &str| {
+        n.strip_prefix("linux-image-6.12.")
+            .and_then(|r| r.strip_suffix("+deb12-cloud-amd64"))
+            .is_some_and(|v| v.chars().all(|c| c.is_ascii_digit()))
+    };
+    let by_version = |a: &String, b: &String| {
+        let num = |s: &String| -> u32 {
+            s.trim_start_matches("linux-image-6.12.")
+                .split('+')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        num(a).cmp(&num(b))
+    };
+    let dir = crate::repo_root().join(".cache").join("debs");
+    let mut cached: Vec<String> = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_str()?.to_string();
+            let pkg = n.split('_').next()?.to_string();
+            (n.ends_with(".deb") && is_612(&pkg)).then_some(pkg)
+        })
+        .collect();
+    cached.sort_by(by_version);
+    if let Some(p) = cached.pop() {
+        return Ok(KernelDeb::Package(p));
+    }
+    let out = Command::new("apt-cache")
+        .args([
+            "search",
+            "--names-only",
+            "^linux-image-6\\.12\\..*deb12-cloud-amd64$",
+        ])
+        .output()
+        .map_err(io("apt-cache search"))?;
+    let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| is_612(n))
+        .map(String::from)
+        .collect();
+    names.sort_by(by_version);
+    names
+        .pop()
+        .map(KernelDeb::Package)
+        .ok_or(GuestImageError::Tool {
+            command: "apt-cache search linux-image-6.12.*+deb12-cloud-amd64".into(),
+            detail: "no such package: run apt-get update (Debian 12's main archive carries it)"
+                .into(),
+        })
 }
 
 fn run(cmd: &mut Command) -> Result<(), GuestImageError> {

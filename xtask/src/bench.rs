@@ -22,6 +22,9 @@ pub enum Command {
     Boot(BootArgs),
     /// SMM agent: request latency, bulk READ_PHYS throughput, time in SMM.
     Agent(crate::bench_agent::AgentArgs),
+    /// IDS Linux commands (banner, cold kallsyms+BTF, ps, lsmod): wall time
+    /// and SMIs, against the guest's own ps and /proc/modules.
+    Ids(crate::bench_ids::IdsArgs),
 }
 
 #[derive(clap::Args)]
@@ -41,6 +44,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd {
         Command::Boot(args) => boot(args),
         Command::Agent(args) => crate::bench_agent::run(args),
+        Command::Ids(args) => crate::bench_ids::run(args),
     }
 }
 

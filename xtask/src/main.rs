@@ -7,6 +7,7 @@
 
 mod bench;
 mod bench_agent;
+mod bench_ids;
 mod build;
 mod demo;
 mod firmware;

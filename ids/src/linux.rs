@@ -1,0 +1,972 @@
+//! The Linux layer: everything learned from the guest itself, generic over
+//! [`GuestMemory`]. Start: CPU 0's LSTAR (`entry_SYSCALL_64`, in the
+//! kernel's text) → kallsyms found after it ([`crate::kallsyms`]) → BTF
+//! between `__start_BTF` and `__stop_BTF` ([`crate::btf`]) → the offsets the
+//! walkers need ([`Offsets`]). A cache on disk keyed by the kernel banner
+//! keeps symbols and offsets; a cached entry is reused only when the banner
+//! read at its recorded distance from LSTAR is identical, and its addresses
+//! slide by the KASLR difference of the two LSTARs.
+//!
+//! Walkers (kernel facts from `include/linux/sched.h`, `kernel/fork.c`,
+//! `fs/proc/array.c`, `kernel/module/procfs.c`):
+//! - processes: `init_task.tasks` (every thread-group leader but the idle
+//!   task), threads through `signal->thread_head`/`thread_node` (3.14+; the
+//!   only link from 6.7) or `thread_group` (before 6.7); global PIDs
+//!   (`task->pid`, `task->tgid`), parent = `real_parent->tgid`, state letter
+//!   as `task_state_index()` computes it, zombie = `exit_state & EXIT_ZOMBIE`,
+//!   kernel thread = `flags & PF_KTHREAD`;
+//! - modules: the `modules` list; address and size from `mem[MOD_TEXT]` and
+//!   the sum of `mem[]` sizes (6.4+) or `core_layout` (before);
+//! - per CPU: `current` = `*(GS base + current_task)` (`pcpu_hot.current_task`
+//!   from 6.2), GS base from the CPU state (the kernel's is in
+//!   `KERNEL_GS_BASE` while user mode runs).
+//!
+//! Every list walk is bounded ([`MAX_TASKS`], [`MAX_MODULES`]) and stops with
+//! an error on a cycle, so a corrupt guest list never hangs the IDS.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+use smmvmi_mailbox::wire::{AddressSpace, CpuState};
+
+use crate::btf::{BtfError, Offsets, Types};
+use crate::kallsyms::{self, Image, Kallsyms, KallsymsError};
+use crate::memory::{GuestMemory, MemoryError, Read, SnapshotCache, Space};
+
+/// Where kernel text must be on x86-64 (the top 2 GiB).
+pub const KERNEL_TEXT_MIN: u64 = 0xFFFF_FFFF_8000_0000;
+/// Most tasks walked (processes + threads).
+pub const MAX_TASKS: usize = 1 << 17;
+/// Most modules walked.
+pub const MAX_MODULES: usize = 4096;
+/// Most bytes of BTF read (Debian's 6.1 has about 5 MiB).
+pub const MAX_BTF: u64 = 64 << 20;
+/// `PF_KTHREAD` (include/linux/sched.h).
+pub const PF_KTHREAD: u32 = 0x0020_0000;
+/// `EXIT_ZOMBIE`.
+pub const EXIT_ZOMBIE: u32 = 0x20;
+/// Cache format version.
+pub const CACHE_VERSION: u32 = 2;
+
+/// Errors of the Linux layer.
+#[derive(Debug, thiserror::Error)]
+pub enum LinuxError {
+    /// Memory failed.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// kallsyms failed.
+    #[error(transparent)]
+    Kallsyms(#[from] KallsymsError),
+    /// BTF failed.
+    #[error(transparent)]
+    Btf(#[from] BtfError),
+    /// LSTAR does not point into kernel text.
+    #[error(
+        "CPU {cpu}'s LSTAR must point into kernel text (>= {KERNEL_TEXT_MIN:#x}), found {found:#x}: the CPU is not running a 64-bit Linux kernel yet"
+    )]
+    Lstar {
+        /// CPU.
+        cpu: u32,
+        /// Found.
+        found: u64,
+    },
+    /// A symbol the layer needs is missing.
+    #[error("kallsyms has no {0}: this kernel is built without it (or kallsyms decoded wrongly)")]
+    NoSymbol(String),
+    /// A list in guest memory is corrupt or too long.
+    #[error(
+        "{list}: {problem} (after {count} entries); the guest's list is corrupt or being changed"
+    )]
+    BadList {
+        /// Which list.
+        list: &'static str,
+        /// What was wrong.
+        problem: String,
+        /// Entries walked.
+        count: usize,
+    },
+}
+
+/// What the layer knows about the running kernel.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Kernel {
+    /// Cache format.
+    pub version: u32,
+    /// `linux_banner` (the /proc/version text).
+    pub banner: String,
+    /// Banner address minus LSTAR (fixed per build).
+    pub banner_from_lstar: i64,
+    /// LSTAR when this was learned.
+    pub lstar: u64,
+    /// Symbols.
+    pub kallsyms: Kallsyms,
+    /// Offsets from BTF.
+    pub offsets: Offsets,
+    /// BTF bytes read (0 when from the cache).
+    #[serde(skip)]
+    pub btf_bytes: usize,
+    /// True when this came from the cache.
+    #[serde(skip)]
+    pub from_cache: bool,
+    /// Lowest kernel-half address of this boot: `0xff00..` with 5-level
+    /// paging (CR4.LA57), `0xffff_8000..` with 4 (pointer canonicalization
+    /// follows the paging mode).
+    #[serde(skip, default = "default_kernel_half")]
+    pub kernel_half: u64,
+}
+
+fn default_kernel_half() -> u64 {
+    kernel_half(4)
+}
+
+/// Lowest kernel-half address for `levels` paging levels.
+pub fn kernel_half(levels: u8) -> u64 {
+    if levels == 5 {
+        0xFF00_0000_0000_0000
+    } else {
+        0xFFFF_8000_0000_0000
+    }
+}
+
+/// Parameters of kallsyms discovery.
+#[derive(Clone, Copy, Debug)]
+pub struct Discovery {
+    /// CPU whose kernel page tables are used.
+    pub cpu: u32,
+    /// Most bytes scanned after LSTAR.
+    pub limit: u64,
+    /// Bytes of one read op.
+    pub chunk: usize,
+    /// Load every symbol from the cache (`kallsyms`); without it a warm
+    /// load keeps only [`CORE_SYMBOLS`] (what the walkers use), which is
+    /// much faster to parse.
+    pub full_symbols: bool,
+}
+
+/// Symbols the walkers use; a warm load without `full_symbols` keeps these.
+pub const CORE_SYMBOLS: &[&str] = &[
+    "_text",
+    "entry_SYSCALL_64",
+    "linux_banner",
+    "init_task",
+    "init_pid_ns",
+    "modules",
+    "current_task",
+    "pcpu_hot",
+    "__per_cpu_offset",
+    "__start_BTF",
+    "__stop_BTF",
+];
+
+impl Default for Discovery {
+    fn default() -> Self {
+        Self {
+            cpu: 0,
+            limit: 96 << 20,
+            chunk: 64 << 10,
+            full_symbols: true,
+        }
+    }
+}
+
+fn kspace(cpu: u32) -> Space {
+    Space::Virt(AddressSpace::kernel_of(cpu))
+}
+
+/// Reads `[start, end)` as an image (unmapped chunks zero), in batches.
+fn read_image<M: GuestMemory>(
+    m: &mut M,
+    d: &Discovery,
+    start: u64,
+    end: u64,
+    img: &mut Image,
+) -> Result<(), LinuxError> {
+    let per_batch = (m.max_read()? / (d.chunk + 64)).clamp(1, 256);
+    let mut a = start;
+    while a < end {
+        let mut reads = Vec::new();
+        while a < end && reads.len() < per_batch {
+            let n = (d.chunk as u64).min(end - a) as usize;
+            reads.push(Read::kernel(d.cpu, a, n));
+            a += n as u64;
+        }
+        for (r, res) in reads.iter().zip(m.read_batch(&reads)?) {
+            match res {
+                Ok(data) => img.bytes.extend(data),
+                Err(_) => img.bytes.resize(img.bytes.len() + r.len, 0),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// LSTAR of `cpu`, checked.
+pub fn lstar<M: GuestMemory>(m: &mut M, cpu: u32) -> Result<u64, LinuxError> {
+    let st = m.cpu_state(cpu)?;
+    if st.msr_lstar < KERNEL_TEXT_MIN || st.msrs_valid != 1 {
+        return Err(LinuxError::Lstar {
+            cpu,
+            found: st.msr_lstar,
+        });
+    }
+    Ok(st.msr_lstar)
+}
+
+/// Finds kallsyms by reading forward from LSTAR's 2 MiB-aligned start, in
+/// windows, until the tables decode (with `entry_SYSCALL_64` at LSTAR).
+pub fn discover_kallsyms<M: GuestMemory>(
+    m: &mut M,
+    d: &Discovery,
+) -> Result<(Kallsyms, u64), LinuxError> {
+    let lstar = lstar(m, d.cpu)?;
+    let start = lstar & !0x1F_FFFF;
+    let end = start.saturating_add(d.limit);
+    let mut img = Image {
+        base: start,
+        bytes: Vec::new(),
+    };
+    let step = 8u64 << 20;
+    let mut a = start;
+    let mut last = None;
+    let mut searched_to = 0usize;
+    while a < end {
+        let b = (a + step).min(end);
+        read_image(m, d, a, b, &mut img)?;
+        a = b;
+        // Only try once the new window holds a token table signature.
+        let from = searched_to.saturating_sub(kallsyms::DIGITS.len());
+        let has_sig = img.bytes[from..]
+            .windows(kallsyms::DIGITS.len())
+            .any(|w| w == kallsyms::DIGITS);
+        searched_to = img.bytes.len();
+        if !has_sig && last.is_none() {
+            continue;
+        }
+        match kallsyms::find(&img, Some(("entry_SYSCALL_64", lstar))) {
+            Ok(k) => return Ok((k, lstar)),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last
+        .unwrap_or(KallsymsError::NoTokenTable {
+            base: start,
+            len: img.bytes.len(),
+        })
+        .into())
+}
+
+/// Reads the kernel's BTF (`__start_BTF`..`__stop_BTF`).
+pub fn read_btf<M: GuestMemory>(m: &mut M, k: &Kallsyms, cpu: u32) -> Result<Vec<u8>, LinuxError> {
+    let s = k
+        .addr("__start_BTF")
+        .ok_or_else(|| LinuxError::NoSymbol("__start_BTF".into()))?;
+    let e = k
+        .addr("__stop_BTF")
+        .ok_or_else(|| LinuxError::NoSymbol("__stop_BTF".into()))?;
+    if e <= s || e - s > MAX_BTF {
+        return Err(LinuxError::NoSymbol(format!(
+            "a sane BTF range (__start_BTF {s:#x}, __stop_BTF {e:#x}, at most {MAX_BTF:#x} bytes)"
+        )));
+    }
+    Ok(m.read_exact(kspace(cpu), s, (e - s) as usize)?)
+}
+
+/// The user cache directory of smmvmi (`$XDG_CACHE_HOME/smmvmi` or
+/// `~/.cache/smmvmi`).
+pub fn cache_dir() -> Option<PathBuf> {
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(x).join("smmvmi"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("smmvmi"))
+}
+
+fn cache_file(dir: &std::path::Path, banner: &str) -> PathBuf {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    banner.hash(&mut h);
+    dir.join("kernels")
+        .join(format!("{:016x}.json", h.finish()))
+}
+
+fn read_cstr(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+impl Kernel {
+    /// Learns the kernel from the guest (cold) or the cache in `cache` if
+    /// its banner matches.
+    pub fn load<M: GuestMemory>(
+        m: &mut M,
+        d: &Discovery,
+        cache: Option<&std::path::Path>,
+    ) -> Result<Self, LinuxError> {
+        let st = m.cpu_state(d.cpu)?;
+        if st.msr_lstar < KERNEL_TEXT_MIN || st.msrs_valid != 1 {
+            return Err(LinuxError::Lstar {
+                cpu: d.cpu,
+                found: st.msr_lstar,
+            });
+        }
+        let lstar_now = st.msr_lstar;
+        let half = kernel_half(st.paging_levels());
+        if let Some(dir) = cache
+            && let Some(mut k) = Self::from_cache(m, d, dir, lstar_now)?
+        {
+            k.kernel_half = half;
+            return Ok(k);
+        }
+        let (kallsyms, lstar) = discover_kallsyms(m, d)?;
+        let banner_at = kallsyms
+            .addr("linux_banner")
+            .ok_or_else(|| LinuxError::NoSymbol("linux_banner".into()))?;
+        let banner = read_cstr(&m.read_exact(kspace(d.cpu), banner_at, 512)?);
+        let btf = read_btf(m, &kallsyms, d.cpu)?;
+        let types = Types::from_bytes(&btf)?;
+        let offsets = Offsets::from_btf(&types)?;
+        let k = Kernel {
+            version: CACHE_VERSION,
+            banner,
+            banner_from_lstar: banner_at.wrapping_sub(lstar) as i64,
+            lstar,
+            kallsyms,
+            offsets,
+            btf_bytes: btf.len(),
+            from_cache: false,
+            kernel_half: half,
+        };
+        if let Some(dir) = cache {
+            // A cache that cannot be written only costs time next run.
+            let f = cache_file(dir, &k.banner);
+            if let Some(p) = f.parent() {
+                let _ = std::fs::create_dir_all(p);
+            }
+            let mut core = k.clone();
+            core.kallsyms = Kallsyms::new(
+                k.kallsyms
+                    .symbols
+                    .iter()
+                    .filter(|s| CORE_SYMBOLS.contains(&s.name.as_str()))
+                    .cloned()
+                    .collect(),
+                k.kallsyms.layout.clone(),
+            );
+            if let (Ok(all), Ok(text)) = (
+                serde_json::to_string(&k.kallsyms.symbols),
+                serde_json::to_string(&core),
+            ) {
+                let _ = std::fs::write(f.with_extension("symbols.json"), all);
+                let _ = std::fs::write(&f, text);
+            }
+        }
+        Ok(k)
+    }
+
+    fn from_cache<M: GuestMemory>(
+        m: &mut M,
+        d: &Discovery,
+        dir: &std::path::Path,
+        lstar_now: u64,
+    ) -> Result<Option<Self>, LinuxError> {
+        let Ok(rd) = std::fs::read_dir(dir.join("kernels")) else {
+            return Ok(None);
+        };
+        for e in rd.flatten().take(256) {
+            if e.path().to_string_lossy().ends_with(".symbols.json") {
+                continue;
+            }
+            let Ok(text) = std::fs::read_to_string(e.path()) else {
+                continue;
+            };
+            let Ok(mut k) = serde_json::from_str::<Kernel>(&text) else {
+                continue;
+            };
+            if k.version != CACHE_VERSION {
+                continue;
+            }
+            let at = lstar_now.wrapping_add(k.banner_from_lstar as u64);
+            let Ok(Ok(b)) = m
+                .read_batch(&[Read::kernel(d.cpu, at, k.banner.len() + 1)])
+                .map(|mut v| v.remove(0))
+            else {
+                continue;
+            };
+            if b[..k.banner.len()] != *k.banner.as_bytes() || b[k.banner.len()] != 0 {
+                continue;
+            }
+            if d.full_symbols {
+                let all = std::fs::read_to_string(e.path().with_extension("symbols.json"))
+                    .ok()
+                    .and_then(|t| serde_json::from_str(&t).ok());
+                let Some(all) = all else { continue };
+                k.kallsyms.symbols = all;
+            }
+            let delta = lstar_now.wrapping_sub(k.lstar) as i64;
+            k.kallsyms.reindex();
+            k.kallsyms.slide(delta, KERNEL_TEXT_MIN);
+            k.lstar = lstar_now;
+            k.from_cache = true;
+            return Ok(Some(k));
+        }
+        Ok(None)
+    }
+}
+
+/// One task as `ps` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Task {
+    /// Global PID (thread id).
+    pub pid: u32,
+    /// Global thread-group id (the process's PID).
+    pub tgid: u32,
+    /// `real_parent->tgid` (0 for the idle task's children).
+    pub ppid: u32,
+    /// Real UID.
+    pub uid: u32,
+    /// Real GID.
+    pub gid: u32,
+    /// State letter (R S D T t X Z P I).
+    pub state: char,
+    /// `comm`.
+    pub comm: String,
+    /// A kernel thread (`PF_KTHREAD`).
+    pub kthread: bool,
+    /// Start time, ns since boot (`start_boottime`).
+    pub start_ns: u64,
+    /// Address of the task_struct.
+    pub addr: u64,
+}
+
+/// `task_state_index()` → letter (fs/proc/array.c `task_state_array`).
+pub fn state_letter(state: u32, exit_state: u32) -> char {
+    const TASK_REPORT: u32 = 0x7f;
+    const TASK_IDLE: u32 = 0x402;
+    const TASK_RTLOCK_WAIT: u32 = 0x1000;
+    let mut s = (state | exit_state) & TASK_REPORT;
+    if state == TASK_IDLE {
+        s = TASK_REPORT + 1;
+    }
+    if state == TASK_RTLOCK_WAIT {
+        s = 2;
+    }
+    let idx = 32 - s.leading_zeros();
+    b"RSDTtXZPI"[idx.min(8) as usize] as char
+}
+
+struct Walker<'a, M> {
+    c: &'a mut SnapshotCache<M>,
+    sp: Space,
+    kernel_half: u64,
+}
+
+impl<M: GuestMemory> Walker<'_, M> {
+    fn bytes(&mut self, a: u64, n: usize) -> Result<Vec<u8>, LinuxError> {
+        Ok(self.c.read(self.sp, a, n)?)
+    }
+    fn u64(&mut self, a: u64) -> Result<u64, LinuxError> {
+        let b = self.bytes(a, 8)?;
+        Ok(u64::from_le_bytes(b.try_into().expect("8")))
+    }
+    /// Exactly these bytes, in one batch, bypassing the page cache (small
+    /// scattered reads: whole pages would cost more than they save).
+    fn exact(&mut self, reads: &[Read]) -> Result<Vec<crate::memory::ReadResult>, LinuxError> {
+        let mut out = Vec::with_capacity(reads.len());
+        for chunk in reads.chunks(crate::memory::MAX_BATCH_OPS) {
+            out.extend(self.c.inner().read_batch(chunk)?);
+        }
+        Ok(out)
+    }
+}
+
+fn le32(b: &[u8], off: u64) -> u32 {
+    let o = off as usize;
+    b.get(o..o + 4)
+        .map(|s| u32::from_le_bytes(s.try_into().expect("4")))
+        .unwrap_or(0)
+}
+
+fn le64(b: &[u8], off: u64) -> u64 {
+    let o = off as usize;
+    b.get(o..o + 8)
+        .map(|s| u64::from_le_bytes(s.try_into().expect("8")))
+        .unwrap_or(0)
+}
+
+/// Walks a circular `list_head` from `head`, returning the entries' node
+/// addresses (not `head`). Bounded; a cycle not through `head` is an error.
+fn walk_list<M: GuestMemory>(
+    w: &mut Walker<'_, M>,
+    head: u64,
+    max: usize,
+    list: &'static str,
+) -> Result<Vec<u64>, LinuxError> {
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    let mut cur = w.u64(head)?;
+    while cur != head {
+        if out.len() >= max {
+            return Err(LinuxError::BadList {
+                list,
+                problem: format!("more than {max} entries"),
+                count: out.len(),
+            });
+        }
+        if cur < w.kernel_half || !seen.insert(cur) {
+            return Err(LinuxError::BadList {
+                list,
+                problem: format!("entry {cur:#x} is not a kernel address or repeats"),
+                count: out.len(),
+            });
+        }
+        out.push(cur);
+        cur = w.u64(cur)?;
+    }
+    Ok(out)
+}
+
+/// Slots of one xarray node (`XA_CHUNK_SIZE`).
+const XA_CHUNK: u64 = 64;
+/// Most xarray nodes visited.
+const MAX_XA_NODES: usize = 1 << 16;
+
+/// Every task through the PID IDR (`init_pid_ns.idr`), level by level so
+/// that each level of the radix tree, then the `struct pid`s, then the
+/// tasks are each one batch: a handful of SMIs whatever the task count.
+/// Returns task addresses in PID order.
+fn tasks_by_idr<M: GuestMemory>(
+    w: &mut Walker<'_, M>,
+    k: &Kernel,
+    idr: &crate::btf::PidIdr,
+) -> Result<Vec<u64>, LinuxError> {
+    let ns = k
+        .kallsyms
+        .addr("init_pid_ns")
+        .ok_or_else(|| LinuxError::NoSymbol("init_pid_ns".into()))?;
+    let head = w.u64(ns + idr.ns_xa_head)?;
+    let is_node = |e: u64| e & 3 == 2 && e > 4096;
+    let mut leaves: Vec<u64> = Vec::new();
+    let mut frontier: Vec<u64> = Vec::new();
+    if is_node(head) {
+        frontier.push(head - 2);
+    } else if head != 0 && head & 3 == 0 {
+        leaves.push(head);
+    }
+    let mut visited = 0usize;
+    let mut depth = 0;
+    while !frontier.is_empty() {
+        depth += 1;
+        visited += frontier.len();
+        if depth > 12 || visited > MAX_XA_NODES {
+            return Err(LinuxError::BadList {
+                list: "init_pid_ns.idr",
+                problem: format!("deeper than 12 levels or more than {MAX_XA_NODES} nodes"),
+                count: visited,
+            });
+        }
+        let len = (idr.node_slots + 8 * XA_CHUNK) as usize;
+        let reads: Vec<Read> = frontier
+            .iter()
+            .map(|&n| Read {
+                space: w.sp,
+                addr: n,
+                len,
+            })
+            .collect();
+        let res = w.exact(&reads)?;
+        let mut next = Vec::new();
+        for (r, b) in reads.iter().zip(res) {
+            let b = b.map_err(|fault| MemoryError::Fault {
+                space: r.space,
+                addr: r.addr,
+                len: r.len,
+                fault,
+            })?;
+            for i in 0..XA_CHUNK {
+                let e = le64(&b, idr.node_slots + 8 * i);
+                if e == 0 {
+                    continue;
+                }
+                if is_node(e) {
+                    if e - 2 < w.kernel_half {
+                        continue;
+                    }
+                    next.push(e - 2);
+                } else if e & 3 == 0 && e >= w.kernel_half {
+                    leaves.push(e);
+                }
+            }
+        }
+        frontier = next;
+    }
+    if leaves.len() > MAX_TASKS {
+        return Err(LinuxError::BadList {
+            list: "init_pid_ns.idr",
+            problem: format!("more than {MAX_TASKS} PIDs"),
+            count: leaves.len(),
+        });
+    }
+    // struct pid -> tasks[PIDTYPE_PID].first -> task.
+    let reads: Vec<Read> = leaves
+        .iter()
+        .map(|&p| Read {
+            space: w.sp,
+            addr: p + idr.pid_tasks,
+            len: 8,
+        })
+        .collect();
+    let mut tasks = Vec::with_capacity(leaves.len());
+    for r in w.exact(&reads)? {
+        let Ok(b) = r else { continue };
+        let first = le64(&b, 0);
+        if first >= w.kernel_half {
+            tasks.push(first - idr.task_pid_links);
+        }
+    }
+    Ok(tasks)
+}
+
+/// Lists processes (and their threads with `threads`): through the PID
+/// IDR in PID order when BTF describes it (few SMIs), else along
+/// `init_task.tasks` (one batch per hop).
+pub fn ps<M: GuestMemory>(
+    c: &mut SnapshotCache<M>,
+    k: &Kernel,
+    cpu: u32,
+    threads: bool,
+) -> Result<Vec<Task>, LinuxError> {
+    if let Some(idr) = k.offsets.pid_idr {
+        let mut w = Walker {
+            c: &mut *c,
+            sp: kspace(cpu),
+            kernel_half: k.kernel_half,
+        };
+        let all = tasks_by_idr(&mut w, k, &idr)?;
+        let mut tasks = describe_tasks(c, k, cpu, &all)?;
+        if !threads {
+            tasks.retain(|t| t.pid == t.tgid);
+        }
+        return Ok(tasks);
+    }
+    ps_by_list(c, k, cpu, threads)
+}
+
+/// Lists processes (and their threads with `threads`), in list order.
+pub fn ps_by_list<M: GuestMemory>(
+    c: &mut SnapshotCache<M>,
+    k: &Kernel,
+    cpu: u32,
+    threads: bool,
+) -> Result<Vec<Task>, LinuxError> {
+    let o = &k.offsets;
+    let init = k
+        .kallsyms
+        .addr("init_task")
+        .ok_or_else(|| LinuxError::NoSymbol("init_task".into()))?;
+    let mut w = Walker {
+        c,
+        sp: kspace(cpu),
+        kernel_half: k.kernel_half,
+    };
+    let leaders: Vec<u64> = walk_list(&mut w, init + o.task_tasks, MAX_TASKS, "init_task.tasks")?
+        .into_iter()
+        .map(|n| n - o.task_tasks)
+        .collect();
+    let tsize = o.task_size.min(32 << 10) as usize;
+    let task_reads = |addrs: &[u64]| -> Vec<Read> {
+        addrs.iter().map(|&a| Read::kernel(cpu, a, tsize)).collect()
+    };
+    // Every leader's task_struct in as few batches as the cache makes.
+    w.c.prefetch(&task_reads(&leaders))?;
+    let mut all = Vec::new();
+    for &t in &leaders {
+        all.push(t);
+        if !threads {
+            continue;
+        }
+        let tb = w.bytes(t, tsize)?;
+        let members = if let (Some(node), Some(head)) = (o.task_thread_node, o.signal_thread_head) {
+            let sig = le64(&tb, o.task_signal);
+            walk_list(&mut w, sig + head, MAX_TASKS, "signal->thread_head")?
+                .into_iter()
+                .map(|n| n - node)
+                .collect::<Vec<_>>()
+        } else if let Some(tg) = o.task_thread_group {
+            let mut v = vec![];
+            for n in walk_list(&mut w, t + tg, MAX_TASKS, "task->thread_group")? {
+                v.push(n - tg);
+            }
+            v
+        } else {
+            vec![]
+        };
+        for m in members {
+            if m != t {
+                all.push(m);
+            }
+        }
+        if all.len() > MAX_TASKS {
+            return Err(LinuxError::BadList {
+                list: "threads",
+                problem: format!("more than {MAX_TASKS} tasks"),
+                count: all.len(),
+            });
+        }
+    }
+    describe_tasks(w.c, k, cpu, &all)
+}
+
+/// Reads each task of `all` (task structs in one batch, then parents and
+/// credentials in one).
+fn describe_tasks<M: GuestMemory>(
+    c: &mut SnapshotCache<M>,
+    k: &Kernel,
+    cpu: u32,
+    all: &[u64],
+) -> Result<Vec<Task>, LinuxError> {
+    let o = &k.offsets;
+    let init = k
+        .kallsyms
+        .addr("init_task")
+        .ok_or_else(|| LinuxError::NoSymbol("init_task".into()))?;
+    // Only the span of the fields read, not the whole task_struct.
+    let span = [
+        o.task_pid + 4,
+        o.task_tgid + 4,
+        o.task_comm + 16,
+        o.task_real_parent + 8,
+        o.task_cred + 8,
+        o.task_state + 4,
+        o.task_exit_state + 4,
+        o.task_flags + 4,
+        o.task_start + 8,
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(0)
+    .min(o.task_size.min(32 << 10)) as usize;
+    let mut w = Walker {
+        c,
+        sp: kspace(cpu),
+        kernel_half: k.kernel_half,
+    };
+    let reads: Vec<Read> = all.iter().map(|&a| Read::kernel(cpu, a, span)).collect();
+    let mut raw = Vec::with_capacity(all.len());
+    for (r, res) in reads.iter().zip(w.exact(&reads)?) {
+        // A task freed between the IDR read and now is left out.
+        if let Ok(b) = res {
+            raw.push((r.addr, b));
+        }
+    }
+    // Parents and credentials, batched.
+    let mut extra = Vec::new();
+    for (_, b) in &raw {
+        extra.push(Read::kernel(
+            cpu,
+            le64(b, o.task_real_parent) + o.task_tgid,
+            4,
+        ));
+        extra.push(Read::kernel(cpu, le64(b, o.task_cred) + o.cred_uid, 4));
+        extra.push(Read::kernel(cpu, le64(b, o.task_cred) + o.cred_gid, 4));
+    }
+    let vals = w.exact(&extra)?;
+    let v32 = |i: usize| {
+        vals[i]
+            .as_ref()
+            .ok()
+            .map(|d| u32::from_le_bytes(d[..4].try_into().expect("4")))
+            .unwrap_or(u32::MAX)
+    };
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, (t, b)) in raw.iter().enumerate() {
+        let comm = &b[o.task_comm as usize..(o.task_comm as usize + 16).min(b.len())];
+        let pid = le32(b, o.task_pid);
+        out.push(Task {
+            pid,
+            tgid: le32(b, o.task_tgid),
+            ppid: if le64(b, o.task_real_parent) == init {
+                0
+            } else {
+                v32(3 * i)
+            },
+            uid: v32(3 * i + 1),
+            gid: v32(3 * i + 2),
+            state: state_letter(le32(b, o.task_state), le32(b, o.task_exit_state)),
+            comm: read_cstr(comm),
+            kthread: le32(b, o.task_flags) & PF_KTHREAD != 0,
+            start_ns: le64(b, o.task_start),
+            addr: *t,
+        });
+    }
+    Ok(out)
+}
+
+/// One module as /proc/modules shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Module {
+    /// Name.
+    pub name: String,
+    /// Size in bytes (as /proc/modules).
+    pub size: u64,
+    /// Reference count (-1 without CONFIG_MODULE_UNLOAD).
+    pub refcount: i64,
+    /// Live, Loading or Unloading.
+    pub state: String,
+    /// Base address (text).
+    pub base: u64,
+    /// Address of `struct module`.
+    pub addr: u64,
+}
+
+/// Lists modules in list order (as /proc/modules).
+pub fn lsmod<M: GuestMemory>(
+    c: &mut SnapshotCache<M>,
+    k: &Kernel,
+    cpu: u32,
+) -> Result<Vec<Module>, LinuxError> {
+    let o = &k.offsets;
+    let head = k
+        .kallsyms
+        .addr("modules")
+        .ok_or_else(|| LinuxError::NoSymbol("modules".into()))?;
+    let mut w = Walker {
+        c,
+        sp: kspace(cpu),
+        kernel_half: k.kernel_half,
+    };
+    let nodes = walk_list(&mut w, head, MAX_MODULES, "modules")?;
+    let span = [
+        o.module_name.offset + o.module_name.size,
+        o.module_state + 4,
+        o.module_refcnt.unwrap_or(0) + 4,
+        o.module_mem.map(|(m, e, n, _, _)| m + e * n).unwrap_or(0),
+        o.module_core_layout
+            .map(|(b, s, i)| b.max(s).max(i) + 8)
+            .unwrap_or(0),
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(0)
+    .min(64 << 10) as usize;
+    let reads: Vec<Read> = nodes
+        .iter()
+        .map(|&n| Read::kernel(cpu, n - o.module_list, span))
+        .collect();
+    let res = w.c.read_many(&reads)?;
+    let mut out = Vec::new();
+    for (r, b) in reads.iter().zip(res) {
+        let b = b.map_err(|fault| MemoryError::Fault {
+            space: r.space,
+            addr: r.addr,
+            len: r.len,
+            fault,
+        })?;
+        let state = le32(&b, o.module_state);
+        if state == 3 {
+            continue; // MODULE_STATE_UNFORMED: /proc/modules skips it.
+        }
+        let (base, size) = if let Some((m, e, n, bo, so)) = o.module_mem {
+            let base = le64(&b, m + bo);
+            let size: u64 = (0..n).map(|i| u64::from(le32(&b, m + i * e + so))).sum();
+            (base, size)
+        } else if let Some((bo, so, io)) = o.module_core_layout {
+            (
+                le64(&b, bo),
+                u64::from(le32(&b, so)) + u64::from(le32(&b, io)),
+            )
+        } else {
+            (0, 0)
+        };
+        let name_at = o.module_name.offset as usize;
+        out.push(Module {
+            name: read_cstr(&b[name_at..name_at + o.module_name.size as usize]),
+            size,
+            refcount: o
+                .module_refcnt
+                .map(|r| i64::from(le32(&b, r) as i32) - 1)
+                .unwrap_or(-1),
+            state: match state {
+                0 => "Live",
+                1 => "Loading",
+                2 => "Unloading",
+                _ => "?",
+            }
+            .into(),
+            base,
+            addr: r.addr,
+        });
+    }
+    Ok(out)
+}
+
+/// What one vCPU runs.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CpuView {
+    /// Agent CPU index.
+    pub cpu: u32,
+    /// CR3 as saved.
+    pub cr3: u64,
+    /// RIP as saved.
+    pub rip: u64,
+    /// True if the CPU was in user mode (CPL 3).
+    pub user: bool,
+    /// The kernel's GS base for this CPU (per-CPU area offset).
+    pub gs_base: u64,
+    /// `current` task_struct.
+    pub current: u64,
+    /// Its PID and comm.
+    pub pid: u32,
+    /// comm.
+    pub comm: String,
+}
+
+/// `current` of every CPU, through each CPU's kernel GS base.
+pub fn cpus<M: GuestMemory>(
+    c: &mut SnapshotCache<M>,
+    k: &Kernel,
+) -> Result<Vec<CpuView>, LinuxError> {
+    let cur_sym = k
+        .kallsyms
+        .addr("current_task")
+        .or_else(|| k.kallsyms.addr("pcpu_hot"))
+        .ok_or_else(|| LinuxError::NoSymbol("current_task or pcpu_hot".into()))?;
+    let n = c.inner().cpu_count()?;
+    let mut states: Vec<CpuState> = Vec::new();
+    for i in 0..n.min(64) {
+        states.push(c.inner().cpu_state(i)?);
+    }
+    let mut out = Vec::new();
+    for (i, st) in states.iter().enumerate() {
+        let user = st.cs_selector & 3 == 3;
+        let gs = if user {
+            st.msr_kernel_gs_base
+        } else {
+            st.msr_gs_base
+        };
+        let sp = kspace(i as u32);
+        let current = c
+            .read(sp, gs.wrapping_add(cur_sym), 8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8")))
+            .unwrap_or(0);
+        let (pid, comm) = match c.read(sp, current, k.offsets.task_comm as usize + 16) {
+            Ok(b) => (
+                le32(&b, k.offsets.task_pid),
+                read_cstr(&b[k.offsets.task_comm as usize..]),
+            ),
+            Err(_) => (0, String::new()),
+        };
+        out.push(CpuView {
+            cpu: i as u32,
+            cr3: st.cr3,
+            rip: st.rip,
+            user,
+            gs_base: gs,
+            current,
+            pid,
+            comm,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;

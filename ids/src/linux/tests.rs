@@ -1,0 +1,414 @@
+//! A fake Linux laid out in fake memory: tasks on `init_task.tasks`,
+//! threads on `signal->thread_head`, credentials, modules on `modules`; the
+//! walkers read it back, and corrupt lists end in errors.
+
+use super::*;
+use crate::btf::Field;
+use crate::fake::FakeMemory;
+use crate::kallsyms::{Encoding, Layout, Symbol};
+
+const INIT: u64 = 0xffff_ffff_8200_0000;
+const MODULES: u64 = 0xffff_ffff_8210_0000;
+const HEAP: u64 = 0xffff_8880_0100_0000;
+const PID_NS: u64 = 0xffff_ffff_8220_0000;
+
+fn offsets(thread_node: bool) -> Offsets {
+    Offsets {
+        task_size: 0x600,
+        task_tasks: 0x100,
+        task_pid: 0x120,
+        task_tgid: 0x124,
+        task_comm: 0x200,
+        task_real_parent: 0x140,
+        task_cred: 0x148,
+        task_state: 0x18,
+        task_exit_state: 0x150,
+        task_flags: 0x2c,
+        task_start: 0x160,
+        task_mm: 0x168,
+        task_signal: 0x170,
+        task_thread_node: thread_node.then_some(0x180),
+        signal_thread_head: thread_node.then_some(0x10),
+        task_thread_group: (!thread_node).then_some(0x190),
+        cred_uid: 4,
+        cred_gid: 8,
+        module_list: 8,
+        module_name: Field {
+            offset: 0x18,
+            size: 56,
+        },
+        module_state: 0,
+        module_refcnt: Some(0x60),
+        module_mem: Some((0x100, 0x40, 7, 0, 8)),
+        module_core_layout: None,
+        pid_idr: None,
+    }
+}
+
+fn kernel(o: Offsets) -> Kernel {
+    let sym = |addr, name: &str| Symbol {
+        addr,
+        kind: 'D',
+        name: name.into(),
+    };
+    let layout = Layout {
+        encoding: Encoding::PlaceRelative,
+        names_first: true,
+        uleb_lengths: true,
+        seqs_of_names: None,
+        num_syms_at: 0,
+        names: 0,
+        markers: 0,
+        token_table: 0,
+        token_index: 0,
+        addresses: 0,
+        relative_base: None,
+    };
+    Kernel {
+        version: CACHE_VERSION,
+        banner: "Linux version test\n".into(),
+        banner_from_lstar: 0,
+        lstar: INIT,
+        kallsyms: Kallsyms::new(
+            vec![
+                sym(0x2_0000, "current_task"),
+                sym(INIT, "init_task"),
+                sym(MODULES, "modules"),
+                sym(PID_NS, "init_pid_ns"),
+            ],
+            layout,
+        ),
+        offsets: o,
+        btf_bytes: 0,
+        from_cache: false,
+        kernel_half: kernel_half(4),
+    }
+}
+
+struct FakeTask {
+    pid: u32,
+    tgid: u32,
+    parent: usize,
+    comm: &'static str,
+    state: u32,
+    exit_state: u32,
+    kthread: bool,
+    uid: u32,
+}
+
+/// Lays out `tasks` (index 0 = init_task) with leaders on init_task.tasks
+/// and threads on their leader's signal->thread_head (or thread_group).
+fn lay_out(m: &mut FakeMemory, o: &Offsets, tasks: &[FakeTask]) -> Vec<u64> {
+    let addr = |i: usize| {
+        if i == 0 {
+            INIT
+        } else {
+            HEAP + i as u64 * 0x1000
+        }
+    };
+    let cred = |i: usize| HEAP + 0x10_0000 + i as u64 * 0x100;
+    let signal = |i: usize| HEAP + 0x20_0000 + i as u64 * 0x100;
+    let addrs: Vec<u64> = (0..tasks.len()).map(addr).collect();
+    for (i, t) in tasks.iter().enumerate() {
+        let a = addr(i);
+        m.put_u32(a + o.task_pid, t.pid);
+        m.put_u32(a + o.task_tgid, t.tgid);
+        let mut comm = [0u8; 16];
+        comm[..t.comm.len()].copy_from_slice(t.comm.as_bytes());
+        m.write_virt(a + o.task_comm, &comm);
+        m.put_u64(a + o.task_real_parent, addr(t.parent));
+        m.put_u64(a + o.task_cred, cred(i));
+        m.put_u32(cred(i) + o.cred_uid, t.uid);
+        m.put_u32(cred(i) + o.cred_gid, t.uid + 1);
+        m.put_u32(a + o.task_state, t.state);
+        m.put_u32(a + o.task_exit_state, t.exit_state);
+        m.put_u32(a + o.task_flags, if t.kthread { PF_KTHREAD } else { 0 });
+        m.put_u64(a + o.task_start, 1_000_000 * t.pid as u64);
+        let leader = tasks.iter().position(|x| x.pid == t.tgid).unwrap_or(i);
+        m.put_u64(a + o.task_signal, signal(leader));
+    }
+    // init_task.tasks: every leader but init.
+    let leaders: Vec<usize> = (1..tasks.len())
+        .filter(|&i| tasks[i].pid == tasks[i].tgid)
+        .collect();
+    let mut chain = vec![INIT + o.task_tasks];
+    chain.extend(leaders.iter().map(|&i| addr(i) + o.task_tasks));
+    link(m, &chain);
+    // Threads of each leader.
+    for &l in std::iter::once(&0).chain(&leaders) {
+        let members: Vec<usize> = (0..tasks.len())
+            .filter(|&i| tasks[i].tgid == tasks[l].pid)
+            .collect();
+        if let (Some(node), Some(head)) = (o.task_thread_node, o.signal_thread_head) {
+            let mut c = vec![signal(l) + head];
+            c.extend(members.iter().map(|&i| addr(i) + node));
+            link(m, &c);
+        } else if let Some(tg) = o.task_thread_group {
+            let c: Vec<u64> = members.iter().map(|&i| addr(i) + tg).collect();
+            link(m, &c);
+        }
+    }
+    addrs
+}
+
+/// Makes a circular list through `nodes` (next pointers only).
+fn link(m: &mut FakeMemory, nodes: &[u64]) {
+    for (i, &n) in nodes.iter().enumerate() {
+        m.put_u64(n, nodes[(i + 1) % nodes.len()]);
+        m.put_u64(n + 8, nodes[(i + nodes.len() - 1) % nodes.len()]);
+    }
+}
+
+fn sample() -> Vec<FakeTask> {
+    let t = |pid, tgid, parent, comm, state, exit_state, kthread| FakeTask {
+        pid,
+        tgid,
+        parent,
+        comm,
+        state,
+        exit_state,
+        kthread,
+        uid: if kthread { 0 } else { 1000 },
+    };
+    vec![
+        t(0, 0, 0, "swapper/0", 0, 0, true),
+        t(1, 1, 0, "init", 1, 0, false),
+        t(2, 2, 0, "kthreadd", 1, 0, true),
+        t(3, 3, 2, "kworker/0:0", 0x402, 0, true),
+        t(40, 40, 1, "pthreads", 1, 0, false),
+        t(41, 40, 1, "pthreads", 1, 0, false),
+        t(42, 40, 1, "pthreads", 0, 0, false),
+        t(50, 50, 4, "zombie", 0x0, EXIT_ZOMBIE, false),
+        t(60, 60, 1, "stopped", 4, 0, false),
+    ]
+}
+
+fn setup(thread_node: bool) -> (SnapshotCache<FakeMemory>, Kernel) {
+    let o = offsets(thread_node);
+    let mut m = FakeMemory::new(2);
+    lay_out(&mut m, &o, &sample());
+    (SnapshotCache::new(m), kernel(o))
+}
+
+#[test]
+fn ps_lists_processes_and_threads_both_ways() {
+    for thread_node in [true, false] {
+        let (mut c, k) = setup(thread_node);
+        let procs = ps(&mut c, &k, 0, false).unwrap();
+        let pids: Vec<u32> = procs.iter().map(|t| t.pid).collect();
+        assert_eq!(pids, [1, 2, 3, 40, 50, 60], "thread_node={thread_node}");
+        let all = ps(&mut c, &k, 0, true).unwrap();
+        let pids: Vec<u32> = all.iter().map(|t| t.pid).collect();
+        assert_eq!(pids, [1, 2, 3, 40, 41, 42, 50, 60]);
+        let by = |pid| all.iter().find(|t| t.pid == pid).unwrap();
+        assert_eq!(by(1).ppid, 0);
+        assert_eq!(by(3).ppid, 2);
+        assert_eq!(by(42).tgid, 40);
+        assert_eq!(by(42).state, 'R');
+        assert_eq!(by(40).state, 'S');
+        assert_eq!(by(3).state, 'I');
+        assert_eq!(by(50).state, 'Z');
+        assert_eq!(by(60).state, 'T');
+        assert!(by(2).kthread && !by(40).kthread);
+        assert_eq!((by(40).uid, by(40).gid), (1000, 1001));
+        assert_eq!(by(41).comm, "pthreads");
+        assert_eq!(by(50).ppid, 40);
+    }
+}
+
+#[test]
+fn ps_costs_few_batches() {
+    let (mut c, k) = setup(true);
+    ps(&mut c, &k, 0, true).unwrap();
+    let r = c.inner().stats().requests;
+    // The list walk is a pointer chase (one batch per hop at worst) but
+    // every page read once per snapshot.
+    assert!(r <= 40, "{r} requests");
+}
+
+#[test]
+fn corrupt_task_lists_end_in_errors() {
+    let o = offsets(true);
+    let mut m = FakeMemory::new(1);
+    let addrs = lay_out(&mut m, &o, &sample());
+    // A cycle that never returns to the head.
+    m.put_u64(addrs[4] + o.task_tasks, addrs[2] + o.task_tasks);
+    let mut c = SnapshotCache::new(m);
+    let e = ps(&mut c, &kernel(o.clone()), 0, false).unwrap_err();
+    assert!(matches!(e, LinuxError::BadList { .. }), "{e}");
+    // A pointer into nowhere.
+    let mut m = FakeMemory::new(1);
+    let addrs = lay_out(&mut m, &o, &sample());
+    m.put_u64(addrs[3] + o.task_tasks, 0xffff_8880_dead_0000);
+    let mut c = SnapshotCache::new(m);
+    assert!(ps(&mut c, &kernel(o.clone()), 0, false).is_err());
+    // A user-space pointer.
+    let mut m = FakeMemory::new(1);
+    let addrs = lay_out(&mut m, &o, &sample());
+    m.put_u64(addrs[3] + o.task_tasks, 0x4000);
+    let mut c = SnapshotCache::new(m);
+    assert!(matches!(
+        ps(&mut c, &kernel(o), 0, false),
+        Err(LinuxError::BadList { .. })
+    ));
+}
+
+#[test]
+fn lsmod_reads_modules_in_list_order() {
+    let o = offsets(true);
+    let mut m = FakeMemory::new(1);
+    let mods = [("virtio", 0u32, 2i32), ("vsock", 0, 1), ("gone", 3, 1)];
+    let addr = |i: usize| 0xffff_ffff_c000_0000 + i as u64 * 0x1000;
+    let mut chain = vec![MODULES];
+    for (i, (name, state, refs)) in mods.iter().enumerate() {
+        let a = addr(i);
+        chain.push(a + o.module_list);
+        m.put_u32(a + o.module_state, *state);
+        m.write_virt(a + o.module_name.offset, name.as_bytes());
+        m.put_u32(a + 0x60, *refs as u32);
+        let (mem, elem, n, b, s) = o.module_mem.unwrap();
+        for t in 0..n {
+            m.put_u64(
+                a + mem + t * elem + b,
+                0xffff_ffff_c100_0000 + i as u64 * 0x10_0000,
+            );
+            m.put_u32(a + mem + t * elem + s, 0x1000 * (t as u32 + 1));
+        }
+    }
+    link(&mut m, &chain);
+    let mut c = SnapshotCache::new(m);
+    let l = lsmod(&mut c, &kernel(o), 0).unwrap();
+    assert_eq!(l.len(), 2, "the unformed module is skipped");
+    assert_eq!(l[0].name, "virtio");
+    assert_eq!(l[0].refcount, 1);
+    assert_eq!(l[0].size, 0x1000 * (1 + 2 + 3 + 4 + 5 + 6 + 7));
+    assert_eq!(l[1].base, 0xffff_ffff_c110_0000);
+    assert_eq!(l[1].state, "Live");
+}
+
+#[test]
+fn cpus_find_current_through_gs() {
+    let (mut c, k) = setup(true);
+    let gs = 0xffff_8880_7fc0_0000u64;
+    c.inner().put_u64(gs + 0x2_0000, HEAP + 4 * 0x1000);
+    c.inner().cpus[0].msr_gs_base = gs;
+    c.inner().cpus[1].cs_selector = 0x33;
+    c.inner().cpus[1].msr_kernel_gs_base = gs;
+    let v = cpus(&mut c, &k).unwrap();
+    assert_eq!(
+        (v[0].pid, v[0].comm.as_str(), v[0].user),
+        (40, "pthreads", false)
+    );
+    assert_eq!((v[1].pid, v[1].user), (40, true));
+}
+
+#[test]
+fn five_level_kernel_addresses_are_walked() {
+    // With LA57 the direct map starts at 0xff11_0000_0000_0000, below the
+    // 4-level kernel half: the walk must follow the paging mode.
+    let (mut c, mut k) = setup(true);
+    let moved = 0xff11_0000_0100_0000u64;
+    let o = k.offsets.clone();
+    let first = c.inner().read_exact(
+        Space::Virt(AddressSpace::kernel_of(0)),
+        INIT + o.task_tasks,
+        8,
+    );
+    let first = u64::from_le_bytes(first.unwrap().try_into().unwrap());
+    // Point init_task.tasks at a copy of the first leader's list node.
+    let node = c
+        .inner()
+        .read_exact(Space::Virt(AddressSpace::kernel_of(0)), first, 16)
+        .unwrap();
+    c.inner().write_virt(moved, &node);
+    c.inner().put_u64(INIT + o.task_tasks, moved);
+    k.kernel_half = kernel_half(4);
+    assert!(matches!(
+        ps(&mut c, &k, 0, false),
+        Err(LinuxError::BadList { .. })
+    ));
+    c.new_snapshot();
+    k.kernel_half = kernel_half(5);
+    // Now accepted (the copy's task fields are elsewhere: only the walk is
+    // checked here).
+    let r = ps(&mut c, &k, 0, false);
+    assert!(!matches!(r, Err(LinuxError::BadList { .. })), "{r:?}");
+}
+
+/// Adds init_pid_ns's IDR over the tasks of `sample()` (two levels: a root
+/// node of shift 6 over leaf nodes of shift 0) and the `struct pid`s.
+fn add_idr(m: &mut FakeMemory, o: &mut Offsets, addrs: &[u64], tasks: &[FakeTask]) {
+    let idr = crate::btf::PidIdr {
+        ns_xa_head: 8,
+        ns_idr_base: 0x10,
+        node_shift: 0,
+        node_slots: 0x28,
+        pid_tasks: 0x8,
+        task_pid_links: 0x1a0,
+    };
+    o.pid_idr = Some(idr);
+    let node = |i: u64| HEAP + 0x30_0000 + i * 0x400;
+    let root = node(0);
+    m.write_virt(root + idr.node_shift, &[6]);
+    m.put_u64(PID_NS + idr.ns_xa_head, root + 2);
+    for (i, t) in tasks.iter().enumerate().skip(1) {
+        let pid = u64::from(t.pid);
+        let leaf = node(1 + pid / 64);
+        m.put_u64(root + idr.node_slots + 8 * (pid / 64), leaf + 2);
+        let sp = HEAP + 0x40_0000 + pid * 0x100;
+        m.put_u64(leaf + idr.node_slots + 8 * (pid % 64), sp);
+        m.put_u64(sp + idr.pid_tasks, addrs[i] + idr.task_pid_links);
+    }
+    // A sibling/retry entry and a value entry are skipped.
+    m.put_u64(node(1) + idr.node_slots + 8 * 63, 0x102);
+    m.put_u64(node(1) + idr.node_slots + 8 * 62, 0x7);
+}
+
+#[test]
+fn ps_through_the_pid_idr_in_few_batches() {
+    let mut o = offsets(true);
+    let mut m = FakeMemory::new(1);
+    let tasks = sample();
+    let addrs = lay_out(&mut m, &o, &tasks);
+    add_idr(&mut m, &mut o, &addrs, &tasks);
+    let mut c = SnapshotCache::new(m);
+    let k = kernel(o);
+    let all = ps(&mut c, &k, 0, true).unwrap();
+    let pids: Vec<u32> = all.iter().map(|t| t.pid).collect();
+    assert_eq!(pids, [1, 2, 3, 40, 41, 42, 50, 60]);
+    assert_eq!(all.iter().find(|t| t.pid == 50).unwrap().state, 'Z');
+    let r = c.inner().stats().requests;
+    assert!(
+        r <= 7,
+        "{r} batches: head, root, leaves, pids, tasks, parents+creds"
+    );
+    let procs = ps(&mut c, &k, 0, false).unwrap();
+    assert_eq!(procs.len(), 6);
+}
+
+#[test]
+fn a_pid_idr_that_loops_ends_in_an_error() {
+    let mut o = offsets(true);
+    let mut m = FakeMemory::new(1);
+    let tasks = sample();
+    let addrs = lay_out(&mut m, &o, &tasks);
+    add_idr(&mut m, &mut o, &addrs, &tasks);
+    let idr = o.pid_idr.unwrap();
+    // The root points at itself: depth is bounded.
+    let root = HEAP + 0x30_0000;
+    m.put_u64(root + idr.node_slots, root + 2);
+    let mut c = SnapshotCache::new(m);
+    let e = ps(&mut c, &kernel(o), 0, true).unwrap_err();
+    assert!(matches!(e, LinuxError::BadList { .. }), "{e}");
+}
+
+#[test]
+fn state_letters() {
+    assert_eq!(state_letter(0, 0), 'R');
+    assert_eq!(state_letter(1, 0), 'S');
+    assert_eq!(state_letter(2, 0), 'D');
+    assert_eq!(state_letter(0x402, 0), 'I');
+    assert_eq!(state_letter(8, 0), 't');
+    assert_eq!(state_letter(0, 0x10), 'X');
+    assert_eq!(state_letter(0x40, 0), 'P');
+}

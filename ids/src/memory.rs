@@ -1,0 +1,544 @@
+//! The guest-memory layer: one trait ([`GuestMemory`]) through which every
+//! higher layer (kallsyms, BTF, the Linux walkers) reads the guest, with
+//! backends for the live agent ([`Session`]), a memory dump file
+//! ([`crate::dump::DumpMemory`]) and fakes ([`crate::fake::FakeMemory`]).
+//!
+//! Shapes and units: addresses are guest addresses in bytes (physical, or
+//! virtual in an [`AddressSpace`]: a CPU's page tables, PTI half, or an
+//! explicit CR3); lengths are bytes. A [`Batch`] is many reads served
+//! together: on the live agent one batch is one sealed request, one SMI and
+//! therefore one consistent snapshot, unless it is larger than one reply
+//! holds (then it is split and [`BatchStats::requests`] says so).
+//!
+//! Trust: the bytes returned are the guest's and therefore untrusted; this
+//! layer only guarantees that a read returned is complete or is a [`Fault`].
+//!
+//! [`SnapshotCache`] keeps the pages read in one snapshot so that a walker
+//! reading the same page twice costs one read; it is emptied by
+//! [`SnapshotCache::new_snapshot`] and never outlives the snapshot it was
+//! filled in (the caller decides when a snapshot ends: one CLI command).
+
+use std::collections::HashMap;
+
+use smmvmi_mailbox::client::OwnedResult;
+use smmvmi_mailbox::wire::{AddressSpace, CpuState, Op, RESULT_HEADER_LEN, Status, WalkRecord};
+
+use crate::session::{AgentInfo, Session, SessionError};
+
+/// Most reads in one batch (the request frame's op limit).
+pub const MAX_BATCH_OPS: usize = smmvmi_mailbox::wire::MAX_OPS;
+
+/// Where a read goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Space {
+    /// Guest-physical memory.
+    Phys,
+    /// Guest-virtual memory of an address space.
+    Virt(AddressSpace),
+}
+
+/// A hashable form of a [`Space`].
+pub type SpaceKey = (u8, u32, u64, u8);
+
+impl Space {
+    /// A hashable key (the mailbox's `AddressSpace` is not `Hash`).
+    pub fn key(&self) -> SpaceKey {
+        match self {
+            Space::Phys => (0, 0, 0, 0),
+            Space::Virt(a) => (1, a.cpu, a.cr3.unwrap_or(u64::MAX), a.pti as u8),
+        }
+    }
+}
+
+/// One read of a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Read {
+    /// Address space.
+    pub space: Space,
+    /// First byte.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+impl Read {
+    /// A kernel-virtual read through `cpu`'s page tables (PTI kernel half).
+    pub fn kernel(cpu: u32, addr: u64, len: usize) -> Self {
+        Self {
+            space: Space::Virt(AddressSpace::kernel_of(cpu)),
+            addr,
+            len,
+        }
+    }
+}
+
+/// Why one read of a batch did not return all its bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{status:?} at {aux:#x} (paging level {level})")]
+pub struct Fault {
+    /// The agent's status.
+    pub status: Status,
+    /// Paging level where a walk stopped (1 = PTE).
+    pub level: u8,
+    /// Where the read stopped.
+    pub aux: u64,
+}
+
+/// Counters of a backend (for benchmarks and `--verbose`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Batches asked for.
+    pub batches: u64,
+    /// Requests (SMIs on the live agent) made.
+    pub requests: u64,
+    /// Bytes returned.
+    pub bytes: u64,
+}
+
+/// Errors of the memory layer.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The live session failed.
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    /// A read the caller needed whole faulted.
+    #[error("reading {len:#x} bytes at {addr:#x} ({space:?}): {fault}")]
+    Fault {
+        /// Space read.
+        space: Space,
+        /// Address.
+        addr: u64,
+        /// Length.
+        len: usize,
+        /// Why.
+        fault: Fault,
+    },
+    /// The dump file is unusable.
+    #[error("memory dump {path}: {problem}")]
+    Dump {
+        /// Dump path.
+        path: String,
+        /// What is wrong, and what to do.
+        problem: String,
+    },
+    /// The backend cannot do this.
+    #[error("{what} is not available from this backend ({backend})")]
+    Unsupported {
+        /// What was asked.
+        what: &'static str,
+        /// Which backend.
+        backend: &'static str,
+    },
+    /// A CPU index beyond the CPUs the backend knows.
+    #[error("CPU {cpu} does not exist: the guest has {count} CPUs")]
+    NoSuchCpu {
+        /// Asked.
+        cpu: u32,
+        /// Known.
+        count: u32,
+    },
+}
+
+/// The result of one read: its bytes, or why not.
+pub type ReadResult = Result<Vec<u8>, Fault>;
+
+/// Guest memory and CPU state, read in batches.
+pub trait GuestMemory {
+    /// Serves every read of `reads` in one snapshot where the backend can
+    /// (one SMI on the live agent). Results are in order.
+    fn read_batch(&mut self, reads: &[Read]) -> Result<Vec<ReadResult>, MemoryError>;
+    /// The physical address `addr` maps to in `space`, or the fault.
+    fn translate(
+        &mut self,
+        space: AddressSpace,
+        addr: u64,
+    ) -> Result<Result<u64, Fault>, MemoryError>;
+    /// Registers and MSRs of `cpu`.
+    fn cpu_state(&mut self, cpu: u32) -> Result<CpuState, MemoryError>;
+    /// Number of CPUs.
+    fn cpu_count(&mut self) -> Result<u32, MemoryError>;
+    /// Largest read one batch can hold (bytes).
+    fn max_read(&mut self) -> Result<usize, MemoryError>;
+    /// Counters so far.
+    fn stats(&self) -> BatchStats;
+
+    /// Reads `len` bytes that must all be there; reads longer than
+    /// [`GuestMemory::max_read`] are split into one batch of several ops.
+    fn read_exact(&mut self, space: Space, addr: u64, len: usize) -> Result<Vec<u8>, MemoryError> {
+        let max = self.max_read()?.max(4096);
+        let mut out = Vec::with_capacity(len.min(64 << 20));
+        let mut off = 0usize;
+        while off < len {
+            // As many chunks as one batch's budget holds.
+            let mut reads = Vec::new();
+            let mut budget = max;
+            while off < len && budget > 0 && reads.len() < MAX_BATCH_OPS {
+                let n = (len - off).min(budget.saturating_sub(RESULT_HEADER_LEN + 8));
+                if n == 0 {
+                    break;
+                }
+                reads.push(Read {
+                    space,
+                    addr: addr.wrapping_add(off as u64),
+                    len: n,
+                });
+                budget = budget.saturating_sub(n + RESULT_HEADER_LEN + 8);
+                off += n;
+            }
+            if reads.is_empty() {
+                reads.push(Read {
+                    space,
+                    addr: addr.wrapping_add(off as u64),
+                    len: (len - off).min(max),
+                });
+                off += reads[0].len;
+            }
+            for (r, res) in reads.iter().zip(self.read_batch(&reads)?) {
+                out.extend(res.map_err(|fault| MemoryError::Fault {
+                    space,
+                    addr: r.addr,
+                    len: r.len,
+                    fault,
+                })?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The live agent: a batch is one sealed request (one SMI) when it fits one
+/// reply, else as few requests as hold it.
+impl GuestMemory for Session {
+    fn read_batch(&mut self, reads: &[Read]) -> Result<Vec<ReadResult>, MemoryError> {
+        let max = Session::max_read(self)?;
+        let mut out = Vec::with_capacity(reads.len());
+        let mut start = 0;
+        while start < reads.len() {
+            // Greedy split by the reply budget and the op limit; a read longer
+            // than one reply is cut into pieces that are joined again.
+            let mut ops: Vec<Op> = Vec::new();
+            let mut owners: Vec<usize> = Vec::new();
+            let mut budget = max + RESULT_HEADER_LEN;
+            let mut i = start;
+            let mut partial: Option<(usize, usize)> = None;
+            while i < reads.len() && ops.len() < MAX_BATCH_OPS {
+                let r = reads[i];
+                let cost = RESULT_HEADER_LEN + r.len.div_ceil(8) * 8;
+                if cost > budget {
+                    if ops.is_empty() {
+                        // One read larger than a reply: its first piece now.
+                        partial = Some((i, max));
+                    }
+                    break;
+                }
+                budget -= cost;
+                ops.push(op_of(&r, r.len));
+                owners.push(i);
+                i += 1;
+            }
+            if let Some((idx, _)) = partial {
+                out.push(read_long(self, reads[idx], max)?);
+                start = idx + 1;
+                continue;
+            }
+            let results = self.request(&ops)?;
+            self.count(1, &results);
+            for (op_i, res) in results.into_iter().enumerate() {
+                out.push(result_of(res, reads[owners[op_i]].len));
+            }
+            start = i;
+        }
+        self.count_batch();
+        Ok(out)
+    }
+
+    fn translate(
+        &mut self,
+        space: AddressSpace,
+        addr: u64,
+    ) -> Result<Result<u64, Fault>, MemoryError> {
+        let r = self.request(&[Op::Translate { space, addr }])?.remove(0);
+        self.count(1, std::slice::from_ref(&r));
+        if r.status != Status::Ok {
+            return Ok(Err(Fault {
+                status: r.status,
+                level: r.level,
+                aux: r.aux,
+            }));
+        }
+        let walk = WalkRecord::decode(&r.data)
+            .map_err(|e| SessionError::Malformed(format!("TRANSLATE record: {e}")))?;
+        Ok(Ok(walk.pa))
+    }
+
+    fn cpu_state(&mut self, cpu: u32) -> Result<CpuState, MemoryError> {
+        let s = Session::cpu_state(self, cpu)?;
+        self.count(1, &[]);
+        Ok(s)
+    }
+
+    fn cpu_count(&mut self) -> Result<u32, MemoryError> {
+        Ok(self.cached_info()?.header.cpu_count)
+    }
+
+    fn max_read(&mut self) -> Result<usize, MemoryError> {
+        Ok(Session::max_read(self)?)
+    }
+
+    fn stats(&self) -> BatchStats {
+        self.memory_stats()
+    }
+}
+
+fn op_of(r: &Read, len: usize) -> Op {
+    match r.space {
+        Space::Phys => Op::ReadPhys {
+            addr: r.addr,
+            len: len as u32,
+        },
+        Space::Virt(space) => Op::ReadVirt {
+            space,
+            addr: r.addr,
+            len: len as u32,
+        },
+    }
+}
+
+fn result_of(r: OwnedResult, len: usize) -> ReadResult {
+    if r.status == Status::Ok && r.data.len() == len {
+        Ok(r.data)
+    } else {
+        Err(Fault {
+            status: if r.status == Status::Ok {
+                Status::TooLarge
+            } else {
+                r.status
+            },
+            level: r.level,
+            aux: r.aux,
+        })
+    }
+}
+
+/// A read longer than one reply: consecutive single-op requests.
+fn read_long(s: &mut Session, r: Read, max: usize) -> Result<ReadResult, MemoryError> {
+    let mut data = Vec::with_capacity(r.len.min(64 << 20));
+    while data.len() < r.len {
+        let n = (r.len - data.len()).min(max);
+        let piece = Read {
+            addr: r.addr.wrapping_add(data.len() as u64),
+            len: n,
+            ..r
+        };
+        let res = s.request(&[op_of(&piece, n)])?;
+        s.count(1, &res);
+        match result_of(res.into_iter().next().expect("one result"), n) {
+            Ok(d) => data.extend(d),
+            Err(f) => return Ok(Err(f)),
+        }
+    }
+    Ok(Ok(data))
+}
+
+/// Extra state the session keeps for the memory layer.
+impl Session {
+    fn count(&mut self, requests: u64, results: &[OwnedResult]) {
+        let st = self.stats_mut();
+        st.requests += requests;
+        st.bytes += results.iter().map(|r| r.data.len() as u64).sum::<u64>();
+    }
+
+    fn count_batch(&mut self) {
+        self.stats_mut().batches += 1;
+    }
+
+    fn cached_info(&mut self) -> Result<AgentInfo, SessionError> {
+        if let Some(i) = self.info_cache() {
+            return Ok(i.clone());
+        }
+        let i = self.info()?;
+        Ok(i)
+    }
+}
+
+/// Pages read in one snapshot, keyed by (space, page address). Reads through
+/// it are split into 4 KiB pages; missing pages of a batch are fetched in one
+/// batch of the inner backend.
+pub struct SnapshotCache<M> {
+    inner: M,
+    pages: HashMap<(SpaceKey, u64), ReadResult>,
+    generation: u64,
+    /// Most pages kept (a bound on memory, whatever the guest makes us read).
+    pub max_pages: usize,
+}
+
+/// Page size of the cache.
+pub const PAGE: u64 = 4096;
+
+impl<M: GuestMemory> SnapshotCache<M> {
+    /// A cache over `inner`, empty.
+    pub fn new(inner: M) -> Self {
+        Self {
+            inner,
+            pages: HashMap::new(),
+            generation: 0,
+            max_pages: 64 * 1024,
+        }
+    }
+
+    /// Ends the snapshot: forgets every page.
+    pub fn new_snapshot(&mut self) {
+        self.pages.clear();
+        self.generation += 1;
+    }
+
+    /// Snapshots begun so far.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The backend.
+    pub fn inner(&mut self) -> &mut M {
+        &mut self.inner
+    }
+
+    /// Cached pages.
+    pub fn cached_pages(&self) -> usize {
+        self.pages.len()
+    }
+
+    /// Loads every page that `reads` touch and are not cached, in one batch.
+    pub fn prefetch(&mut self, reads: &[Read]) -> Result<(), MemoryError> {
+        let mut want: Vec<Read> = Vec::new();
+        for r in reads {
+            if r.len == 0 {
+                continue;
+            }
+            let first = r.addr & !(PAGE - 1);
+            let last = r.addr.saturating_add(r.len as u64 - 1) & !(PAGE - 1);
+            let mut p = first;
+            loop {
+                if !self.pages.contains_key(&(r.space.key(), p))
+                    && !want.iter().any(|w| w.space == r.space && w.addr == p)
+                {
+                    want.push(Read {
+                        space: r.space,
+                        addr: p,
+                        len: PAGE as usize,
+                    });
+                }
+                if p >= last {
+                    break;
+                }
+                p += PAGE;
+            }
+        }
+        if want.is_empty() {
+            return Ok(());
+        }
+        if self.pages.len() + want.len() > self.max_pages {
+            self.pages.clear();
+        }
+        for chunk in want.chunks(MAX_BATCH_OPS.min(200)) {
+            let res = self.inner.read_batch(chunk)?;
+            for (w, r) in chunk.iter().zip(res) {
+                self.pages.insert((w.space.key(), w.addr), r);
+            }
+        }
+        Ok(())
+    }
+
+    /// Serves many reads, fetching what is missing in one batch first.
+    pub fn read_many(&mut self, reads: &[Read]) -> Result<Vec<ReadResult>, MemoryError> {
+        self.prefetch(reads)?;
+        Ok(reads.iter().map(|r| self.served_from_pages(r)).collect())
+    }
+
+    /// One read that must be complete.
+    pub fn read(&mut self, space: Space, addr: u64, len: usize) -> Result<Vec<u8>, MemoryError> {
+        let r = Read { space, addr, len };
+        self.prefetch(&[r])?;
+        self.served_from_pages(&r)
+            .map_err(|fault| MemoryError::Fault {
+                space,
+                addr,
+                len,
+                fault,
+            })
+    }
+
+    fn served_from_pages(&self, r: &Read) -> ReadResult {
+        let mut out = Vec::with_capacity(r.len);
+        let mut a = r.addr;
+        while out.len() < r.len {
+            let page = a & !(PAGE - 1);
+            let off = (a - page) as usize;
+            let n = (r.len - out.len()).min(PAGE as usize - off);
+            match self.pages.get(&(r.space.key(), page)) {
+                Some(Ok(d)) => out.extend_from_slice(&d[off..off + n]),
+                Some(Err(f)) => return Err(*f),
+                None => {
+                    return Err(Fault {
+                        status: Status::NotPresent,
+                        level: 0,
+                        aux: a,
+                    });
+                }
+            }
+            a += n as u64;
+        }
+        Ok(out)
+    }
+}
+
+/// A borrowed backend is a backend (a cache over a session the caller keeps).
+impl<T: GuestMemory + ?Sized> GuestMemory for &mut T {
+    fn read_batch(&mut self, reads: &[Read]) -> Result<Vec<ReadResult>, MemoryError> {
+        (**self).read_batch(reads)
+    }
+    fn translate(
+        &mut self,
+        space: AddressSpace,
+        addr: u64,
+    ) -> Result<Result<u64, Fault>, MemoryError> {
+        (**self).translate(space, addr)
+    }
+    fn cpu_state(&mut self, cpu: u32) -> Result<CpuState, MemoryError> {
+        (**self).cpu_state(cpu)
+    }
+    fn cpu_count(&mut self) -> Result<u32, MemoryError> {
+        (**self).cpu_count()
+    }
+    fn max_read(&mut self) -> Result<usize, MemoryError> {
+        (**self).max_read()
+    }
+    fn stats(&self) -> BatchStats {
+        (**self).stats()
+    }
+}
+
+/// A boxed backend is a backend (the CLI picks one at run time).
+impl<T: GuestMemory + ?Sized> GuestMemory for Box<T> {
+    fn read_batch(&mut self, reads: &[Read]) -> Result<Vec<ReadResult>, MemoryError> {
+        (**self).read_batch(reads)
+    }
+    fn translate(
+        &mut self,
+        space: AddressSpace,
+        addr: u64,
+    ) -> Result<Result<u64, Fault>, MemoryError> {
+        (**self).translate(space, addr)
+    }
+    fn cpu_state(&mut self, cpu: u32) -> Result<CpuState, MemoryError> {
+        (**self).cpu_state(cpu)
+    }
+    fn cpu_count(&mut self) -> Result<u32, MemoryError> {
+        (**self).cpu_count()
+    }
+    fn max_read(&mut self) -> Result<usize, MemoryError> {
+        (**self).max_read()
+    }
+    fn stats(&self) -> BatchStats {
+        (**self).stats()
+    }
+}

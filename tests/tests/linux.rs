@@ -1,0 +1,302 @@
+//! End-to-end: the IDS's Linux layer (no profile: kallsyms and BTF from
+//! guest memory) against the guest's own view — `/proc/*/stat` and
+//! `/proc/*/task/*/stat` for processes and threads, `/proc/modules` for
+//! modules (also after rmmod and insmod), `/proc/kallsyms` read as root for
+//! symbols, each CPU's `current` — on the default kernel, with 4 CPUs + 5 GiB + 5-level paging +
+//! PTI, and on Debian's 6.12 LTS cloud kernel.
+//!
+//! Run with `cargo xtask test` (these are `#[ignore]`d for plain `cargo test`).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use common::{boot, config, finish, ids_session, sh};
+use ids::linux::{self, Discovery, Kernel, Task};
+use ids::memory::SnapshotCache;
+use smmvmi_tests::guest_image::KernelDeb;
+use smmvmi_tests::vm::{Vm, VmConfig};
+
+/// One line of /proc/PID/stat: (pid, comm, state, ppid).
+fn parse_stat(line: &str) -> Option<(u32, String, char, u32)> {
+    let open = line.find('(')?;
+    let close = line.rfind(')')?;
+    let pid = line[..open].trim().parse().ok()?;
+    let comm = line[open + 1..close].to_string();
+    let mut rest = line[close + 1..].split_whitespace();
+    let state = rest.next()?.chars().next()?;
+    let ppid = rest.next()?.parse().ok()?;
+    Some((pid, comm, state, ppid))
+}
+
+/// The guest's view: pid -> (comm, state, ppid, tgid) for every thread.
+fn guest_tasks(vm: &Vm) -> BTreeMap<u32, (String, char, u32, u32)> {
+    let out = sh(
+        vm,
+        "for t in /proc/[0-9]*/task/[0-9]*; do p=${t#/proc/}; echo \"${p%%/*} $(cat $t/stat 2>/dev/null)\"; done",
+    );
+    let mut m = BTreeMap::new();
+    for line in out.lines() {
+        let Some((tgid, stat)) = line.split_once(' ') else {
+            continue;
+        };
+        if let (Ok(tgid), Some((pid, comm, state, ppid))) = (tgid.parse(), parse_stat(stat)) {
+            m.insert(pid, (comm, state, ppid, tgid));
+        }
+    }
+    m
+}
+
+fn load(s: &mut ids::Session) -> Kernel {
+    Kernel::load(s, &Discovery::default(), None).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn ids_tasks(s: &mut ids::Session, k: &Kernel) -> Vec<Task> {
+    let mut c = SnapshotCache::new(s);
+    linux::ps(&mut c, k, 0, true).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Pids that belong to the command channel's transient work: the shell
+/// running a request and its children (they come and go between the two
+/// views).
+fn transient(cmdd: u32, ppid_of: &BTreeMap<u32, u32>) -> BTreeSet<u32> {
+    let mut out = BTreeSet::new();
+    let mut grew = true;
+    while grew {
+        grew = false;
+        for (&pid, &ppid) in ppid_of {
+            if (ppid == cmdd || out.contains(&ppid)) && out.insert(pid) {
+                grew = true;
+            }
+        }
+    }
+    out
+}
+
+/// Starts the workload: a pthread program with 6 threads and a zombie, and
+/// two processes in a new PID namespace. Returns (threads pid, zombie pid).
+fn start_workload(vm: &Vm) -> (u32, u32) {
+    let out = sh(
+        vm,
+        "threads 6 >/tmp/threads.out 2>&1 </dev/null & \
+         unshare -p -f sh -c 'sleep 100000 & sleep 100000' </dev/null >/dev/null 2>&1 & \
+         sleep 1; cat /tmp/threads.out",
+    );
+    let mut it = out
+        .split_whitespace()
+        .map(|w| w.parse::<u32>().unwrap_or(0));
+    let (p, z) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+    assert!(
+        p > 0 && z > 0,
+        "threads printed {out:?}: expected `PID ZOMBIE_PID`"
+    );
+    (p, z)
+}
+
+fn check_ps(vm: &Vm, s: &mut ids::Session, k: &Kernel) {
+    let (threads_pid, zombie) = start_workload(vm);
+    let cmdd: u32 = sh(vm, "pidof smmvmi-cmdd | cut -d' ' -f1")
+        .parse()
+        .unwrap_or(0);
+    let mine = ids_tasks(s, k);
+    let truth = guest_tasks(vm);
+    assert!(
+        mine.len() >= 60,
+        "only {} tasks seen by the IDS",
+        mine.len()
+    );
+
+    let mut ppid_of: BTreeMap<u32, u32> = truth.iter().map(|(&p, v)| (p, v.2)).collect();
+    ppid_of.extend(mine.iter().map(|t| (t.pid, t.ppid)));
+    let skip = transient(cmdd, &ppid_of);
+    let ids_pids: BTreeSet<u32> = mine
+        .iter()
+        .map(|t| t.pid)
+        .filter(|p| !skip.contains(p))
+        .collect();
+    let guest_pids: BTreeSet<u32> = truth
+        .keys()
+        .copied()
+        .filter(|p| !skip.contains(p))
+        .collect();
+    assert_eq!(
+        ids_pids, guest_pids,
+        "the IDS and the guest see different tasks (transient command-channel tasks {skip:?} left out)"
+    );
+    for t in mine.iter().filter(|t| !skip.contains(&t.pid)) {
+        let (comm, state, ppid, tgid) = &truth[&t.pid];
+        // /proc appends a workqueue worker's current queue to its comm
+        // (`kworker/0:0-rcu_gp`, fs/proc/array.c proc_task_name): the
+        // task's own comm is the part before it.
+        // And since 6.1 it shows a kernel thread's full name (kthread's
+        // `full_name`) where `comm` keeps the first 15 bytes.
+        let same_comm = *comm == t.comm
+            || (t.kthread
+                && (comm.starts_with(&format!("{}-", t.comm))
+                    || comm.starts_with(&format!("{}+", t.comm))
+                    || (t.comm.len() == 15 && comm.starts_with(&t.comm))));
+        // A kernel thread may run (R) in one of the two moments and not the
+        // other; every other task here sleeps, or is a zombie, in both.
+        let same_state = *state == t.state || (t.kthread && (*state == 'R' || t.state == 'R'));
+        assert!(
+            same_comm && (t.ppid, t.tgid) == (*ppid, *tgid) && same_state,
+            "pid {}: IDS (comm, ppid, tgid, state) = {:?} differs from /proc {:?}",
+            t.pid,
+            (&t.comm, t.ppid, t.tgid, t.state),
+            (comm, ppid, tgid, state)
+        );
+    }
+    let by = |pid: u32| mine.iter().find(|t| t.pid == pid).expect("pid present");
+    assert_eq!(by(zombie).state, 'Z', "the unreaped child is a zombie");
+    assert_eq!(
+        mine.iter().filter(|t| t.tgid == threads_pid).count(),
+        7,
+        "the pthread program's leader and 6 threads"
+    );
+    assert!(by(2).kthread && !by(1).kthread);
+    assert!(mine.iter().filter(|t| t.kthread).count() >= 20);
+    // The PID-namespace children show their global PIDs.
+    let ns: Vec<&Task> = mine.iter().filter(|t| t.comm == "sleep").collect();
+    assert!(ns.len() >= 2, "the unshare -p -f sleepers: {ns:?}");
+    for t in &ns {
+        assert!(t.pid > 2, "global, not namespace-local PID: {t:?}");
+    }
+    let uid = sh(
+        vm,
+        &format!("awk '/^Uid/ {{print $2}}' /proc/{threads_pid}/status"),
+    );
+    assert_eq!(by(threads_pid).uid.to_string(), uid);
+}
+
+fn proc_modules(vm: &Vm) -> Vec<(String, u64, u64)> {
+    sh(vm, "cat /proc/modules")
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let addr = f.last().expect("address");
+            (
+                f[0].to_string(),
+                f[1].parse().expect("size"),
+                u64::from_str_radix(addr.trim_start_matches("0x"), 16).expect("hex address"),
+            )
+        })
+        .collect()
+}
+
+fn ids_modules(s: &mut ids::Session, k: &Kernel) -> Vec<(String, u64, u64)> {
+    let mut c = SnapshotCache::new(s);
+    linux::lsmod(&mut c, k, 0)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_iter()
+        .map(|m| (m.name, m.size, m.base))
+        .collect()
+}
+
+fn check_lsmod(vm: &Vm, s: &mut ids::Session, k: &Kernel) {
+    let before = proc_modules(vm);
+    assert!(before.len() >= 5, "guest modules: {before:?}");
+    assert_eq!(ids_modules(s, k), before, "lsmod vs /proc/modules");
+    sh(
+        vm,
+        "rmmod virtio_net && rmmod net_failover && rmmod failover",
+    );
+    let after = proc_modules(vm);
+    assert_eq!(after.len(), before.len() - 3);
+    assert_eq!(ids_modules(s, k), after, "after rmmod");
+    sh(
+        vm,
+        "insmod /lib/modules/failover.ko* && insmod /lib/modules/net_failover.ko* && insmod /lib/modules/virtio_net.ko*",
+    );
+    let again = proc_modules(vm);
+    assert_eq!(again.len(), before.len());
+    assert_eq!(ids_modules(s, k), again, "after insmod");
+}
+
+fn check_kallsyms(vm: &Vm, k: &Kernel) {
+    let proc_ksyms = sh(vm, "grep -v '\\[' /proc/kallsyms");
+    let truth: Vec<(u64, char, &str)> = proc_ksyms
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let a = u64::from_str_radix(f.next()?, 16).ok()?;
+            let t = f.next()?.chars().next()?;
+            Some((a, t, f.next()?))
+        })
+        .collect();
+    let syms = &k.kallsyms.symbols;
+    assert_eq!(syms.len(), truth.len(), "symbol count vs /proc/kallsyms");
+    // 1,000 samples spread over the table (same order: the kernel's).
+    let step = (truth.len() / 1000).max(1);
+    let mut checked = 0;
+    for i in (0..truth.len()).step_by(step).take(1000) {
+        let s = &syms[i];
+        assert_eq!(
+            (s.addr, s.kind, s.name.as_str()),
+            truth[i],
+            "symbol {i} differs from /proc/kallsyms"
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 1000);
+}
+
+fn check_cpus(vm: &Vm, s: &mut ids::Session, k: &Kernel) {
+    let n: usize = sh(vm, "nproc").parse().expect("nproc");
+    let mut c = SnapshotCache::new(s);
+    let v = linux::cpus(&mut c, k).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(v.len(), n);
+    for cpu in &v {
+        assert!(
+            cpu.current != 0,
+            "CPU {}: no current task: {cpu:?}",
+            cpu.cpu
+        );
+        if cpu.pid == 0 {
+            assert!(cpu.comm.starts_with("swapper/"), "{cpu:?}");
+        }
+    }
+}
+
+fn run_all(cfg: VmConfig) {
+    let vm = boot(cfg);
+    let mut s = ids_session(&vm);
+    let k = load(&mut s);
+    assert_eq!(k.banner.trim_end(), sh(&vm, "cat /proc/version"));
+    check_kallsyms(&vm, &k);
+    check_ps(&vm, &mut s, &k);
+    check_lsmod(&vm, &mut s, &k);
+    check_cpus(&vm, &mut s, &k);
+    finish(vm);
+}
+
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn linux_default_kernel() {
+    run_all(config("linux-default"));
+}
+
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn linux_smp4_5g_la57_pti() {
+    run_all(
+        config("linux-big")
+            .smp(4)
+            .mem("5G")
+            .cpu("max,+la57")
+            .append("pti=on"),
+    );
+}
+
+/// Debian 12's 6.12 LTS cloud kernel (resolved like the default: the
+/// newest in the archive; `SMMVMI_KERNEL_612_DEB` pins a name or a file).
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn linux_6_12_kernel() {
+    let deb = std::env::var("SMMVMI_KERNEL_612_DEB")
+        .ok()
+        .map(|v| v.parse::<KernelDeb>().expect("kernel deb"))
+        .unwrap_or_else(|| {
+            smmvmi_tests::guest_image::resolve_lts_612().unwrap_or_else(|e| panic!("{e}"))
+        });
+    run_all(config("linux-612").kernel_deb(deb));
+}
