@@ -14,11 +14,12 @@
 //! memory while searching it.
 //!
 //! Modules: [`endpoint`] (where the VM is), [`session`] (sealed requests over
-//! the host-injector library), [`kernel`] (kernel introspection).
+//! the host-injector library or daemon, [`transport`]), [`kernel`] (kernel introspection).
 
 pub mod endpoint;
 pub mod kernel;
 pub mod session;
+pub mod transport;
 
 pub use endpoint::Endpoint;
 pub use session::{Session, SessionError};

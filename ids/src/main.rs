@@ -12,10 +12,15 @@ use smmvmi_mailbox::wire::{AddressSpace, Pti};
 #[derive(Parser)]
 #[command(name = "ids", version, about)]
 struct Cli {
-    /// `qmp=PATH,mailbox=PATH,key=PATH`, or a VM state directory holding
-    /// qmp.sock, mailbox and key (`cargo xtask vm up` prints the endpoint).
+    /// Through the daemon: `unix:PATH#VM` or `vsock:CID:PORT#VM` (with
+    /// --key, or `,key=PATH` appended). Directly: `qmp=PATH,mailbox=PATH,key=PATH`,
+    /// or a VM state directory holding qmp.sock, mailbox and key
+    /// (`cargo xtask vm up` prints the endpoint).
     #[arg(long, value_name = "ENDPOINT")]
     connect: Endpoint,
+    /// The 32-byte key shared with the agent (daemon endpoints).
+    #[arg(long, value_name = "PATH")]
+    key: Option<std::path::PathBuf>,
     /// Deadline of one request in milliseconds (a silent agent is an alert).
     #[arg(long, default_value_t = 10_000)]
     deadline_ms: u64,
@@ -101,7 +106,8 @@ fn hexdump(base: u64, data: &[u8]) {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let mut s = Session::connect(&cli.connect, Duration::from_millis(cli.deadline_ms))?;
+    let endpoint = cli.connect.with_key(cli.key);
+    let mut s = Session::connect(&endpoint, Duration::from_millis(cli.deadline_ms))?;
     match cli.command {
         Command::Banner { verbose, limit } => {
             let b = kernel::find_banner(
