@@ -276,15 +276,36 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(d: Arc<Daemon>, mut s: S, pee
                 let _ = s
                     .write_all(&protocol::encode(&ReplyHead::Error { error: e }, b""))
                     .await;
+                close_gracefully(&mut s).await;
                 return;
             }
         };
         let (reply, out, close) = dispatch(&d, head, payload, peer).await;
-        if s.write_all(&protocol::encode(&reply, &out)).await.is_err() || close {
+        if s.write_all(&protocol::encode(&reply, &out)).await.is_err() {
+            return;
+        }
+        if close {
+            close_gracefully(&mut s).await;
             return;
         }
         if d.stopping.load(Ordering::Relaxed) {
             return;
+        }
+    }
+}
+
+/// Ends a connection after an error reply: half-close, then discard what
+/// the client still sends (bounded), so that unread bytes do not turn the
+/// close into a reset that could destroy the error reply in flight.
+async fn close_gracefully<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) {
+    let _ = s.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let until = tokio::time::Instant::now() + Duration::from_millis(500);
+    let mut left = 1usize << 20;
+    while left > 0 {
+        match tokio::time::timeout_at(until, s.read(&mut sink)).await {
+            Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
+            _ => return,
         }
     }
 }

@@ -749,11 +749,11 @@ impl Worker {
         last_raise: Instant,
         rang: &mut bool,
     ) -> Result<(), Abort> {
-        if peer.has_changed().unwrap_or(true) {
-            let now = peer.borrow_and_update().as_ref().map(|p| p.id);
-            if now != peer_id {
-                return Err(Abort::Gone("QEMU peer changed".into()));
-            }
+        // Compare the value itself (`changed()` below consumes the change
+        // notification, so `has_changed()` would miss it next time).
+        let now_id = peer.borrow_and_update().as_ref().map(|p| p.id);
+        if now_id != peer_id {
+            return Err(Abort::Gone("QEMU peer changed".into()));
         }
         if adopted && self.qmp.as_mut().is_none_or(|q| q.is_closed()) {
             return Err(Abort::Gone("QMP closed".into()));
