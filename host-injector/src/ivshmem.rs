@@ -118,13 +118,17 @@ impl SharedMemory {
     }
 
     /// A file-backed mailbox (a host admin or a test harness reads it
-    /// directly); created if missing, sized to `size`, contents kept.
+    /// directly); created (with its directory) if missing, sized to `size`,
+    /// contents kept.
     pub fn file(path: &Path, size: usize) -> Result<Self, IvshmemError> {
         let err = |source: std::io::Error| IvshmemError::Memory {
             name: path.display().to_string(),
             size,
             source,
         };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)

@@ -1025,15 +1025,16 @@ fn mailbox_args(config: &VmConfig, info: &VmInfo) -> Result<Vec<String>, VmError
     // A stale entry of a VM of this name (the daemon closes a connection
     // that names an unknown VM, hence a second connection).
     let _ = connect()?.unregister(&info.name);
-    connect()?.register(host_injector::daemon::config::VmConfig {
-        name: info.name.clone(),
-        ivshmem_socket: ivshmem.clone(),
-        qmp: Some(qmp.clone()),
-        vectors,
-        mailbox_size: MailboxFile::SIZE as usize,
-        mailbox_file: Some(info.mailbox.clone()),
-    })
-    .map_err(daemon_err)?;
+    connect()?
+        .register(host_injector::daemon::config::VmConfig {
+            name: info.name.clone(),
+            ivshmem_socket: ivshmem.clone(),
+            qmp: Some(qmp.clone()),
+            vectors,
+            mailbox_size: MailboxFile::SIZE as usize,
+            mailbox_file: Some(info.mailbox.clone()),
+        })
+        .map_err(daemon_err)?;
     Ok(vec![
         "-chardev".into(),
         format!("socket,id=ivs,path={}", s(&ivshmem)),
