@@ -457,6 +457,12 @@ async fn run(config: Config) -> Result<(), ServeError> {
     }
     if let Some(port) = config.vsock_port {
         let l = bind_vsock(port)?;
+        if !Path::new("/dev/vhost-vsock").exists() {
+            tracing::warn!(
+                port,
+                "listening on AF_VSOCK, but /dev/vhost-vsock is missing: no guest can reach this port (modprobe vhost_vsock, or use vhost-device-vsock via vhost_vsock_uds)"
+            );
+        }
         listeners.push((
             UnixListener::from_std(l).map_err(|source| ServeError::Listen {
                 what: format!("vsock port {port}"),
