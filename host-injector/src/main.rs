@@ -195,6 +195,7 @@ fn print_status(s: &serde_json::Value) {
             format!("QEMU peer {}", vm["qemu"]["peer_id"])
         };
         println!("VM {}: {qemu}", vm["name"].as_str().unwrap_or("?"));
+        println!("  served: {}", vm["serving"].as_str().unwrap_or("?"));
         println!(
             "  qmp {}  in flight {}",
             if vm["qmp_connected"] == true {

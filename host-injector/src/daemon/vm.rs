@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use smmvmi_mailbox::layout::{self, AgentState, ServeStatus};
+use smmvmi_mailbox::layout::{self, ServeStatus};
 use smmvmi_mailbox::wire::FrameHeader;
 use tokio::io::unix::AsyncFd;
 use tokio::net::UnixListener;
@@ -137,6 +137,12 @@ impl VmShared {
                 "connected_unix": unix(p.since),
             })),
             "qemu_gone": notes.qemu_gone,
+            "serving": match (&peer, self.config.mailbox_file.is_some(), self.qmp_connected.load(Ordering::Relaxed)) {
+                (Some(_), _, _) => "ivshmem peer: doorbell SMIs, monitor SMIs as fallback",
+                (None, true, true) => "QMP only: QEMU predates this daemon (file-backed mailbox)",
+                (None, false, true) => "no: QEMU runs but holds a previous daemon's memfd; restart the VM",
+                (None, _, false) => "no: QEMU not connected",
+            },
             "qmp_connected": self.qmp_connected.load(Ordering::Relaxed),
             "monitor_smis_stopped": notes.gate,
             "last_error": notes.last_error,
@@ -786,12 +792,4 @@ impl Worker {
         }
         Ok(())
     }
-}
-
-/// True when the header says the agent is up (for status only).
-pub fn agent_up(h: &Header) -> bool {
-    matches!(
-        h.state(),
-        Some(AgentState::Ready | AgentState::Unprovisioned)
-    )
 }
