@@ -586,3 +586,112 @@ fn nix_is_root() -> bool {
     // SAFETY: geteuid(2) has no preconditions and touches no memory.
     unsafe { libc::geteuid() == 0 }
 }
+
+/// Guest resets while a client polls through the daemon at 20 Hz: QEMU
+/// stays alive (the daemon stops monitor SMIs at RESET until the new boot's
+/// agent is Ready with a new salt), and after every reset the client, once
+/// reconnected (new salt, new session keys), gets correct answers again.
+#[test]
+#[ignore = "end-to-end: boots QEMU (cargo xtask test)"]
+fn guest_resets_under_polling_keep_qemu_alive_and_answers_correct() {
+    const RESETS: u32 = 20;
+    let daemon = test_daemon("reset", &[]);
+    let mut vm = vm_through("dreset", &daemon);
+    let ep = ids::Endpoint::Daemon(ids::endpoint::DaemonEndpoint {
+        addr: daemon.addr(),
+        vm: vm.name().to_string(),
+        key: Some(vm.info().key.clone()),
+    });
+    let ok = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poller = {
+        let (ep, ok, stop) = (ep.clone(), ok.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut s: Option<ids::Session> = None;
+            let mut errors = std::collections::BTreeMap::<String, u32>::new();
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+                let sess = match &mut s {
+                    Some(x) => x,
+                    None => match ids::Session::connect(&ep, Duration::from_secs(3)) {
+                        Ok(x) => s.insert(x),
+                        Err(e) => {
+                            *errors.entry(kind(&e)).or_default() += 1;
+                            continue;
+                        }
+                    },
+                };
+                match sess.info() {
+                    Ok(i) => {
+                        assert!(i.authenticated, "unauthenticated INFO after a reset");
+                        assert_eq!(i.header.cpu_count, 2, "wrong INFO after a reset: {i:?}");
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        *errors.entry(kind(&e)).or_default() += 1;
+                        s = None;
+                    }
+                }
+            }
+            errors
+        })
+    };
+    // The harness starts QEMU with -no-reboot; a reset must reset here.
+    vm.qmp("set-action", Some(serde_json::json!({ "reboot": "reset" })))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut c = DaemonClient::connect(&daemon.addr(), DEADLINE).unwrap();
+    for i in 0..RESETS {
+        let before = ok.load(Ordering::Relaxed);
+        let salt = c.header(vm.name()).unwrap().salt;
+        vm.qmp("system_reset", None)
+            .unwrap_or_else(|e| panic!("reset {i}: {e}"));
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            assert!(
+                vm.is_running(),
+                "reset {i}: QEMU died; see {}",
+                vm.state_dir().display()
+            );
+            let h = c.header(vm.name()).unwrap();
+            if h.salt != salt && ok.load(Ordering::Relaxed) > before + 2 {
+                break;
+            }
+            assert!(
+                Instant::now() < until,
+                "reset {i}: no correct answer within 60 s after the reset (header {})",
+                h.summary
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let errors = poller.join().unwrap();
+    let st = c.status().unwrap();
+    eprintln!(
+        "{RESETS} resets: {} correct answers; errors while rebooting {errors:?}; counters {}",
+        ok.load(Ordering::Relaxed),
+        st["vms"][0]["counters"]
+    );
+    assert!(vm.is_running());
+    assert!(
+        st["vms"][0]["counters"]["resets"].as_u64().unwrap() >= u64::from(RESETS),
+        "{st}"
+    );
+    common::finish(vm);
+}
+
+/// A short label of a session error for the tally.
+fn kind(e: &ids::SessionError) -> String {
+    match e {
+        ids::SessionError::Daemon(ClientError::Daemon(d)) => {
+            serde_json::to_value(d).unwrap()["code"]
+                .as_str()
+                .unwrap_or("?")
+                .to_string()
+        }
+        ids::SessionError::SaltChanged => "salt-changed".into(),
+        ids::SessionError::Unprovisioned => "unprovisioned".into(),
+        ids::SessionError::Reply(_) => "reply-rejected".into(),
+        other => format!("other: {other}"),
+    }
+}
