@@ -19,14 +19,21 @@
 //! mailbox file).
 //!
 //! Modules: [`mailbox_file`] (the backing file), [`qmp`] (QEMU machine
-//! protocol client), [`smi`] (SMI backends), [`transact`] (one request/reply
-//! round trip).
+//! protocol client), [`smi`] and [`backend`] (SMI backends: doorbell,
+//! qmp-broadcast, qmp-targeted, kvm), [`transact`] (one request/reply round
+//! trip), [`ivshmem`] (the ivshmem server protocol), [`daemon`] (the root
+//! daemon and its client), [`doctor`] (what this host can do).
 
+pub mod backend;
+pub mod daemon;
+pub mod doctor;
+pub mod ivshmem;
 pub mod mailbox_file;
 pub mod qmp;
 pub mod smi;
 pub mod transact;
 
+pub use backend::Target;
 pub use mailbox_file::{Header, MailboxFile, MailboxFileError};
 pub use smi::{QmpSmi, SmiBackend, SmiError};
 pub use transact::{Injector, TransactError, Transaction};

@@ -211,6 +211,30 @@ impl MailboxFile {
         })
     }
 
+    /// Wraps an already open mailbox (a memfd the daemon created, or a file
+    /// it opened); `name` is what errors call it. Its size must be a valid
+    /// mailbox size.
+    pub fn from_file(file: File, name: impl Into<PathBuf>) -> Result<Self, MailboxFileError> {
+        let path = name.into();
+        let size = file
+            .metadata()
+            .map_err(|source| MailboxFileError::Io {
+                path: path.display().to_string(),
+                source,
+            })?
+            .len() as usize;
+        let areas = Areas::from_size(size).map_err(|source| MailboxFileError::Layout {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(Self {
+            path,
+            file,
+            size,
+            areas,
+        })
+    }
+
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path

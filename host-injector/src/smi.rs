@@ -1,13 +1,15 @@
 //! SMI backends: how the injector makes the target VM enter SMM.
 //!
-//! Only the stock-QEMU backend exists today ([`QmpSmi`]: HMP `o /b 0xb2 CMD`
-//! through QMP, an APM control-port write from the monitor, which the q35
-//! chipset turns into a broadcast SMI). The patched-QEMU and `kvm-ioctls`
-//! backends of the design implement the same trait.
+//! [`QmpSmi`] (`qmp-broadcast`): HMP `o /b 0xb2 CMD` through QMP, an APM
+//! control-port write from the monitor, which the q35 chipset turns into a
+//! broadcast SMI. The other backends of the design (`doorbell`,
+//! `qmp-targeted`, `kvm`) live in [`crate::backend`] and implement the same
+//! trait.
 
 use std::path::Path;
 use std::time::Duration;
 
+pub use crate::backend::Target;
 use crate::qmp::{Qmp, QmpError};
 
 use smmvmi_mailbox::platform::{APM_CMD_SERVE, APM_CNT_PORT};
@@ -31,6 +33,27 @@ pub enum SmiError {
     /// A backend-specific failure.
     #[error("raising an SMI: {0}")]
     Other(String),
+    /// The backend cannot aim at one vCPU.
+    #[error(
+        "raising an SMI on vCPU {cpu} with {backend}: this backend raises only broadcast SMIs; ask for target `all`, or use the `doorbell` backend (per-vCPU MSI-X vectors) or `qmp-targeted` (patched QEMU)"
+    )]
+    Untargeted {
+        /// Backend name.
+        backend: &'static str,
+        /// The vCPU asked for.
+        cpu: u32,
+    },
+    /// Doorbell vector missing or the eventfd write failed.
+    #[error(transparent)]
+    Doorbell(#[from] crate::backend::DoorbellError),
+    /// The QEMU command for targeted SMIs is missing.
+    #[error(
+        "the qmp-targeted backend needs the QMP command `inject-smi`, which stock QEMU lacks: build QEMU with patches-qemu/ (`host-injector doctor` says whether this QEMU has it), or use the `doorbell` backend"
+    )]
+    NeedsPatchedQemu,
+    /// KVM cannot raise SMIs on this host.
+    #[error(transparent)]
+    Kvm(#[from] crate::backend::KvmSmiError),
 }
 
 /// Something that can make the VM enter SMM. The caller (the injector)
@@ -44,6 +67,17 @@ pub trait SmiBackend {
     /// SMI broadcast could crash the VM (QEMU 7.2's monitor port write does).
     fn needs_broadcast(&self) -> bool {
         true
+    }
+    /// Raises one SMI aimed at `target`. Backends that can only broadcast
+    /// raise a broadcast for [`Target::All`] and refuse one vCPU.
+    fn raise_to(&mut self, target: Target) -> Result<(), SmiError> {
+        match target {
+            Target::All => self.raise(),
+            Target::Cpu(cpu) => Err(SmiError::Untargeted {
+                backend: self.name(),
+                cpu,
+            }),
+        }
     }
 }
 
@@ -79,6 +113,6 @@ impl SmiBackend for QmpSmi {
     }
 
     fn name(&self) -> &'static str {
-        "qmp-apm"
+        "qmp-broadcast"
     }
 }

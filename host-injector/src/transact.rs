@@ -242,7 +242,8 @@ impl Injector {
     }
 }
 
-fn rejection_hint(status: Option<ServeStatus>) -> &'static str {
+/// What a serve status usually means and what to do (for error messages).
+pub fn rejection_hint(status: Option<ServeStatus>) -> &'static str {
     match status {
         Some(ServeStatus::BadTag) => {
             "the request failed authentication: the IDS key differs from the agent's (check the key file) or the session salt changed (the VM rebooted: reconnect)"

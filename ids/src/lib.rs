@@ -15,9 +15,9 @@
 //! memory while searching it.
 //!
 //! Modules: [`endpoint`] (where the VM is), [`session`] (sealed requests over
-//! the host-injector library), [`memory`] (the guest-memory trait, its
-//! batches and snapshot cache; backends: [`Session`], [`dump`], [`fake`]),
-//! [`kernel`] (kernel introspection).
+//! the host-injector library or daemon, [`transport`]), [`memory`] (the
+//! guest-memory trait, its batches and snapshot cache; backends:
+//! [`Session`], [`dump`], [`fake`]), [`kernel`] (kernel introspection).
 
 pub mod btf;
 pub mod dump;
@@ -28,6 +28,7 @@ pub mod kernel;
 pub mod linux;
 pub mod memory;
 pub mod session;
+pub mod transport;
 
 pub use endpoint::Endpoint;
 pub use session::{Session, SessionError};

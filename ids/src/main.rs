@@ -18,10 +18,15 @@ use smmvmi_mailbox::wire::{AddressSpace, Pti};
 #[derive(Parser)]
 #[command(name = "ids", version, about)]
 struct Cli {
-    /// `qmp=PATH,mailbox=PATH,key=PATH`, or a VM state directory holding
-    /// qmp.sock, mailbox and key (`cargo xtask vm up` prints the endpoint).
+    /// Through the daemon: `unix:PATH#VM` or `vsock:CID:PORT#VM` (with
+    /// --key, or `,key=PATH` appended). Directly: `qmp=PATH,mailbox=PATH,key=PATH`,
+    /// or a VM state directory holding qmp.sock, mailbox and key
+    /// (`cargo xtask vm up` prints the endpoint).
     #[arg(long, value_name = "ENDPOINT", required_unless_present = "dump")]
     connect: Option<Endpoint>,
+    /// The 32-byte key shared with the agent (daemon endpoints).
+    #[arg(long, value_name = "PATH")]
+    key: Option<std::path::PathBuf>,
     /// Read a memory dump (raw image; its sidecar is IMAGE.json) instead
     /// of a live VM (Linux commands only).
     #[arg(long, value_name = "IMAGE", conflicts_with = "connect")]
@@ -347,7 +352,8 @@ fn main() -> anyhow::Result<()> {
     let Some(ep) = cli.connect.clone() else {
         anyhow::bail!("this command needs a live VM: give --connect ENDPOINT");
     };
-    let mut s = Session::connect(&ep, Duration::from_millis(cli.deadline_ms))?;
+    let endpoint = ep.with_key(cli.key.clone());
+    let mut s = Session::connect(&endpoint, Duration::from_millis(cli.deadline_ms))?;
     match cli.command {
         Command::Banner { verbose, limit } => {
             let b = kernel::find_banner(

@@ -13,6 +13,7 @@ use smmvmi_mailbox::wire::{
 };
 
 use crate::endpoint::Endpoint;
+use crate::transport::{DaemonTransport, Transport};
 
 /// Errors of a session. Each says what was expected, what was found and
 /// what to do.
@@ -38,6 +39,13 @@ pub enum SessionError {
     /// The round trip failed (not ready, silent agent, rejected request).
     #[error(transparent)]
     Transact(#[from] TransactError),
+    /// The endpoint lacks something (a daemon endpoint's key).
+    #[error(transparent)]
+    Endpoint(#[from] crate::endpoint::EndpointError),
+    /// The host-injector daemon failed or refused (typed: match on
+    /// `ClientError::Daemon(DaemonError::..)`).
+    #[error(transparent)]
+    Daemon(#[from] host_injector::daemon::client::ClientError),
     /// The reply failed authentication, binding or parsing.
     #[error("the reply was not accepted: {0}")]
     Reply(#[from] ClientError),
@@ -99,7 +107,7 @@ impl AgentInfo {
 
 /// One agent session.
 pub struct Session {
-    injector: Injector,
+    injector: Transport,
     client: Client,
     salt: [u8; SESSION_SALT_LEN],
     deadline: Duration,
@@ -159,15 +167,30 @@ impl Session {
     /// Connects directly to a VM: opens the mailbox file and QMP, reads the
     /// key, derives the session keys from the published salt.
     pub fn connect(endpoint: &Endpoint, deadline: Duration) -> Result<Self, SessionError> {
-        let key = read_key(&endpoint.key)?;
-        let mailbox = MailboxFile::open(&endpoint.mailbox)?;
-        let smi = QmpSmi::connect(&endpoint.qmp, Duration::from_secs(10))?;
-        Self::with_injector(Injector::new(mailbox, Box::new(smi)), &key, deadline)
+        let key = read_key(endpoint.key()?)?;
+        let transport = match endpoint {
+            Endpoint::Direct(d) => {
+                let mailbox = MailboxFile::open(&d.mailbox)?;
+                let smi = QmpSmi::connect(&d.qmp, Duration::from_secs(10))?;
+                Transport::Direct(Injector::new(mailbox, Box::new(smi)))
+            }
+            Endpoint::Daemon(d) => Transport::Daemon(DaemonTransport::connect(&d.addr, &d.vm)?),
+        };
+        Self::with_transport(transport, &key, deadline)
     }
 
     /// A session over an existing injector (other SMI backends, simulations).
     pub fn with_injector(
         injector: Injector,
+        key: &[u8; SHARED_KEY_LEN],
+        deadline: Duration,
+    ) -> Result<Self, SessionError> {
+        Self::with_transport(Transport::Direct(injector), key, deadline)
+    }
+
+    /// A session over any transport (direct or through the daemon).
+    pub fn with_transport(
+        mut injector: Transport,
         key: &[u8; SHARED_KEY_LEN],
         deadline: Duration,
     ) -> Result<Self, SessionError> {
@@ -197,8 +220,14 @@ impl Session {
         self.client.id()
     }
 
-    /// The injector (header, raw SMIs).
-    pub fn injector(&mut self) -> &mut Injector {
+    /// The injector (header, raw SMIs) of a direct session; `None` through
+    /// the daemon.
+    pub fn injector(&mut self) -> Option<&mut Injector> {
+        self.injector.injector()
+    }
+
+    /// The transport (direct or daemon).
+    pub fn transport(&mut self) -> &mut Transport {
         &mut self.injector
     }
 

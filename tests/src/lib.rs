@@ -20,6 +20,7 @@
 
 pub mod command_channel;
 pub mod cpio;
+pub mod daemon;
 pub mod e820;
 pub mod guest_image;
 pub mod host;

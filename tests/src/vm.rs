@@ -254,6 +254,10 @@ pub struct VmConfig {
     pub boot_timeout: Duration,
     /// QEMU `-accel` value; [`TCG_ACCEL`] unless a benchmark compares.
     pub accel: String,
+    /// Boot with `ivshmem-doorbell` through the host-injector daemon at this
+    /// socket (registered before QEMU starts; mailbox kept in the state
+    /// dir's `mailbox` file); `None`: `ivshmem-plain` over that file.
+    pub daemon: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -272,7 +276,14 @@ impl VmConfig {
             extra_args: Vec::new(),
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
             accel: TCG_ACCEL.into(),
+            daemon: None,
         }
+    }
+
+    /// Boot through the daemon at `socket` (see [`VmConfig::daemon`]).
+    pub fn through_daemon(mut self, socket: impl Into<PathBuf>) -> Self {
+        self.daemon = Some(socket.into());
+        self
     }
 
     pub fn mem(mut self, mem: impl Into<String>) -> Self {
@@ -336,6 +347,9 @@ pub struct VmInfo {
     pub mem: String,
     pub smp: u32,
     pub cpu: String,
+    /// The daemon socket this VM is served through, if any.
+    #[serde(default)]
+    pub daemon: Option<PathBuf>,
 }
 
 impl VmInfo {
@@ -354,6 +368,7 @@ impl VmInfo {
             mem: String::new(),
             smp: 0,
             cpu: String::new(),
+            daemon: None,
         }
     }
 
@@ -370,11 +385,26 @@ impl VmInfo {
             "state_dir": self.state_dir,
             "key": self.key,
             "endpoint": self.endpoint(),
+            "direct_endpoint": self.direct_endpoint(),
         })
     }
 
-    /// The IDS endpoint of this VM (`ids --connect ENDPOINT`).
+    /// The IDS endpoint of this VM (`ids --connect ENDPOINT`): through the
+    /// daemon (`unix:PATH#VM,key=PATH`) when it was booted so, else direct.
     pub fn endpoint(&self) -> String {
+        match &self.daemon {
+            Some(sock) => format!(
+                "unix:{}#{},key={}",
+                sock.display(),
+                self.name,
+                self.key.display()
+            ),
+            None => self.direct_endpoint(),
+        }
+    }
+
+    /// The direct endpoint (mailbox file and QMP socket).
+    pub fn direct_endpoint(&self) -> String {
         format!(
             "qmp={},mailbox={},key={}",
             self.qmp.display(),
@@ -454,6 +484,7 @@ impl Vm {
         info.mem = config.mem.clone();
         info.smp = config.smp;
         info.cpu = config.cpu.clone().unwrap_or_else(|| "qemu64".into());
+        info.daemon = config.daemon.clone();
 
         let guest = match &config.guest {
             Some(g) => g.clone(),
@@ -515,14 +546,6 @@ impl Vm {
             ),
             "-serial".into(),
             "chardev:cmd".into(),
-            "-object".into(),
-            format!(
-                "memory-backend-file,id=mb,size={},mem-path={},share=on",
-                MailboxFile::SIZE,
-                s(&info.mailbox)
-            ),
-            "-device".into(),
-            "ivshmem-plain,memdev=mb".into(),
             "-fw_cfg".into(),
             format!("name={KEY_FW_CFG_NAME},file={}", s(&info.key)),
             "-qmp".into(),
@@ -531,6 +554,7 @@ impl Vm {
             s(&state_dir.join("qemu.pid")),
         ]);
         args.extend(debug_device_args(&info.debugcon_log));
+        args.extend(mailbox_args(&config, &info)?);
         args.extend(config.extra_args.iter().cloned());
         std::fs::write(state_dir.join("qemu.cmdline"), shell_words(&args))
             .map_err(io("write qemu.cmdline"))?;
@@ -919,8 +943,22 @@ impl Vm {
         Ok(self.kill())
     }
 
-    /// Kills QEMU if still alive, reaps it, removes the pid file.
+    /// Kills QEMU if still alive, reaps it, removes the pid file, and
+    /// unregisters the VM from its daemon (best effort).
     fn kill(&mut self) -> String {
+        let status = self.kill_qemu();
+        if let Some(sock) = &self.info.daemon
+            && let Ok(mut c) = host_injector::daemon::client::DaemonClient::connect(
+                &host_injector::daemon::client::DaemonAddr::Unix(sock.clone()),
+                Duration::from_secs(5),
+            )
+        {
+            let _ = c.unregister(&self.info.name);
+        }
+        status
+    }
+
+    fn kill_qemu(&mut self) -> String {
         let status = if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             child
@@ -948,6 +986,62 @@ impl Drop for Vm {
             self.kill();
         }
     }
+}
+
+/// The mailbox device: `ivshmem-plain` over the state dir's file, or
+/// `ivshmem-doorbell` through the daemon (registered here, before QEMU
+/// starts: QEMU connects to the ivshmem socket while it realizes the device).
+fn mailbox_args(config: &VmConfig, info: &VmInfo) -> Result<Vec<String>, VmError> {
+    let s = |p: &Path| p.display().to_string();
+    let Some(sock) = &config.daemon else {
+        return Ok(vec![
+            "-object".into(),
+            format!(
+                "memory-backend-file,id=mb,size={},mem-path={},share=on",
+                MailboxFile::SIZE,
+                s(&info.mailbox)
+            ),
+            "-device".into(),
+            "ivshmem-plain,memdev=mb".into(),
+        ]);
+    };
+    use host_injector::daemon::client::{DaemonAddr, DaemonClient};
+    let ivshmem = info.state_dir.join("ivshmem.sock");
+    let qmp = info.state_dir.join("qmp-daemon.sock");
+    let vectors = 1 + config.smp.min(64) as u16;
+    let daemon_err = |e: host_injector::daemon::client::ClientError| VmError::Io {
+        what: format!(
+            "register VM {} with the daemon at {}",
+            info.name,
+            sock.display()
+        ),
+        source: std::io::Error::other(e.to_string()),
+    };
+    let connect = || {
+        DaemonClient::connect(&DaemonAddr::Unix(sock.clone()), Duration::from_secs(10))
+            .map_err(daemon_err)
+    };
+    // A stale entry of a VM of this name (the daemon closes a connection
+    // that names an unknown VM, hence a second connection).
+    let _ = connect()?.unregister(&info.name);
+    connect()?
+        .register(host_injector::daemon::config::VmConfig {
+            name: info.name.clone(),
+            ivshmem_socket: ivshmem.clone(),
+            qmp: Some(qmp.clone()),
+            vectors,
+            mailbox_size: MailboxFile::SIZE as usize,
+            mailbox_file: Some(info.mailbox.clone()),
+        })
+        .map_err(daemon_err)?;
+    Ok(vec![
+        "-chardev".into(),
+        format!("socket,id=ivs,path={}", s(&ivshmem)),
+        "-device".into(),
+        format!("ivshmem-doorbell,chardev=ivs,vectors={vectors}"),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", s(&qmp)),
+    ])
 }
 
 /// The fw_cfg file the firmware reads the agent key from.

@@ -27,7 +27,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     crate::step("installing what is missing and building");
     let image = crate::guest_image::build(&KernelDeb::default())?;
     let firmware = args.firmware.resolve()?;
-    let mut config = VmConfig::new("demo", firmware).smp(2).mem("1G");
+    let socket = smmvmi_tests::daemon::ensure_default()?;
+    crate::step(&format!("host-injector daemon on {}", socket.display()));
+    let mut config = VmConfig::new("demo", firmware)
+        .smp(2)
+        .mem("1G")
+        .through_daemon(socket);
     config.guest = Some(image);
     crate::step("booting the monitored VM (q35, SMM on, TCG)");
     let vm = Vm::up(config).context("booting the demo VM")?;
@@ -82,10 +87,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// The IDS side: a sealed session with the agent reads the guest kernel
 /// from outside, and the guest's own view is printed next to it.
 fn ids_demo(vm: &Vm) -> anyhow::Result<()> {
-    crate::step("IDS: sealed session with the SMM agent (AES-256-GCM, key from fw_cfg)");
-    let endpoint = Endpoint::from_state_dir(vm.state_dir());
-    // QEMU serves one QMP client at a time: the session takes it over.
-    vm.release_qmp();
+    crate::step(
+        "IDS: sealed session with the SMM agent through the host-injector daemon (AES-256-GCM, key from fw_cfg)",
+    );
+    let endpoint: Endpoint = vm
+        .info()
+        .endpoint()
+        .parse()
+        .context("the harness's daemon endpoint")?;
+    println!("  endpoint {}", endpoint.to_spec());
     let mut s = Session::connect(&endpoint, Session::DEFAULT_DEADLINE)?;
     let agent = s.info()?;
     println!(

@@ -50,6 +50,12 @@ pub struct UpArgs {
     /// Seconds to wait for the guest's ready marker.
     #[arg(long, default_value_t = 120)]
     pub boot_timeout: u64,
+    /// Boot with `ivshmem-plain` over the mailbox file and no daemon (the
+    /// endpoint is then the direct one). By default the VM is served by the
+    /// host-injector daemon (started if none answers on
+    /// .cache/injector/injector.sock) through `ivshmem-doorbell`.
+    #[arg(long)]
+    pub direct: bool,
 }
 
 #[derive(clap::Args)]
@@ -128,6 +134,11 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
     }
     if let Some(append) = args.append {
         config = config.append(append);
+    }
+    if !args.direct {
+        let socket = smmvmi_tests::daemon::ensure_default()?;
+        crate::step(&format!("host-injector daemon on {}", socket.display()));
+        config = config.through_daemon(socket);
     }
     crate::step(&format!(
         "starting VM {} ({} RAM, {} vCPUs)",
