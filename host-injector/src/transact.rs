@@ -249,7 +249,10 @@ pub fn rejection_hint(status: Option<ServeStatus>) -> &'static str {
             "the request failed authentication: the IDS key differs from the agent's (check the key file) or the session salt changed (the VM rebooted: reconnect)"
         }
         Some(ServeStatus::Replay) => {
-            "the request sequence did not grow: reconnect with a fresh client (sequence starts at the current time in ns)"
+            "the agent served this request's sequence already, or it is below the agent's floor (the agent forgot this client): reconnect with a fresh client (sequence starts at the current time in ns)"
+        }
+        Some(ServeStatus::SnapshotMissed) => {
+            "the SMI was served without a snapshot the request needed (its flags changed while the agent read them): send the request again"
         }
         Some(ServeStatus::SealedRequired) => {
             "the agent is provisioned and accepts only sealed requests: pass the key"

@@ -298,7 +298,8 @@ pub enum ServeStatus {
     /// The request frame header is malformed (version, direction, reserved
     /// fields) or its length does not fit the request area.
     BadFrame = 3,
-    /// The request sequence is not greater than the last accepted one.
+    /// The request was served already (this client's sequence window says
+    /// so), or its sequence is below the agent's floor (reconnect).
     Replay = 4,
     /// The request failed authentication (tag, key or header tampered).
     BadTag = 5,
@@ -309,6 +310,11 @@ pub enum ServeStatus {
     /// A plain request reached a provisioned agent; only sealed requests are
     /// served once a key is present.
     SealedRequired = 8,
+    /// The request needs a snapshot of every CPU but this SMI was served
+    /// without one (the flag the agent read before authenticating the
+    /// request differed from the authenticated one: the guest changed it
+    /// in between). Nothing was read; send the request again.
+    SnapshotMissed = 9,
 }
 
 impl ServeStatus {
@@ -324,6 +330,7 @@ impl ServeStatus {
             6 => Self::BadBody,
             7 => Self::CounterExhausted,
             8 => Self::SealedRequired,
+            9 => Self::SnapshotMissed,
             _ => return None,
         })
     }

@@ -89,6 +89,7 @@ impl<M: PhysMemory> SimAgent<M> {
             cpus: &self.cpus,
             sev: self.sev,
             mem_flags: 0,
+            snapshot_skipped: false,
         };
         let served = smmvmi_agent::serve(mailbox, &mut self.state, &ctx, &self.mem);
         if let Served::Answered(s) = served {

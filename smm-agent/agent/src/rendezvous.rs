@@ -76,6 +76,9 @@ pub struct Arrival {
     /// This CPU had left SMM without RSM during an earlier SMI (its slot
     /// was still set): what it held then has been released now.
     pub vanished: bool,
+    /// It vanished while holding the serve claim: the agent's state may be
+    /// half-updated (the caller must recover it before the next serve).
+    pub interrupted_serve: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -210,9 +213,10 @@ impl Rendezvous {
             return Arrival {
                 role: Role::Outside,
                 vanished: false,
+                interrupted_serve: false,
             };
         };
-        let vanished = self.undo(cpu, my_slot.load(SeqCst));
+        let (vanished, interrupted_serve) = self.undo(cpu, my_slot.load(SeqCst));
         if vanished {
             self.vanished_cpus.fetch_add(1, SeqCst);
         }
@@ -230,6 +234,7 @@ impl Rendezvous {
                             generation: generation_of(s),
                         },
                         vanished,
+                        interrupted_serve,
                     };
                 }
                 my_slot.store(0, SeqCst);
@@ -249,22 +254,31 @@ impl Rendezvous {
                 return Arrival {
                     role: Role::Leader { generation },
                     vanished,
+                    interrupted_serve,
                 };
             }
             my_slot.store(0, SeqCst);
         }
     }
 
-    /// CPUs whose slot says they are in session `generation`.
+    /// CPUs whose slot says they are in session `generation`. A slot marked
+    /// as leader counts only for the session's own leader: a CPU that
+    /// stored its leader slot and vanished before its compare-and-swap
+    /// (INIT inside `arrive`) would otherwise be counted in a later session
+    /// of that generation with a snapshot from an earlier SMI.
     fn present(&self, generation: u32, upto: u64) -> u64 {
+        let s = self.session.load(SeqCst);
+        let leader = (generation_of(s) == generation).then_some(((s >> 8) & 0xff) as usize);
         let n = (64 - upto.leading_zeros()) as usize;
         self.slots
             .iter()
             .take(n)
             .enumerate()
-            .filter(|(_, s)| {
+            .filter(|(i, s)| {
                 let v = s.load(SeqCst);
-                v & SLOT_IN != 0 && generation_of(v) == generation
+                v & SLOT_IN != 0
+                    && generation_of(v) == generation
+                    && (v & SLOT_LEADER == 0 || leader == Some(*i))
             })
             .fold(0, |m, (i, _)| m | 1 << i)
     }
@@ -287,7 +301,10 @@ impl Rendezvous {
             present = self.present(generation, expected);
         }
         let missing = expected & !present;
-        self.absent.store(missing, SeqCst);
+        // Added, never overwritten: a targeted session expects one CPU and
+        // must not make the others "seen". A bit is cleared only when its
+        // CPU arrives.
+        self.absent.fetch_or(missing, SeqCst);
         let complete = missing == 0;
         if !complete {
             self.partial_sessions.fetch_add(1, SeqCst);
@@ -352,12 +369,15 @@ impl Rendezvous {
     }
 
     /// After an exception in SMM: the faulting CPU gives up whatever it
-    /// held (claim, session) and leaves, as if it had finished normally.
-    pub fn abort(&self, cpu: u32) {
-        if let Some(my_slot) = self.slots.get(cpu as usize) {
-            self.undo(cpu, my_slot.load(SeqCst));
-            my_slot.store(0, SeqCst);
-        }
+    /// held (claim, session) and leaves. Returns true if it held the serve
+    /// claim (the agent's state may be half-updated: recover it).
+    pub fn abort(&self, cpu: u32) -> bool {
+        let Some(my_slot) = self.slots.get(cpu as usize) else {
+            return false;
+        };
+        let (_, had_claim) = self.undo(cpu, my_slot.load(SeqCst));
+        my_slot.store(0, SeqCst);
+        had_claim
     }
 
     fn leave(&self, cpu: u32) {
@@ -366,15 +386,19 @@ impl Rendezvous {
         }
     }
 
-    /// Releases what `cpu` held according to its slot value `was`; true if
-    /// it held anything (the slot was set).
-    fn undo(&self, cpu: u32, was: u64) -> bool {
+    /// Releases what `cpu` held according to its slot value `was`: whether
+    /// it held anything (the slot was set), and whether that included the
+    /// serve claim.
+    fn undo(&self, cpu: u32, was: u64) -> (bool, bool) {
         if was & SLOT_IN == 0 {
-            return false;
+            return (false, false);
         }
         // The slot proves this CPU is not serving now (it is here, at entry
         // or in the fault path), so its claim can be released.
-        let _ = self.claim.compare_exchange(cpu + 1, 0, SeqCst, SeqCst);
+        let had_claim = self
+            .claim
+            .compare_exchange(cpu + 1, 0, SeqCst, SeqCst)
+            .is_ok();
         if was & SLOT_LEADER != 0 {
             let generation = generation_of(was);
             let open = session(generation, cpu, PHASE_OPEN);
@@ -387,6 +411,43 @@ impl Rendezvous {
             }
         }
         self.slots[cpu as usize].store(0, SeqCst);
-        true
+        (true, had_claim)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Ticks(core::cell::Cell<u64>);
+
+    impl Clock for Ticks {
+        fn now(&self) -> u64 {
+            self.0.get()
+        }
+        fn relax(&self) {
+            self.0.set(self.0.get() + 1);
+        }
+    }
+
+    /// CPU 1 stored its leader slot for the next generation and vanished
+    /// (INIT) before its compare-and-swap; CPU 0 then opens that generation.
+    /// CPU 1 must not be counted, with a snapshot of an earlier SMI.
+    #[test]
+    fn a_cpu_that_vanished_inside_arrive_is_not_counted_later() {
+        let r = Rendezvous::new();
+        let g = generation_of(r.session.load(SeqCst));
+        r.slots[1].store(slot(g.wrapping_add(1), true), SeqCst);
+        let Role::Leader { generation } = r.arrive(0).role else {
+            panic!("CPU 0 must lead");
+        };
+        assert_eq!(generation, g.wrapping_add(1));
+        let t = Timeouts {
+            gather: 10,
+            follow: 100,
+        };
+        let got = r.gather(generation, 0b11, &t, &Ticks(core::cell::Cell::new(0)));
+        assert_eq!(got.present, 0b01);
+        assert!(!got.complete);
     }
 }

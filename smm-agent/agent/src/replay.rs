@@ -61,6 +61,10 @@ pub struct ReplayWindow {
     entries: [Entry; MAX_CLIENTS],
     floor: u64,
     clock: u64,
+    /// The highest sequence ever accepted, raised *before* an entry is
+    /// changed: if the serving CPU vanishes halfway through an update,
+    /// [`ReplayWindow::forget_all`] still knows how far to raise the floor.
+    max_seen: u64,
 }
 
 impl Default for ReplayWindow {
@@ -82,6 +86,20 @@ impl ReplayWindow {
             }; MAX_CLIENTS],
             floor: 0,
             clock: 0,
+            max_seen: 0,
+        }
+    }
+
+    /// Forgets every client and raises the floor above every sequence ever
+    /// accepted: the recovery after a serve that was cut short (the CPU left
+    /// SMM without RSM, or faulted) in the middle of updating this table.
+    /// Clients whose next sequence is below the new floor are told to
+    /// reconnect ([`ReplayError::BelowFloor`]); nothing is accepted twice.
+    pub fn forget_all(&mut self) {
+        self.floor = self.floor.max(self.max_seen);
+        for e in &mut self.entries {
+            self.floor = self.floor.max(e.highest);
+            *e = Entry::default();
         }
     }
 
@@ -113,6 +131,7 @@ impl ReplayWindow {
     /// recently used one, whose highest sequence raises the floor.
     pub fn accept(&mut self, client: u64, seq: u64) -> Result<(), ReplayError> {
         self.check(client, seq)?;
+        self.max_seen = self.max_seen.max(seq);
         self.clock += 1;
         let clock = self.clock;
         let i = match self
@@ -129,7 +148,13 @@ impl ReplayWindow {
                     .unwrap_or_else(|| self.least_recently_used());
                 let old = self.entries[i];
                 if old.used {
-                    self.floor = self.floor.max(old.highest);
+                    // The new client must be above the floor as it will be
+                    // once the evicted client is forgotten.
+                    let floor = self.floor.max(old.highest);
+                    if seq <= floor {
+                        return Err(ReplayError::BelowFloor { client, seq, floor });
+                    }
+                    self.floor = floor;
                 }
                 self.entries[i] = Entry {
                     client,

@@ -3,6 +3,7 @@
 use core::sync::atomic::{Ordering, compiler_fence};
 
 use smmvmi_mailbox::crypto::{self, SHARED_KEY_LEN, SessionKeys};
+use smmvmi_mailbox::frame::FLAG_NO_SNAPSHOT;
 use smmvmi_mailbox::layout::{self, Areas, SESSION_SALT_LEN, ServeStatus};
 use smmvmi_mailbox::shared::SharedMemory;
 use smmvmi_mailbox::wire::{
@@ -55,6 +56,11 @@ pub struct ServeContext<'a> {
     /// What INFO says about memory outside the boot map
     /// (`records::MEM_DIMM_HOTPLUG`, `MEM_VIRTIO_MEM_REFUSED`).
     pub mem_flags: u32,
+    /// This SMI was served without waiting for the other CPUs, because the
+    /// request's frame header (read once, before authentication) carried
+    /// `FLAG_NO_SNAPSHOT`. A request whose authenticated flags do not say so
+    /// is refused ([`ServeStatus::SnapshotMissed`]).
+    pub snapshot_skipped: bool,
 }
 
 /// The agent's own state, kept in SMRAM across SMIs.
@@ -105,6 +111,16 @@ impl<'b> AgentState<'b> {
             request_buf,
             reply_buf,
         }
+    }
+
+    /// Repairs the state after a serve that was cut short (the serving CPU
+    /// left SMM without RSM, or faulted): the key cache may hold a
+    /// half-written schedule and the replay table a half-updated entry.
+    /// Drops the cache (keys are derived again) and forgets every client
+    /// above a raised floor (see [`ReplayWindow::forget_all`]).
+    pub fn recover_interrupted_serve(&mut self) {
+        self.keys = None;
+        self.replay.forget_all();
     }
 
     /// True if a key is provisioned.
@@ -251,6 +267,9 @@ fn answer<S: SharedMemory, M: PhysMemory>(
     // Authentic and fresh: consume the sequence before anything else.
     if state.replay.accept(header.client, header.seq).is_err() {
         return (ServeStatus::Replay, 0);
+    }
+    if ctx.snapshot_skipped && header.flags & FLAG_NO_SNAPSHOT == 0 {
+        return (ServeStatus::SnapshotMissed, 0);
     }
     let Ok(body) = RequestBody::parse(&frame[opened.body.clone()]) else {
         return (ServeStatus::BadBody, 0);

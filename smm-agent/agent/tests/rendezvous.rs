@@ -383,3 +383,46 @@ fn concurrent_smis_with_vanishing_cpus_keep_the_invariants() {
     assert!(c.sessions > 0 && served.load(Ordering::Relaxed) > 0);
     eprintln!("{c:?}, served {}", served.load(Ordering::Relaxed));
 }
+
+/// A targeted session (expecting only its leader) must not make the
+/// rendezvous forget that another CPU is absent (review finding).
+#[test]
+fn a_targeted_session_does_not_forget_which_cpus_are_absent() {
+    let r = Rendezvous::new();
+    let g = leader(r.arrive(0));
+    r.gather(g, 0b11, &T, &Tsc::default()); // CPU 1 never comes: absent
+    assert!(r.claim(0));
+    r.release(0, g);
+    let g = leader(r.arrive(0));
+    r.gather(g, 0b01, &T, &Tsc::default()); // targeted
+    assert!(r.claim(0));
+    r.release(0, g);
+    let clock = Tsc::default();
+    let g = leader(r.arrive(0));
+    r.gather(g, 0b11, &T, &clock); // broadcast: CPU 1 still unseen
+    r.release(0, g);
+    assert_eq!(
+        clock.now(),
+        0,
+        "CPU 1 was waited for again without being seen"
+    );
+}
+
+/// A CPU that vanished while holding the serve claim says so when it comes
+/// back, so the agent can repair its state before the next serve.
+#[test]
+fn a_vanished_serve_is_reported_on_return() {
+    let r = Rendezvous::new();
+    let g = leader(r.arrive(0));
+    r.gather(g, 0b01, &T, &Tsc::default());
+    assert!(r.claim(0));
+    let a = r.arrive(0);
+    assert!(a.vanished && a.interrupted_serve);
+    r.release(0, leader(a));
+    leader(r.arrive(1));
+    assert!(r.claim(1));
+    assert!(
+        r.abort(1),
+        "a fault while serving is an interrupted serve too"
+    );
+}

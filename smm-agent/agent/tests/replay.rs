@@ -100,3 +100,43 @@ proptest! {
         }
     }
 }
+
+/// After a serve cut short mid-update, nothing served before is accepted
+/// again; clients reconnect above the new floor (review finding).
+#[test]
+fn forget_all_after_an_interrupted_serve_never_reopens_a_sequence() {
+    let mut w = ReplayWindow::new();
+    for seq in 90..=100 {
+        w.accept(7, seq).unwrap();
+    }
+    w.accept(8, 50).unwrap();
+    w.forget_all();
+    assert!(w.floor() >= 100);
+    for seq in 90..=100 {
+        assert!(
+            w.accept(7, seq).is_err(),
+            "client 7 seq {seq} accepted twice"
+        );
+    }
+    assert!(w.accept(8, 50).is_err());
+    w.accept(7, 101).unwrap();
+    w.accept(8, 200).unwrap();
+}
+
+/// A new client that would be below the floor once it evicts another is
+/// refused before anything is evicted (review finding).
+#[test]
+fn eviction_checks_the_new_client_against_the_raised_floor() {
+    let mut w = ReplayWindow::new();
+    for c in 0..MAX_CLIENTS as u64 {
+        w.accept(c, 1000 + c).unwrap();
+    }
+    // Client 999 at seq 500: the LRU victim (client 0, highest 1000) would
+    // raise the floor to 1000.
+    assert!(matches!(
+        w.accept(999, 500),
+        Err(ReplayError::BelowFloor { .. })
+    ));
+    // Nothing was evicted: client 0 continues.
+    w.accept(0, 1001).unwrap();
+}

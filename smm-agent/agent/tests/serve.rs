@@ -5,6 +5,7 @@ use smmvmi_agent::CpuSnapshot;
 use smmvmi_agent::serve::{AgentState, ServeContext, Served, SevConfig, serve};
 use smmvmi_mailbox::client::{self, Client, ClientError, Poll};
 use smmvmi_mailbox::crypto::SessionKeys;
+use smmvmi_mailbox::frame::FLAG_NO_SNAPSHOT;
 use smmvmi_mailbox::layout::{self, Areas, ServeStatus};
 use smmvmi_mailbox::shared::SharedMemory;
 use smmvmi_mailbox::wire::{AddressSpace, CpuState, Info, Op, OpKind, Pti, Status, WalkRecord};
@@ -76,7 +77,11 @@ fn with_agent<R>(
     let mut req_buf = std::mem::take(&mut w.req_buf);
     let mut reply_buf = std::mem::take(&mut w.reply_buf);
     let state = AgentState::new(key, SALT, &mut req_buf, &mut reply_buf);
-    let mut h = Harness { w, state };
+    let mut h = Harness {
+        w,
+        state,
+        skipped: false,
+    };
     let r = f(&mut h);
     drop(h);
     r
@@ -85,6 +90,8 @@ fn with_agent<R>(
 struct Harness<'w, 'b> {
     w: &'w mut World,
     state: AgentState<'b>,
+    /// Serve as if the leader skipped the rendezvous (targeted SMI).
+    skipped: bool,
 }
 
 impl Harness<'_, '_> {
@@ -95,6 +102,7 @@ impl Harness<'_, '_> {
             cpus: &self.w.cpus,
             sev: self.w.sev,
             mem_flags: 0,
+            snapshot_skipped: self.skipped,
         };
         let r = serve(&self.w.mailbox, &mut self.state, &ctx, &self.w.pt.mem);
         self.w.pt.mem.assert_reads_safe();
@@ -561,5 +569,36 @@ fn interleaved_clients_each_get_their_own_replies() {
             doorbell += 1;
             assert_eq!(poll.status(), Some(ServeStatus::Replay));
         }
+    });
+}
+
+/// A request served without the rendezvous must say so in its
+/// authenticated flags; otherwise the agent refuses it (the guest changed the
+/// flag the firmware read before authentication) and the client sends it
+/// again (review finding).
+#[test]
+fn a_snapshot_request_served_without_one_is_refused() {
+    let mut w = World::new(4, 0);
+    with_agent(&mut w, Some(&KEY), |h| {
+        let mut c = client();
+        h.skipped = true;
+        let frame = c.seal_request_vec(&[Op::Info], [1; 16]).unwrap();
+        let (poll, _) = h.roundtrip(&frame, 1);
+        assert_eq!(poll.status(), Some(ServeStatus::SnapshotMissed));
+        // With the flag sealed in, the same kind of SMI serves it.
+        let mut out = vec![0u8; Client::request_frame_len(1)];
+        let n = c
+            .seal_request_with(&[Op::Info], [2; 16], FLAG_NO_SNAPSHOT, &mut out)
+            .unwrap();
+        let (poll, mut reply) = h.roundtrip(&out[..n], 2);
+        assert_eq!(poll.status(), Some(ServeStatus::Ok));
+        c.open_reply(&mut reply).unwrap();
+        // And a broadcast SMI serves a flagged request too.
+        h.skipped = false;
+        let n = c
+            .seal_request_with(&[Op::Info], [3; 16], FLAG_NO_SNAPSHOT, &mut out)
+            .unwrap();
+        let (poll, _) = h.roundtrip(&out[..n], 3);
+        assert_eq!(poll.status(), Some(ServeStatus::Ok));
     });
 }

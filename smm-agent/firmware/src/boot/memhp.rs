@@ -9,6 +9,7 @@ use smmvmi_boot::fw_cfg as fwc;
 use smmvmi_boot::memhp;
 
 use crate::hw::fw_cfg::FwCfg;
+use crate::layout::MAX_MAPPED_GIB;
 use crate::log;
 use crate::smm::config::MemHotplug;
 
@@ -28,7 +29,15 @@ pub fn plan(
     let mut end = [0u8; 8];
     fwc::read_item(fw, file.select, file.size, &mut end).ok()?;
     let reserved_end = u64::from_le_bytes(end);
-    let window = memhp::device_memory_window(boot_ram, reserved_end)?;
+    // The SMM alias of guest memory maps at most MAX_MAPPED_GIB: DIMMs beyond
+    // it are refused (outside the window) rather than failing the boot.
+    let mapped_end = MAX_MAPPED_GIB << 30;
+    if reserved_end > mapped_end {
+        log!(
+            "device memory ends at {reserved_end:#x}; DIMMs above {mapped_end:#x} (the SMM map's limit) will be refused"
+        );
+    }
+    let window = memhp::device_memory_window(boot_ram, reserved_end.min(mapped_end))?;
     if slots == 0 {
         log!(
             "device memory up to {reserved_end:#x} but no DIMM slots in the DSDT: no RAM hot-plug"

@@ -126,7 +126,8 @@ impl PhysMemory for GuestMemory {
 
 /// Serves the mailbox request, if any. Called by the session's server with
 /// every present CPU's snapshot stored. Returns the TSC cycles spent.
-pub fn serve(mailbox: &Region, present_mask: u64) -> Option<(Served, u64)> {
+pub fn serve(mailbox: &Region, held: super::smi::Held) -> Option<(Served, u64)> {
+    let present_mask = held.present;
     let t0 = crate::hw::tsc::now();
     // SAFETY: this CPU serves the session; the rendezvous admits one server.
     let agent = unsafe { AGENT.get() };
@@ -137,7 +138,8 @@ pub fn serve(mailbox: &Region, present_mask: u64) -> Option<(Served, u64)> {
     for (i, dst) in agent.cpus.iter_mut().enumerate().take(ncpus) {
         *dst = if present_mask & (1 << i) != 0 {
             // SAFETY: CPU i stored its slot before joining; the rendezvous
-            // (Acquire on the present count) orders that before this read.
+            // (SeqCst slot store after the snapshot, SeqCst slot loads in the
+            // leader's gather) orders that before this read.
             unsafe { *SNAPSHOTS[i].get() }
         } else {
             ZERO_CPU
@@ -145,8 +147,12 @@ pub fn serve(mailbox: &Region, present_mask: u64) -> Option<(Served, u64)> {
     }
     // RAM plugged after boot joins the map for this request only (a DIMM
     // removed since is forgotten at once).
+    // The controller's slot selector is shared with the guest's ACPI code,
+    // so it is used only while every CPU is held in SMM; other requests
+    // (targeted, partial) read boot RAM only.
     let hotplugged = config()
         .memhp
+        .filter(|_| held.every_cpu)
         .map(|hp| super::memhp::ram_now(&agent.ram, &hp));
     let ctx = ServeContext {
         ram: hotplugged.as_ref().unwrap_or(&agent.ram),
@@ -154,12 +160,22 @@ pub fn serve(mailbox: &Region, present_mask: u64) -> Option<(Served, u64)> {
         cpus: &agent.cpus[..ncpus],
         sev: agent.sev,
         mem_flags: config().mem_flags,
+        snapshot_skipped: held.snapshot_skipped,
     };
     // The mailbox BAR, verified in place by `smi::mailbox`, which the guest
     // and the host write concurrently: `serve` reaches it only through the
     // volatile `SharedMemory` accesses of `Region`.
     let served = smmvmi_agent::serve(mailbox, state, &ctx, &GuestMemory);
     Some((served, crate::hw::tsc::now().wrapping_sub(t0)))
+}
+
+/// Repairs the agent's state after a serve that was cut short (see
+/// `AgentState::recover_interrupted_serve`). Called by the serving CPU.
+pub fn recover_interrupted_serve() {
+    // SAFETY: called by the CPU holding the serve claim (smi::serve).
+    if let Some(state) = unsafe { AGENT.get() }.state.as_mut() {
+        state.recover_interrupted_serve();
+    }
 }
 
 /// Whether a key is provisioned (decides "ready" vs "unprovisioned").

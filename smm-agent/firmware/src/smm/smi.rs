@@ -43,6 +43,9 @@ pub struct SmmShared {
     faults: AtomicU64,
     /// Times the doorbell's MSI-X arming was found undone and restored.
     doorbell_rearms: AtomicU64,
+    /// A serve was cut short (its CPU vanished or faulted): the next claim
+    /// holder repairs the agent's state before serving.
+    recover_agent: AtomicBool,
     /// Longest time one CPU spent in SMM for one SMI, in TSC ticks (from
     /// the Rust entry to the return to the RSM stub).
     max_residency: AtomicU64,
@@ -53,6 +56,7 @@ pub static SMM: SmmShared = SmmShared {
     mailbox_moved: AtomicU64::new(0),
     faults: AtomicU64::new(0),
     doorbell_rearms: AtomicU64::new(0),
+    recover_agent: AtomicBool::new(false),
     max_residency: AtomicU64::new(0),
 };
 
@@ -101,19 +105,31 @@ extern "C" fn smm_main(block: u64) {
     let cpu = percpu(block).read_u32(PERCPU_INDEX);
     super::agent::snapshot_self(cpu, block);
     let timeouts = timeouts();
-    match RENDEZVOUS.arrive(cpu).role {
+    let arrival = RENDEZVOUS.arrive(cpu);
+    if arrival.interrupted_serve {
+        // This CPU vanished while serving: the agent's state may be half
+        // updated. The next CPU to hold the serve claim repairs it first.
+        SMM.recover_agent.store(true, Ordering::Release);
+    }
+    match arrival.role {
         Role::Leader { generation } => {
             // A request that needs no snapshot (sent with a targeted SMI) is
             // served at once by this CPU; anything else waits for the others.
-            let expected = match mailbox() {
-                Some((mbox, _)) if no_snapshot_requested(&mbox) => 1 << cpu,
-                _ => config().cpu_mask,
-            };
+            // The flag is read once here; the agent checks it against the
+            // authenticated header (ServeContext::snapshot_skipped).
+            let skip = mailbox().is_some_and(|(mbox, _)| no_snapshot_requested(&mbox));
+            let all = config().cpu_mask;
+            let expected = if skip { 1 << cpu } else { all };
             let gathered = RENDEZVOUS.gather(generation, expected, &timeouts, &TscClock);
             if RENDEZVOUS.claim(cpu) {
                 // The BAR is checked again: other CPUs ran guest code while
                 // this one gathered.
-                serve(gathered.present, mailbox());
+                let held = Held {
+                    present: gathered.present,
+                    snapshot_skipped: skip,
+                    every_cpu: gathered.complete && expected == all,
+                };
+                serve(held, mailbox());
             }
             RENDEZVOUS.release(cpu, generation);
         }
@@ -161,10 +177,21 @@ fn no_snapshot_requested(mbox: &Region) -> bool {
     direction == Direction::Request as u8 && flags & FLAG_NO_SNAPSHOT != 0
 }
 
+/// What the session this CPU serves holds.
+#[derive(Clone, Copy)]
+pub struct Held {
+    /// The CPUs whose snapshots are stored for this session.
+    pub present: u64,
+    /// The leader did not wait for the others (FLAG_NO_SNAPSHOT read once).
+    pub snapshot_skipped: bool,
+    /// Every CPU is in SMM for this session: no guest code runs, so shared
+    /// platform registers (the memory hot-plug selector) may be used.
+    pub every_cpu: bool,
+}
+
 /// Serves one SMI session (this CPU holds the serve claim): publishes the
-/// agent's state and answers PING and the request. `present`: the CPUs whose
-/// snapshots are stored for this session.
-fn serve(present: u64, mailbox: Option<(Region, MailboxBar)>) {
+/// agent's state and answers PING and the request.
+fn serve(held: Held, mailbox: Option<(Region, MailboxBar)>) {
     #[cfg(feature = "fault-injection")]
     {
         use crate::layout::{APM_CMD_EXECUTE_GUEST, APM_CMD_INJECT_FAULT};
@@ -184,7 +211,7 @@ fn serve(present: u64, mailbox: Option<(Region, MailboxBar)>) {
         // SAFETY: RELOC_DATA is firmware-owned low RAM during boot; the flag
         // makes this the only write there, on the self-test SMI before Linux.
         let data = unsafe { Region::new(PHYS_OFF + RELOC_DATA, RELOC_DATA_LEN) };
-        data.write_u32(SELFTEST_WORD, present.count_ones().max(1));
+        data.write_u32(SELFTEST_WORD, held.present.count_ones().max(1));
     }
     let Some((mbox, bar)) = mailbox else { return };
     if doorbell::arm(&bar, config().cpu_mask) == Some(true) {
@@ -193,7 +220,10 @@ fn serve(present: u64, mailbox: Option<(Region, MailboxBar)>) {
     publish_header(&mbox);
     let ping = mbox.read_u64(mb::OFF_PING_REQ as u64);
     mbox.write_u64(mb::OFF_PING_ACK as u64, ping);
-    if let Some((served, cycles)) = super::agent::serve(&mbox, present)
+    if SMM.recover_agent.swap(false, Ordering::Acquire) {
+        super::agent::recover_interrupted_serve();
+    }
+    if let Some((served, cycles)) = super::agent::serve(&mbox, held)
         && served != smmvmi_agent::Served::Idle
     {
         mbox.write_u64(mb::OFF_SERVE_CYCLES as u64, cycles);
@@ -223,7 +253,10 @@ fn publish_header(mbox: &Region) {
     );
     mbox.write_u64(
         mb::OFF_MAX_SMM_US as u64,
-        SMM.max_residency.load(Ordering::Relaxed) * 1000 / config().tsc_per_ms.max(1),
+        SMM.max_residency
+            .load(Ordering::Relaxed)
+            .saturating_mul(1000)
+            / config().tsc_per_ms.max(1),
     );
     super::agent::publish(mbox);
     let state = if SMM.faults.load(Ordering::Relaxed) != 0 {
@@ -255,7 +288,10 @@ pub fn on_exception(frame: &Frame) -> u64 {
         mbox.write_u64(mb::OFF_FAULT_RIP as u64, frame.rip);
         mbox.write_u32(mb::OFF_STATE as u64, mb::AgentState::Fault as u32);
     }
-    // Give back what this CPU held (serve claim, session) and leave.
-    RENDEZVOUS.abort(cpu);
+    // Give back what this CPU held (serve claim, session) and leave; a fault
+    // in the middle of a serve leaves the agent's state to be repaired.
+    if RENDEZVOUS.abort(cpu) {
+        SMM.recover_agent.store(true, Ordering::Release);
+    }
     block
 }
