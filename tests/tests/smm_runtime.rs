@@ -167,3 +167,58 @@ fn guest_root_init_in_smm_cannot_hang_the_vm() {
     );
     finish(vm);
 }
+
+/// Guest root sends INIT to the boot CPU itself: it restarts at the reset
+/// vector while the chipset still has SMRAM locked (an INIT is not a
+/// platform reset). The firmware must not stop the VM ("no SMRAM") but ask
+/// for a platform reset, after which the machine boots and the agent is
+/// ready again with a new session salt.
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn guest_root_init_of_the_boot_cpu_reboots_the_platform() {
+    // maxcpus=1: Linux runs only on the boot CPU, so "self" is the BSP.
+    let mut vm = boot(
+        config("rt-bspinit")
+            .smp(2)
+            .append("maxcpus=1 iomem=relaxed"),
+    );
+    let before = vm
+        .wait_agent_ready(common::AGENT_READY)
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The harness starts QEMU with -no-reboot; a reset must reset here.
+    vm.qmp("set-action", Some(serde_json::json!({ "reboot": "reset" })))
+        .unwrap_or_else(|e| panic!("{e}"));
+    vm.release_qmp();
+    // INIT, level assert, destination shorthand "self" (ICR bits 19:18 = 01).
+    let _ = vm.exec_timeout(
+        &format!("devmem {ICR_LOW:#x} 32 {:#x}", ICR_INIT | 1 << 18),
+        Duration::from_secs(5),
+    );
+    let end = Instant::now() + Duration::from_secs(120);
+    let after = loop {
+        assert!(
+            vm.is_running(),
+            "QEMU stopped after the INIT:\n{}",
+            vm.debugcon()
+        );
+        if let Ok(h) = vm.mailbox()
+            && h.state() == Some(smmvmi_mailbox::layout::AgentState::Ready)
+            && h.salt != before.salt
+        {
+            break h;
+        }
+        assert!(
+            Instant::now() < end,
+            "no new boot within 120 s; debug console:\n{}",
+            vm.debugcon()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        vm.debugcon()
+            .contains("SMRAM is locked at the reset vector"),
+        "the firmware must say why it reset the platform"
+    );
+    assert_ne!(after.salt, before.salt);
+    finish(vm);
+}

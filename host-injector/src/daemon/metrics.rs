@@ -32,7 +32,7 @@ pub struct VmMetrics {
     pub smis_qmp: AtomicU64,
     /// Doorbell SMIs unanswered within the grace period (fallbacks).
     pub doorbell_fallbacks: AtomicU64,
-    /// Requests whose completion the agent rang.
+    /// Rings received from the agent (Doorbell register writes to our peer).
     pub rings: AtomicU64,
     /// RESET/SHUTDOWN events seen.
     pub resets: AtomicU64,

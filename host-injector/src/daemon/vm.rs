@@ -610,7 +610,11 @@ impl Worker {
             other => self.shared.mb_err(other),
         })?;
         self.last_doorbell = doorbell;
-        while self.ring.get_ref().read().is_ok() {} // stale rings
+        // Rings of earlier requests that arrived after their done word was
+        // seen (the agent stores the done word, then rings): count them.
+        while let Ok(n) = self.ring.get_ref().read() {
+            self.shared.metrics.rings.fetch_add(n, Ordering::Relaxed);
+        }
         let posted = Instant::now();
         let mut req = Request::posted(doorbell, job.deadline, self.timing.policy);
         let mut last_raise = posted;
@@ -712,7 +716,11 @@ impl Worker {
         let reply = mb
             .read_reply(reply_len)
             .map_err(|e| self.shared.mb_err(e))?;
-        if rang {
+        if !rang && let Ok(n) = self.ring.get_ref().read() {
+            // The ring that follows the done word, if it is already there.
+            self.shared.metrics.rings.fetch_add(n, Ordering::Relaxed);
+            rang = true;
+        } else if rang {
             self.shared.metrics.rings.fetch_add(1, Ordering::Relaxed);
         }
         Ok((

@@ -141,6 +141,13 @@ pub const fn smram_lock(value: u8) -> u8 {
     (smram_enable(value)) | SMRAM_D_LCK
 }
 
+/// ICH9 Reset Control register (I/O port 0xCF9): writing
+/// [`RST_CNT_FULL_RESET`] resets the whole platform, chipset included
+/// (QEMU `hw/isa/lpc_ich9.c`, `ich9_rst_cnt_write`).
+pub const RST_CNT_PORT: u16 = 0xCF9;
+/// RST_CNT: system reset (bit 1) + reset CPU (bit 2).
+pub const RST_CNT_FULL_RESET: u8 = 0x06;
+
 /// True if the SMRAM register reads locked.
 pub const fn smram_locked(value: u8) -> bool {
     value & SMRAM_D_LCK != 0

@@ -14,6 +14,18 @@ pub fn check_and_enable_smi() -> Result<(), BootError> {
     if id != q35::MCH_DEVICE_ID {
         return Err(BootError::NotQ35 { found: id });
     }
+    // SMRAM already locked at the reset vector: this is not a platform reset
+    // but an INIT of the boot CPU alone (guest root can send one; so did an
+    // application processor that INIT took out of SMM before this firmware
+    // parked such CPUs, which produced "ESMRAMC reads 0x3f" on reboots under
+    // SMIs). The chipset keeps D_LCK until a platform reset, so ask for one:
+    // the reboot the guest wanted then happens with SMRAM set up afresh.
+    if q35::smram_locked(chipset::mch_read8(q35::MCH_SMRAM)) {
+        crate::log!(
+            "SMRAM is locked at the reset vector (an INIT of the boot CPU, not a platform reset): resetting the platform"
+        );
+        chipset::platform_reset();
+    }
     let esmramc = chipset::mch_read8(q35::MCH_ESMRAMC);
     if !q35::smram_present(esmramc) {
         return Err(BootError::NoSmram { esmramc });

@@ -88,6 +88,18 @@ pub fn lock_smi_enable() {
 
 /// Raises an SMI with an APM command write (to this CPU only, or to all
 /// CPUs once broadcast is negotiated).
+/// Resets the whole platform (chipset included) through RST_CNT; does not
+/// return.
+pub fn platform_reset() -> ! {
+    // SAFETY: ICH9 Reset Control; a full reset is exactly what the caller
+    // wants (QEMU restarts the machine; the write never returns on q35).
+    unsafe { Port::<u8>::new(q35::RST_CNT_PORT).write(q35::RST_CNT_FULL_RESET) };
+    loop {
+        x86_64::instructions::interrupts::disable();
+        x86_64::instructions::hlt();
+    }
+}
+
 pub fn raise_apm_smi(command: u8) {
     // SAFETY: APM control port; the SMI it raises enters our own handler.
     unsafe { Port::<u8>::new(q35::APM_CNT_PORT).write(command) };
