@@ -37,6 +37,15 @@ pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 /// The environment variable `cargo xtask test` sets to the firmware image.
 pub const FIRMWARE_ENV: &str = "SMMVMI_FIRMWARE";
+/// The QEMU binary every VM runs unless [`VmConfig::qemu`] says otherwise:
+/// `$SMMVMI_QEMU` when set, else `qemu-system-x86_64` from `$PATH` (Debian's).
+pub const QEMU_ENV: &str = "SMMVMI_QEMU";
+/// Path of the QEMU built with `patches-qemu/` (`cargo xtask qemu-patched`),
+/// which `cargo xtask test` sets for the tests that need it
+/// (tests/tests/qemu_patched.rs); the other tests keep the stock QEMU.
+pub const QEMU_PATCHED_ENV: &str = "SMMVMI_QEMU_PATCHED";
+/// The stock QEMU binary.
+pub const STOCK_QEMU: &str = "qemu-system-x86_64";
 /// QEMU accelerator for every VM: TCG, single-threaded (see `start`).
 pub const TCG_ACCEL: &str = "tcg,thread=single";
 /// How long a guest gets to reach its ready marker under TCG.
@@ -254,6 +263,22 @@ pub struct VmConfig {
     pub boot_timeout: Duration,
     /// QEMU `-accel` value; [`TCG_ACCEL`] unless a benchmark compares.
     pub accel: String,
+    /// The QEMU binary (see [`QEMU_ENV`]).
+    pub qemu: PathBuf,
+}
+
+/// The default QEMU binary: `$SMMVMI_QEMU`, else the stock one from `$PATH`.
+pub fn default_qemu() -> PathBuf {
+    std::env::var_os(QEMU_ENV)
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| PathBuf::from(STOCK_QEMU), PathBuf::from)
+}
+
+/// The patched QEMU named by `$SMMVMI_QEMU_PATCHED`, if set and present.
+pub fn patched_qemu_from_env() -> Option<PathBuf> {
+    std::env::var_os(QEMU_PATCHED_ENV)
+        .map(PathBuf::from)
+        .filter(|p| p.is_file())
 }
 
 impl VmConfig {
@@ -272,7 +297,14 @@ impl VmConfig {
             extra_args: Vec::new(),
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
             accel: TCG_ACCEL.into(),
+            qemu: default_qemu(),
         }
+    }
+
+    /// Runs this QEMU binary instead of the default (e.g. the patched build).
+    pub fn qemu(mut self, path: impl Into<PathBuf>) -> Self {
+        self.qemu = path.into();
+        self
     }
 
     pub fn mem(mut self, mem: impl Into<String>) -> Self {
@@ -336,6 +368,9 @@ pub struct VmInfo {
     pub mem: String,
     pub smp: u32,
     pub cpu: String,
+    /// The QEMU binary the VM runs.
+    #[serde(default)]
+    pub qemu: PathBuf,
 }
 
 impl VmInfo {
@@ -354,6 +389,7 @@ impl VmInfo {
             mem: String::new(),
             smp: 0,
             cpu: String::new(),
+            qemu: PathBuf::new(),
         }
     }
 
@@ -454,6 +490,7 @@ impl Vm {
         info.mem = config.mem.clone();
         info.smp = config.smp;
         info.cpu = config.cpu.clone().unwrap_or_else(|| "qemu64".into());
+        info.qemu = config.qemu.clone();
 
         let guest = match &config.guest {
             Some(g) => g.clone(),
@@ -532,13 +569,16 @@ impl Vm {
         ]);
         args.extend(debug_device_args(&info.debugcon_log));
         args.extend(config.extra_args.iter().cloned());
-        std::fs::write(state_dir.join("qemu.cmdline"), shell_words(&args))
-            .map_err(io("write qemu.cmdline"))?;
+        std::fs::write(
+            state_dir.join("qemu.cmdline"),
+            shell_words(&config.qemu.display().to_string(), &args),
+        )
+        .map_err(io("write qemu.cmdline"))?;
 
         let qemu_log =
             std::fs::File::create(state_dir.join("qemu.log")).map_err(io("create qemu.log"))?;
         let qemu_err = qemu_log.try_clone().map_err(io("dup qemu.log"))?;
-        let mut cmd = Command::new("qemu-system-x86_64");
+        let mut cmd = Command::new(&config.qemu);
         cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(qemu_log)
@@ -568,7 +608,7 @@ impl Vm {
         }
         let started = Instant::now();
         let child = cmd.spawn().map_err(|source| VmError::Spawn {
-            command: "qemu-system-x86_64".into(),
+            command: config.qemu.display().to_string(),
             source,
         })?;
         info.pid = child.id();
@@ -1094,8 +1134,8 @@ fn kill_pid(pid: u32) {
     }
 }
 
-fn shell_words(args: &[String]) -> String {
-    let mut out = String::from("qemu-system-x86_64");
+fn shell_words(program: &str, args: &[String]) -> String {
+    let mut out = String::from(program);
     for a in args {
         out.push(' ');
         if a.chars()
@@ -1162,7 +1202,10 @@ mod tests {
 
     #[test]
     fn quoting() {
-        let s = shell_words(&["-append".into(), "console=ttyS0 panic=-1".into()]);
+        let s = shell_words(
+            STOCK_QEMU,
+            &["-append".into(), "console=ttyS0 panic=-1".into()],
+        );
         assert_eq!(s, "qemu-system-x86_64 -append 'console=ttyS0 panic=-1'\n");
     }
 }
