@@ -357,7 +357,9 @@ fn download_source(root: &Path, version: &str) -> Result<PathBuf> {
 }
 
 fn run_step(cmd: &mut Command, what: &str) -> Result<()> {
+    // Progress goes to stderr: stdout carries only the binary's path.
     let status = cmd
+        .stdout(std::process::Stdio::from(std::io::stderr()))
         .status()
         .with_context(|| format!("starting {:?}", cmd.get_program()))?;
     if !status.success() {
