@@ -46,6 +46,11 @@ pub const QEMU_ENV: &str = "SMMVMI_QEMU";
 pub const QEMU_PATCHED_ENV: &str = "SMMVMI_QEMU_PATCHED";
 /// The stock QEMU binary.
 pub const STOCK_QEMU: &str = "qemu-system-x86_64";
+/// Debian's QEMU firmware blobs (qemu-system-data, seabios). Another QEMU
+/// binary (e.g. the patched build, which QEMU 7.2 makes relocatable: it looks
+/// for blobs relative to itself) is pointed here with `-L`, or `-kernel`
+/// under SeaBIOS fails for want of linuxboot_dma.bin.
+pub const QEMU_DATA_DIR: &str = "/usr/share/qemu";
 /// QEMU accelerator for every VM: TCG, single-threaded (see `start`).
 pub const TCG_ACCEL: &str = "tcg,thread=single";
 /// How long a guest gets to reach its ready marker under TCG.
@@ -531,6 +536,9 @@ impl Vm {
             "-cpu".into(),
             info.cpu.clone(),
         ];
+        if config.qemu != Path::new(STOCK_QEMU) {
+            args.extend(["-L".into(), QEMU_DATA_DIR.into()]);
+        }
         args.extend(config.firmware.qemu_args(&state_dir)?);
         args.extend([
             "-kernel".into(),
