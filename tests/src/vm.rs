@@ -37,6 +37,20 @@ pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 /// The environment variable `cargo xtask test` sets to the firmware image.
 pub const FIRMWARE_ENV: &str = "SMMVMI_FIRMWARE";
+/// The QEMU binary every VM runs unless [`VmConfig::qemu`] says otherwise:
+/// `$SMMVMI_QEMU` when set, else `qemu-system-x86_64` from `$PATH` (Debian's).
+pub const QEMU_ENV: &str = "SMMVMI_QEMU";
+/// Path of the QEMU built with `patches-qemu/` (`cargo xtask qemu-patched`),
+/// which `cargo xtask test` sets for the tests that need it
+/// (tests/tests/qemu_patched.rs); the other tests keep the stock QEMU.
+pub const QEMU_PATCHED_ENV: &str = "SMMVMI_QEMU_PATCHED";
+/// The stock QEMU binary.
+pub const STOCK_QEMU: &str = "qemu-system-x86_64";
+/// Debian's QEMU firmware blobs (qemu-system-data, seabios). Another QEMU
+/// binary (e.g. the patched build, which QEMU 7.2 makes relocatable: it looks
+/// for blobs relative to itself) is pointed here with `-L`, or `-kernel`
+/// under SeaBIOS fails for want of linuxboot_dma.bin.
+pub const QEMU_DATA_DIR: &str = "/usr/share/qemu";
 /// QEMU accelerator for every VM: TCG, single-threaded (see `start`).
 pub const TCG_ACCEL: &str = "tcg,thread=single";
 /// How long a guest gets to reach its ready marker under TCG.
@@ -258,6 +272,22 @@ pub struct VmConfig {
     /// socket (registered before QEMU starts; mailbox kept in the state
     /// dir's `mailbox` file); `None`: `ivshmem-plain` over that file.
     pub daemon: Option<PathBuf>,
+    /// The QEMU binary (see [`QEMU_ENV`]).
+    pub qemu: PathBuf,
+}
+
+/// The default QEMU binary: `$SMMVMI_QEMU`, else the stock one from `$PATH`.
+pub fn default_qemu() -> PathBuf {
+    std::env::var_os(QEMU_ENV)
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| PathBuf::from(STOCK_QEMU), PathBuf::from)
+}
+
+/// The patched QEMU named by `$SMMVMI_QEMU_PATCHED`, if set and present.
+pub fn patched_qemu_from_env() -> Option<PathBuf> {
+    std::env::var_os(QEMU_PATCHED_ENV)
+        .map(PathBuf::from)
+        .filter(|p| p.is_file())
 }
 
 impl VmConfig {
@@ -277,12 +307,19 @@ impl VmConfig {
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
             accel: TCG_ACCEL.into(),
             daemon: None,
+            qemu: default_qemu(),
         }
     }
 
     /// Boot through the daemon at `socket` (see [`VmConfig::daemon`]).
     pub fn through_daemon(mut self, socket: impl Into<PathBuf>) -> Self {
         self.daemon = Some(socket.into());
+        self
+    }
+
+    /// Runs this QEMU binary instead of the default (e.g. the patched build).
+    pub fn qemu(mut self, path: impl Into<PathBuf>) -> Self {
+        self.qemu = path.into();
         self
     }
 
@@ -350,6 +387,9 @@ pub struct VmInfo {
     /// The daemon socket this VM is served through, if any.
     #[serde(default)]
     pub daemon: Option<PathBuf>,
+    /// The QEMU binary the VM runs.
+    #[serde(default)]
+    pub qemu: PathBuf,
 }
 
 impl VmInfo {
@@ -369,6 +409,7 @@ impl VmInfo {
             smp: 0,
             cpu: String::new(),
             daemon: None,
+            qemu: PathBuf::new(),
         }
     }
 
@@ -485,6 +526,7 @@ impl Vm {
         info.smp = config.smp;
         info.cpu = config.cpu.clone().unwrap_or_else(|| "qemu64".into());
         info.daemon = config.daemon.clone();
+        info.qemu = config.qemu.clone();
 
         let guest = match &config.guest {
             Some(g) => g.clone(),
@@ -525,6 +567,9 @@ impl Vm {
             "-cpu".into(),
             info.cpu.clone(),
         ];
+        if config.qemu != Path::new(STOCK_QEMU) {
+            args.extend(["-L".into(), QEMU_DATA_DIR.into()]);
+        }
         args.extend(config.firmware.qemu_args(&state_dir)?);
         args.extend([
             "-kernel".into(),
@@ -556,13 +601,16 @@ impl Vm {
         args.extend(debug_device_args(&info.debugcon_log));
         args.extend(mailbox_args(&config, &info)?);
         args.extend(config.extra_args.iter().cloned());
-        std::fs::write(state_dir.join("qemu.cmdline"), shell_words(&args))
-            .map_err(io("write qemu.cmdline"))?;
+        std::fs::write(
+            state_dir.join("qemu.cmdline"),
+            shell_words(&config.qemu.display().to_string(), &args),
+        )
+        .map_err(io("write qemu.cmdline"))?;
 
         let qemu_log =
             std::fs::File::create(state_dir.join("qemu.log")).map_err(io("create qemu.log"))?;
         let qemu_err = qemu_log.try_clone().map_err(io("dup qemu.log"))?;
-        let mut cmd = Command::new("qemu-system-x86_64");
+        let mut cmd = Command::new(&config.qemu);
         cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(qemu_log)
@@ -592,7 +640,7 @@ impl Vm {
         }
         let started = Instant::now();
         let child = cmd.spawn().map_err(|source| VmError::Spawn {
-            command: "qemu-system-x86_64".into(),
+            command: config.qemu.display().to_string(),
             source,
         })?;
         info.pid = child.id();
@@ -1188,8 +1236,8 @@ fn kill_pid(pid: u32) {
     }
 }
 
-fn shell_words(args: &[String]) -> String {
-    let mut out = String::from("qemu-system-x86_64");
+fn shell_words(program: &str, args: &[String]) -> String {
+    let mut out = String::from(program);
     for a in args {
         out.push(' ');
         if a.chars()
@@ -1256,7 +1304,10 @@ mod tests {
 
     #[test]
     fn quoting() {
-        let s = shell_words(&["-append".into(), "console=ttyS0 panic=-1".into()]);
+        let s = shell_words(
+            STOCK_QEMU,
+            &["-append".into(), "console=ttyS0 panic=-1".into()],
+        );
         assert_eq!(s, "qemu-system-x86_64 -append 'console=ttyS0 panic=-1'\n");
     }
 }

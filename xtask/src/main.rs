@@ -13,6 +13,7 @@ mod demo;
 mod firmware;
 mod guest_image;
 mod lint;
+mod qemu_patched;
 mod test;
 mod vm;
 
@@ -47,6 +48,8 @@ enum Task {
     Demo(demo::Args),
     /// cargo fmt --check and clippy -D warnings over the workspace.
     Lint,
+    /// Build (or find cached) QEMU 7.2 from Debian's source with patches-qemu/; print its path.
+    QemuPatched(qemu_patched::Args),
 }
 
 /// Which firmware a VM boots.
@@ -92,6 +95,7 @@ fn main() {
         Task::Bench(cmd) => bench::run(cmd),
         Task::Demo(args) => demo::run(args),
         Task::Lint => lint::run(),
+        Task::QemuPatched(args) => qemu_patched::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

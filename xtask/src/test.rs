@@ -1,7 +1,8 @@
 //! `cargo xtask test`: the whole suite. Installs what is missing, builds the
 //! firmware and the guest image, runs the unit tests and the linters
 //! (fmt, clippy -D warnings), then the end-to-end
-//! tests on QEMU (the `#[ignore]`d integration tests of `smmvmi-tests`), with
+//! tests on QEMU (the `#[ignore]`d integration tests of `smmvmi-tests`; those of
+//! tests/tests/qemu_patched.rs on the QEMU built by `cargo xtask qemu-patched`), with
 //! two at a time (two host cores, TCG). Exits non-zero on any failure.
 
 use std::process::Command;
@@ -9,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::bail;
 use smmvmi_tests::guest_image::{self, KernelDeb};
-use smmvmi_tests::vm::{FIRMWARE_ENV, Firmware};
+use smmvmi_tests::vm::{FIRMWARE_ENV, Firmware, QEMU_PATCHED_ENV};
 
 use crate::FirmwareChoice;
 
@@ -37,6 +38,10 @@ pub struct Args {
     /// Only end-to-end tests whose name contains this.
     #[arg(long)]
     pub filter: Option<String>,
+    /// Do not build the patched QEMU (`cargo xtask qemu-patched`); the
+    /// tests of tests/tests/qemu_patched.rs then skip themselves.
+    #[arg(long)]
+    pub no_qemu_patched: bool,
     /// Parallel end-to-end tests.
     #[arg(long, default_value_t = 2)]
     pub test_threads: u32,
@@ -103,6 +108,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
 
+    // The QEMU with patches-qemu/ (cached; about 5 minutes when cold), for
+    // tests/tests/qemu_patched.rs only: every other test runs the stock QEMU.
+    let mut patched_qemu = None;
+    if !args.no_e2e && !args.no_qemu_patched {
+        let t = Instant::now();
+        match crate::qemu_patched::build(&root, 2, false) {
+            Ok(p) => {
+                record("qemu-patched", true, t, p.display().to_string());
+                patched_qemu = Some(p);
+            }
+            Err(e) => {
+                eprintln!("    patched QEMU build failed: {e:#}");
+                record("qemu-patched", false, t, format!("{e:#}"));
+            }
+        }
+    }
+
     if !args.no_unit {
         crate::step("unit tests (cargo test --workspace)");
         let t = Instant::now();
@@ -141,6 +163,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     ("SMMVMI_KERNEL", image.kernel.display().to_string()),
                     ("SMMVMI_INITRD", image.initrd.display().to_string()),
                 ];
+                if let Some(p) = &patched_qemu {
+                    env.push((QEMU_PATCHED_ENV, p.display().to_string()));
+                }
                 if let Some(p) = &fault_fw {
                     env.push(("SMMVMI_FIRMWARE_FAULT_INJECTION", p.display().to_string()));
                 }

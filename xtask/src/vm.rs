@@ -47,6 +47,10 @@ pub struct UpArgs {
     /// Extra kernel command line.
     #[arg(long)]
     pub append: Option<String>,
+    /// QEMU to run: `stock` (Debian's, or $SMMVMI_QEMU), `patched` (built
+    /// with patches-qemu/ by `cargo xtask qemu-patched`, cached) or a path.
+    #[arg(long, value_name = "stock|patched|PATH", default_value = "stock")]
+    pub qemu: String,
     /// Seconds to wait for the guest's ready marker.
     #[arg(long, default_value_t = 120)]
     pub boot_timeout: u64,
@@ -129,6 +133,21 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         .smp(args.smp)
         .boot_timeout(Duration::from_secs(args.boot_timeout));
     config.guest = Some(image);
+    match args.qemu.as_str() {
+        "stock" => {}
+        "patched" => {
+            let path = crate::qemu_patched::build(&crate::root(), 2, false)?;
+            crate::step(&format!("QEMU: {}", path.display()));
+            config = config.qemu(path);
+        }
+        path => {
+            anyhow::ensure!(
+                std::path::Path::new(path).is_file(),
+                "--qemu {path}: expected `stock`, `patched` or the path of a qemu-system-x86_64 binary"
+            );
+            config = config.qemu(path);
+        }
+    }
     if let Some(cpu) = args.cpu {
         config = config.cpu(cpu);
     }

@@ -1,0 +1,292 @@
+//! The QEMU built with `patches-qemu/` (`cargo xtask qemu-patched`):
+//! QMP `inject-smi`, INIT/SIPI held while a CPU is in SMM under TCG, and no
+//! crash on a monitor APM SMI without negotiated broadcast.
+//!
+//! These run only when `$SMMVMI_QEMU_PATCHED` names the built binary
+//! (`cargo xtask test` builds it and sets it); without it each test says so
+//! and returns. Everything else in the suite keeps running the stock QEMU.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::{AGENT_READY, PING, boot, config, finish, ids_session, sh};
+use ids::session::SessionError;
+use serde_json::json;
+use smmvmi_tests::mailbox::MailboxHeader;
+use smmvmi_tests::qmp::QmpError;
+use smmvmi_tests::vm::{
+    Firmware, QEMU_PATCHED_ENV, Vm, VmConfig, VmError, fresh_ping_value, patched_qemu_from_env,
+};
+
+/// xAPIC interrupt command register and delivery modes (as in smm_runtime.rs).
+const ICR_LOW: u64 = 0xfee0_0300;
+const ICR_HIGH: u64 = 0xfee0_0310;
+const ICR_SMI: u32 = 0x0200;
+const ICR_INIT: u32 = 0x4500;
+const ICR_SIPI: u32 = 0x4608;
+
+/// The patched QEMU, or `None` (and a note) when it was not built.
+fn patched(test: &str) -> Option<PathBuf> {
+    let p = patched_qemu_from_env();
+    if p.is_none() {
+        eprintln!(
+            "{test}: skipped: ${QEMU_PATCHED_ENV} does not name a built binary \
+             (run `cargo xtask test`, or `cargo xtask qemu-patched` and set it)"
+        );
+    }
+    p
+}
+
+fn patched_config(test: &str, qemu: PathBuf) -> VmConfig {
+    config(test).qemu(qemu)
+}
+
+/// Runs `inject-smi` with `args` and waits for the agent to acknowledge a
+/// fresh ping value; returns the header before and after.
+fn inject_and_ping(vm: &Vm, args: Option<serde_json::Value>) -> (MailboxHeader, MailboxHeader) {
+    let before = vm.mailbox().unwrap_or_else(|e| panic!("{e}"));
+    let value = fresh_ping_value(before.ping_ack);
+    vm.ping_with(value, PING, || {
+        vm.qmp("inject-smi", args.clone()).map(|_| ())
+    })
+    .unwrap_or_else(|e| panic!("inject-smi {args:?}: {e}"));
+    let after = vm.mailbox().unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        after.smi_count > before.smi_count,
+        "inject-smi {args:?}: SMI count did not grow: {} -> {}",
+        before.smi_count,
+        after.smi_count
+    );
+    (before, after)
+}
+
+/// The QMP error class and description of a refused `inject-smi`.
+fn refused(vm: &Vm, args: serde_json::Value) -> (String, String) {
+    match vm.qmp("inject-smi", Some(args.clone())) {
+        Err(VmError::Qmp {
+            source: QmpError::Command { class, desc, .. },
+            ..
+        }) => (class, desc),
+        other => panic!("inject-smi {args}: expected a QMP error, got {other:?}"),
+    }
+}
+
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn inject_smi_reaches_the_agent_and_refuses_bad_indexes() {
+    let Some(qemu) = patched("inject_smi") else {
+        return;
+    };
+    let vm = boot(patched_config("qp-inject", qemu));
+    vm.wait_agent_ready(AGENT_READY)
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Every vCPU (the agent's normal broadcast snapshot).
+    inject_and_ping(&vm, None);
+    // One vCPU each: the agent serves after its bounded rendezvous.
+    for cpu in [0, 1] {
+        inject_and_ping(&vm, Some(json!({ "cpu-index": cpu })));
+    }
+    for bad in [2, 7, -1, i64::from(i32::MAX) + 1] {
+        let (class, desc) = refused(&vm, json!({ "cpu-index": bad }));
+        assert_eq!(class, "GenericError", "cpu-index {bad}: {desc}");
+        assert_eq!(
+            desc,
+            format!("CPU index {bad} does not exist"),
+            "cpu-index {bad}"
+        );
+    }
+    let (class, desc) = refused(&vm, json!({ "cpu-index": "one" }));
+    assert_eq!(class, "GenericError", "{desc}");
+    assert!(
+        desc.contains("cpu-index"),
+        "type error names the member: {desc}"
+    );
+    assert_eq!(sh(&vm, "echo ok"), "ok", "guest must keep running");
+    finish(vm);
+}
+
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn inject_smi_is_refused_without_smm() {
+    let Some(qemu) = patched("inject_smi_no_smm") else {
+        return;
+    };
+    // SeaBIOS with SMM off: the harness's `-machine q35,smm=on` is
+    // overridden by a later `-machine smm=off`.
+    let vm = boot(
+        VmConfig::new(
+            format!("t-qp-nosmm-{}", std::process::id()),
+            Firmware::SeaBios,
+        )
+        .qemu(qemu)
+        .extra_arg("-machine")
+        .extra_arg("smm=off"),
+    );
+    let (class, desc) = refused(&vm, json!({}));
+    assert_eq!(class, "GenericError");
+    assert_eq!(
+        desc,
+        "System Management Mode is not enabled for this machine"
+    );
+    finish(vm);
+}
+
+/// True if the request was answered by the agent (with any status).
+fn answered(r: Result<smmvmi_mailbox::wire::CpuState, SessionError>) -> Result<bool, SessionError> {
+    match r {
+        Ok(_) | Err(SessionError::Op { .. }) => Ok(true),
+        Err(SessionError::Transact(e)) if e.to_string().contains("ALERT") => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// After the storm: the agent answers, no CPU vanished from SMM, none is
+/// left in SMM, the guest lives.
+fn check_no_cpu_vanished(vm: &Vm, mut s: ids::Session, what: &str) -> MailboxHeader {
+    for i in 0..10 {
+        s.cpu_state(0)
+            .unwrap_or_else(|e| panic!("{what}: request {i} after the storm: {e}"));
+    }
+    drop(s);
+    let h = vm.mailbox().unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "{what} (patched QEMU): sessions {} partial {} recovered {} vanished {} follower timeouts {} max residency {} us",
+        h.smi_count,
+        h.partial_sessions,
+        h.recovered_sessions,
+        h.vanished_cpus,
+        h.follower_timeouts,
+        h.max_smm_us
+    );
+    assert_eq!(
+        h.vanished_cpus, 0,
+        "{what}: a CPU left SMM without RSM on the patched QEMU (INIT must be held until RSM): {h:?}"
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    let regs = vm
+        .hmp("info registers -a")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        regs.matches("SMM=1").count(),
+        0,
+        "{what}: vCPU left in SMM:\n{regs}"
+    );
+    assert_eq!(sh(vm, "echo alive"), "alive", "{what}: guest silent");
+    h
+}
+
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn cpu_hotplug_under_polling_loses_no_cpu_on_patched_qemu() {
+    let Some(qemu) = patched("hotplug") else {
+        return;
+    };
+    let vm = boot(patched_config("qp-hotplug", qemu).smp(2));
+    let mut s = ids_session(&vm);
+    sh(
+        &vm,
+        "(for i in $(seq 200); do echo 0 > /sys/devices/system/cpu/cpu1/online; \
+          echo 1 > /sys/devices/system/cpu/cpu1/online; done; echo done > /tmp/hotplug) \
+          > /tmp/hotplug.log 2>&1 &",
+    );
+    let start = Instant::now();
+    let (mut ok, mut silent) = (0u32, 0u32);
+    loop {
+        match answered(s.cpu_state(1)) {
+            Ok(true) => ok += 1,
+            Ok(false) => silent += 1,
+            Err(e) => panic!("request {}: {e}", ok + silent),
+        }
+        if (ok + silent) % 10 == 0 && sh(&vm, "cat /tmp/hotplug 2>/dev/null || true") == "done" {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(600),
+            "the hotplug loop did not finish in 600 s ({ok} answered, {silent} silent); guest log: {}",
+            sh(&vm, "tail -5 /tmp/hotplug.log")
+        );
+    }
+    eprintln!(
+        "hotplug (patched QEMU): 200 cycles in {:.1} s; {ok} answered, {silent} unanswered",
+        start.elapsed().as_secs_f64()
+    );
+    assert_eq!(sh(&vm, "cat /sys/devices/system/cpu/cpu1/online"), "1");
+    let log = sh(&vm, "cat /tmp/hotplug.log");
+    assert!(log.is_empty(), "onlining CPU 1 failed at least once: {log}");
+    check_no_cpu_vanished(&vm, s, "hotplug");
+    finish(vm);
+}
+
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn guest_root_init_in_smm_is_held_on_patched_qemu() {
+    let Some(qemu) = patched("init") else {
+        return;
+    };
+    let vm = boot(
+        patched_config("qp-init", qemu)
+            .smp(3)
+            .append("maxcpus=1 iomem=relaxed"),
+    );
+    let mut s = ids_session(&vm);
+    for round in 0..50u32 {
+        let ap = 1 + round % 2;
+        let sipi = if round % 4 >= 2 {
+            format!("; devmem {ICR_LOW:#x} 32 {ICR_SIPI:#x}")
+        } else {
+            String::new()
+        };
+        sh(
+            &vm,
+            &format!(
+                "devmem {ICR_HIGH:#x} 32 {:#x}; devmem {ICR_LOW:#x} 32 {ICR_SMI:#x}; \
+                 devmem {ICR_LOW:#x} 32 {ICR_INIT:#x}{sipi}",
+                ap << 24
+            ),
+        );
+        let mut answered_now = false;
+        for _ in 0..3 {
+            if answered(s.cpu_state(0)).unwrap_or_else(|e| panic!("round {round}: {e}")) {
+                answered_now = true;
+                break;
+            }
+        }
+        assert!(
+            answered_now,
+            "round {round}: three requests in a row went unanswered"
+        );
+    }
+    check_no_cpu_vanished(&vm, s, "INIT attack");
+    finish(vm);
+}
+
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn seabios_survives_a_monitor_apm_smi_on_patched_qemu() {
+    let Some(qemu) = patched("seabios_apm") else {
+        return;
+    };
+    let vm = boot(
+        VmConfig::new(
+            format!("t-qp-seabios-{}", std::process::id()),
+            Firmware::SeaBios,
+        )
+        .qemu(qemu),
+    );
+    for _ in 0..5 {
+        vm.hmp("o /b 0xb2 0x10")
+            .unwrap_or_else(|e| panic!("monitor APM write: {e}"));
+    }
+    assert_eq!(
+        sh(&vm, "echo alive"),
+        "alive",
+        "the guest must keep running after monitor APM SMIs (QEMU 7.2 segfaults here)"
+    );
+    let status = vm
+        .qmp("query-status", None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status["status"], "running", "{status}");
+    finish(vm);
+}
