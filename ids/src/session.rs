@@ -4,9 +4,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use host_injector::{Injector, MailboxFile, QmpSmi, TransactError, Transaction};
+use host_injector::{Injector, MailboxFile, QmpSmi, Target, TransactError, Transaction};
 use smmvmi_mailbox::client::{self, Client, ClientError, OwnedResult};
 use smmvmi_mailbox::crypto::{SHARED_KEY_LEN, SessionKeys};
+use smmvmi_mailbox::frame::FLAG_NO_SNAPSHOT;
 use smmvmi_mailbox::layout::{AgentState, SESSION_SALT_LEN, ServeStatus};
 use smmvmi_mailbox::wire::{
     AddressSpace, CpuState, IDS_NONCE_LEN, Info, InfoCpu, InfoHeader, Op, RamRange, Status,
@@ -138,6 +139,18 @@ fn now_nanos() -> u64 {
         .unwrap_or(1)
 }
 
+/// The agent answered `SnapshotMissed` (through either transport).
+fn snapshot_missed(e: &SessionError) -> bool {
+    let raw = ServeStatus::SnapshotMissed as u32;
+    match e {
+        SessionError::Transact(TransactError::Rejected { raw: r, .. }) => *r == raw,
+        SessionError::Daemon(host_injector::daemon::client::ClientError::Daemon(
+            host_injector::daemon::protocol::DaemonError::Rejected { status, .. },
+        )) => *status == raw,
+        _ => false,
+    }
+}
+
 fn random_bytes<const N: usize>() -> [u8; N] {
     let mut n = [0u8; N];
     getrandom::fill(&mut n).expect("the OS random source must work");
@@ -265,9 +278,75 @@ impl Session {
     }
 
     /// One sealed request: results in op order (statuses not checked).
+    /// Served in a snapshot: every vCPU is held in SMM while the agent
+    /// serves it (broadcast SMI).
     pub fn request(&mut self, ops: &[Op]) -> Result<Vec<OwnedResult>, SessionError> {
-        let frame = self.seal(ops)?;
-        let t = self.carry(&frame)?;
+        self.request_with(ops, None)
+    }
+
+    /// Like [`Session::request`], for ops that need only vCPU `cpu` (its
+    /// CPU state, reads through its page tables): through the daemon, an SMI
+    /// on that vCPU alone serves it at once, without stopping the others
+    /// (the request says so inside the seal: `FLAG_NO_SNAPSHOT`). Directly
+    /// (monitor SMIs reach every vCPU) it is a snapshot request.
+    /// If the SMI did not reach that vCPU alone (the daemon fell back to a
+    /// broadcast monitor SMI, and another vCPU served without waiting), the
+    /// ops answer "CPU not in SMM": the request is then sent again as a
+    /// snapshot request.
+    pub fn request_on_cpu(
+        &mut self,
+        cpu: u32,
+        ops: &[Op],
+    ) -> Result<Vec<OwnedResult>, SessionError> {
+        let results = self.request_with(ops, Some(cpu))?;
+        if results.iter().any(|r| r.status == Status::CpuNotInSmm) {
+            return self.request_with(ops, None);
+        }
+        Ok(results)
+    }
+
+    fn request_with(
+        &mut self,
+        ops: &[Op],
+        targeted: Option<u32>,
+    ) -> Result<Vec<OwnedResult>, SessionError> {
+        match self.request_once(ops, targeted) {
+            // The firmware skipped the rendezvous for a request the guest
+            // made look targeted: nothing was read; send it once more.
+            Err(e) if snapshot_missed(&e) => self.request_once(ops, targeted),
+            other => other,
+        }
+    }
+
+    fn request_once(
+        &mut self,
+        ops: &[Op],
+        targeted: Option<u32>,
+    ) -> Result<Vec<OwnedResult>, SessionError> {
+        let target = match (targeted, &mut self.injector) {
+            (Some(cpu), Transport::Daemon(d)) => {
+                d.target(Target::Cpu(cpu));
+                Some(cpu)
+            }
+            _ => None,
+        };
+        let flags = if target.is_some() {
+            FLAG_NO_SNAPSHOT
+        } else {
+            0
+        };
+        let mut frame = vec![0u8; Client::request_frame_len(ops.len())];
+        let sealed = self
+            .client
+            .seal_request_with(ops, fresh_nonce(), flags, &mut frame)
+            .map(|n| frame.truncate(n));
+        let carried = sealed
+            .map_err(SessionError::from)
+            .and_then(|()| self.carry(&frame));
+        if let (Some(_), Transport::Daemon(d)) = (target, &mut self.injector) {
+            d.target(Target::All);
+        }
+        let t = carried?;
         let results = self.open(&t.reply)?;
         if results.len() != ops.len() {
             return Err(SessionError::Malformed(format!(
@@ -361,7 +440,16 @@ impl Session {
 
     /// CPU_STATE of `cpu`.
     pub fn cpu_state(&mut self, cpu: u32) -> Result<CpuState, SessionError> {
-        let r = self.request_ok(Op::CpuState { cpu })?;
+        let op = Op::CpuState { cpu };
+        let r = self.request_on_cpu(cpu, &[op])?.remove(0);
+        if r.status != Status::Ok {
+            return Err(SessionError::Op {
+                op: describe(&op),
+                status: r.status,
+                level: r.level,
+                aux: r.aux,
+            });
+        }
         CpuState::decode(&r.data).map_err(|e| SessionError::Malformed(format!("CPU state: {e}")))
     }
 

@@ -89,7 +89,7 @@ impl<M: PhysMemory> SimAgent<M> {
             cpus: &self.cpus,
             sev: self.sev,
             mem_flags: 0,
-            snapshot_skipped: false,
+            snapshot_skipped: None,
         };
         let served = smmvmi_agent::serve(mailbox, &mut self.state, &ctx, &self.mem);
         if let Served::Answered(s) = served {

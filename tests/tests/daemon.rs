@@ -772,6 +772,28 @@ fn doorbell_smis_answered_and_disarmed_doorbell_falls_back_counted() {
         "the agent should ring the daemon back: {after}"
     );
 
+    // Targeted: CPU_STATE of vCPU 1 raises an SMI on vCPU 1 alone (its
+    // own MSI-X vector), sealed with FLAG_NO_SNAPSHOT, so the agent serves
+    // at once without waiting for vCPU 0: no partial session is counted
+    // (a rendezvous that waited for an absent CPU would count one).
+    let partial = |vm: &Vm| {
+        vm.mailbox()
+            .unwrap_or_else(|e| panic!("{e}"))
+            .partial_sessions
+    };
+    let (before, partial_before) = (counters(&mut c), partial(&vm));
+    for _ in 0..20 {
+        let cpu1 = s.cpu_state(1).unwrap_or_else(|e| panic!("{e}"));
+        assert_ne!(cpu1.msr_lstar, 0, "vCPU 1's own snapshot");
+    }
+    let after = counters(&mut c);
+    assert!(d("smis_doorbell", &after, &before) >= 20, "{after}");
+    assert_eq!(
+        partial(&vm),
+        partial_before,
+        "targeted requests must not wait for the other vCPUs"
+    );
+
     let disarmed = common::sh(&vm, DISARM);
     assert!(disarmed.ends_with("disarmed"), "{disarmed}");
     let before = counters(&mut c);

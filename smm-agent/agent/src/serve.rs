@@ -57,10 +57,12 @@ pub struct ServeContext<'a> {
     /// (`records::MEM_DIMM_HOTPLUG`, `MEM_VIRTIO_MEM_REFUSED`).
     pub mem_flags: u32,
     /// This SMI was served without waiting for the other CPUs, because the
-    /// request's frame header (read once, before authentication) carried
-    /// `FLAG_NO_SNAPSHOT`. A request whose authenticated flags do not say so
-    /// is refused ([`ServeStatus::SnapshotMissed`]).
-    pub snapshot_skipped: bool,
+    /// request posted with this doorbell value carried `FLAG_NO_SNAPSHOT`
+    /// in its frame header (read once, before authentication). Only that
+    /// request is served in this SMI (a newer one waits for the next SMI),
+    /// and one whose authenticated flags do not say so is refused
+    /// ([`ServeStatus::SnapshotMissed`]).
+    pub snapshot_skipped: Option<u64>,
 }
 
 /// The agent's own state, kept in SMRAM across SMIs.
@@ -180,6 +182,13 @@ pub fn serve<S: SharedMemory, M: PhysMemory>(
     if doorbell == 0 || doorbell == state.last_doorbell {
         return Served::Idle;
     }
+    if ctx
+        .snapshot_skipped
+        .is_some_and(|peeked| peeked != doorbell)
+    {
+        // The rendezvous was skipped for another request than this one.
+        return Served::Idle;
+    }
     state.last_doorbell = doorbell;
     if state.publish(mailbox).is_err() {
         return Served::Unusable;
@@ -268,7 +277,7 @@ fn answer<S: SharedMemory, M: PhysMemory>(
     if state.replay.accept(header.client, header.seq).is_err() {
         return (ServeStatus::Replay, 0);
     }
-    if ctx.snapshot_skipped && header.flags & FLAG_NO_SNAPSHOT == 0 {
+    if ctx.snapshot_skipped.is_some() && header.flags & FLAG_NO_SNAPSHOT == 0 {
         return (ServeStatus::SnapshotMissed, 0);
     }
     let Ok(body) = RequestBody::parse(&frame[opened.body.clone()]) else {

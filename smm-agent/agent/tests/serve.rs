@@ -80,7 +80,7 @@ fn with_agent<R>(
     let mut h = Harness {
         w,
         state,
-        skipped: false,
+        skipped: None,
     };
     let r = f(&mut h);
     drop(h);
@@ -90,8 +90,9 @@ fn with_agent<R>(
 struct Harness<'w, 'b> {
     w: &'w mut World,
     state: AgentState<'b>,
-    /// Serve as if the leader skipped the rendezvous (targeted SMI).
-    skipped: bool,
+    /// Serve as if the leader skipped the rendezvous (targeted SMI) for the
+    /// request posted with this doorbell.
+    skipped: Option<u64>,
 }
 
 impl Harness<'_, '_> {
@@ -581,7 +582,7 @@ fn a_snapshot_request_served_without_one_is_refused() {
     let mut w = World::new(4, 0);
     with_agent(&mut w, Some(&KEY), |h| {
         let mut c = client();
-        h.skipped = true;
+        h.skipped = Some(1);
         let frame = c.seal_request_vec(&[Op::Info], [1; 16]).unwrap();
         let (poll, _) = h.roundtrip(&frame, 1);
         assert_eq!(poll.status(), Some(ServeStatus::SnapshotMissed));
@@ -590,11 +591,19 @@ fn a_snapshot_request_served_without_one_is_refused() {
         let n = c
             .seal_request_with(&[Op::Info], [2; 16], FLAG_NO_SNAPSHOT, &mut out)
             .unwrap();
+        h.skipped = Some(2);
         let (poll, mut reply) = h.roundtrip(&out[..n], 2);
         assert_eq!(poll.status(), Some(ServeStatus::Ok));
         c.open_reply(&mut reply).unwrap();
+        // A skip decided for another request serves nothing in this SMI.
+        h.skipped = Some(77);
+        let n = c
+            .seal_request_with(&[Op::Info], [4; 16], FLAG_NO_SNAPSHOT, &mut out)
+            .unwrap();
+        client::post_request(&h.w.mailbox, &out[..n], 4).unwrap();
+        assert_eq!(h.smi(), Served::Idle);
         // And a broadcast SMI serves a flagged request too.
-        h.skipped = false;
+        h.skipped = None;
         let n = c
             .seal_request_with(&[Op::Info], [3; 16], FLAG_NO_SNAPSHOT, &mut out)
             .unwrap();

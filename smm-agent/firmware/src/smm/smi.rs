@@ -117,9 +117,9 @@ extern "C" fn smm_main(block: u64) {
             // served at once by this CPU; anything else waits for the others.
             // The flag is read once here; the agent checks it against the
             // authenticated header (ServeContext::snapshot_skipped).
-            let skip = mailbox().is_some_and(|(mbox, _)| no_snapshot_requested(&mbox));
+            let skip = mailbox().and_then(|(mbox, _)| no_snapshot_requested(&mbox));
             let all = config().cpu_mask;
-            let expected = if skip { 1 << cpu } else { all };
+            let expected = if skip.is_some() { 1 << cpu } else { all };
             let gathered = RENDEZVOUS.gather(generation, expected, &timeouts, &TscClock);
             if RENDEZVOUS.claim(cpu) {
                 // The BAR is checked again: other CPUs ran guest code while
@@ -168,13 +168,15 @@ fn mailbox() -> Option<(Region, MailboxBar)> {
 /// authenticated: a guest that sets or clears the flag only changes whether
 /// this SMI waits for the other CPUs; the flag is part of the authenticated
 /// header, so a changed one fails the request.
-fn no_snapshot_requested(mbox: &Region) -> bool {
-    let Ok(areas) = mb::Areas::from_size(mbox.len() as usize) else {
-        return false;
-    };
+/// Returns the request's doorbell value if so: the agent then serves only
+/// that request in this SMI.
+fn no_snapshot_requested(mbox: &Region) -> Option<u64> {
+    let areas = mb::Areas::from_size(mbox.len() as usize).ok()?;
+    let doorbell = mbox.read_u64(mb::OFF_REQ_DOORBELL as u64);
     let word = mbox.read_u32(areas.request.start as u64);
     let (direction, flags) = ((word >> 16) as u8, (word >> 24) as u8);
-    direction == Direction::Request as u8 && flags & FLAG_NO_SNAPSHOT != 0
+    (doorbell != 0 && direction == Direction::Request as u8 && flags & FLAG_NO_SNAPSHOT != 0)
+        .then_some(doorbell)
 }
 
 /// What the session this CPU serves holds.
@@ -182,8 +184,9 @@ fn no_snapshot_requested(mbox: &Region) -> bool {
 pub struct Held {
     /// The CPUs whose snapshots are stored for this session.
     pub present: u64,
-    /// The leader did not wait for the others (FLAG_NO_SNAPSHOT read once).
-    pub snapshot_skipped: bool,
+    /// The leader did not wait for the others, for the request posted with
+    /// this doorbell (FLAG_NO_SNAPSHOT read once).
+    pub snapshot_skipped: Option<u64>,
     /// Every CPU is in SMM for this session: no guest code runs, so shared
     /// platform registers (the memory hot-plug selector) may be used.
     pub every_cpu: bool,
