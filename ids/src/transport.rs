@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use host_injector::daemon::client::{ClientError, DaemonAddr, DaemonClient};
-use host_injector::daemon::protocol::unhex;
+use host_injector::daemon::protocol::{SmiPath, unhex};
 use host_injector::{Injector, Target, Transaction};
 use smmvmi_mailbox::layout::{AgentState, SESSION_SALT_LEN, ServeStatus};
 
@@ -35,6 +35,7 @@ pub struct DaemonTransport {
     addr: DaemonAddr,
     vm: String,
     target: Target,
+    smi: SmiPath,
 }
 
 impl DaemonTransport {
@@ -45,12 +46,19 @@ impl DaemonTransport {
             addr: addr.clone(),
             vm: vm.to_string(),
             target: Target::All,
+            smi: SmiPath::Auto,
         })
     }
 
     /// Sets the SMI target of later requests.
     pub fn target(&mut self, target: Target) {
         self.target = target;
+    }
+
+    /// Sets the SMI path the daemon may use for later requests (default:
+    /// the doorbell with monitor SMIs as fallback).
+    pub fn smi_path(&mut self, smi: SmiPath) {
+        self.smi = smi;
     }
 
     /// The daemon's address.
@@ -105,7 +113,9 @@ impl Transport {
         match self {
             Transport::Direct(i) => Ok(i.transact(frame, deadline)?),
             Transport::Daemon(d) => {
-                let (info, reply) = d.client.transact(&d.vm, d.target, deadline, frame)?;
+                let (info, reply) = d
+                    .client
+                    .transact_via(&d.vm, d.target, d.smi, deadline, frame)?;
                 Ok(Transaction {
                     status: ServeStatus::from_raw(info.status).unwrap_or(ServeStatus::None),
                     reply,

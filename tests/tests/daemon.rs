@@ -141,6 +141,7 @@ fn eight_clients_thousand_requests_each_reply_reaches_its_client() {
                         vm: name.clone(),
                         target: Target::All,
                         deadline_ms: DEADLINE.as_millis() as u64,
+                        smi: protocol::SmiPath::Auto,
                     };
                     c.stream()
                         .write_all(&protocol::encode(&head, &frame))
@@ -274,6 +275,7 @@ fn malformed_frames_close_only_their_connection() {
             vm: "no-such-vm".into(),
             target: Target::All,
             deadline_ms: 1000,
+            smi: protocol::SmiPath::Auto,
         },
         b"x",
     ))

@@ -5,7 +5,8 @@
 //! (`-smp 2 -m 1G`, median of N boots), side by side with ratios against
 //! SeaBIOS; then the host-raised SMI round trip on our firmware (write a ping
 //! request, `o /b 0xb2 0x10` over QMP, poll the mailbox until acknowledged),
-//! p50/p99. Results also go to `.cache/bench/boot.json`.
+//! p50/p99. Results also go to `.cache/bench/boot.json`. The other benches
+//! (`agent`, `ids`, `injector`) live in their own modules.
 
 use std::time::Duration;
 
@@ -25,6 +26,9 @@ pub enum Command {
     /// IDS Linux commands (banner, cold kallsyms+BTF, ps, lsmod): wall time
     /// and SMIs, against the guest's own ps and /proc/modules.
     Ids(crate::bench_ids::IdsArgs),
+    /// Host-injector daemon: request latency with the doorbell, with QMP
+    /// and direct; requests/s with 1 and 8 clients; guest CPU time stolen.
+    Injector(crate::bench_injector::InjectorArgs),
 }
 
 #[derive(clap::Args)]
@@ -45,6 +49,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Boot(args) => boot(args),
         Command::Agent(args) => crate::bench_agent::run(args),
         Command::Ids(args) => crate::bench_ids::run(args),
+        Command::Injector(args) => crate::bench_injector::run(args),
     }
 }
 
@@ -216,7 +221,7 @@ fn smi_round_trip(image: &GuestImage, count: usize, accel: &str) -> anyhow::Resu
     Ok(rtts)
 }
 
-fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     if s.is_empty() {

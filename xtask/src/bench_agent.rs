@@ -42,7 +42,7 @@ pub struct AgentArgs {
     pub cpu: Option<String>,
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -51,7 +51,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// TSC frequency in MHz from the guest's dmesg (refined value preferred).
-fn tsc_mhz(dmesg: &str) -> Option<f64> {
+pub(crate) fn tsc_mhz(dmesg: &str) -> Option<f64> {
     let pick = |key: &str| {
         dmesg.lines().rev().find_map(|l| {
             let rest = &l[l.find(key)? + key.len()..];

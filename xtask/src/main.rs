@@ -8,6 +8,7 @@
 mod bench;
 mod bench_agent;
 mod bench_ids;
+mod bench_injector;
 mod build;
 mod demo;
 mod firmware;

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use super::config::VmConfig;
 use super::protocol::{
-    self, DaemonError, FrameError, HeaderView, MAX_REPLY_BODY, ReplyHead, RequestHead, TransactInfo,
+    self, DaemonError, FrameError, HeaderView, MAX_REPLY_BODY, ReplyHead, RequestHead, SmiPath,
+    TransactInfo,
 };
 use crate::backend::Target;
 
@@ -208,10 +209,23 @@ impl DaemonClient {
         deadline: Duration,
         frame: &[u8],
     ) -> Result<(TransactInfo, Vec<u8>), ClientError> {
+        self.transact_via(vm, target, SmiPath::Auto, deadline, frame)
+    }
+
+    /// [`DaemonClient::transact`] restricted to the SMI path `smi`.
+    pub fn transact_via(
+        &mut self,
+        vm: &str,
+        target: Target,
+        smi: SmiPath,
+        deadline: Duration,
+        frame: &[u8],
+    ) -> Result<(TransactInfo, Vec<u8>), ClientError> {
         let head = RequestHead::Transact {
             vm: vm.to_string(),
             target,
             deadline_ms: deadline.as_millis() as u64,
+            smi,
         };
         match self.call(&head, frame, deadline)? {
             (ReplyHead::Transact { info }, reply) => Ok((info, reply)),

@@ -47,6 +47,9 @@ pub enum RequestHead {
         target: Target,
         /// Deadline of the request, from the daemon's receipt, in ms.
         deadline_ms: u64,
+        /// Which SMI path the daemon may use (omitted: [`SmiPath::Auto`]).
+        #[serde(default, skip_serializing_if = "SmiPath::is_auto")]
+        smi: SmiPath,
     },
     /// The mailbox header as it stands (untrusted: salt, state, features),
     /// which a client needs to derive session keys.
@@ -68,6 +71,29 @@ pub enum RequestHead {
         /// VM name.
         vm: String,
     },
+}
+
+/// Which SMI path the daemon may use for one request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SmiPath {
+    /// The doorbell, with monitor SMIs as the first-SMI and fallback path
+    /// (the daemon's policy).
+    #[default]
+    Auto,
+    /// Monitor SMIs only (`qmp-broadcast`), even where the doorbell works:
+    /// for comparing the paths, or for an operator who distrusts the
+    /// doorbell. Still gated like every monitor SMI (agent Ready with
+    /// broadcast, no reset since); while the gate is closed the request
+    /// waits, and past its deadline it is silent.
+    QmpBroadcast,
+}
+
+impl SmiPath {
+    /// True for the default.
+    pub fn is_auto(&self) -> bool {
+        *self == SmiPath::Auto
+    }
 }
 
 /// Facts about one served request. All agent-written values are untrusted
@@ -400,10 +426,24 @@ mod tests {
             vm: "a".into(),
             target: Target::Cpu(1),
             deadline_ms: 5,
+            smi: SmiPath::Auto,
         };
         let f = encode(&head, b"sealed");
+        // The default path is not serialized: older daemons (which deny
+        // unknown fields) still accept the frames of newer clients.
+        assert!(!String::from_utf8_lossy(&f).contains("smi"));
         let (h, p): (RequestHead, _) = read_frame(&mut &f[..], MAX_REQUEST_BODY).unwrap();
         assert_eq!((h, p.as_slice()), (head, &b"sealed"[..]));
+        let qmp = RequestHead::Transact {
+            vm: "a".into(),
+            target: Target::All,
+            deadline_ms: 5,
+            smi: SmiPath::QmpBroadcast,
+        };
+        let f = encode(&qmp, b"");
+        assert!(String::from_utf8_lossy(&f).contains("\"smi\":\"qmp-broadcast\""));
+        let (h, _): (RequestHead, _) = read_frame(&mut &f[..], MAX_REQUEST_BODY).unwrap();
+        assert_eq!(h, qmp);
         let err = ReplyHead::Error {
             error: DaemonError::Busy {
                 vm: "a".into(),

@@ -183,6 +183,7 @@ impl Daemon {
         &self,
         vm: &str,
         target: crate::backend::Target,
+        smi: protocol::SmiPath,
         deadline_ms: u64,
         frame: Vec<u8>,
     ) -> Result<(protocol::TransactInfo, Vec<u8>), DaemonError> {
@@ -196,6 +197,7 @@ impl Daemon {
         let job = Job {
             frame,
             target,
+            smi,
             received,
             deadline: received + Duration::from_millis(deadline_ms),
             reply: tx,
@@ -338,7 +340,8 @@ async fn dispatch(
             vm,
             target,
             deadline_ms,
-        } => match d.transact(&vm, target, deadline_ms, payload).await {
+            smi,
+        } => match d.transact(&vm, target, smi, deadline_ms, payload).await {
             Ok((info, reply)) => (ReplyHead::Transact { info }, reply, false),
             Err(e) => err(e),
         },

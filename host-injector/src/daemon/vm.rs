@@ -20,7 +20,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::config::VmConfig;
 use super::metrics::VmMetrics;
-use super::protocol::{DaemonError, HeaderView, TransactInfo, hex};
+use super::protocol::{DaemonError, HeaderView, SmiPath, TransactInfo, hex};
 use super::qmp::{AsyncQmp, Event};
 use super::request::{Facts, Path, Policy, Request, Step};
 use crate::backend::{DoorbellError, DoorbellSmi, Target};
@@ -35,6 +35,8 @@ pub struct Job {
     pub frame: Vec<u8>,
     /// SMI target.
     pub target: Target,
+    /// SMI paths allowed.
+    pub smi: SmiPath,
     /// When the daemon received it.
     pub received: Instant,
     /// Absolute deadline.
@@ -627,7 +629,8 @@ impl Worker {
             let facts = Facts {
                 now: Instant::now(),
                 done_word: h.reply_done,
-                doorbell: doorbell_smi.is_some()
+                doorbell: job.smi == SmiPath::Auto
+                    && doorbell_smi.is_some()
                     && h.magic_ok
                     && h.features & layout::FEATURE_DOORBELL != 0,
                 qmp: self.qmp_usable(&h),
