@@ -256,6 +256,32 @@ impl Session {
 
     /// Carries a sealed frame to the agent and returns the raw reply.
     pub fn carry(&mut self, frame: &[u8]) -> Result<Transaction, SessionError> {
+        // Directly, the header is a local file read: check it first. Through
+        // the daemon it is a round trip of its own, so it is asked only when
+        // a request fails, to say why (a new salt: the VM rebooted).
+        let direct = matches!(self.injector, Transport::Direct(_));
+        if direct {
+            self.check_header()?;
+        }
+        let t = match self.injector.transact(frame, self.deadline) {
+            Ok(t) => t,
+            Err(e) if !direct => {
+                self.check_header()?;
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        self.requests += 1;
+        if t.status == ServeStatus::Unprovisioned {
+            return Err(SessionError::Unprovisioned);
+        }
+        self.last = Some(t.clone());
+        Ok(t)
+    }
+
+    /// Fails with the reason a request cannot work: the agent's session salt
+    /// changed (reboot), or it has no key.
+    fn check_header(&mut self) -> Result<(), SessionError> {
         let header = self.injector.header()?;
         if header.salt != self.salt {
             return Err(SessionError::SaltChanged);
@@ -263,13 +289,7 @@ impl Session {
         if header.state() == Some(AgentState::Unprovisioned) {
             return Err(SessionError::Unprovisioned);
         }
-        let t = self.injector.transact(frame, self.deadline)?;
-        self.requests += 1;
-        if t.status == ServeStatus::Unprovisioned {
-            return Err(SessionError::Unprovisioned);
-        }
-        self.last = Some(t.clone());
-        Ok(t)
+        Ok(())
     }
 
     /// Opens a reply to the pending request.
