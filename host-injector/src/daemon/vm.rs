@@ -782,10 +782,11 @@ impl Worker {
         if now >= until {
             return Ok(());
         }
-        if now.duration_since(last_raise) < Duration::from_millis(3) {
-            std::thread::sleep(Duration::from_micros(100).min(until - now));
-            return Ok(());
-        }
+        // Wait for the agent's ring-back (it rings after storing the done
+        // word, whichever way the SMI came), polling the done word at the
+        // timer's 1 ms granularity in case it never rings (a guest that
+        // moved BAR0, an older firmware).
+        let _ = last_raise;
         let step = (until - now).min(Duration::from_millis(1));
         tokio::select! {
             r = self.ring.readable() => {
