@@ -18,7 +18,12 @@ use crate::cpio::Archive;
 use crate::host::{self, HostError};
 
 /// The pinned guest kernel package.
-pub const DEFAULT_KERNEL_DEB: &str = "linux-image-6.1.0-56-cloud-amd64";
+/// The default guest kernel: Debian 12's cloud kernel metapackage, resolved
+/// to the ABI package it depends on today (`apt-cache depends`) and cached
+/// in `.cache/debs/` (a pinned ABI package leaves the archive some weeks
+/// after the next security update; a fresh machine must still find one).
+/// Pin an ABI package with `--kernel-deb linux-image-6.1.0-NN-cloud-amd64`.
+pub const DEFAULT_KERNEL_DEB: &str = "linux-image-cloud-amd64";
 
 /// The line `/init` prints on ttyS0 once the command server is up.
 pub const READY_MARKER: &str = "SMMVMI-GUEST-READY";
@@ -345,6 +350,13 @@ fn resolve_deb(
     };
     let dir = cache.join("debs");
     std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
+    let resolved;
+    let name = if is_metapackage(name) {
+        resolved = resolve_metapackage(&dir, name, log)?;
+        &resolved
+    } else {
+        name
+    };
     let find = || -> Option<PathBuf> {
         let prefix = format!("{name}_");
         let mut hits: Vec<PathBuf> = std::fs::read_dir(&dir)
@@ -424,6 +436,61 @@ fn decompress(cmd: &mut Command) -> Result<Vec<u8>, GuestImageError> {
         });
     }
     Ok(out.stdout)
+}
+
+/// `linux-image-cloud-amd64`, `linux-image-amd64`, ...: a name with no
+/// version after `linux-image-`.
+fn is_metapackage(name: &str) -> bool {
+    name.strip_prefix("linux-image-")
+        .is_some_and(|rest| !rest.starts_with(|c: char| c.is_ascii_digit()))
+}
+
+/// The ABI package a kernel metapackage depends on: what `apt-cache depends`
+/// says (after one `apt-get update` if the lists know nothing), remembered
+/// in `DIR/NAME.resolved` so that a machine without a network reuses the
+/// cached `.deb`.
+fn resolve_metapackage(
+    dir: &Path,
+    meta: &str,
+    log: &mut dyn FnMut(&str),
+) -> Result<String, GuestImageError> {
+    let memo = dir.join(format!("{meta}.resolved"));
+    let depends = || -> Option<String> {
+        let out = Command::new("apt-cache")
+            .args(["depends", meta])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("Depends: "))
+            .map(str::trim)
+            .find(|d| d.starts_with("linux-image-") && !is_metapackage(d))
+            .map(String::from)
+    };
+    let found = depends().or_else(|| {
+        log(&format!(
+            "apt-cache knows no {meta}; running apt-get update"
+        ));
+        host::run_apt(&["update"], &[meta.to_string()]).ok()?;
+        depends()
+    });
+    match found {
+        Some(abi) => {
+            if std::fs::read_to_string(&memo).ok().as_deref() != Some(abi.as_str()) {
+                log(&format!("{meta} resolves to {abi}"));
+                let _ = std::fs::write(&memo, &abi);
+            }
+            Ok(abi)
+        }
+        None => std::fs::read_to_string(&memo)
+            .map(|s| s.trim().to_string())
+            .map_err(|_| GuestImageError::Tool {
+                command: format!("apt-cache depends {meta}"),
+                detail: format!(
+                    "no linux-image ABI package found for {meta} and none resolved before: check the Debian archive entry in /etc/apt/sources.list.d, or pin one with --kernel-deb linux-image-6.1.0-NN-cloud-amd64"
+                ),
+            }),
+    }
 }
 
 /// Debian 12's 6.12 LTS cloud kernel package: the newest one already in
@@ -507,6 +574,15 @@ fn run(cmd: &mut Command) -> Result<(), GuestImageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metapackages_are_told_from_abi_packages() {
+        assert!(is_metapackage("linux-image-cloud-amd64"));
+        assert!(is_metapackage("linux-image-amd64"));
+        assert!(!is_metapackage("linux-image-6.1.0-57-cloud-amd64"));
+        assert!(!is_metapackage("linux-image-6.12.48+deb12-cloud-amd64"));
+        assert!(!is_metapackage("busybox"));
+    }
 
     #[test]
     fn kernel_deb_parsing() {
