@@ -9,10 +9,9 @@
 mod common;
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{AGENT_READY, PING, boot, config, finish, ids_session, sh};
-use ids::session::SessionError;
+use common::{AGENT_READY, PING, boot, config, finish, hotplug_storm, ids_session, init_storm, sh};
 use serde_json::json;
 use smmvmi_tests::mailbox::MailboxHeader;
 use smmvmi_tests::qmp::QmpError;
@@ -21,13 +20,6 @@ use smmvmi_tests::vm::{
 };
 
 /// xAPIC interrupt command register and delivery modes (as in smm_runtime.rs).
-const ICR_LOW: u64 = 0xfee0_0300;
-const ICR_HIGH: u64 = 0xfee0_0310;
-const ICR_SMI: u32 = 0x0200;
-const ICR_INIT: u32 = 0x4500;
-const ICR_SIPI: u32 = 0x4608;
-
-/// The patched QEMU, or `None` (and a note) when it was not built.
 fn patched(test: &str) -> Option<PathBuf> {
     let p = patched_qemu_from_env();
     if p.is_none() {
@@ -133,15 +125,6 @@ fn inject_smi_is_refused_without_smm() {
     finish(vm);
 }
 
-/// True if the request was answered by the agent (with any status).
-fn answered(r: Result<smmvmi_mailbox::wire::CpuState, SessionError>) -> Result<bool, SessionError> {
-    match r {
-        Ok(_) | Err(SessionError::Op { .. }) => Ok(true),
-        Err(SessionError::Transact(e)) if e.to_string().contains("ALERT") => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
 /// After the storm: the agent answers, no CPU vanished from SMM, none is
 /// left in SMM, the guest lives.
 fn check_no_cpu_vanished(vm: &Vm, mut s: ids::Session, what: &str) -> MailboxHeader {
@@ -185,34 +168,7 @@ fn cpu_hotplug_under_polling_loses_no_cpu_on_patched_qemu() {
     };
     let vm = boot(patched_config("qp-hotplug", qemu).smp(2));
     let mut s = ids_session(&vm);
-    sh(
-        &vm,
-        "(for i in $(seq 200); do echo 0 > /sys/devices/system/cpu/cpu1/online; \
-          echo 1 > /sys/devices/system/cpu/cpu1/online; done; echo done > /tmp/hotplug) \
-          > /tmp/hotplug.log 2>&1 &",
-    );
-    let start = Instant::now();
-    let (mut ok, mut silent) = (0u32, 0u32);
-    loop {
-        match answered(s.cpu_state(1)) {
-            Ok(true) => ok += 1,
-            Ok(false) => silent += 1,
-            Err(e) => panic!("request {}: {e}", ok + silent),
-        }
-        if (ok + silent) % 10 == 0 && sh(&vm, "cat /tmp/hotplug 2>/dev/null || true") == "done" {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(600),
-            "the hotplug loop did not finish in 600 s ({ok} answered, {silent} silent); guest log: {}",
-            sh(&vm, "tail -5 /tmp/hotplug.log")
-        );
-    }
-    eprintln!(
-        "hotplug (patched QEMU): 200 cycles in {:.1} s; {ok} answered, {silent} unanswered",
-        start.elapsed().as_secs_f64()
-    );
-    assert_eq!(sh(&vm, "cat /sys/devices/system/cpu/cpu1/online"), "1");
+    hotplug_storm(&vm, &mut s, 200);
     let log = sh(&vm, "cat /tmp/hotplug.log");
     assert!(log.is_empty(), "onlining CPU 1 failed at least once: {log}");
     check_no_cpu_vanished(&vm, s, "hotplug");
@@ -231,33 +187,7 @@ fn guest_root_init_in_smm_is_held_on_patched_qemu() {
             .append("maxcpus=1 iomem=relaxed"),
     );
     let mut s = ids_session(&vm);
-    for round in 0..50u32 {
-        let ap = 1 + round % 2;
-        let sipi = if round % 4 >= 2 {
-            format!("; devmem {ICR_LOW:#x} 32 {ICR_SIPI:#x}")
-        } else {
-            String::new()
-        };
-        sh(
-            &vm,
-            &format!(
-                "devmem {ICR_HIGH:#x} 32 {:#x}; devmem {ICR_LOW:#x} 32 {ICR_SMI:#x}; \
-                 devmem {ICR_LOW:#x} 32 {ICR_INIT:#x}{sipi}",
-                ap << 24
-            ),
-        );
-        let mut answered_now = false;
-        for _ in 0..3 {
-            if answered(s.cpu_state(0)).unwrap_or_else(|e| panic!("round {round}: {e}")) {
-                answered_now = true;
-                break;
-            }
-        }
-        assert!(
-            answered_now,
-            "round {round}: three requests in a row went unanswered"
-        );
-    }
+    init_storm(&vm, &mut s, 2, 50);
     check_no_cpu_vanished(&vm, s, "INIT attack");
     finish(vm);
 }

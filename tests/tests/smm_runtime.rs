@@ -13,9 +13,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{boot, config, finish, ids_session, sh};
+use common::{ICR_INIT, ICR_LOW, boot, config, finish, hotplug_storm, ids_session, init_storm, sh};
 use ids::Session;
-use ids::session::SessionError;
 use smmvmi_tests::mailbox::MailboxHeader;
 use smmvmi_tests::vm::Vm;
 
@@ -23,25 +22,6 @@ use smmvmi_tests::vm::Vm;
 /// vanished leader (500 ms, smm-agent/firmware/src/smi.rs FOLLOW_MS), which
 /// is longer than a leader's gather (100 ms) plus its serve. Slack for TCG.
 const MAX_SMM_RESIDENCY_US: u64 = 600_000;
-
-/// xAPIC interrupt command register (Intel SDM Vol. 3A 11.6.1).
-const ICR_LOW: u64 = 0xfee0_0300;
-const ICR_HIGH: u64 = 0xfee0_0310;
-/// ICR delivery modes: SMI, INIT (level assert), start-up (vector 0x08:
-/// the firmware's parking code at 0x8000).
-const ICR_SMI: u32 = 0x0200;
-const ICR_INIT: u32 = 0x4500;
-const ICR_SIPI: u32 = 0x4608;
-
-/// True if the request was answered by the agent (with any status); false
-/// if it went unanswered (the ALERT error: the agent was silent).
-fn answered(r: Result<smmvmi_mailbox::wire::CpuState, SessionError>) -> Result<bool, SessionError> {
-    match r {
-        Ok(_) | Err(SessionError::Op { .. }) => Ok(true),
-        Err(SessionError::Transact(e)) if e.to_string().contains("ALERT") => Ok(false),
-        Err(e) => Err(e),
-    }
-}
 
 /// After the storm: every request is answered, the counters say what
 /// happened, the residency bound held, and no vCPU is in SMM.
@@ -90,34 +70,7 @@ fn check_recovered(vm: &Vm, mut s: Session, what: &str) -> MailboxHeader {
 fn cpu_hotplug_under_polling_never_silences_the_agent() {
     let vm = boot(config("rt-hotplug").smp(2));
     let mut s = ids_session(&vm);
-    sh(
-        &vm,
-        "(for i in $(seq 200); do echo 0 > /sys/devices/system/cpu/cpu1/online; \
-          echo 1 > /sys/devices/system/cpu/cpu1/online; done; echo done > /tmp/hotplug) \
-          > /tmp/hotplug.log 2>&1 &",
-    );
-    let start = Instant::now();
-    let (mut ok, mut silent) = (0u32, 0u32);
-    loop {
-        match answered(s.cpu_state(1)) {
-            Ok(true) => ok += 1,
-            Ok(false) => silent += 1,
-            Err(e) => panic!("request {}: {e}", ok + silent),
-        }
-        if (ok + silent) % 10 == 0 && sh(&vm, "cat /tmp/hotplug 2>/dev/null || true") == "done" {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(600),
-            "the hotplug loop did not finish in 600 s ({ok} answered, {silent} silent); guest log: {}",
-            sh(&vm, "tail -5 /tmp/hotplug.log")
-        );
-    }
-    eprintln!(
-        "hotplug: 200 cycles in {:.1} s; {ok} requests answered, {silent} unanswered during the loop",
-        start.elapsed().as_secs_f64()
-    );
-    assert_eq!(sh(&vm, "cat /sys/devices/system/cpu/cpu1/online"), "1");
+    let (ok, _) = hotplug_storm(&vm, &mut s, 200);
     let h = check_recovered(&vm, s, "hotplug");
     assert!(h.smi_count > u64::from(ok));
     finish(vm);
@@ -131,35 +84,7 @@ fn cpu_hotplug_under_polling_never_silences_the_agent() {
 fn guest_root_init_in_smm_cannot_hang_the_vm() {
     let vm = boot(config("rt-init").smp(3).append("maxcpus=1 iomem=relaxed"));
     let mut s = ids_session(&vm);
-    for round in 0..50u32 {
-        let ap = 1 + round % 2;
-        let sipi = if round % 4 >= 2 {
-            format!("; devmem {ICR_LOW:#x} 32 {ICR_SIPI:#x}")
-        } else {
-            String::new()
-        };
-        sh(
-            &vm,
-            &format!(
-                "devmem {ICR_HIGH:#x} 32 {:#x}; devmem {ICR_LOW:#x} 32 {ICR_SMI:#x}; \
-                 devmem {ICR_LOW:#x} 32 {ICR_INIT:#x}{sipi}",
-                ap << 24
-            ),
-        );
-        // The IDS keeps asking; an answer may be late while a session is
-        // recovered, but the agent must never go silent for good.
-        let mut answered_now = false;
-        for _ in 0..3 {
-            if answered(s.cpu_state(0)).unwrap_or_else(|e| panic!("round {round}: {e}")) {
-                answered_now = true;
-                break;
-            }
-        }
-        assert!(
-            answered_now,
-            "round {round}: three requests in a row went unanswered"
-        );
-    }
+    init_storm(&vm, &mut s, 2, 50);
     let h = check_recovered(&vm, s, "INIT attack");
     assert!(
         h.vanished_cpus + h.recovered_sessions > 0,

@@ -80,3 +80,96 @@ pub fn ids_session(vm: &Vm) -> ids::Session {
 
 /// Deadline of one IDS request under TCG.
 pub const IDS_DEADLINE: Duration = Duration::from_secs(10);
+
+/// xAPIC interrupt command register (Intel SDM Vol. 3A 11.6.1), and the
+/// delivery modes the SMM-runtime storms use: SMI, INIT (level assert),
+/// start-up with vector 0x08 (the firmware's parking code at 0x8000).
+pub const ICR_LOW: u64 = 0xfee0_0300;
+pub const ICR_HIGH: u64 = 0xfee0_0310;
+pub const ICR_SMI: u32 = 0x0200;
+pub const ICR_INIT: u32 = 0x4500;
+pub const ICR_SIPI: u32 = 0x4608;
+
+/// True if the request was answered by the agent (with any status); false
+/// if it went unanswered (the ALERT error: the agent was silent).
+pub fn answered(
+    r: Result<smmvmi_mailbox::wire::CpuState, ids::session::SessionError>,
+) -> Result<bool, ids::session::SessionError> {
+    use ids::session::SessionError;
+    match r {
+        Ok(_) | Err(SessionError::Op { .. }) => Ok(true),
+        Err(SessionError::Transact(e)) if e.to_string().contains("ALERT") => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Linux CPU hotplug storm: the guest takes vCPU 1 offline and online
+/// `cycles` times (Linux sends INIT each time it brings a CPU up) while the
+/// IDS keeps asking for vCPU 1's state. Returns (answered, unanswered)
+/// requests during the storm; fails if it does not end within 600 s or CPU 1
+/// stays offline.
+pub fn hotplug_storm(vm: &Vm, s: &mut ids::Session, cycles: u32) -> (u32, u32) {
+    sh(
+        vm,
+        &format!(
+            "(for i in $(seq {cycles}); do echo 0 > /sys/devices/system/cpu/cpu1/online; \
+             echo 1 > /sys/devices/system/cpu/cpu1/online; done; echo done > /tmp/hotplug) \
+             > /tmp/hotplug.log 2>&1 &"
+        ),
+    );
+    let start = std::time::Instant::now();
+    let (mut ok, mut silent) = (0u32, 0u32);
+    loop {
+        match answered(s.cpu_state(1)) {
+            Ok(true) => ok += 1,
+            Ok(false) => silent += 1,
+            Err(e) => panic!("request {}: {e}", ok + silent),
+        }
+        if (ok + silent) % 10 == 0 && sh(vm, "cat /tmp/hotplug 2>/dev/null || true") == "done" {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(600),
+            "the hotplug loop did not finish in 600 s ({ok} answered, {silent} silent); guest log: {}",
+            sh(vm, "tail -5 /tmp/hotplug.log")
+        );
+    }
+    eprintln!(
+        "hotplug: {cycles} cycles in {:.1} s; {ok} requests answered, {silent} unanswered during the loop",
+        start.elapsed().as_secs_f64()
+    );
+    assert_eq!(sh(vm, "cat /sys/devices/system/cpu/cpu1/online"), "1");
+    (ok, silent)
+}
+
+/// Guest root makes each application processor in turn leave SMM
+/// abnormally: an SMI IPI, then INIT (every other two rounds INIT + SIPI)
+/// through the local APIC, `rounds` times, while the IDS keeps asking. The
+/// VM must be booted with `maxcpus=1 iomem=relaxed` and `aps` APs. Fails if
+/// three requests in a row go unanswered after a round.
+pub fn init_storm(vm: &Vm, s: &mut ids::Session, aps: u32, rounds: u32) {
+    for round in 0..rounds {
+        let ap = 1 + round % aps;
+        let sipi = if round % 4 >= 2 {
+            format!("; devmem {ICR_LOW:#x} 32 {ICR_SIPI:#x}")
+        } else {
+            String::new()
+        };
+        sh(
+            vm,
+            &format!(
+                "devmem {ICR_HIGH:#x} 32 {:#x}; devmem {ICR_LOW:#x} 32 {ICR_SMI:#x}; \
+                 devmem {ICR_LOW:#x} 32 {ICR_INIT:#x}{sipi}",
+                ap << 24
+            ),
+        );
+        // An answer may be late while a session is recovered, but the agent
+        // must never go silent for good.
+        let answered_now = (0..3)
+            .any(|_| answered(s.cpu_state(0)).unwrap_or_else(|e| panic!("round {round}: {e}")));
+        assert!(
+            answered_now,
+            "round {round}: three requests in a row went unanswered"
+        );
+    }
+}
