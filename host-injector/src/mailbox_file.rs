@@ -188,27 +188,16 @@ pub struct MailboxFile {
 impl MailboxFile {
     /// Opens the file read-write; its size must be a valid mailbox size.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, MailboxFileError> {
-        let path = path.as_ref().to_path_buf();
-        let io = |source| MailboxFileError::Io {
-            path: path.display().to_string(),
-            source,
-        };
+        let path = path.as_ref();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .open(&path)
-            .map_err(io)?;
-        let size = file.metadata().map_err(io)?.len() as usize;
-        let areas = Areas::from_size(size).map_err(|source| MailboxFileError::Layout {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Ok(Self {
-            path,
-            file,
-            size,
-            areas,
-        })
+            .open(path)
+            .map_err(|source| MailboxFileError::Io {
+                path: path.display().to_string(),
+                source,
+            })?;
+        Self::from_file(file, path)
     }
 
     /// Wraps an already open mailbox (a memfd the daemon created, or a file

@@ -76,17 +76,7 @@ impl Qmp {
             if reply.get("event").is_some() {
                 continue;
             }
-            if let Some(ret) = reply.get("return") {
-                return Ok(ret.clone());
-            }
-            if let Some(err) = reply.get("error") {
-                return Err(QmpError::Command {
-                    command: command.to_string(),
-                    class: err["class"].as_str().unwrap_or("?").to_string(),
-                    desc: err["desc"].as_str().unwrap_or("?").to_string(),
-                });
-            }
-            return Err(QmpError::BadReply(reply.to_string()));
+            return command_result(command, &reply);
         }
     }
 
@@ -131,4 +121,20 @@ impl Qmp {
             }
         }
     }
+}
+
+/// What a QMP reply to `command` says: its `return` value, or the typed
+/// error QEMU gave (shared by the blocking and the daemon's async client).
+pub fn command_result(command: &str, reply: &Value) -> Result<Value, QmpError> {
+    if let Some(ret) = reply.get("return") {
+        return Ok(ret.clone());
+    }
+    if let Some(err) = reply.get("error") {
+        return Err(QmpError::Command {
+            command: command.to_string(),
+            class: err["class"].as_str().unwrap_or("?").to_string(),
+            desc: err["desc"].as_str().unwrap_or("?").to_string(),
+        });
+    }
+    Err(QmpError::BadReply(reply.to_string()))
 }

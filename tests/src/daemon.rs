@@ -124,17 +124,7 @@ impl DaemonProcess {
             .stdout(out)
             .stderr(err);
         if detached {
-            use std::os::unix::process::CommandExt;
-            // SAFETY: setsid() is async-signal-safe and touches no memory of
-            // the parent; it runs in the forked child before exec.
-            unsafe {
-                cmd.pre_exec(|| {
-                    if libc::setsid() < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            crate::vm::new_session(&mut cmd);
         }
         let child = cmd.spawn().map_err(|source| DaemonError::Spawn {
             binary: bin.display().to_string(),

@@ -616,16 +616,7 @@ impl Vm {
             .stdout(qemu_log)
             .stderr(qemu_err);
         if detached {
-            // SAFETY: setsid() is async-signal-safe and touches no memory of
-            // the parent; it runs in the forked child before exec.
-            unsafe {
-                cmd.pre_exec(|| {
-                    if libc::setsid() < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            new_session(&mut cmd);
         } else {
             // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and only
             // changes the forked child's own attributes, before exec.
@@ -1252,6 +1243,22 @@ fn shell_words(program: &str, args: &[String]) -> String {
     }
     out.push('\n');
     out
+}
+
+/// Makes the child of `cmd` lead a new session (setsid before exec), so it
+/// outlives the harness process that starts it (`vm up`, the daemon).
+pub(crate) fn new_session(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setsid() is async-signal-safe and touches no memory of the
+    // parent; it runs in the forked child before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::qmp::QmpError;
+use crate::qmp::{QmpError, command_result};
 
 /// A QMP event's name (e.g. "RESET", "SHUTDOWN").
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,17 +93,7 @@ impl AsyncQmp {
             .await
             .map_err(|_| QmpError::Timeout(self.timeout))??;
         let reply = self.next_reply().await?;
-        if let Some(ret) = reply.get("return") {
-            return Ok(ret.clone());
-        }
-        if let Some(err) = reply.get("error") {
-            return Err(QmpError::Command {
-                command: command.to_string(),
-                class: err["class"].as_str().unwrap_or("?").to_string(),
-                desc: err["desc"].as_str().unwrap_or("?").to_string(),
-            });
-        }
-        Err(QmpError::BadReply(reply.to_string()))
+        command_result(command, &reply)
     }
 
     /// A human monitor command line; its text output.

@@ -619,7 +619,6 @@ impl Worker {
         }
         let posted = Instant::now();
         let mut req = Request::posted(doorbell, job.deadline, self.timing.policy);
-        let mut last_raise = posted;
         let mut rang = false;
         let doorbell_smi = current
             .as_ref()
@@ -661,7 +660,6 @@ impl Worker {
                         tracing::warn!(vm = %self.name, error = %e, "doorbell SMI failed");
                     }
                     req.raised(Path::Doorbell, Instant::now());
-                    last_raise = Instant::now();
                 }
                 Step::Raise(Path::Qmp) => {
                     let q = self.qmp.as_mut().expect("qmp usable implies connected");
@@ -677,7 +675,6 @@ impl Worker {
                         }
                     }
                     req.raised(Path::Qmp, Instant::now());
-                    last_raise = Instant::now();
                 }
                 Step::Wait(until) => {
                     if let Err(Abort::Gone(why)) = self
@@ -686,7 +683,6 @@ impl Worker {
                             current.as_ref().map(|p| p.id),
                             adopted,
                             until,
-                            last_raise,
                             &mut rang,
                         )
                         .await
@@ -752,16 +748,14 @@ impl Worker {
     }
 
     /// Waits until `until` at the latest, returning early on a ring, a QMP
-    /// event, or QEMU going away. Right after an SMI it polls every 100 µs
-    /// (replies under 1 ms are common and the current firmware does not
-    /// ring); later it sleeps in 1 ms steps or until the ring.
+    /// event, or QEMU going away: it wakes on the agent's ring-back, else
+    /// after at most 1 ms to poll the done word again.
     async fn wait(
         &mut self,
         peer: &mut watch::Receiver<Option<Arc<QemuPeer>>>,
         peer_id: Option<u16>,
         adopted: bool,
         until: Instant,
-        last_raise: Instant,
         rang: &mut bool,
     ) -> Result<(), Abort> {
         // Compare the value itself (`changed()` below consumes the change
@@ -786,7 +780,6 @@ impl Worker {
         // word, whichever way the SMI came), polling the done word at the
         // timer's 1 ms granularity in case it never rings (a guest that
         // moved BAR0, an older firmware).
-        let _ = last_raise;
         let step = (until - now).min(Duration::from_millis(1));
         tokio::select! {
             r = self.ring.readable() => {
