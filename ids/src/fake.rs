@@ -8,7 +8,10 @@ use std::collections::BTreeMap;
 
 use smmvmi_mailbox::wire::{AddressSpace, CpuState, Status};
 
-use crate::memory::{BatchStats, Fault, GuestMemory, MemoryError, Read, ReadResult, Space};
+use crate::memory::{
+    BatchStats, Fault, GuestMemory, ListWalk, MemoryError, Read, ReadResult, Space, WalkResult,
+    walk_lists_by_reads,
+};
 
 const PAGE: u64 = 4096;
 
@@ -160,6 +163,15 @@ impl GuestMemory for FakeMemory {
 
     fn stats(&self) -> BatchStats {
         self.stats
+    }
+
+    /// Like the agent: every walk of the batch in one request.
+    fn walk_lists(&mut self, walks: &[ListWalk]) -> Result<Vec<WalkResult>, MemoryError> {
+        let before = self.stats;
+        let out = walk_lists_by_reads(self, walks)?;
+        self.stats.batches = before.batches + 1;
+        self.stats.requests = before.requests + 1;
+        Ok(out)
     }
 }
 

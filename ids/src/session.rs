@@ -170,6 +170,8 @@ fn describe(op: &Op) -> String {
         Op::Translate { space, addr } => format!("TRANSLATE {addr:#x} (cpu {})", space.cpu),
         Op::CpuState { cpu } => format!("CPU_STATE {cpu}"),
         Op::Info => "INFO".into(),
+        Op::WalkList { head, space, .. } => format!("WALK_LIST {head:#x} (cpu {})", space.cpu),
+        Op::Field(f) => format!("FIELD +{:#x}", f.offset),
     }
 }
 

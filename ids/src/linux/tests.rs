@@ -30,6 +30,7 @@ fn offsets(thread_node: bool) -> Offsets {
         task_thread_node: thread_node.then_some(0x180),
         signal_thread_head: thread_node.then_some(0x10),
         task_thread_group: (!thread_node).then_some(0x190),
+        signal_nr_threads: Some(0x4),
         cred_uid: 4,
         cred_gid: 8,
         module_list: 8,
@@ -126,6 +127,10 @@ fn lay_out(m: &mut FakeMemory, o: &Offsets, tasks: &[FakeTask]) -> Vec<u64> {
         m.put_u64(a + o.task_start, 1_000_000 * t.pid as u64);
         let leader = tasks.iter().position(|x| x.pid == t.tgid).unwrap_or(i);
         m.put_u64(a + o.task_signal, signal(leader));
+        let threads = tasks.iter().filter(|x| x.tgid == t.tgid).count();
+        if let Some(nr) = o.signal_nr_threads {
+            m.put_u32(signal(leader) + nr, threads as u32);
+        }
     }
     // init_task.tasks: every leader but init.
     let leaders: Vec<usize> = (1..tasks.len())
@@ -217,13 +222,35 @@ fn ps_lists_processes_and_threads_both_ways() {
 }
 
 #[test]
-fn ps_costs_few_batches() {
-    let (mut c, k) = setup(true);
-    ps(&mut c, &k, 0, true).unwrap();
-    let r = c.inner().stats().requests;
-    // The list walk is a pointer chase (one batch per hop at worst) but
-    // every page read once per snapshot.
-    assert!(r <= 40, "{r} requests");
+fn ps_is_one_request_and_threads_one_more() {
+    for thread_node in [true, false] {
+        let (mut c, k) = setup(thread_node);
+        ps(&mut c, &k, 0, false).unwrap();
+        assert_eq!(c.inner().stats().requests, 1, "the task list in one walk");
+        ps(&mut c, &k, 0, true).unwrap();
+        assert_eq!(
+            c.inner().stats().requests,
+            3,
+            "then the task list and the thread lists of multi-threaded processes"
+        );
+    }
+}
+
+#[test]
+fn the_task_list_and_the_pid_idr_agree() {
+    let mut o = offsets(true);
+    let mut m = FakeMemory::new(1);
+    let tasks = sample();
+    let addrs = lay_out(&mut m, &o, &tasks);
+    add_idr(&mut m, &mut o, &addrs, &tasks);
+    let mut c = SnapshotCache::new(m);
+    let k = kernel(o);
+    for threads in [false, true] {
+        assert_eq!(
+            ps(&mut c, &k, 0, threads).unwrap(),
+            ps_by_idr(&mut c, &k, 0, threads).unwrap()
+        );
+    }
 }
 
 #[test]
@@ -373,7 +400,7 @@ fn ps_through_the_pid_idr_in_few_batches() {
     add_idr(&mut m, &mut o, &addrs, &tasks);
     let mut c = SnapshotCache::new(m);
     let k = kernel(o);
-    let all = ps(&mut c, &k, 0, true).unwrap();
+    let all = ps_by_idr(&mut c, &k, 0, true).unwrap();
     let pids: Vec<u32> = all.iter().map(|t| t.pid).collect();
     assert_eq!(pids, [1, 2, 3, 40, 41, 42, 50, 60]);
     assert_eq!(all.iter().find(|t| t.pid == 50).unwrap().state, 'Z');
@@ -382,7 +409,7 @@ fn ps_through_the_pid_idr_in_few_batches() {
         r <= 7,
         "{r} batches: head, root, leaves, pids, tasks, parents+creds"
     );
-    let procs = ps(&mut c, &k, 0, false).unwrap();
+    let procs = ps_by_idr(&mut c, &k, 0, false).unwrap();
     assert_eq!(procs.len(), 6);
 }
 
@@ -398,7 +425,7 @@ fn a_pid_idr_that_loops_ends_in_an_error() {
     let root = HEAP + 0x30_0000;
     m.put_u64(root + idr.node_slots, root + 2);
     let mut c = SnapshotCache::new(m);
-    let e = ps(&mut c, &kernel(o), 0, true).unwrap_err();
+    let e = ps_by_idr(&mut c, &kernel(o), 0, true).unwrap_err();
     assert!(matches!(e, LinuxError::BadList { .. }), "{e}");
 }
 
