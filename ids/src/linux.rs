@@ -910,6 +910,75 @@ fn describe_tasks<M: GuestMemory>(
     Ok(out)
 }
 
+/// One process of a process tree and its children (by `ppid`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TreeNode {
+    /// The process.
+    #[serde(flatten)]
+    pub task: Task,
+    /// Its children, in PID order.
+    pub children: Vec<TreeNode>,
+}
+
+impl TreeNode {
+    /// The tree as `(depth, task)` in display order (depth 0 = a root).
+    pub fn lines(&self) -> Vec<(usize, &Task)> {
+        let mut out = Vec::new();
+        let mut stack = vec![(0usize, self)];
+        while let Some((d, n)) = stack.pop() {
+            out.push((d, &n.task));
+            stack.extend(n.children.iter().rev().map(|c| (d + 1, c)));
+        }
+        out
+    }
+}
+
+/// Arranges `tasks` as trees by parent (`ppid`), roots in PID order: the
+/// children of the idle task (ppid 0) and every task whose parent is not in
+/// `tasks` (a parent that is a thread, or hidden), so that no task is left
+/// out. Each task appears once, however the ppids loop.
+pub fn pstree(tasks: &[Task]) -> Vec<TreeNode> {
+    use std::collections::HashMap;
+    let mut sorted: Vec<&Task> = tasks.iter().collect();
+    sorted.sort_by_key(|t| t.pid);
+    let pids: HashSet<u32> = sorted.iter().map(|t| t.pid).collect();
+    let mut children: HashMap<u32, Vec<&Task>> = HashMap::new();
+    for t in &sorted {
+        children.entry(t.ppid).or_default().push(t);
+    }
+    let mut placed = HashSet::new();
+    fn build<'a>(
+        t: &'a Task,
+        children: &HashMap<u32, Vec<&'a Task>>,
+        placed: &mut HashSet<u64>,
+    ) -> TreeNode {
+        placed.insert(t.addr);
+        let mut kids = Vec::new();
+        for c in children.get(&t.pid).into_iter().flatten() {
+            if c.pid != t.pid && !placed.contains(&c.addr) {
+                kids.push(build(c, children, placed));
+            }
+        }
+        TreeNode {
+            task: t.clone(),
+            children: kids,
+        }
+    }
+    let mut roots = Vec::new();
+    for t in &sorted {
+        if (t.ppid == 0 || !pids.contains(&t.ppid)) && !placed.contains(&t.addr) {
+            roots.push(build(t, &children, &mut placed));
+        }
+    }
+    // Tasks only reachable through a loop of ppids: each becomes a root.
+    for t in &sorted {
+        if !placed.contains(&t.addr) {
+            roots.push(build(t, &children, &mut placed));
+        }
+    }
+    roots
+}
+
 /// One module as /proc/modules shows it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Module {

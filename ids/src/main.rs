@@ -198,20 +198,17 @@ fn run_linux(cli: &Cli) -> anyhow::Result<()> {
         }
         Command::Pstree => {
             let tasks = linux::ps(&mut mem, &k, 0, false)?;
-            if cli.json || cli.jsonl {
-                emit(cli, &tasks, "", |_| String::new())?;
-            } else {
-                fn walk(tasks: &[linux::Task], ppid: u32, depth: usize, seen: &mut Vec<u32>) {
-                    for t in tasks.iter().filter(|t| t.ppid == ppid) {
-                        if seen.contains(&t.pid) || depth > 64 {
-                            continue;
-                        }
-                        seen.push(t.pid);
-                        println!("{}{}({})", "  ".repeat(depth), t.comm, t.pid);
-                        walk(tasks, t.pid, depth + 1, seen);
-                    }
+            let roots = linux::pstree(&tasks);
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&roots)?);
+            } else if cli.jsonl {
+                for r in &roots {
+                    println!("{}", serde_json::to_string(r)?);
                 }
-                walk(&tasks, 0, 0, &mut Vec::new());
+            } else {
+                for (depth, t) in roots.iter().flat_map(|r| r.lines()) {
+                    println!("{}{}({})", "  ".repeat(depth), t.comm, t.pid);
+                }
             }
         }
         Command::Lsmod => {

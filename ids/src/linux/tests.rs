@@ -439,3 +439,31 @@ fn state_letters() {
     assert_eq!(state_letter(0, 0x10), 'X');
     assert_eq!(state_letter(0x40, 0), 'P');
 }
+
+#[test]
+fn pstree_places_every_task_once() {
+    let (mut c, k) = setup(true);
+    let tasks = ps(&mut c, &k, 0, false).unwrap();
+    let roots = pstree(&tasks);
+    let lines: Vec<(usize, u32)> = roots
+        .iter()
+        .flat_map(|r| r.lines())
+        .map(|(d, t)| (d, t.pid))
+        .collect();
+    // init(1) and kthreadd(2) are roots; 40 and 60 under 1, 50 under 40,
+    // 3 under 2.
+    assert_eq!(lines, [(0, 1), (1, 40), (2, 50), (1, 60), (0, 2), (1, 3)]);
+
+    // A parent missing from the list, and a loop of ppids: nothing lost.
+    let mut odd = tasks.clone();
+    odd.iter_mut().find(|t| t.pid == 60).unwrap().ppid = 999;
+    odd.iter_mut().find(|t| t.pid == 1).unwrap().ppid = 50;
+    let roots = pstree(&odd);
+    let mut seen: Vec<u32> = roots
+        .iter()
+        .flat_map(|r| r.lines())
+        .map(|(_, t)| t.pid)
+        .collect();
+    seen.sort();
+    assert_eq!(seen, [1, 2, 3, 40, 50, 60]);
+}
