@@ -21,8 +21,14 @@
 //!   from 6.2), GS base from the CPU state (the kernel's is in
 //!   `KERNEL_GS_BASE` while user mode runs).
 //!
-//! Every list walk is bounded ([`MAX_TASKS`], [`MAX_MODULES`]) and stops with
-//! an error on a cycle, so a corrupt guest list never hangs the IDS.
+//! Lists are walked by the agent (WALK_LIST, [`smmvmi_mailbox::walk`]): the
+//! task list with every field a listing shows, parents and credentials
+//! read through their pointers, is one request and one consistent
+//! snapshot; so is the module list. A second view of the tasks goes
+//! through the PID allocator ([`ps_by_idr`]). Every walk is bounded
+//! ([`MAX_WALK_ENTRIES`] per walk, [`MAX_TASKS`], [`MAX_MODULES`]) and a
+//! repeat, a user-space pointer or a broken `next` is an error, so a
+//! corrupt guest list never hangs the IDS.
 
 use std::collections::HashSet;
 use std::path::PathBuf;

@@ -460,10 +460,25 @@ impl Session {
         Ok(m)
     }
 
-    /// CPU_STATE of `cpu`.
+    /// CPU_STATE of `cpu`. The session's first CPU_STATE also carries
+    /// INFO (one SMI where two would be asked in turn: every Linux command
+    /// starts with both), served as a snapshot; later ones target `cpu`.
     pub fn cpu_state(&mut self, cpu: u32) -> Result<CpuState, SessionError> {
         let op = Op::CpuState { cpu };
-        let r = self.request_on_cpu(cpu, &[op])?.remove(0);
+        let r = if self.info.is_none()
+            && self.injector.header()?.state() != Some(AgentState::Unprovisioned)
+        {
+            let mut rs = self.request(&[Op::Info, op])?;
+            let (info, r) = (rs.remove(0), rs.remove(0));
+            if info.status == Status::Ok {
+                let info = AgentInfo::parse(&info.data, true)?;
+                self.max_read = Some(info.header.max_read as usize);
+                self.info = Some(info);
+            }
+            r
+        } else {
+            self.request_on_cpu(cpu, &[op])?.remove(0)
+        };
         if r.status != Status::Ok {
             return Err(SessionError::Op {
                 op: describe(&op),
