@@ -20,6 +20,7 @@
 //! [`Session`], [`dump`], [`fake`]), [`kernel`] (kernel introspection).
 
 pub mod btf;
+pub mod checks;
 pub mod dump;
 pub mod endpoint;
 pub mod fake;

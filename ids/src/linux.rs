@@ -1000,6 +1000,18 @@ pub struct Module {
     pub base: u64,
     /// Address of `struct module`.
     pub addr: u64,
+    /// Every memory region of the module, `(base, size)` in bytes (6.4+:
+    /// each `mem[]` type; before: core and init layouts): what the
+    /// checks name a hook's owner by.
+    #[serde(default)]
+    pub regions: Vec<(u64, u64)>,
+}
+
+impl Module {
+    /// True if `addr` lies in one of the module's regions.
+    pub fn contains(&self, addr: u64) -> bool {
+        self.regions.iter().any(|&(b, n)| addr.wrapping_sub(b) < n)
+    }
 }
 
 /// Lists modules in list order (as /proc/modules).
@@ -1013,8 +1025,9 @@ pub fn lsmod<M: GuestMemory>(
         .kallsyms
         .addr("modules")
         .ok_or_else(|| LinuxError::NoSymbol("modules".into()))?;
-    // Fields: name, state, refcnt, then the memory layout (6.4+: the base
-    // of mem[0] and every mem[i].size; before: core base, core and init size).
+    // Fields: name, state, refcnt, then one (base, size) region per field:
+    // 6.4+ every `mem[i]` (`module_memory { base; size; }`), before that
+    // the core and init layouts (`module_layout { base; size; }`).
     let at = |v: u64, len: u64| -> Result<WalkField, LinuxError> {
         Ok(WalkField {
             offset: u32::try_from(v).map_err(|_| {
@@ -1029,13 +1042,24 @@ pub fn lsmod<M: GuestMemory>(
         at(o.module_state, 4)?,
         at(o.module_refcnt.unwrap_or(o.module_state), 4)?,
     ];
+    // (offset of base, distance from base to the 4-byte size)
+    let mut regions: Vec<(u64, u64)> = Vec::new();
     if let Some((m, e, n, bo, so)) = o.module_mem {
-        fields.push(at(m + bo, 8)?);
-        for i in 0..n.min(smmvmi_mailbox::walk::MAX_WALK_FIELDS as u64 - 4) {
-            fields.push(at(m + i * e + so, 4)?);
+        for i in 0..n.min(smmvmi_mailbox::walk::MAX_WALK_FIELDS as u64 - 3) {
+            regions.push((m + i * e + bo, so.wrapping_sub(bo)));
         }
     } else if let Some((bo, so, io)) = o.module_core_layout {
-        fields.extend([at(bo, 8)?, at(so, 4)?, at(io, 4)?]);
+        regions.push((bo, so.wrapping_sub(bo)));
+        // init_layout.base lies as far before its size as core's does.
+        regions.push((io.wrapping_sub(so.wrapping_sub(bo)), so.wrapping_sub(bo)));
+    }
+    for &(base_at, to_size) in &regions {
+        if !(8..=248).contains(&to_size) {
+            return Err(LinuxError::NoSymbol(format!(
+                "a module memory layout with its size after its base (found {to_size:#x} bytes apart)"
+            )));
+        }
+        fields.push(at(base_at, to_size + 4)?);
     }
     let link = u16::try_from(o.module_list)
         .map_err(|_| LinuxError::NoSymbol("module.list below 64 KiB".into()))?;
@@ -1053,8 +1077,24 @@ pub fn lsmod<M: GuestMemory>(
         if state == 3 {
             continue; // MODULE_STATE_UNFORMED: /proc/modules skips it.
         }
-        let base = e.uint(3).unwrap_or(0);
-        let size: u64 = (4..walk.fields.len()).filter_map(|i| e.uint(i)).sum();
+        let regions: Vec<(u64, u64)> = regions
+            .iter()
+            .enumerate()
+            .map(|(i, &(_, to_size))| {
+                let b = e.bytes(3 + i);
+                let le = |at: usize, n: usize| {
+                    let mut a = [0u8; 8];
+                    if let Some(s) = b.get(at..at + n) {
+                        a[..n].copy_from_slice(s);
+                    }
+                    u64::from_le_bytes(a)
+                };
+                (le(0, 8), le(to_size as usize, 4))
+            })
+            .collect();
+        let base = regions.first().map_or(0, |r| r.0);
+        let size: u64 = regions.iter().map(|r| r.1).sum();
+        let regions: Vec<(u64, u64)> = regions.into_iter().filter(|r| r.1 > 0).collect();
         out.push(Module {
             name: read_cstr(e.bytes(0)),
             size,
@@ -1071,6 +1111,7 @@ pub fn lsmod<M: GuestMemory>(
             .into(),
             base,
             addr: e.container,
+            regions,
         });
     }
     Ok(out)

@@ -111,6 +111,15 @@ enum Command {
     Cpus,
     /// The kernel: banner, kallsyms layout, symbol count, BTF size.
     Kernel,
+    /// Rootkit checks that need no baseline (exit status 3 when something
+    /// is found, 0 when clean).
+    Check {
+        /// Which: `syscalls` (syscall tables and the x64_sys_call
+        /// dispatcher), `idt` (every vCPU's IDT and syscall entry MSRs), or
+        /// `all`.
+        #[arg(value_enum, default_value = "all")]
+        what: CheckKind,
+    },
     /// Writes a memory dump of all guest RAM plus CPU states (IMAGE and
     /// IMAGE.json) for offline analysis with --dump.
     Dump {
@@ -118,6 +127,17 @@ enum Command {
         image: std::path::PathBuf,
     },
 }
+
+/// What `ids check` runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum CheckKind {
+    Syscalls,
+    Idt,
+    All,
+}
+
+/// Exit status of `ids check` when it found something.
+const EXIT_FINDINGS: i32 = 3;
 
 /// Prints rows as a table, JSON or JSON lines.
 fn emit<T: serde::Serialize>(
@@ -164,7 +184,10 @@ fn run_linux(cli: &Cli) -> anyhow::Result<()> {
         linux::cache_dir()
     };
     let d = Discovery {
-        full_symbols: matches!(cli.command, Command::Kallsyms { .. } | Command::Kernel),
+        full_symbols: matches!(
+            cli.command,
+            Command::Kallsyms { .. } | Command::Kernel | Command::Check { .. }
+        ),
         ..Discovery::default()
     };
     let k = Kernel::load(mem.inner(), &d, cache.as_deref())?;
@@ -209,6 +232,44 @@ fn run_linux(cli: &Cli) -> anyhow::Result<()> {
                 for (depth, t) in roots.iter().flat_map(|r| r.lines()) {
                     println!("{}{}({})", "  ".repeat(depth), t.comm, t.pid);
                 }
+            }
+        }
+        Command::Check { what } => {
+            let modules = linux::lsmod(&mut mem, &k, 0)?;
+            let mut reports = Vec::new();
+            if matches!(what, CheckKind::Syscalls | CheckKind::All) {
+                reports.push(ids::checks::check_syscalls(&mut mem, &k, 0, &modules)?);
+            }
+            if matches!(what, CheckKind::Idt | CheckKind::All) {
+                reports.push(ids::checks::check_idt(&mut mem, &k, &modules)?);
+            }
+            let findings: Vec<&ids::checks::Finding> =
+                reports.iter().flat_map(|r| &r.findings).collect();
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&reports)?);
+            } else if cli.jsonl {
+                for f in &findings {
+                    println!("{}", serde_json::to_string(f)?);
+                }
+            } else {
+                for r in &reports {
+                    println!(
+                        "{}: {} checked, {}",
+                        r.check,
+                        r.checked,
+                        if r.findings.is_empty() {
+                            "clean".to_string()
+                        } else {
+                            format!("{} FOUND", r.findings.len())
+                        }
+                    );
+                    for f in &r.findings {
+                        println!("  {}: expected {}; found {}", f.what, f.expected, f.found);
+                    }
+                }
+            }
+            if !findings.is_empty() {
+                std::process::exit(EXIT_FINDINGS);
             }
         }
         Command::Lsmod => {
@@ -343,6 +404,7 @@ fn main() -> anyhow::Result<()> {
             | Command::Kallsyms { .. }
             | Command::Cpus
             | Command::Kernel
+            | Command::Check { .. }
     ) {
         return run_linux(&cli);
     }
