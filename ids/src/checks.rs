@@ -308,7 +308,12 @@ pub fn check_idt<M: GuestMemory>(
         .into_iter()
         .chain([0])
         .collect();
-    let early_idt = sym("early_idt_handler_array");
+    // (start, size of one slot): EARLY_IDT_HANDLER_SIZE is 9 bytes, 13
+    // with IBT's ENDBR; the array holds the 32 exception vectors.
+    let early_idt = sym("early_idt_handler_array").and_then(|a| {
+        let size = (t.next_after(k, a)? - a) / 32;
+        (5..=32).contains(&size).then_some((a, size))
+    });
     let cpus = c.inner().cpu_count()?;
     let mut first_idtr: Option<(u64, u64)> = None;
     for cpu in 0..cpus {
@@ -375,9 +380,9 @@ pub fn check_idt<M: GuestMemory>(
                 | u64::from(u32::from_le_bytes([g[8], g[9], g[10], g[11]])) << 32;
             // Vectors below 32 Linux installs no handler for (reserved
             // ones; #MC without MCE) keep the early handler of
-            // arch/x86/kernel/head_64.S: entry `v` of early_idt_handler_array
-            // (EARLY_IDT_HANDLER_SIZE = 9 bytes each), in init text.
-            let early = early_idt.is_some_and(|e| v < 32 && target == e + 9 * v as u64);
+            // arch/x86/kernel/head_64.S: entry `v` of early_idt_handler_array,
+            // in init text.
+            let early = early_idt.is_some_and(|(a, size)| v < 32 && target == a + size * v as u64);
             if !(t.entry.0..t.entry.1).contains(&target) && !early {
                 push(
                     format!("cpu {cpu} IDT vector {v:#x}"),

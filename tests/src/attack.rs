@@ -34,6 +34,12 @@ pub enum Attack {
     Lstar(u32),
 }
 
+/// The kernel release (`uname -r`) of a `linux-image-RELEASE` package.
+pub fn release_of_package(name: &str) -> Option<&str> {
+    name.strip_prefix("linux-image-")
+        .filter(|r| r.chars().next().is_some_and(|c| c.is_ascii_digit()))
+}
+
 impl Attack {
     /// Parses `KIND ARG` as `cargo xtask vm attack` takes it: `hook-syscall
     /// NR`, `patch-dispatch NR`, `hook-idt VECTOR` (0x.. or decimal),
@@ -126,10 +132,14 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AttackError + '_ {
     }
 }
 
-/// Builds (or finds cached) the module for kernel `release`; installs
-/// `linux-headers-RELEASE` first if needed.
+/// Builds (or finds cached) the module for kernel `release` (`uname -r`,
+/// e.g. `6.1.0-57-cloud-amd64`); installs `linux-headers-RELEASE` first if
+/// needed.
 pub fn build(release: &str) -> Result<PathBuf, AttackError> {
     use std::hash::{Hash, Hasher};
+    // One apt-get and one Kbuild at a time (tests run in parallel).
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
     let headers = PathBuf::from(format!("/usr/src/linux-headers-{release}"));
     if !headers.join("Makefile").exists() {
         crate::host::install(&[format!("linux-headers-{release}")])?;

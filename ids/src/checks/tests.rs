@@ -42,6 +42,7 @@ fn kernel() -> Kernel {
         // Two slots of padding after the table's NR entries.
         sym(TABLE + 8 * (NR + 2), 'D', "after_table"),
         sym(EARLY, 'T', "early_idt_handler_array"),
+        sym(EARLY + 32 * 9, 't', "early_idt_handler_common"),
     ];
     syms.sort_by_key(|s| s.addr);
     let layout = Layout {
