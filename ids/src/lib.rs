@@ -30,6 +30,7 @@ pub mod linux;
 pub mod memory;
 pub mod session;
 pub mod transport;
+pub mod watch;
 
 pub use endpoint::Endpoint;
 pub use session::{Session, SessionError};

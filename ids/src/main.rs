@@ -111,6 +111,20 @@ enum Command {
     Cpus,
     /// The kernel: banner, kallsyms layout, symbol count, BTF size.
     Kernel,
+    /// The checks plus process and module diffs, pass after pass: one ECS
+    /// JSON line per event on stdout (README: "ids watch"). Exit status 3
+    /// if any alert was raised, 0 if none (with --count).
+    Watch {
+        /// Time from one pass to the next (1s, 500ms, ...).
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        /// Stop after this many passes (default: run until killed).
+        #[arg(long)]
+        count: Option<u64>,
+        /// `host.name` of the events (default: the endpoint's VM name).
+        #[arg(long)]
+        host_name: Option<String>,
+    },
     /// Rootkit checks that need no baseline (exit status 3 when something
     /// is found, 0 when clean).
     Check {
@@ -412,6 +426,36 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("this command needs a live VM: give --connect ENDPOINT");
     };
     let endpoint = ep.with_key(cli.key.clone());
+    if let Command::Watch {
+        interval,
+        count,
+        host_name,
+    } = &cli.command
+    {
+        let host = host_name.clone().unwrap_or_else(|| endpoint.vm_name());
+        let opts = ids::watch::WatchOptions {
+            interval: *interval,
+            count: *count,
+            cache: if cli.no_cache {
+                None
+            } else {
+                linux::cache_dir()
+            },
+        };
+        let deadline = Duration::from_millis(cli.deadline_ms);
+        let alerted = ids::watch::run(
+            || Session::connect(&endpoint, deadline),
+            &opts,
+            |e| {
+                use std::io::Write;
+                let line = e.to_ecs(&host, std::time::SystemTime::now());
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{line}");
+                let _ = out.flush();
+            },
+        );
+        std::process::exit(if alerted { EXIT_FINDINGS } else { 0 });
+    }
     let mut s = Session::connect(&endpoint, Duration::from_millis(cli.deadline_ms))?;
     match cli.command {
         Command::Banner { verbose, limit } => {

@@ -119,3 +119,115 @@ fn attacks_found_on_the_6_12_kernel() {
         });
     run(config("attacks-612").kernel_deb(deb));
 }
+
+/// `watch` on a live guest: a process started with a random name, the
+/// attack module loaded (an LSTAR hook) and removed, then a guest reboot:
+/// each reported as its ECS event, the hook within one interval of being
+/// loaded, the reboot as `guest-rebooted`, and the watch goes on in the
+/// new boot.
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn watch_reports_processes_modules_hooks_and_reboots() {
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+    let vm = boot(config("watch"));
+    // A reset resets (the harness starts QEMU with -no-reboot).
+    vm.qmp("set-action", Some(serde_json::json!({ "reboot": "reset" })))
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The IDS's direct endpoint needs the QMP socket.
+    vm.release_qmp();
+    let endpoint = ids::Endpoint::from_state_dir(vm.state_dir());
+    let interval = Duration::from_secs(1);
+    let (tx, rx) = mpsc::channel::<(Instant, serde_json::Value)>();
+    let opts = ids::watch::WatchOptions {
+        interval,
+        count: Some(60),
+        cache: None,
+    };
+    let watcher = std::thread::spawn(move || {
+        ids::watch::run(
+            || ids::Session::connect(&endpoint, Duration::from_secs(5)),
+            &opts,
+            |e| {
+                let _ = tx.send((
+                    Instant::now(),
+                    e.to_ecs("watch", std::time::SystemTime::now()),
+                ));
+            },
+        )
+    });
+    let wait_for = |what: &str, pred: &dyn Fn(&serde_json::Value) -> bool, within: Duration| {
+        let until = Instant::now() + within;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok((at, e)) if pred(&e) => return (at, e),
+                Ok((_, e)) => eprintln!("watch: {}", e["message"]),
+                Err(_) => panic!("no {what} event within {within:?}"),
+            }
+        }
+    };
+    // The first pass learns the kernel (cold: a few seconds under TCG).
+    wait_for(
+        "baseline",
+        &|e| e["event"]["action"] == "baseline",
+        Duration::from_secs(60),
+    );
+    // A program named at random: busybox runs as `busyboxNAME APPLET ...`.
+    let name = format!(
+        "busybox{:08x}",
+        std::process::id().wrapping_mul(2_654_435_761)
+    );
+    sh(
+        &vm,
+        &format!("cp /bin/busybox /tmp/{name}; /tmp/{name} sleep 600 >/dev/null 2>&1 </dev/null &"),
+    );
+    let (_, e) = wait_for(
+        "process-started",
+        &|e| e["event"]["action"] == "process-started" && e["process"]["name"] == name.as_str(),
+        Duration::from_secs(20),
+    );
+    assert_eq!(e["event"]["kind"], "event");
+    attack::load(&vm, Attack::Lstar(0)).unwrap_or_else(|e| panic!("{e}"));
+    let loaded = Instant::now();
+    let (at, e) = wait_for(
+        "hook-found",
+        &|e| e["event"]["action"] == "hook-found",
+        Duration::from_secs(20),
+    );
+    assert_eq!(e["event"]["kind"], "alert");
+    assert_eq!(e["smmvmi"]["finding"]["owner"], MODULE);
+    // One interval plus the pass that sees it (a few requests).
+    let late = at.saturating_duration_since(loaded);
+    assert!(late <= interval * 3, "hook reported {late:?} after loading");
+    attack::unload(&vm).unwrap_or_else(|e| panic!("{e}"));
+    wait_for(
+        "hook-gone",
+        &|e| e["event"]["action"] == "hook-gone",
+        Duration::from_secs(20),
+    );
+    let _ = vm.exec_timeout("reboot -f", Duration::from_secs(3));
+    let (_, _) = wait_for(
+        "guest-rebooted",
+        &|e| e["event"]["action"] == "guest-rebooted",
+        Duration::from_secs(60),
+    );
+    // And goes on: a process started in the new boot is reported.
+    vm.wait_agent_ready(common::AGENT_READY)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let again = format!("busybox{:08x}", std::process::id().wrapping_mul(40_503));
+    sh(
+        &vm,
+        &format!(
+            "cp /bin/busybox /tmp/{again}; /tmp/{again} sleep 600 >/dev/null 2>&1 </dev/null &"
+        ),
+    );
+    wait_for(
+        "process-started after the reboot",
+        &|e| e["event"]["action"] == "process-started" && e["process"]["name"] == again.as_str(),
+        Duration::from_secs(30),
+    );
+    let alerted = watcher.join().expect("watch thread");
+    assert!(alerted, "the hook was an alert");
+    finish(vm);
+}
