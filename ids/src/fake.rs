@@ -165,6 +165,10 @@ impl GuestMemory for FakeMemory {
         self.stats
     }
 
+    fn walks_in_agent(&mut self) -> Result<bool, MemoryError> {
+        Ok(true)
+    }
+
     /// Like the agent: every walk of the batch in one request.
     fn walk_lists(&mut self, walks: &[ListWalk]) -> Result<Vec<WalkResult>, MemoryError> {
         let before = self.stats;
