@@ -211,6 +211,7 @@ pub fn offsets(thread_node: bool) -> crate::btf::Offsets {
         module_refcnt: Some(0x60),
         module_mem: Some((0x100, 0x40, 7, 0, 8)),
         module_core_layout: None,
+        module_views: None,
         pid_idr: None,
     }
 }

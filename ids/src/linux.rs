@@ -55,7 +55,7 @@ pub const PF_KTHREAD: u32 = 0x0020_0000;
 /// `EXIT_ZOMBIE`.
 pub const EXIT_ZOMBIE: u32 = 0x20;
 /// Cache format version.
-pub const CACHE_VERSION: u32 = 3;
+pub const CACHE_VERSION: u32 = 4;
 
 /// Errors of the Linux layer.
 #[derive(Debug, thiserror::Error)]
@@ -752,7 +752,29 @@ pub fn ps<M: GuestMemory>(
     cpu: u32,
     threads: bool,
 ) -> Result<Vec<Task>, LinuxError> {
+    ps_lists(c, k, cpu, threads, true)
+}
+
+/// The tasks on the task list (and, with `threads`, the thread lists)
+/// only, never through the PID IDR: one view of the hidden-process check.
+pub fn ps_task_list<M: GuestMemory>(
+    c: &mut SnapshotCache<M>,
+    k: &Kernel,
+    cpu: u32,
+    threads: bool,
+) -> Result<Vec<Task>, LinuxError> {
+    ps_lists(c, k, cpu, threads, false)
+}
+
+fn ps_lists<M: GuestMemory>(
+    c: &mut SnapshotCache<M>,
+    k: &Kernel,
+    cpu: u32,
+    threads: bool,
+    idr_fallback: bool,
+) -> Result<Vec<Task>, LinuxError> {
     let o = &k.offsets;
+    let idr_ok = idr_fallback && o.pid_idr.is_some();
     let init = k
         .kallsyms
         .addr("init_task")
@@ -772,13 +794,13 @@ pub fn ps<M: GuestMemory>(
     };
     // An agent without WALK_LIST would pay a request per pointer: the PID
     // IDR's level-by-level batches are cheaper there.
-    if !c.inner().walks_in_agent()? && o.pid_idr.is_some() {
+    if !c.inner().walks_in_agent()? && idr_ok {
         return ps_by_idr(c, k, cpu, threads);
     }
     let r = c.inner().walk_lists(std::slice::from_ref(&walk))?.remove(0);
     // Repeats and wild pointers are findings, whatever else happened.
     check_links(&r, "init_task.tasks", k.kernel_half, o.task_tasks)?;
-    if too_long(&r) && o.pid_idr.is_some() {
+    if too_long(&r) && idr_ok {
         return ps_by_idr(c, k, cpu, threads);
     }
     let leaders = checked_entries(r, "init_task.tasks", k.kernel_half, o.task_tasks)?;
@@ -823,7 +845,7 @@ pub fn ps<M: GuestMemory>(
         let leader_addrs: HashSet<u64> = leaders.iter().map(|e| e.container).collect();
         for (w, r) in walks.iter().zip(c.inner().walk_lists(&walks)?) {
             check_links(&r, "thread list", k.kernel_half, u64::from(w.link_offset))?;
-            if too_long(&r) && o.pid_idr.is_some() {
+            if too_long(&r) && idr_ok {
                 // A process with more threads than one walk holds.
                 return ps_by_idr(c, k, cpu, threads);
             }

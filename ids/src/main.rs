@@ -129,8 +129,9 @@ enum Command {
     /// is found, 0 when clean).
     Check {
         /// Which: `syscalls` (syscall tables and the x64_sys_call
-        /// dispatcher), `idt` (every vCPU's IDT and syscall entry MSRs), or
-        /// `all`.
+        /// dispatcher), `idt` (every vCPU's IDT and syscall entry MSRs),
+        /// `modules` (loaded modules missing from the module list),
+        /// `processes` (tasks missing from the task list), or `all`.
         #[arg(value_enum, default_value = "all")]
         what: CheckKind,
     },
@@ -147,6 +148,8 @@ enum Command {
 enum CheckKind {
     Syscalls,
     Idt,
+    Modules,
+    Processes,
     All,
 }
 
@@ -256,6 +259,12 @@ fn run_linux(cli: &Cli) -> anyhow::Result<()> {
             }
             if matches!(what, CheckKind::Idt | CheckKind::All) {
                 reports.push(ids::checks::check_idt(&mut mem, &k, &modules)?);
+            }
+            if matches!(what, CheckKind::Modules | CheckKind::All) {
+                reports.push(ids::checks::check_modules(&mut mem, &k, 0, &modules)?);
+            }
+            if matches!(what, CheckKind::Processes | CheckKind::All) {
+                reports.push(ids::checks::check_processes(&mut mem, &k, 0)?);
             }
             let findings: Vec<&ids::checks::Finding> =
                 reports.iter().flat_map(|r| &r.findings).collect();
