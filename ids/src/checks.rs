@@ -534,7 +534,8 @@ pub fn check_modules<M: GuestMemory>(
 /// a CPU (each CPU's `current`) but are on no task list
 /// (`init_task.tasks` and the thread lists): a process unlinked to hide.
 /// The two views are separate snapshots, so a difference is read again
-/// and reported only if it stays.
+/// and reported only if it stays. Also user processes named like a kernel
+/// thread (the name of one, or of a family such as `kworker/…`).
 pub fn check_processes<M: GuestMemory>(
     c: &mut SnapshotCache<M>,
     k: &Kernel,
@@ -584,6 +585,35 @@ pub fn check_processes<M: GuestMemory>(
         };
     let (checked, first) = hidden(c)?;
     r.checked = checked;
+    // A user process named like a kernel thread (`kworker/0:1`,
+    // `ksoftirqd/1`, ...): the disguise of miners and backdoors (a write to
+    // /proc/PID/comm or prctl(PR_SET_NAME) is all it takes).
+    let listed = crate::linux::ps_task_list(c, k, cpu, false)?;
+    let kthreads: std::collections::HashSet<&str> = listed
+        .iter()
+        .filter(|t| t.kthread)
+        .map(|t| t.comm.as_str())
+        .collect();
+    let families: std::collections::HashSet<&str> = kthreads
+        .iter()
+        .filter_map(|n| n.split_once('/').map(|(f, _)| f))
+        .collect();
+    for t in listed.iter().filter(|t| !t.kthread) {
+        let family = t.comm.split_once('/').map(|(f, _)| f);
+        if kthreads.contains(t.comm.as_str()) || family.is_some_and(|f| families.contains(f)) {
+            r.findings.push(Finding {
+                check: "processes".into(),
+                what: format!("pid {} ({})", t.pid, t.comm),
+                expected: "a user process not named like a kernel thread".into(),
+                found: format!(
+                    "a user process (not PF_KTHREAD, task_struct at {:#x}) named like the kernel's own threads",
+                    t.addr
+                ),
+                address: t.addr,
+                owner: None,
+            });
+        }
+    }
     if !first.is_empty() {
         let (_, again) = hidden(c)?;
         for (addr, (place, t)) in first {

@@ -97,6 +97,21 @@ fn run(cfg: VmConfig) {
             module,
         ));
     }
+    // A user process that renames itself like a kernel worker (no module).
+    let disguised: u32 = sh(
+        &vm,
+        "sh -c 'echo -n kworker/1:7 > /proc/$$/comm; while :; do sleep 1; done' \
+         >/dev/null 2>&1 </dev/null & echo $!",
+    )
+    .parse()
+    .expect("pid");
+    let reports = check_all(&mut s, &k);
+    let found: Vec<_> = reports.iter().flat_map(|r| &r.findings).collect();
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert_eq!(found[0].what, format!("pid {disguised} (kworker/1:7)"));
+    eprintln!("renamed process: found [{:?}]", found[0].what);
+    sh(&vm, &format!("kill {disguised}"));
+    assert_clean(&mut s, &k, "after the disguised process exits");
     // Last: it cannot be undone.
     cases.push((
         Attack::HideModule,
