@@ -530,6 +530,9 @@ pub fn check_modules<M: GuestMemory>(
     Ok(r)
 }
 
+/// Tasks on no task list, by `task_struct` address: where each was seen.
+type Hidden = BTreeMap<u64, (String, Task)>;
+
 /// Tasks that have a PID (the PID allocator, `init_pid_ns.idr`) or run on
 /// a CPU (each CPU's `current`) but are on no task list
 /// (`init_task.tasks` and the thread lists): a process unlinked to hide.
@@ -545,44 +548,43 @@ pub fn check_processes<M: GuestMemory>(
         check: "processes".into(),
         ..Report::default()
     };
-    let hidden =
-        |c: &mut SnapshotCache<M>| -> Result<(usize, BTreeMap<u64, (String, Task)>), LinuxError> {
-            c.new_snapshot();
-            let listed = crate::linux::ps_task_list(c, k, cpu, true)?;
-            let on_list: std::collections::HashSet<u64> = listed.iter().map(|t| t.addr).collect();
-            let mut out = BTreeMap::new();
-            let by_idr = crate::linux::ps_by_idr(c, k, cpu, true)?;
-            for t in &by_idr {
-                if !on_list.contains(&t.addr) {
-                    out.insert(
-                        t.addr,
-                        ("the PID allocator (init_pid_ns.idr)".to_string(), t.clone()),
-                    );
-                }
+    let hidden = |c: &mut SnapshotCache<M>| -> Result<(usize, Hidden), LinuxError> {
+        c.new_snapshot();
+        let listed = crate::linux::ps_task_list(c, k, cpu, true)?;
+        let on_list: std::collections::HashSet<u64> = listed.iter().map(|t| t.addr).collect();
+        let mut out = BTreeMap::new();
+        let by_idr = crate::linux::ps_by_idr(c, k, cpu, true)?;
+        for t in &by_idr {
+            if !on_list.contains(&t.addr) {
+                out.insert(
+                    t.addr,
+                    ("the PID allocator (init_pid_ns.idr)".to_string(), t.clone()),
+                );
             }
-            for v in crate::linux::cpus(c, k)? {
-                if v.pid != 0 && v.current != 0 && !on_list.contains(&v.current) {
-                    let t = by_idr
-                        .iter()
-                        .find(|t| t.addr == v.current)
-                        .cloned()
-                        .unwrap_or(Task {
-                            pid: v.pid,
-                            tgid: v.pid,
-                            ppid: 0,
-                            uid: 0,
-                            gid: 0,
-                            state: 'R',
-                            comm: v.comm.clone(),
-                            kthread: false,
-                            start_ns: 0,
-                            addr: v.current,
-                        });
-                    out.insert(v.current, (format!("cpu {}'s current task", v.cpu), t));
-                }
+        }
+        for v in crate::linux::cpus(c, k)? {
+            if v.pid != 0 && v.current != 0 && !on_list.contains(&v.current) {
+                let t = by_idr
+                    .iter()
+                    .find(|t| t.addr == v.current)
+                    .cloned()
+                    .unwrap_or(Task {
+                        pid: v.pid,
+                        tgid: v.pid,
+                        ppid: 0,
+                        uid: 0,
+                        gid: 0,
+                        state: 'R',
+                        comm: v.comm.clone(),
+                        kthread: false,
+                        start_ns: 0,
+                        addr: v.current,
+                    });
+                out.insert(v.current, (format!("cpu {}'s current task", v.cpu), t));
             }
-            Ok((listed.len() + by_idr.len(), out))
-        };
+        }
+        Ok((listed.len() + by_idr.len(), out))
+    };
     let (checked, first) = hidden(c)?;
     r.checked = checked;
     // A user process named like a kernel thread (`kworker/0:1`,
