@@ -414,17 +414,87 @@ pub fn check_modules<M: GuestMemory>(
     cpu: u32,
     modules: &[Module],
 ) -> Result<Report, LinuxError> {
-    use crate::memory::ListWalk;
-    use smmvmi_mailbox::walk::Field;
     let v = k.offsets.module_views.ok_or_else(|| {
         LinuxError::NoSymbol("the module kobject and mod_tree types in BTF".into())
     })?;
-    let listed: std::collections::HashSet<u64> = modules.iter().map(|m| m.addr).collect();
     let mut r = Report {
         check: "modules".into(),
         ..Report::default()
     };
+    // The views are separate requests: a module loaded or unloaded between
+    // them differs for a moment. A difference is read again, from a new
+    // snapshot, and reported only if it stays.
+    let listed = module_list_addrs(c, k, cpu)?
+        .into_iter()
+        .chain(modules.iter().map(|m| m.addr));
+    let (checked, first) = modules_off_list(c, k, cpu, &v, listed)?;
+    r.checked = checked;
+    if first.is_empty() {
+        return Ok(r);
+    }
+    c.new_snapshot();
+    let relisted = module_list_addrs(c, k, cpu)?;
+    let (_, again) = modules_off_list(c, k, cpu, &v, relisted)?;
     let name = k.offsets.module_name;
+    for (m, places) in first {
+        if !again.contains_key(&m) {
+            continue;
+        }
+        let module_name = c
+            .read(kspace(cpu), m + name.offset, name.size.min(64) as usize)
+            .map(|b| {
+                let end = b.iter().position(|&x| x == 0).unwrap_or(b.len());
+                String::from_utf8_lossy(&b[..end]).into_owned()
+            })
+            .unwrap_or_else(|_| "?".into());
+        r.findings.push(Finding {
+            check: "modules".into(),
+            what: format!("module {module_name} (struct module at {m:#x})"),
+            expected: "every loaded module on the modules list (/proc/modules)".into(),
+            found: format!("only in {}", places.join(" and ")),
+            address: m,
+            owner: Some(module_name),
+        });
+    }
+    Ok(r)
+}
+
+/// Every `struct module` on the `modules` list, unformed ones included.
+fn module_list_addrs<M: GuestMemory>(
+    c: &mut SnapshotCache<M>,
+    k: &Kernel,
+    cpu: u32,
+) -> Result<Vec<u64>, LinuxError> {
+    use crate::memory::ListWalk;
+    let head = k
+        .kallsyms
+        .addr("modules")
+        .ok_or_else(|| LinuxError::NoSymbol("modules".into()))?;
+    let walk = ListWalk {
+        space: AddressSpace::kernel_of(cpu),
+        head,
+        link_offset: u16::try_from(k.offsets.module_list)
+            .map_err(|_| LinuxError::NoSymbol("module.list below 64 KiB".into()))?,
+        max_entries: crate::linux::MAX_MODULES as u32,
+        fields: Vec::new(),
+    };
+    let res = c.inner().walk_lists(std::slice::from_ref(&walk))?.remove(0);
+    Ok(res.entries.iter().map(|e| e.container).collect())
+}
+
+/// Modules in `/sys/module` or `mod_tree` whose `struct module` is not in
+/// `listed`: (items checked, address → where seen).
+fn modules_off_list<M: GuestMemory>(
+    c: &mut SnapshotCache<M>,
+    k: &Kernel,
+    cpu: u32,
+    v: &crate::btf::ModuleViews,
+    listed: impl IntoIterator<Item = u64>,
+) -> Result<(usize, BTreeMap<u64, Vec<&'static str>>), LinuxError> {
+    use crate::memory::ListWalk;
+    use smmvmi_mailbox::walk::Field;
+    let listed: std::collections::HashSet<u64> = listed.into_iter().collect();
+    let mut checked = 0usize;
     let mut elsewhere: BTreeMap<u64, Vec<&'static str>> = BTreeMap::new();
     // /sys/module: module_kset is a pointer to the kset.
     if let Some(sym) = k.kallsyms.addr("module_kset") {
@@ -445,7 +515,7 @@ pub fn check_modules<M: GuestMemory>(
             };
             let res = c.inner().walk_lists(std::slice::from_ref(&walk))?.remove(0);
             for e in &res.entries {
-                r.checked += 1;
+                checked += 1;
                 if let Some(m) = e.uint(0).filter(|&m| m != 0) {
                     elsewhere
                         .entry(m)
@@ -489,7 +559,7 @@ pub fn check_modules<M: GuestMemory>(
             };
             level = Vec::new();
             for i in 0..nodes.len() {
-                r.checked += 1;
+                checked += 1;
                 level.extend(
                     [word(3 * i), word(3 * i + 1)]
                         .into_iter()
@@ -505,29 +575,11 @@ pub fn check_modules<M: GuestMemory>(
             }
         }
     }
-    for (m, places) in elsewhere {
-        if listed.contains(&m) {
-            continue;
-        }
-        let module_name = c
-            .read(kspace(cpu), m + name.offset, name.size.min(64) as usize)
-            .map(|b| {
-                let end = b.iter().position(|&x| x == 0).unwrap_or(b.len());
-                String::from_utf8_lossy(&b[..end]).into_owned()
-            })
-            .unwrap_or_else(|_| "?".into());
-        let mut places = places;
+    elsewhere.retain(|m, places| {
         places.dedup();
-        r.findings.push(Finding {
-            check: "modules".into(),
-            what: format!("module {module_name} (struct module at {m:#x})"),
-            expected: "every loaded module on the modules list (/proc/modules)".into(),
-            found: format!("only in {}", places.join(" and ")),
-            address: m,
-            owner: Some(module_name),
-        });
-    }
-    Ok(r)
+        !listed.contains(m)
+    });
+    Ok((checked, elsewhere))
 }
 
 /// Tasks on no task list, by `task_struct` address: where each was seen.

@@ -316,3 +316,109 @@ fn watch_reports_processes_modules_hooks_and_reboots() {
     assert!(alerted, "the hook was an alert");
     finish(vm);
 }
+
+/// A clean guest watched with churn raises no alarm: processes starting
+/// and exiting, a module chain unloaded and loaded again, the function
+/// tracer and a syscall tracepoint on and off, a CPU taken offline and
+/// back, for `SMMVMI_CHURN_SECS` seconds (default 300).
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn a_clean_guest_with_churn_raises_no_alarm() {
+    use std::time::{Duration, Instant};
+    let secs: u64 = std::env::var("SMMVMI_CHURN_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    let vm = boot(config("churn"));
+    vm.release_qmp();
+    let endpoint = ids::Endpoint::from_state_dir(vm.state_dir());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::<serde_json::Value>::new()));
+    let watcher = {
+        let (events, stop) = (events.clone(), stop.clone());
+        std::thread::spawn(move || {
+            // Passes until told to stop (count checked by the loop below).
+            let mut passes = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && passes < 10_000 {
+                let opts = ids::watch::WatchOptions {
+                    interval: Duration::from_secs(1),
+                    count: Some(10),
+                    cache: Some(smmvmi_tests::cache_dir().join("churn-kernels")),
+                };
+                ids::watch::run(
+                    || ids::Session::connect(&endpoint, Duration::from_secs(5)),
+                    &opts,
+                    |e| {
+                        events
+                            .lock()
+                            .unwrap()
+                            .push(e.to_ecs("churn", std::time::SystemTime::now()))
+                    },
+                );
+                passes += 10;
+            }
+        })
+    };
+    let t = "/sys/kernel/tracing";
+    sh(
+        &vm,
+        &format!("mkdir -p {t}; mount -t tracefs nodev {t} 2>/dev/null; true"),
+    );
+    let started = Instant::now();
+    let mut round = 0u32;
+    while started.elapsed() < Duration::from_secs(secs) {
+        round += 1;
+        sh(
+            &vm,
+            "for i in 1 2 3 4 5; do sleep 0.$i & done; sh -c 'ls /proc >/dev/null'; wait",
+        );
+        match round % 4 {
+            0 => {
+                sh(
+                    &vm,
+                    "rmmod virtio_net && rmmod net_failover && rmmod failover",
+                );
+                sh(
+                    &vm,
+                    "insmod /lib/modules/failover.ko* && insmod /lib/modules/net_failover.ko* && insmod /lib/modules/virtio_net.ko*",
+                );
+            }
+            1 => {
+                sh(
+                    &vm,
+                    &format!(
+                        "echo __x64_sys_getdents64 > {t}/set_ftrace_filter; echo function > {t}/current_tracer; \
+                         echo 1 > {t}/events/syscalls/sys_enter_getdents64/enable; ls / >/dev/null; sleep 2; \
+                         echo nop > {t}/current_tracer; echo 0 > {t}/events/syscalls/sys_enter_getdents64/enable"
+                    ),
+                );
+            }
+            2 => {
+                sh(
+                    &vm,
+                    "echo 0 > /sys/devices/system/cpu/cpu1/online; sleep 2; echo 1 > /sys/devices/system/cpu/cpu1/online",
+                );
+            }
+            _ => std::thread::sleep(Duration::from_secs(2)),
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    watcher.join().expect("watch thread");
+    let events = events.lock().unwrap();
+    let alerts: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["event"]["kind"] == "alert")
+        .collect();
+    let count = |a: &str| events.iter().filter(|e| e["event"]["action"] == a).count();
+    eprintln!(
+        "churn {secs} s, {round} rounds: {} events, {} process starts, {} module loads, {} alerts",
+        events.len(),
+        count("process-started"),
+        count("module-loaded"),
+        alerts.len()
+    );
+    assert!(alerts.is_empty(), "alarms on a clean guest: {alerts:#?}");
+    assert!(count("process-started") >= 10, "the churn was seen");
+    assert!(count("module-loaded") >= 1, "the module reload was seen");
+    finish(vm);
+}
