@@ -127,6 +127,21 @@ impl<'a> TextMap<'a> {
         }
     }
 
+    /// `name+0xoff` for any kernel address (text or data symbols).
+    pub fn describe_any(&self, k: &Kernel, a: u64) -> String {
+        let best = k
+            .kallsyms
+            .symbols
+            .iter()
+            .filter(|s| s.addr <= a)
+            .max_by_key(|s| s.addr);
+        match best {
+            Some(s) if s.addr == a => s.name.clone(),
+            Some(s) => format!("{}+{:#x}", s.name, a - s.addr),
+            None => format!("{a:#x}"),
+        }
+    }
+
     /// The address of the symbol after `a` (its end, for sizing a table or
     /// a function).
     pub fn next_after(&self, k: &Kernel, a: u64) -> Option<u64> {
@@ -841,6 +856,287 @@ pub fn check_hooks<M: GuestMemory>(
         }
     }
     Ok(r)
+}
+
+/// The kernel's text and read-only data at one moment, to compare later
+/// ([`check_text`]). Valid for one boot: KASLR relocates every absolute
+/// address in them.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TextBaseline {
+    /// The kernel banner.
+    pub banner: String,
+    /// LSTAR when recorded (the boot's KASLR slide).
+    pub lstar: u64,
+    /// The ranges recorded: (name, start, bytes).
+    pub ranges: Vec<(String, u64, Vec<u8>)>,
+}
+
+impl TextBaseline {
+    /// Writes the baseline into directory `dir`: `baseline.json` (banner,
+    /// LSTAR, ranges) and one raw file per range (`text.bin`, `rodata.bin`).
+    pub fn save(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let index: Vec<(String, u64, usize)> = self
+            .ranges
+            .iter()
+            .map(|(n, a, b)| (n.clone(), *a, b.len()))
+            .collect();
+        for (n, _, b) in &self.ranges {
+            std::fs::write(dir.join(format!("{n}.bin")), b)?;
+        }
+        let meta = serde_json::json!({"banner": self.banner, "lstar": self.lstar, "ranges": index});
+        std::fs::write(dir.join("baseline.json"), meta.to_string())
+    }
+
+    /// Reads a baseline [`TextBaseline::save`] wrote.
+    pub fn load(dir: &std::path::Path) -> std::io::Result<Self> {
+        let bad = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("baseline.json"))?)
+                .map_err(|e| bad(e.to_string()))?;
+        let index: Vec<(String, u64, usize)> =
+            serde_json::from_value(meta["ranges"].clone()).map_err(|e| bad(e.to_string()))?;
+        let mut ranges = Vec::new();
+        for (n, a, len) in index {
+            let b = std::fs::read(dir.join(format!("{n}.bin")))?;
+            if b.len() != len {
+                return Err(bad(format!(
+                    "{n}.bin holds {} bytes, expected {len}",
+                    b.len()
+                )));
+            }
+            ranges.push((n, a, b));
+        }
+        Ok(Self {
+            banner: meta["banner"].as_str().unwrap_or_default().to_string(),
+            lstar: meta["lstar"].as_u64().unwrap_or(0),
+            ranges,
+        })
+    }
+
+    /// The default directory of a boot's baseline: under the user cache,
+    /// keyed by banner and KASLR offset.
+    pub fn default_dir(k: &Kernel) -> Option<std::path::PathBuf> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (&k.banner, k.lstar).hash(&mut h);
+        crate::linux::cache_dir().map(|d| d.join("baselines").join(format!("{:016x}", h.finish())))
+    }
+}
+
+/// The ranges a baseline covers: core text and read-only data (which
+/// holds the syscall tables and `__ro_after_init` data).
+fn text_ranges(k: &Kernel) -> Result<Vec<(String, u64, u64)>, LinuxError> {
+    let need = |n: &str| {
+        k.kallsyms
+            .addr(n)
+            .ok_or_else(|| LinuxError::NoSymbol(n.into()))
+    };
+    Ok(vec![
+        ("text".into(), need("_stext")?, need("_etext")?),
+        (
+            "rodata".into(),
+            need("__start_rodata")?,
+            need("__end_rodata")?,
+        ),
+    ])
+}
+
+/// Reads the kernel's text and read-only data (`ids baseline`): about
+/// 20-30 MiB, a few seconds through the agent.
+pub fn record_baseline<M: GuestMemory>(
+    c: &mut SnapshotCache<M>,
+    k: &Kernel,
+    cpu: u32,
+) -> Result<TextBaseline, LinuxError> {
+    let mut ranges = Vec::new();
+    for (name, a, b) in text_ranges(k)? {
+        let bytes = read_zeroed(c, k, cpu, a, b)?;
+        ranges.push((name, a, bytes));
+    }
+    Ok(TextBaseline {
+        banner: k.banner.clone(),
+        lstar: k.lstar,
+        ranges,
+    })
+}
+
+/// `[a, b)` with unmapped pages as zeros (kernel text can have holes
+/// between sections), in batches the backend splits.
+fn read_zeroed<M: GuestMemory>(
+    c: &mut SnapshotCache<M>,
+    k: &Kernel,
+    cpu: u32,
+    a: u64,
+    b: u64,
+) -> Result<Vec<u8>, LinuxError> {
+    let _ = k;
+    let chunk = c.inner().max_read()?.clamp(4096, 1 << 20) as u64 & !0xfff;
+    let mut out = Vec::with_capacity((b - a) as usize);
+    let mut reads = Vec::new();
+    let mut x = a;
+    while x < b {
+        let n = chunk.min(b - x);
+        reads.push(crate::memory::Read::kernel(cpu, x, n as usize));
+        x += n;
+    }
+    for r in reads.chunks(16) {
+        for (rd, res) in r.iter().zip(c.inner().read_batch(r)?) {
+            match res {
+                Ok(d) => out.extend(d),
+                Err(_) => out.resize(out.len() + rd.len, 0),
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Kernel text and read-only data now against `base` (same boot). Every
+/// changed instruction is accepted only if it is what the kernel's own
+/// patching writes — a NOP, or a jump or call into core kernel text (jump
+/// labels, static calls: arch/x86/kernel/jump_label.c, static_call.c), a
+/// call at a function's fentry site to anything but a module (ftrace and
+/// its trampolines, arch/x86/kernel/ftrace.c; a module's ftrace callback
+/// is [`check_hooks`]'s finding) — or an `int3` the kernel's text poking
+/// leaves for a moment; anything else, and any change in read-only data,
+/// is a finding named by symbol, with the module a new branch leads into.
+pub fn check_text<M: GuestMemory>(
+    c: &mut SnapshotCache<M>,
+    k: &Kernel,
+    cpu: u32,
+    base: &TextBaseline,
+    modules: &[Module],
+) -> Result<Report, LinuxError> {
+    if base.banner != k.banner || base.lstar != k.lstar {
+        return Err(LinuxError::NoSymbol(
+            "a baseline of this boot (banner and KASLR offset differ): record one with `ids baseline`"
+                .into(),
+        ));
+    }
+    let t = TextMap::new(k)?;
+    let mut r = Report {
+        check: "text".into(),
+        ..Report::default()
+    };
+    for (name, start, old) in &base.ranges {
+        let now = read_zeroed(c, k, cpu, *start, start + old.len() as u64)?;
+        r.checked += now.len();
+        // Changed byte runs (merged when closer than an instruction).
+        let mut i = 0usize;
+        while i < old.len() {
+            if old[i] == now[i] {
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            while j < old.len()
+                && (old[j] != now[j]
+                    || old[j..(j + 8).min(old.len())] != now[j..(j + 8).min(old.len())])
+            {
+                j += 1;
+            }
+            let (a, b) = (start + i as u64, start + j as u64);
+            if name == "text" {
+                text_change(&t, modules, *start, old, &now, a, b, &mut r);
+            } else {
+                let (found, owner) = whereis_data(&t, modules, &now, *start, a);
+                r.findings.push(Finding {
+                    check: "text".into(),
+                    what: format!("rodata {a:#x}..{b:#x} ({})", t.describe_any(k, a)),
+                    expected: "read-only data as recorded".into(),
+                    found,
+                    address: a,
+                    owner,
+                });
+            }
+            i = j;
+        }
+    }
+    Ok(r)
+}
+
+/// A pointer-sized value written into read-only data, and where it points.
+fn whereis_data(
+    t: &TextMap<'_>,
+    modules: &[Module],
+    now: &[u8],
+    start: u64,
+    a: u64,
+) -> (String, Option<String>) {
+    let at = ((a - start) & !7) as usize;
+    let v = now
+        .get(at..at + 8)
+        .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8")));
+    let (w, owner) = whereis(t, modules, v);
+    (format!("changed; the word there now is {w}"), owner)
+}
+
+/// Classifies one changed run `[a, b)` of text.
+#[allow(clippy::too_many_arguments)]
+fn text_change(
+    t: &TextMap<'_>,
+    modules: &[Module],
+    start: u64,
+    old: &[u8],
+    now: &[u8],
+    a: u64,
+    b: u64,
+    r: &mut Report,
+) {
+    // Decode from the symbol the change is in (instruction boundaries).
+    let sym = t.by_addr.range(..=a).next_back().map_or(a, |(&s, _)| s);
+    let from = sym.max(start).max(a.saturating_sub(4096));
+    let off = (from - start) as usize;
+    let end = ((b - start) as usize + 16).min(now.len());
+    let mut dec = Decoder::with_ip(64, &now[off..end], from, DecoderOptions::NONE);
+    let mut bad: Option<(iced_x86::Instruction, u64)> = None;
+    while dec.can_decode() {
+        let ins = dec.decode();
+        let (s, e) = (ins.ip(), ins.next_ip());
+        if e <= a {
+            continue;
+        }
+        if s >= b {
+            break;
+        }
+        // Only instructions whose own bytes changed.
+        let (is, ie) = ((s - start) as usize, ((e - start) as usize).min(now.len()));
+        if old.get(is..ie) == now.get(is..ie) {
+            continue;
+        }
+        let target = ins.near_branch_target();
+        // ftrace's fentry site: the first instruction of a function, or the
+        // one after its ENDBR64; ftrace calls a trampoline there that it
+        // allocates outside core text (no module owns it).
+        let fentry = t.exact(s).is_some() || (s >= 4 && t.exact(s - 4).is_some());
+        let in_module = modules.iter().any(|m| m.contains(target));
+        let legit = match ins.flow_control() {
+            FlowControl::Next => ins.mnemonic() == iced_x86::Mnemonic::Nop,
+            FlowControl::Call if fentry => !in_module,
+            FlowControl::Call | FlowControl::UnconditionalBranch => t.in_text(target),
+            FlowControl::Interrupt => ins.mnemonic() == iced_x86::Mnemonic::Int3,
+            _ => false,
+        };
+        if !legit {
+            bad = Some((ins, target));
+            break;
+        }
+    }
+    if let Some((ins, target)) = bad {
+        let (found, owner) = if target != 0 {
+            whereis(t, modules, target)
+        } else {
+            (format!("{:?}", ins.mnemonic()).to_lowercase(), None)
+        };
+        r.findings.push(Finding {
+            check: "text".into(),
+            what: format!("text {}", t.describe(ins.ip())),
+            expected: "kernel text as recorded, or the kernel's own patching (NOP, a jump or call into core text)".into(),
+            found: format!("{} to {found}", format!("{:?}", ins.mnemonic()).to_lowercase()),
+            address: if target != 0 { target } else { ins.ip() },
+            owner,
+        });
+    }
 }
 
 #[cfg(test)]

@@ -136,6 +136,18 @@ enum Command {
         /// on syscall functions), or `all`.
         #[arg(value_enum, default_value = "all")]
         what: CheckKind,
+        /// The baseline directory `ids baseline` wrote (default: this
+        /// boot's, under the cache); `text` needs one, `all` uses it if it
+        /// exists.
+        #[arg(long, value_name = "DIR")]
+        baseline: Option<std::path::PathBuf>,
+    },
+    /// Records the kernel's text and read-only data for `check text` (this
+    /// boot only: KASLR relocates them on every boot).
+    Baseline {
+        /// Directory to write (default: this boot's, under the cache).
+        #[arg(short, long, value_name = "DIR")]
+        output: Option<std::path::PathBuf>,
     },
     /// Writes a memory dump of all guest RAM plus CPU states (IMAGE and
     /// IMAGE.json) for offline analysis with --dump.
@@ -153,6 +165,7 @@ enum CheckKind {
     Modules,
     Processes,
     Hooks,
+    Text,
     All,
 }
 
@@ -206,7 +219,10 @@ fn run_linux(cli: &Cli) -> anyhow::Result<()> {
     let d = Discovery {
         full_symbols: matches!(
             cli.command,
-            Command::Kallsyms { .. } | Command::Kernel | Command::Check { .. }
+            Command::Kallsyms { .. }
+                | Command::Kernel
+                | Command::Check { .. }
+                | Command::Baseline { .. }
         ),
         ..Discovery::default()
     };
@@ -254,7 +270,17 @@ fn run_linux(cli: &Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Check { what } => {
+        Command::Baseline { output } => {
+            let dir = output
+                .clone()
+                .or_else(|| ids::checks::TextBaseline::default_dir(&k))
+                .ok_or_else(|| anyhow::anyhow!("no cache directory: give -o DIR"))?;
+            let b = ids::checks::record_baseline(&mut mem, &k, 0)?;
+            b.save(&dir)?;
+            let bytes: usize = b.ranges.iter().map(|r| r.2.len()).sum();
+            println!("baseline of {} bytes written to {}", bytes, dir.display());
+        }
+        Command::Check { what, baseline } => {
             let modules = linux::lsmod(&mut mem, &k, 0)?;
             let mut reports = Vec::new();
             if matches!(what, CheckKind::Syscalls | CheckKind::All) {
@@ -271,6 +297,23 @@ fn run_linux(cli: &Cli) -> anyhow::Result<()> {
             }
             if matches!(what, CheckKind::Hooks | CheckKind::All) {
                 reports.push(ids::checks::check_hooks(&mut mem, &k, 0, &modules)?);
+            }
+            if matches!(what, CheckKind::Text | CheckKind::All) {
+                let dir = baseline
+                    .clone()
+                    .or_else(|| ids::checks::TextBaseline::default_dir(&k));
+                match dir.map(|d| ids::checks::TextBaseline::load(&d)) {
+                    Some(Ok(base)) => {
+                        reports.push(ids::checks::check_text(&mut mem, &k, 0, &base, &modules)?)
+                    }
+                    Some(Err(e)) if *what == CheckKind::Text => anyhow::bail!(
+                        "no usable baseline for this boot ({e}): record one with `ids baseline`"
+                    ),
+                    _ if *what == CheckKind::Text => {
+                        anyhow::bail!("no baseline: record one with `ids baseline`")
+                    }
+                    _ => {}
+                }
             }
             let findings: Vec<&ids::checks::Finding> =
                 reports.iter().flat_map(|r| &r.findings).collect();
@@ -434,6 +477,7 @@ fn main() -> anyhow::Result<()> {
             | Command::Cpus
             | Command::Kernel
             | Command::Check { .. }
+            | Command::Baseline { .. }
     ) {
         return run_linux(&cli);
     }

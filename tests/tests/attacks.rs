@@ -64,6 +64,13 @@ fn run(cfg: VmConfig) {
     let mut s = ids_session(&vm);
     let k = Kernel::load(&mut s, &Discovery::default(), None).unwrap_or_else(|e| panic!("{e}"));
     assert_clean(&mut s, &k, "before any attack");
+    let baseline = checks::record_baseline(&mut SnapshotCache::new(&mut s), &k, 0)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let text = |s: &mut ids::Session| {
+        let mut c = SnapshotCache::new(s);
+        let modules = linux::lsmod(&mut c, &k, 0).unwrap_or_else(|e| panic!("{e}"));
+        checks::check_text(&mut c, &k, 0, &baseline, &modules).unwrap_or_else(|e| panic!("{e}"))
+    };
     let sleeper: u32 = sh(&vm, "sleep 100000 >/dev/null 2>&1 </dev/null & echo $!")
         .parse()
         .expect("pid");
@@ -116,6 +123,12 @@ fn run(cfg: VmConfig) {
         ),
     );
     assert_clean(&mut s, &k, "with the function tracer and a tracepoint on");
+    let r = text(&mut s);
+    assert!(
+        r.findings.is_empty(),
+        "the kernel's own patching (ftrace, jump labels, static calls) is no finding: {:#?}",
+        r.findings
+    );
     sh(
         &vm,
         &format!(
@@ -167,6 +180,25 @@ fn run(cfg: VmConfig) {
             );
         }
         eprintln!("{attack:?}: found {whats:?}");
+        // What the text baseline sees of the techniques that write text
+        // or read-only data.
+        let in_text = match &attack {
+            Attack::HookSyscall(_) => Some(("rodata ", "sys_call_table")),
+            Attack::PatchDispatch(_) => Some(("text ", "x64_sys_call")),
+            _ => None,
+        };
+        if let Some((kind, sym)) = in_text {
+            let r = text(&mut s);
+            assert!(
+                r.findings.len() == 1
+                    && r.findings[0].what.starts_with(kind)
+                    && r.findings[0].what.contains(sym)
+                    && r.findings[0].owner.as_deref() == Some(MODULE),
+                "{attack:?}: check text found {:#?}",
+                r.findings
+            );
+            eprintln!("{attack:?}: check text found [{:?}]", r.findings[0].what);
+        }
         if attack == Attack::HideModule {
             let mut c = SnapshotCache::new(&mut s);
             let listed = linux::lsmod(&mut c, &k, 0).unwrap_or_else(|e| panic!("{e}"));
@@ -183,6 +215,14 @@ fn run(cfg: VmConfig) {
         }
         attack::unload(&vm).unwrap_or_else(|e| panic!("{attack:?}: {e}"));
         assert_clean(&mut s, &k, &format!("after removing {attack:?}"));
+        if in_text.is_some() {
+            let r = text(&mut s);
+            assert!(
+                r.findings.is_empty(),
+                "after removing {attack:?}: {:#?}",
+                r.findings
+            );
+        }
     }
     finish(vm);
 }
