@@ -28,12 +28,12 @@ pub enum TransactError {
     #[error(transparent)]
     Smi(#[from] SmiError),
     /// The header does not allow a host-raised SMI.
-    #[error(
-        "refusing to raise an SMI with {backend}: the agent must publish state Ready or Unprovisioned with the SMI-broadcast feature first (QEMU 7.2 crashes on a monitor SMI without broadcast); found {header}. Wait for the firmware to finish booting, or check the debug console for an agent fault"
-    )]
+    #[error("no SMI raised ({backend}): {reason} [mailbox: {header}]")]
     NotReady {
         /// Backend name.
         backend: &'static str,
+        /// Why, in words, and what to do.
+        reason: String,
         /// Header summary.
         header: String,
     },
@@ -53,7 +53,7 @@ pub enum TransactError {
     },
     /// The agent answered, and refused the request (the status word is
     /// unauthenticated: this explains, it proves nothing).
-    #[error("the agent rejected the request: serve status {raw} ({status:?}), expected Ok; {hint}")]
+    #[error("the agent rejected the request (serve status {raw}): {hint}")]
     Rejected {
         /// Raw status word.
         raw: u32,
@@ -130,6 +130,7 @@ impl Injector {
         if self.smi.needs_broadcast() && !h.accepts_host_smi() {
             return Err(TransactError::NotReady {
                 backend: self.smi.name(),
+                reason: h.not_ready_reason().unwrap_or_default(),
                 header: h.summary(),
             });
         }
