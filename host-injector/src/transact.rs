@@ -28,13 +28,13 @@ pub enum TransactError {
     #[error(transparent)]
     Smi(#[from] SmiError),
     /// The header does not allow a host-raised SMI.
-    #[error("no SMI raised ({backend}): {reason} [mailbox: {header}]")]
+    #[error("no SMI raised ({backend}): {reason}")]
     NotReady {
         /// Backend name.
         backend: &'static str,
         /// Why, in words, and what to do.
         reason: String,
-        /// Header summary.
+        /// Header summary (shown with `{:?}`, `--debug`).
         header: String,
     },
     /// The agent did not answer in time.

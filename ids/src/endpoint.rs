@@ -58,6 +58,14 @@ pub enum EndpointError {
         /// What is wrong.
         problem: String,
     },
+    /// A VM name with no state directory.
+    #[error(
+        "no VM named {name:?}: looked for .cache/vms/{name} in this directory and its parents (or in $SMMVMI_VMS); `cargo xtask vm list` shows the VMs"
+    )]
+    NoSuchVm {
+        /// The name.
+        name: String,
+    },
     /// A daemon endpoint without a key.
     #[error(
         "endpoint {found}: no key: the IDS seals requests itself (the daemon never holds a key); pass `--key PATH` or append `,key=PATH`"
@@ -172,9 +180,7 @@ impl FromStr for Endpoint {
             if is_vm_name(s) {
                 return match find_vm_dir(s) {
                     Some(d) => Ok(Self::from_state_dir(&d)),
-                    None => Err(err(format!(
-                        "no VM named {s:?} was found (looked for .cache/vms/{s} here and in every parent directory, and in $SMMVMI_VMS); `cargo xtask vm list` shows the VMs"
-                    ))),
+                    None => Err(EndpointError::NoSuchVm { name: s.into() }),
                 };
             }
             return Err(err(

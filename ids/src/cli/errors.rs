@@ -94,8 +94,11 @@ pub fn exit_of(e: &anyhow::Error) -> Exit {
         if let Some(d) = cause.downcast_ref::<DaemonClientError>() {
             return daemon_exit(d);
         }
-        if cause.downcast_ref::<EndpointError>().is_some() {
-            return Exit::Usage;
+        if let Some(e) = cause.downcast_ref::<EndpointError>() {
+            return match e {
+                EndpointError::NoSuchVm { .. } => Exit::Unreachable,
+                _ => Exit::Usage,
+            };
         }
     }
     Exit::Failure
