@@ -86,6 +86,25 @@ impl Endpoint {
         })
     }
 
+    /// The endpoint of a VM found by name: through the daemon it was
+    /// started with (its `vm.json` names the daemon's socket) while that
+    /// socket exists, else directly through its state directory.
+    pub fn of_vm(name: &str, dir: &Path) -> Self {
+        let daemon = std::fs::read(dir.join("vm.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["daemon"].as_str().map(PathBuf::from))
+            .filter(|sock| sock.exists());
+        match daemon {
+            Some(sock) => Self::Daemon(DaemonEndpoint {
+                addr: DaemonAddr::Unix(sock),
+                vm: name.to_string(),
+                key: Some(dir.join("key")),
+            }),
+            None => Self::from_state_dir(dir),
+        }
+    }
+
     /// The textual form (parses back to `self`).
     pub fn to_spec(&self) -> String {
         match self {
@@ -179,7 +198,7 @@ impl FromStr for Endpoint {
             }
             if is_vm_name(s) {
                 return match find_vm_dir(s) {
-                    Some(d) => Ok(Self::from_state_dir(&d)),
+                    Some(d) => Ok(Self::of_vm(s, &d)),
                     None => Err(EndpointError::NoSuchVm { name: s.into() }),
                 };
             }

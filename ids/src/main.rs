@@ -250,6 +250,18 @@ fn emit<T: serde::Serialize>(
     Ok(())
 }
 
+/// A spinner on stderr for a step that can take seconds (only when stderr
+/// is a terminal and not --quiet).
+fn spinner(cli: &Cli, msg: &str) -> indicatif::ProgressBar {
+    if cli.quiet || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new_spinner();
+    pb.set_message(msg.to_string());
+    pb.enable_steady_tick(Duration::from_millis(120));
+    pb
+}
+
 fn open_memory(cli: &Cli) -> anyhow::Result<Box<dyn GuestMemory>> {
     if let Some(d) = &cli.dump {
         return Ok(Box::new(DumpMemory::open(d)?));
@@ -272,7 +284,13 @@ fn run_linux(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         full_symbols: matches!(cli.command, Command::Kallsyms { .. } | Command::Kernel),
         ..Discovery::default()
     };
-    let k = Kernel::load(mem.inner(), &d, cache.as_deref())?;
+    let pb = spinner(
+        cli,
+        "loading the kernel's symbols and types (a few seconds the first time, cached after)",
+    );
+    let k = Kernel::load(mem.inner(), &d, cache.as_deref());
+    pb.finish_and_clear();
+    let k = k?;
     let loaded = started.elapsed();
     let load_requests = mem.inner().stats().requests;
     match &cli.command {
@@ -497,13 +515,16 @@ fn run(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<Exit> {
     let mut s = Session::connect(&endpoint, cli.deadline())?;
     match &cli.command {
         Command::Banner { verbose, limit } => {
+            let pb = spinner(cli, "searching the kernel image for its banner");
             let b = kernel::find_banner(
                 &mut s,
                 BannerSearch {
                     limit: *limit,
                     ..Default::default()
                 },
-            )?;
+            );
+            pb.finish_and_clear();
+            let b = b?;
             if cli.json || cli.jsonl {
                 writeln!(
                     out,
@@ -699,6 +720,9 @@ fn read_cmd(
         )
         .into());
     }
+    if let Some(space) = &virt {
+        check_cpu(s, space.cpu)?;
+    }
     let max = s.max_read()? as u64;
     let space = match virt {
         Some(_) => Space::Virt,
@@ -850,7 +874,7 @@ fn finish_read(
             );
         }
     }
-    if !cli.quiet && o.read > 0 && !o.holes.is_empty() && !(cli.json && file.is_none()) {
+    if !cli.quiet && o.read > 0 && !o.holes.is_empty() && (!cli.json || file.is_some()) {
         for h in o.holes.iter().take(20) {
             eprintln!(
                 "ids: not read: {:#x}..{:#x} ({:#x} bytes): {}",
@@ -909,6 +933,17 @@ fn finish_read(
     Ok(Exit::Ok)
 }
 
+/// Fails with the CPUs that exist when `cpu` is not one of them (asked of
+/// INFO first: through the daemon a request for a missing vCPU would be
+/// refused before the agent could say so).
+fn check_cpu(s: &mut Session, cpu: u32) -> anyhow::Result<()> {
+    let count = s.info()?.header.cpu_count;
+    if cpu >= count {
+        return Err(SessionError::NoSuchCpu { cpu, count }.into());
+    }
+    Ok(())
+}
+
 fn translate(
     cli: &Cli,
     out: &mut dyn Write,
@@ -916,6 +951,7 @@ fn translate(
     space: AddressSpace,
     addr: u64,
 ) -> anyhow::Result<Exit> {
+    check_cpu(s, space.cpu)?;
     let r = s
         .request_on_cpu(space.cpu, &[Op::Translate { space, addr }])?
         .remove(0);
@@ -1025,17 +1061,14 @@ fn cpu_state(
     cpu: u32,
     no_symbols: bool,
 ) -> anyhow::Result<Exit> {
+    check_cpu(s, cpu)?;
     let st: CpuState = s.cpu_state(cpu)?;
     let mut symbols: Vec<(u64, String)> = Vec::new();
     if !no_symbols && st.msrs_valid == 1 {
-        let pb = if !cli.quiet && std::io::stderr().is_terminal() {
-            let pb = indicatif::ProgressBar::new_spinner();
-            pb.set_message("loading kernel symbols (a few seconds the first time, cached after)");
-            pb.enable_steady_tick(Duration::from_millis(120));
-            pb
-        } else {
-            indicatif::ProgressBar::hidden()
-        };
+        let pb = spinner(
+            cli,
+            "loading kernel symbols (a few seconds the first time, cached after)",
+        );
         let cache = if cli.no_cache {
             None
         } else {

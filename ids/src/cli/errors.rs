@@ -94,6 +94,11 @@ pub fn exit_of(e: &anyhow::Error) -> Exit {
         if let Some(d) = cause.downcast_ref::<DaemonClientError>() {
             return daemon_exit(d);
         }
+        // Layers above the session (the Linux walkers) may wrap its errors
+        // transparently; a silent agent still says ALERT.
+        if cause.to_string().starts_with("ALERT") {
+            return Exit::Silent;
+        }
         if let Some(e) = cause.downcast_ref::<EndpointError>() {
             return match e {
                 EndpointError::NoSuchVm { .. } => Exit::Unreachable,
