@@ -513,3 +513,67 @@ fn cli_vm_without_smmvmi_firmware() {
     );
     finish(vm);
 }
+
+/// `cargo xtask` itself (built once), run in the repository root.
+fn xtask(args: &[&str]) -> Output {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    let bin = BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "xtask"])
+            .current_dir(smmvmi_tests::repo_root())
+            .status()
+            .expect("run cargo build -p xtask");
+        assert!(status.success(), "cargo build -p xtask failed");
+        ids_bin().with_file_name("xtask")
+    });
+    Command::new(bin)
+        .args(args)
+        .current_dir(smmvmi_tests::repo_root())
+        .output()
+        .expect("run xtask")
+}
+
+#[test]
+#[ignore = "boots QEMU; cargo xtask test runs it in its end-to-end stage"]
+fn xtask_vm_list_down_rm() {
+    let vm = boot(config("cli-vm"));
+    let name = vm.info().name.clone();
+    let listed = |running: bool| {
+        let o = xtask(&["vm", "list", "--json"]);
+        assert!(o.status.success(), "vm list --json: {}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON array");
+        let row = v
+            .as_array()
+            .expect("array")
+            .iter()
+            .find(|r| r["name"] == name.as_str())
+            .cloned();
+        if let Some(r) = &row {
+            assert_eq!(r["running"], running, "{r}");
+            assert!(
+                r["endpoint"].is_string() && r["state_dir"].is_string(),
+                "{r}"
+            );
+        }
+        row.is_some()
+    };
+    assert!(listed(true), "a running VM is listed");
+    let o = xtask(&["vm", "rm", &name]);
+    assert_eq!(o.status.code(), Some(1), "rm of a running VM refuses");
+    assert!(stderr(&o).contains("vm down"), "{}", stderr(&o));
+    let o = xtask(&["vm", "down", &name]);
+    assert!(o.status.success(), "vm down: {}", stderr(&o));
+    let o = xtask(&["vm", "down", "--name", &name]);
+    assert!(o.status.success(), "vm down again is done: {}", stderr(&o));
+    assert!(stderr(&o).contains("not running"), "{}", stderr(&o));
+    assert!(listed(false), "a stopped VM is listed as stopped");
+    let o = xtask(&["vm", "rm", &name]);
+    assert!(o.status.success(), "vm rm: {}", stderr(&o));
+    assert!(
+        !vm.state_dir().exists(),
+        "vm rm removed the state directory"
+    );
+    assert!(!listed(false), "and the VM is gone from the list");
+    drop(vm);
+}
