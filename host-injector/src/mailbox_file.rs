@@ -147,7 +147,9 @@ impl Header {
         Some(if !self.magic_ok {
             "this VM has no smmvmi agent: its mailbox holds no agent header (the VM runs \
              another firmware, or it started less than a second ago). Start it with the \
-             smmvmi firmware (`cargo xtask vm up`), or point at the right VM"
+             smmvmi firmware (`cargo xtask vm up`), or point at the right VM; if this VM \
+             had an agent before, the guest may have overwritten the header: treat that as \
+             an alert"
                 .into()
         } else if self.version != layout::VERSION {
             format!(

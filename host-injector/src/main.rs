@@ -28,10 +28,10 @@ struct Cli {
     )]
     socket: Option<String>,
     /// JSON output (status, doctor).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     json: bool,
     /// On errors, also print the error chain as the code sees it.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     debug: bool,
     #[command(subcommand)]
     command: Command,

@@ -42,52 +42,74 @@ such CPU), 5 agent silent (ALERT), 6 unreachable (no VM, daemon or agent),
 
 /// Introspect a VM through its SMM agent.
 #[derive(Parser)]
-#[command(name = "ids", version, about, after_help = EXIT_CODES)]
+#[command(
+    name = "ids",
+    version,
+    about = "Introspect a VM through its SMM agent: memory, registers, the Linux kernel",
+    after_help = EXIT_CODES
+)]
 struct Cli {
     /// The VM: its name (`cargo xtask vm list`), its state directory, or an
     /// endpoint: `unix:PATH#VM` / `vsock:CID:PORT#VM` through the daemon
     /// (with --key or `,key=PATH`), `qmp=PATH,mailbox=PATH,key=PATH`
-    /// directly. Also $IDS_CONNECT.
+    /// directly.
     #[arg(
         long,
         short = 'c',
         global = true,
+        help_heading = "Global options",
         env = "IDS_CONNECT",
         value_name = "VM"
     )]
     connect: Option<String>,
-    /// The 32-byte key shared with the agent (daemon endpoints). Also $IDS_KEY.
-    #[arg(long, global = true, env = "IDS_KEY", value_name = "PATH")]
+    /// The 32-byte key shared with the agent (daemon endpoints).
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "IDS_KEY",
+        value_name = "PATH"
+    )]
     key: Option<PathBuf>,
     /// Read a memory dump (raw image; its sidecar is IMAGE.json) instead
     /// of a live VM (Linux commands only).
-    #[arg(long, global = true, value_name = "IMAGE")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        value_name = "IMAGE"
+    )]
     dump: Option<PathBuf>,
     /// Output as one JSON document.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     json: bool,
     /// Output as one JSON object per line.
-    #[arg(long, global = true, conflicts_with = "json")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        conflicts_with = "json"
+    )]
     jsonl: bool,
     /// Do not use or write the kernel cache ($XDG_CACHE_HOME/smmvmi).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     no_cache: bool,
     /// Print requests (SMIs), bytes and time to stderr at the end.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     stats: bool,
     /// Deadline of one request (500ms, 10s, 1m; at least 10ms): a silent
     /// agent past it is an ALERT.
-    #[arg(long, global = true, value_parser = parse_deadline, default_value = "10s", value_name = "DURATION")]
+    #[arg(long, global = true, help_heading = "Global options", value_parser = parse_deadline, default_value = "10s", value_name = "DURATION")]
     deadline: Duration,
     /// The deadline in milliseconds (older spelling of --deadline).
-    #[arg(long, global = true, value_parser = parse_deadline_ms, hide = true)]
+    #[arg(long, global = true, help_heading = "Global options", value_parser = parse_deadline_ms, hide = true)]
     deadline_ms: Option<Duration>,
     /// On errors, also print the error chain as the code sees it
     /// (RUST_BACKTRACE then adds a backtrace).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     debug: bool,
     /// No progress bar and no summary on stderr.
-    #[arg(long, short = 'q', global = true)]
+    #[arg(long, short = 'q', global = true, help_heading = "Global options")]
     quiet: bool,
     #[command(subcommand)]
     command: Command,
@@ -99,8 +121,8 @@ struct ReadArgs {
     /// ADDR (hex), ADDR+LEN or ADDR..END.
     #[arg(value_parser = parse_range, value_name = "ADDR[+LEN|..END]")]
     range: RangeArg,
-    /// Length (4096, 0x1000, 4K, 64M) when RANGE is a bare address; 256 if
-    /// neither gives one.
+    /// Length (4096, 0x1000, 4K, 64M) when ADDR has no +LEN or ..END; 256
+    /// bytes if neither gives one.
     #[arg(value_parser = parse_size)]
     len: Option<u64>,
     /// Write the raw bytes to FILE (`-` for stdout, which must not be a
