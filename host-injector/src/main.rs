@@ -19,12 +19,13 @@ use host_injector::{Injector, MailboxFile, QmpSmi};
 )]
 struct Cli {
     /// The daemon's socket (unix:PATH, vsock:CID:PORT, or a bare path);
-    /// `serve` listens there. Also $SMMVMI_INJECTOR_SOCKET.
+    /// `serve` listens there.
     #[arg(
         long,
         global = true,
         env = "SMMVMI_INJECTOR_SOCKET",
-        value_name = "ADDR"
+        value_name = "ADDR",
+        help_heading = "Global options"
     )]
     socket: Option<String>,
     /// JSON output (status, doctor).
