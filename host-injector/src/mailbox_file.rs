@@ -161,7 +161,8 @@ impl Header {
         } else {
             match self.state() {
                 Some(AgentState::Absent | AgentState::Booting) => {
-                    "the smmvmi firmware is still booting (SMM not locked yet): retry in a second"
+                    "the smmvmi firmware is still booting (SMM not locked, SMI broadcast not \
+                     negotiated: a monitor SMI now could crash QEMU 7.2): retry in a second"
                         .into()
                 }
                 Some(AgentState::Fault) => format!(

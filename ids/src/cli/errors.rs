@@ -222,4 +222,41 @@ mod tests {
         assert!(!report(&e, false).contains("debug:"));
         assert!(report(&e, true).contains("debug:"));
     }
+
+    #[test]
+    fn silent_and_unreachable_agents() {
+        let silent = SessionError::Transact(TransactError::Silent {
+            doorbell: 1,
+            deadline: std::time::Duration::from_millis(500),
+            smis: 25,
+            header: "magic ok".into(),
+        });
+        let e = anyhow::Error::new(silent);
+        assert_eq!(exit_of(&e), Exit::Silent);
+        assert!(report(&e, false).contains("treat it as an alert"));
+        let e = anyhow::Error::new(SessionError::Daemon(DaemonClientError::Daemon(
+            DaemonError::Silent {
+                vm: "vm1".into(),
+                deadline_ms: 500,
+                smis_doorbell: 1,
+                smis_qmp: 0,
+                header: String::new(),
+            },
+        )));
+        assert_eq!(exit_of(&e), Exit::Silent);
+        let e = anyhow::Error::new(SessionError::Transact(TransactError::NotReady {
+            backend: "qmp-broadcast",
+            reason: "this VM has no smmvmi agent".into(),
+            header: "magic missing".into(),
+        }));
+        assert_eq!(exit_of(&e), Exit::Unreachable);
+        let r = report(&e, false);
+        assert!(
+            r.contains("this VM has no smmvmi agent") && !r.contains("magic missing"),
+            "{r}"
+        );
+        // Wrapped transparently by a layer above: still an ALERT.
+        let e = anyhow::anyhow!("ALERT: VM vm1: the agent did not answer").context("ps");
+        assert_eq!(exit_of(&e), Exit::Silent);
+    }
 }
