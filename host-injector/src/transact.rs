@@ -53,7 +53,7 @@ pub enum TransactError {
     },
     /// The agent answered, and refused the request (the status word is
     /// unauthenticated: this explains, it proves nothing).
-    #[error("the agent rejected the request (serve status {raw}): {hint}")]
+    #[error("the agent rejected the request ({}, serve status {raw}): {hint}", serve_status_words(*status))]
     Rejected {
         /// Raw status word.
         raw: u32,
@@ -240,6 +240,23 @@ impl Injector {
                 std::thread::sleep(Duration::from_micros(200));
             }
         }
+    }
+}
+
+/// A serve status in a few words (for error messages).
+pub fn serve_status_words(status: Option<ServeStatus>) -> &'static str {
+    match status {
+        Some(ServeStatus::None) => "no status",
+        Some(ServeStatus::Ok) => "ok",
+        Some(ServeStatus::Unprovisioned) => "unprovisioned",
+        Some(ServeStatus::BadFrame) => "bad frame",
+        Some(ServeStatus::Replay) => "replay",
+        Some(ServeStatus::BadTag) => "failed authentication",
+        Some(ServeStatus::BadBody) => "bad body",
+        Some(ServeStatus::CounterExhausted) => "counter exhausted",
+        Some(ServeStatus::SealedRequired) => "sealed request required",
+        Some(ServeStatus::SnapshotMissed) => "snapshot missed",
+        _ => "unknown status",
     }
 }
 

@@ -529,15 +529,6 @@ impl Session {
     pub fn cpu_state(&mut self, cpu: u32) -> Result<CpuState, SessionError> {
         let op = Op::CpuState { cpu };
         let r = self.request_on_cpu(cpu, &[op])?.remove(0);
-        if r.status == Status::BadRequest
-            && let Ok(info) = self.info()
-            && cpu >= info.header.cpu_count
-        {
-            return Err(SessionError::NoSuchCpu {
-                cpu,
-                count: info.header.cpu_count,
-            });
-        }
         if r.status != Status::Ok {
             return Err(SessionError::Op {
                 op: describe(&op),
