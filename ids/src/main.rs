@@ -612,13 +612,29 @@ fn run(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<Exit> {
                 .collect::<Result<Vec<_>, _>>()?;
             let ram: Vec<(u64, u64)> = info.ram.iter().map(|r| (r.base, r.len)).collect();
             let total = ram.iter().map(|r| r.1).sum();
+            let stop = interrupt_flag();
             let pb = cli::output::progress(total, "dumping RAM", !cli.quiet);
             let meta = DumpMemory::write(image, &ram, &cpus, info.header.c_bit as u8, |a, len| {
+                if stop.load(Ordering::SeqCst) {
+                    return Err(ids::memory::MemoryError::Dump {
+                        path: image.display().to_string(),
+                        problem: format!("interrupted at physical {a:#x}"),
+                    });
+                }
                 let r = s.read_phys(a, len)?;
                 pb.inc(len as u64);
                 Ok(r)
-            })?;
+            });
             pb.finish_and_clear();
+            if stop.load(Ordering::SeqCst) {
+                eprintln!(
+                    "ids: interrupted: {} holds {:#x} of {total:#x} bytes and no sidecar; it cannot be opened with --dump",
+                    image.display(),
+                    pb.position()
+                );
+                return Ok(Exit::Interrupted);
+            }
+            let meta = meta?;
             eprintln!(
                 "dumped {} bytes in {} ranges and {} CPUs to {}",
                 meta.ram.iter().map(|r| r.len).sum::<u64>(),
@@ -703,6 +719,20 @@ fn info(cli: &Cli, out: &mut dyn Write, s: &mut Session) -> anyhow::Result<Exit>
     Ok(Exit::Ok)
 }
 
+/// A flag set by the first SIGINT (the command then ends after the request
+/// in flight and keeps what it has); a second SIGINT ends the process at
+/// once.
+fn interrupt_flag() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(Exit::Interrupted as i32);
+        }
+    });
+    stop
+}
+
 /// Most bytes one read command asks for (a guard against a typo such as
 /// a missing `+`; `ids dump` takes all of RAM).
 const MAX_READ_CMD: u64 = 64 << 30;
@@ -756,17 +786,7 @@ fn read_cmd(
             }
         }
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        // The first SIGINT ends the read after the request in flight and
-        // keeps what was read; a second one ends the process at once.
-        let _ = ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
-                std::process::exit(Exit::Interrupted as i32);
-            }
-        });
-    }
+    let stop = interrupt_flag();
     let show_bar = !cli.quiet && len >= (1 << 20) && (args.output.is_some() || !stdout_tty);
     let pb = cli::output::progress(len, "reading", show_bar);
     let mut fetch = |a: u64, n: u32| -> Result<_, SessionError> {
