@@ -251,6 +251,11 @@ pub struct Offsets {
     pub signal_thread_head: Option<u64>,
     /// `task_struct.thread_group` (before 6.7), if any.
     pub task_thread_group: Option<u64>,
+    /// `signal_struct.nr_threads` (include/linux/sched/signal.h), if any:
+    /// only processes with more than one thread have their thread list
+    /// walked.
+    #[serde(default)]
+    pub signal_nr_threads: Option<u64>,
     /// `cred.uid`, `cred.gid`.
     pub cred_uid: u64,
     /// `cred.gid`.
@@ -331,6 +336,7 @@ impl Offsets {
             task_thread_node: opt("task_struct", "thread_node"),
             signal_thread_head: opt("signal_struct", "thread_head"),
             task_thread_group: opt("task_struct", "thread_group"),
+            signal_nr_threads: opt("signal_struct", "nr_threads"),
             cred_uid: f("cred", "uid")?,
             cred_gid: f("cred", "gid")?,
             module_list: f("module", "list")?,

@@ -35,10 +35,11 @@ Numbers: addresses are hex, 0x optional (ffffffff81000000, 100000 = 0x100000);
 sizes are decimal, 0x hex, or K/M/G (4096, 0x1000, 4K, 64M); ranges are
 ADDR+LEN, ADDR..END or ADDR LEN.
 
-Exit codes: 0 ok, 1 other failure, 2 usage, 3 partial (some of the range was
-unreadable; the rest was written), 4 refused (SMRAM, not RAM, not mapped, no
-such CPU), 5 agent silent (ALERT), 6 unreachable (no VM, daemon or agent),
-130 interrupted (what was read is kept).";
+Exit codes: 0 ok, 1 other failure, 2 usage, 3 alert (check found something,
+watch raised an alert), 4 refused (SMRAM, not RAM, not mapped, no such CPU),
+5 agent silent (ALERT), 6 unreachable (no VM, daemon or agent), 7 partial
+(some of the range was unreadable; the rest was written), 130 interrupted
+(what was read is kept).";
 
 /// Introspect a VM through its SMM agent.
 #[derive(Parser)]
@@ -223,6 +224,29 @@ enum Command {
     Cpus,
     /// The kernel: banner, kallsyms layout, symbol count, BTF size.
     Kernel,
+    /// The checks plus process and module diffs, pass after pass: one ECS
+    /// JSON line per event on stdout (README: "ids watch"). Exit status 3
+    /// if any alert was raised, 0 if none (with --count).
+    Watch {
+        /// Time from one pass to the next (1s, 500ms, ...).
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        /// Stop after this many passes (default: run until killed).
+        #[arg(long)]
+        count: Option<u64>,
+        /// `host.name` of the events (default: the endpoint's VM name).
+        #[arg(long)]
+        host_name: Option<String>,
+    },
+    /// Rootkit checks that need no baseline (exit status 3 when something
+    /// is found, 0 when clean).
+    Check {
+        /// Which: `syscalls` (syscall tables and the x64_sys_call
+        /// dispatcher), `idt` (every vCPU's IDT and syscall entry MSRs), or
+        /// `all`.
+        #[arg(value_enum, default_value = "all")]
+        what: CheckKind,
+    },
     /// Writes a memory dump of all guest RAM plus CPU states (IMAGE and
     /// IMAGE.json) for offline analysis with --dump.
     Dump {
@@ -247,6 +271,14 @@ impl Cli {
         let ep: Endpoint = spec.parse()?;
         Ok(ep.with_key(self.key.clone()))
     }
+}
+
+/// What `ids check` runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum CheckKind {
+    Syscalls,
+    Idt,
+    All,
 }
 
 /// Prints rows as a table, JSON or JSON lines.
@@ -294,7 +326,8 @@ fn open_memory(cli: &Cli) -> anyhow::Result<Box<dyn GuestMemory>> {
     )?))
 }
 
-fn run_linux(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<()> {
+fn run_linux(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<Exit> {
+    let mut exit = Exit::Ok;
     let started = std::time::Instant::now();
     let mut mem = SnapshotCache::new(open_memory(cli)?);
     let cache = if cli.no_cache {
@@ -303,7 +336,10 @@ fn run_linux(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         linux::cache_dir()
     };
     let d = Discovery {
-        full_symbols: matches!(cli.command, Command::Kallsyms { .. } | Command::Kernel),
+        full_symbols: matches!(
+            cli.command,
+            Command::Kallsyms { .. } | Command::Kernel | Command::Check { .. }
+        ),
         ..Discovery::default()
     };
     let pb = spinner(
@@ -344,27 +380,60 @@ fn run_linux(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         }
         Command::Pstree => {
             let tasks = linux::ps(&mut mem, &k, 0, false)?;
-            if cli.json || cli.jsonl {
-                emit(cli, out, &tasks, "", |_| String::new())?;
-            } else {
-                fn walk(
-                    out: &mut dyn Write,
-                    tasks: &[linux::Task],
-                    ppid: u32,
-                    depth: usize,
-                    seen: &mut Vec<u32>,
-                ) -> std::io::Result<()> {
-                    for t in tasks.iter().filter(|t| t.ppid == ppid) {
-                        if seen.contains(&t.pid) || depth > 64 {
-                            continue;
-                        }
-                        seen.push(t.pid);
-                        writeln!(out, "{}{}({})", "  ".repeat(depth), t.comm, t.pid)?;
-                        walk(out, tasks, t.pid, depth + 1, seen)?;
-                    }
-                    Ok(())
+            let roots = linux::pstree(&tasks);
+            if cli.json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&roots)?)?;
+            } else if cli.jsonl {
+                for r in &roots {
+                    writeln!(out, "{}", serde_json::to_string(r)?)?;
                 }
-                walk(out, &tasks, 0, 0, &mut Vec::new())?;
+            } else {
+                for (depth, t) in roots.iter().flat_map(|r| r.lines()) {
+                    writeln!(out, "{}{}({})", "  ".repeat(depth), t.comm, t.pid)?;
+                }
+            }
+        }
+        Command::Check { what } => {
+            let modules = linux::lsmod(&mut mem, &k, 0)?;
+            let mut reports = Vec::new();
+            if matches!(what, CheckKind::Syscalls | CheckKind::All) {
+                reports.push(ids::checks::check_syscalls(&mut mem, &k, 0, &modules)?);
+            }
+            if matches!(what, CheckKind::Idt | CheckKind::All) {
+                reports.push(ids::checks::check_idt(&mut mem, &k, &modules)?);
+            }
+            let findings: Vec<&ids::checks::Finding> =
+                reports.iter().flat_map(|r| &r.findings).collect();
+            if cli.json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&reports)?)?;
+            } else if cli.jsonl {
+                for f in &findings {
+                    writeln!(out, "{}", serde_json::to_string(f)?)?;
+                }
+            } else {
+                for r in &reports {
+                    writeln!(
+                        out,
+                        "{}: {} checked, {}",
+                        r.check,
+                        r.checked,
+                        if r.findings.is_empty() {
+                            "clean".to_string()
+                        } else {
+                            format!("{} FOUND", r.findings.len())
+                        }
+                    )?;
+                    for f in &r.findings {
+                        writeln!(
+                            out,
+                            "  {}: expected {}; found {}",
+                            f.what, f.expected, f.found
+                        )?;
+                    }
+                }
+            }
+            if !findings.is_empty() {
+                exit = Exit::Findings;
             }
         }
         Command::Lsmod => {
@@ -456,7 +525,7 @@ fn run_linux(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             started.elapsed().as_secs_f64()
         );
     }
-    Ok(())
+    Ok(exit)
 }
 
 fn main() -> std::process::ExitCode {
@@ -505,6 +574,7 @@ fn is_linux(c: &Command) -> bool {
             | Command::Kallsyms { .. }
             | Command::Cpus
             | Command::Kernel
+            | Command::Check { .. }
     )
 }
 
@@ -523,17 +593,47 @@ fn run(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<Exit> {
         if cli.dump.is_none() {
             cli.endpoint()?;
         }
-        run_linux(cli, out)?;
-        return Ok(Exit::Ok);
+        return run_linux(cli, out);
     }
     if cli.dump.is_some() {
         return Err(CliError::usage(
-            "--dump works with the Linux commands only (ps, pstree, lsmod, kallsyms, cpus, kernel)",
+            "--dump works with the Linux commands only (ps, pstree, lsmod, kallsyms, cpus, kernel, check)",
             "for this command, --connect to the live VM",
         )
         .into());
     }
     let endpoint = cli.endpoint()?;
+    if let Command::Watch {
+        interval,
+        count,
+        host_name,
+    } = &cli.command
+    {
+        let host = host_name.clone().unwrap_or_else(|| endpoint.vm_name());
+        let opts = ids::watch::WatchOptions {
+            interval: *interval,
+            count: *count,
+            cache: if cli.no_cache {
+                None
+            } else {
+                linux::cache_dir()
+            },
+        };
+        let deadline = cli.deadline();
+        let alerted = ids::watch::run(
+            || Session::connect(&endpoint, deadline),
+            &opts,
+            |e| {
+                let line = e.to_ecs(&host, std::time::SystemTime::now());
+                let written = writeln!(out, "{line}").and_then(|()| out.flush());
+                // A reader that closed the pipe wants no more events.
+                if written.is_err_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) {
+                    std::process::exit(Exit::Ok as i32);
+                }
+            },
+        );
+        return Ok(if alerted { Exit::Findings } else { Exit::Ok });
+    }
     let mut s = Session::connect(&endpoint, cli.deadline())?;
     match &cli.command {
         Command::Banner { verbose, limit } => {

@@ -3,6 +3,7 @@
 use proptest::prelude::*;
 use smmvmi_mailbox::client::{Client, ClientError, parse_plain_reply};
 use smmvmi_mailbox::crypto::{self, SessionKeys};
+use smmvmi_mailbox::walk;
 use smmvmi_mailbox::wire::*;
 
 fn arb_space() -> impl Strategy<Value = AddressSpace> {
@@ -25,6 +26,24 @@ fn arb_op() -> impl Strategy<Value = Op> {
         (arb_space(), any::<u64>()).prop_map(|(space, addr)| Op::Translate { space, addr }),
         any::<u32>().prop_map(|cpu| Op::CpuState { cpu }),
         Just(Op::Info),
+        (
+            arb_space(),
+            any::<u64>(),
+            any::<u16>(),
+            1..=walk::MAX_WALK_ENTRIES,
+            0..=walk::MAX_WALK_FIELDS as u32
+        )
+            .prop_map(|(space, head, link_offset, max_entries, field_count)| {
+                Op::WalkList {
+                    space,
+                    head,
+                    link_offset,
+                    max_entries,
+                    field_count,
+                }
+            }),
+        (any::<u32>(), 1..=walk::MAX_FIELD_LEN, any::<Option<u32>>())
+            .prop_map(|(offset, len, deref)| Op::Field(walk::Field { offset, len, deref })),
     ]
 }
 

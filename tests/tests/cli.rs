@@ -344,11 +344,11 @@ fn cli_long_reads_stream_keep_bytes_and_match_pmemsave() {
     let version = sh(&vm, "cat /proc/version");
 
     // 64 MiB from LSTAR runs past the end of the kernel's mapping: the
-    // unmapped part is a hole (zero-filled), the rest is kept: exit 3.
+    // unmapped part is a hole (zero-filled), the rest is kept: exit 7.
     let f = tmp.join("lstar.raw");
     let fs = f.display().to_string();
     let o = ids(&["-c", &d, "read-virt", &format!("{l:x}+64M"), "-o", &fs]);
-    expect_exit(&o, 3, "read-virt LSTAR+64M");
+    expect_exit(&o, 7, "read-virt LSTAR+64M");
     let e = stderr(&o);
     assert!(e.contains("not read:") && e.contains("not mapped"), "{e}");
     assert!(e.contains("sha256 "), "{e}");
@@ -375,7 +375,7 @@ fn cli_long_reads_stream_keep_bytes_and_match_pmemsave() {
     );
 
     // --holes skip leaves the hole out; --holes stop ends there. Both keep
-    // what they read and exit 3; the JSON report lists the hole.
+    // what they read and exit 7; the JSON report lists the hole.
     let o = ids(&[
         "-c",
         &d,
@@ -387,7 +387,7 @@ fn cli_long_reads_stream_keep_bytes_and_match_pmemsave() {
         "skip",
         "--json",
     ]);
-    expect_exit(&o, 3, "--holes skip");
+    expect_exit(&o, 7, "--holes skip");
     let rep: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON report");
     let read = rep["read"].as_u64().expect("read");
     assert_eq!(std::fs::metadata(&f).expect("file").len(), read);
@@ -412,7 +412,7 @@ fn cli_long_reads_stream_keep_bytes_and_match_pmemsave() {
         "--holes",
         "stop",
     ]);
-    expect_exit(&o, 3, "--holes stop");
+    expect_exit(&o, 7, "--holes stop");
     let stopped = std::fs::read(&f).expect("file");
     assert!(!stopped.is_empty() && stopped.len() < raw.len());
     assert_eq!(

@@ -1,8 +1,9 @@
-//! `cargo xtask vm up|exec|down|list|rm|prune`: VMs that outlive the
-//! command, for people and scripts (tests use the harness library
+//! `cargo xtask vm up|exec|down|list|rm|prune|attack`: VMs that outlive
+//! the command, for people and scripts (tests use the harness library
 //! directly). Every subcommand names the VM the same way (a position, or
-//! `--name`); `down` of a stopped VM is done, not an error; `rm` and `prune`
-//! remove state directories; `list --json` is for scripts.
+//! `--name`; `attack` by position); `down` of a stopped VM is done, not an
+//! error; `rm` and `prune` remove state directories; `list --json` is for
+//! scripts.
 
 use std::time::Duration;
 
@@ -39,6 +40,18 @@ pub enum Command {
     },
     /// Remove the state directories of every stopped VM.
     Prune,
+    /// Load a rootkit technique into a running VM to rehearse detection
+    /// (`ids check`): a kernel module built against Debian's headers for
+    /// the guest's kernel (test code, tests/attacks/). KIND: hook-syscall
+    /// NR, patch-dispatch NR, hook-idt VECTOR, lstar CPU; `remove` undoes it.
+    Attack {
+        /// VM name.
+        name: String,
+        /// hook-syscall, patch-dispatch, hook-idt, lstar, or remove.
+        kind: String,
+        /// The target: syscall number, IDT vector (32..=255) or CPU.
+        arg: Option<String>,
+    },
 }
 
 /// A VM's name, as a position or with --name.
@@ -120,6 +133,24 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             print!("{}", out.stdout);
             eprint!("{}", out.stderr);
             std::process::exit(out.status);
+        }
+        Command::Attack { name, kind, arg } => {
+            let vm = Vm::attach(&name)?;
+            if kind == "remove" {
+                smmvmi_tests::attack::unload(&vm)?;
+                crate::step(&format!("attack module removed from {name}"));
+                return Ok(());
+            }
+            let attack =
+                smmvmi_tests::attack::Attack::parse(&kind, arg.as_deref().unwrap_or_default())?;
+            crate::step(&format!(
+                "loading {attack:?} into {name} (builds the module for its kernel on first use)"
+            ));
+            smmvmi_tests::attack::load(&vm, attack)?;
+            crate::step(&format!(
+                "{kind} active in {name}; `cargo xtask vm attack {name} remove` undoes it"
+            ));
+            Ok(())
         }
         Command::Down(vm) => {
             let name = vm.get();

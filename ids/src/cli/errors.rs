@@ -5,10 +5,11 @@
 //! | 0 | done |
 //! | 1 | failed for another reason (I/O, a malformed reply, ...) |
 //! | 2 | usage: the command line is wrong (nothing was asked of the agent) |
-//! | 3 | partial: some of the range was unreadable (reported; the rest was written) |
+//! | 3 | alert: `ids check` found something, `ids watch` raised an alert |
 //! | 4 | refused: the agent refused or could not read what was asked (SMRAM, not RAM, not mapped, no such CPU) |
 //! | 5 | agent silent: ALERT, no answer within the deadline |
 //! | 6 | unreachable: no VM, daemon or smmvmi agent at the endpoint |
+//! | 7 | partial: some of the range was unreadable (reported; the rest was written) |
 //! | 130 | interrupted (SIGINT); what was read before is kept |
 
 use std::process::ExitCode;
@@ -29,14 +30,16 @@ pub enum Exit {
     Failure = 1,
     /// Wrong command line.
     Usage = 2,
-    /// Some bytes unreadable.
-    Partial = 3,
+    /// `ids check` found something; `ids watch` raised an alert.
+    Findings = 3,
     /// The agent refused the request.
     Refused = 4,
     /// ALERT: the agent did not answer in time.
     Silent = 5,
     /// Nothing to talk to at the endpoint.
     Unreachable = 6,
+    /// Some bytes unreadable.
+    Partial = 7,
     /// SIGINT.
     Interrupted = 130,
 }

@@ -1,0 +1,400 @@
+//! Rootkit checks that need no baseline: what the kernel's own layout says
+//! must hold, checked in guest memory read through the agent.
+//!
+//! - [`check_syscalls`]: every entry of `sys_call_table` (and of
+//!   `ia32_sys_call_table` and `x32_sys_call_table` where the kernel has
+//!   them) points to a syscall function kallsyms names (`__x64_sys_*`,
+//!   `__ia32_sys_*`, ...) in core kernel text; and every direct branch of
+//!   the `x64_sys_call` dispatcher (6.1 stable with the branch-history fix,
+//!   and 6.9+: those kernels dispatch through it, not through the table;
+//!   arch/x86/entry/syscall_64.c) stays in core kernel text. A hook patched
+//!   into the dispatcher is a branch into module memory.
+//! - [`check_idt`]: on every vCPU, the IDTR the agent saved (base and
+//!   limit the same on every CPU, as Linux loads one `idt_descr`), every
+//!   present gate's handler inside the kernel's entry text
+//!   (`__entry_text_start`..`__entry_text_end`: every IDT handler is an
+//!   `asm_*` stub there, arch/x86/include/asm/idtentry.h) or, for a
+//!   vector below 32 Linux installs nothing for, exactly its slot of
+//!   `early_idt_handler_array` (arch/x86/kernel/head_64.S), and the syscall
+//!   entry MSRs: LSTAR = `entry_SYSCALL_64`; CSTAR = `entry_SYSCALL_compat`
+//!   (or `ignore_sysret`, or never written: 0 on Intel);
+//!   SYSENTER_EIP = `entry_SYSENTER_compat` or 0 (arch/x86/kernel/cpu/common.c
+//!   `syscall_init`).
+//!
+//! Every finding says what was expected, what was found and, where an
+//! address lies in a module's memory, which module owns it.
+
+use std::collections::BTreeMap;
+
+use iced_x86::{Decoder, DecoderOptions, FlowControl};
+use smmvmi_mailbox::wire::AddressSpace;
+
+use crate::linux::{Kernel, LinuxError, Module};
+use crate::memory::{GuestMemory, SnapshotCache, Space};
+
+/// Most entries read from one syscall table (x86-64 has about 460).
+pub const MAX_SYSCALLS: usize = 1024;
+/// Most bytes of a dispatcher function decoded.
+pub const MAX_DISPATCHER: u64 = 64 << 10;
+
+/// One thing that is not as the kernel set it up.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Finding {
+    /// The check (`syscalls`, `idt`, `msr`).
+    pub check: String,
+    /// What was checked (`sys_call_table[59]`, `cpu 1 IDT vector 0x80`).
+    pub what: String,
+    /// What the kernel's layout says it must be.
+    pub expected: String,
+    /// What it is: an address and where it lies.
+    pub found: String,
+    /// The address found.
+    pub address: u64,
+    /// The module whose memory holds `address`, if any.
+    pub owner: Option<String>,
+}
+
+/// What a check looked at and what it found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Report {
+    /// The check.
+    pub check: String,
+    /// Items checked (table entries, gates, MSRs, branches).
+    pub checked: usize,
+    /// Findings (empty: clean).
+    pub findings: Vec<Finding>,
+}
+
+/// Kernel text symbols by address, for naming what an address points to.
+pub struct TextMap<'a> {
+    by_addr: BTreeMap<u64, &'a str>,
+    /// Core kernel text, `_stext`..`_etext`.
+    pub text: (u64, u64),
+    /// Entry text, `__entry_text_start`..`__entry_text_end` (core text if
+    /// the kernel has no such symbols).
+    pub entry: (u64, u64),
+}
+
+impl<'a> TextMap<'a> {
+    /// From the kernel's symbols (the full table: `Discovery::full_symbols`).
+    pub fn new(k: &'a Kernel) -> Result<Self, LinuxError> {
+        let need = |n: &str| {
+            k.kallsyms
+                .addr(n)
+                .ok_or_else(|| LinuxError::NoSymbol(n.into()))
+        };
+        let text = (need("_stext")?, need("_etext")?);
+        let entry = match (
+            k.kallsyms.addr("__entry_text_start"),
+            k.kallsyms.addr("__entry_text_end"),
+        ) {
+            (Some(a), Some(b)) if a < b => (a, b),
+            _ => text,
+        };
+        let by_addr = k
+            .kallsyms
+            .symbols
+            .iter()
+            .filter(|s| matches!(s.kind, 'T' | 't' | 'W' | 'w'))
+            .map(|s| (s.addr, s.name.as_str()))
+            .collect();
+        Ok(Self {
+            by_addr,
+            text,
+            entry,
+        })
+    }
+
+    /// True if `a` is in core kernel text.
+    pub fn in_text(&self, a: u64) -> bool {
+        (self.text.0..self.text.1).contains(&a)
+    }
+
+    /// The symbol starting exactly at `a`.
+    pub fn exact(&self, a: u64) -> Option<&'a str> {
+        self.by_addr.get(&a).copied()
+    }
+
+    /// `name+0xoff` for an address in core text.
+    pub fn describe(&self, a: u64) -> String {
+        if !self.in_text(a) {
+            return format!("{a:#x}");
+        }
+        match self.by_addr.range(..=a).next_back() {
+            Some((&s, name)) if s == a => format!("{a:#x} ({name})"),
+            Some((&s, name)) => format!("{a:#x} ({name}+{:#x})", a - s),
+            None => format!("{a:#x}"),
+        }
+    }
+
+    /// The address of the symbol after `a` (its end, for sizing a table or
+    /// a function).
+    pub fn next_after(&self, k: &Kernel, a: u64) -> Option<u64> {
+        k.kallsyms
+            .symbols
+            .iter()
+            .map(|s| s.addr)
+            .filter(|&x| x > a)
+            .min()
+    }
+}
+
+/// Where `a` lies, in words, and the owning module.
+fn whereis(t: &TextMap<'_>, modules: &[Module], a: u64) -> (String, Option<String>) {
+    if t.in_text(a) {
+        return (format!("{} in core kernel text", t.describe(a)), None);
+    }
+    match modules.iter().find(|m| m.contains(a)) {
+        Some(m) => (
+            format!("{a:#x} in module {}'s memory", m.name),
+            Some(m.name.clone()),
+        ),
+        None => (
+            format!("{a:#x}, neither core kernel text nor a listed module's memory"),
+            None,
+        ),
+    }
+}
+
+fn kspace(cpu: u32) -> Space {
+    Space::Virt(AddressSpace::kernel_of(cpu))
+}
+
+/// One syscall table: (symbol, the name prefixes its entries may have).
+const TABLES: [(&str, &[&str]); 3] = [
+    ("sys_call_table", &["__x64_sys_", "sys_ni_syscall"]),
+    (
+        "ia32_sys_call_table",
+        &["__ia32_sys_", "__ia32_compat_sys_", "sys_ni_syscall"],
+    ),
+    (
+        "x32_sys_call_table",
+        &["__x64_sys_", "__x32_compat_sys_", "sys_ni_syscall"],
+    ),
+];
+
+/// The dispatchers of kernels that no longer branch through the tables.
+const DISPATCHERS: [&str; 3] = ["x64_sys_call", "ia32_sys_call", "x32_sys_call"];
+
+/// Checks the syscall tables and dispatchers (see the module docs).
+/// `modules` (from [`crate::linux::lsmod`]) name the owners of foreign
+/// code. Needs the full symbol table.
+pub fn check_syscalls<M: GuestMemory>(
+    c: &mut SnapshotCache<M>,
+    k: &Kernel,
+    cpu: u32,
+    modules: &[Module],
+) -> Result<Report, LinuxError> {
+    let t = TextMap::new(k)?;
+    let mut r = Report {
+        check: "syscalls".into(),
+        ..Report::default()
+    };
+    let mut found_table = false;
+    for (table, prefixes) in TABLES {
+        let Some(at) = k.kallsyms.addr(table) else {
+            continue;
+        };
+        found_table = true;
+        let end = t.next_after(k, at).unwrap_or(at + 8);
+        let n = (((end - at) / 8) as usize).clamp(1, MAX_SYSCALLS);
+        let bytes = c.read(kspace(cpu), at, n * 8)?;
+        for (nr, e) in bytes.chunks_exact(8).enumerate() {
+            let target = u64::from_le_bytes(e.try_into().expect("8"));
+            if target == 0 {
+                // The end of the table: every slot below NR_syscalls holds
+                // a function (sys_ni_syscall for the unused), and the
+                // symbol after it may lie beyond alignment padding.
+                break;
+            }
+            r.checked += 1;
+            let name = t.exact(target);
+            let ok = t.in_text(target)
+                && name.is_some_and(|n| prefixes.iter().any(|p| n.starts_with(p)));
+            if !ok {
+                let (found, owner) = whereis(&t, modules, target);
+                r.findings.push(Finding {
+                    check: "syscalls".into(),
+                    what: format!("{table}[{nr}]"),
+                    expected: format!(
+                        "a syscall function ({}) in core kernel text",
+                        prefixes.join(", ")
+                    ),
+                    found,
+                    address: target,
+                    owner,
+                });
+            }
+        }
+    }
+    if !found_table {
+        return Err(LinuxError::NoSymbol("sys_call_table".into()));
+    }
+    for d in DISPATCHERS {
+        let Some(at) = k.kallsyms.addr(d) else {
+            continue;
+        };
+        let end = t
+            .next_after(k, at)
+            .unwrap_or(at + 1)
+            .min(at + MAX_DISPATCHER);
+        let code = c.read(kspace(cpu), at, (end - at) as usize)?;
+        let mut dec = Decoder::with_ip(64, &code, at, DecoderOptions::NONE);
+        while dec.can_decode() {
+            let ins = dec.decode();
+            if !matches!(
+                ins.flow_control(),
+                FlowControl::Call
+                    | FlowControl::UnconditionalBranch
+                    | FlowControl::ConditionalBranch
+            ) {
+                continue;
+            }
+            let target = ins.near_branch_target();
+            if target == 0 || (at..end).contains(&target) {
+                continue;
+            }
+            r.checked += 1;
+            if !t.in_text(target) {
+                let (found, owner) = whereis(&t, modules, target);
+                r.findings.push(Finding {
+                    check: "syscalls".into(),
+                    what: format!("{d}+{:#x} ({})", ins.ip() - at, ins.mnemonic_name()),
+                    expected: "a branch to a syscall function in core kernel text".into(),
+                    found,
+                    address: target,
+                    owner,
+                });
+            }
+        }
+    }
+    Ok(r)
+}
+
+/// The mnemonic, for a finding's `what`.
+trait MnemonicName {
+    fn mnemonic_name(&self) -> String;
+}
+
+impl MnemonicName for iced_x86::Instruction {
+    fn mnemonic_name(&self) -> String {
+        format!("{:?}", self.mnemonic()).to_lowercase()
+    }
+}
+
+/// IDT gate descriptor size in long mode (Intel SDM vol. 3A 6.14.1).
+const GATE: usize = 16;
+
+/// Checks every vCPU's IDT and syscall entry MSRs (see the module docs).
+pub fn check_idt<M: GuestMemory>(
+    c: &mut SnapshotCache<M>,
+    k: &Kernel,
+    modules: &[Module],
+) -> Result<Report, LinuxError> {
+    let t = TextMap::new(k)?;
+    let mut r = Report {
+        check: "idt".into(),
+        ..Report::default()
+    };
+    let sym = |n: &str| k.kallsyms.addr(n);
+    let lstar =
+        sym("entry_SYSCALL_64").ok_or_else(|| LinuxError::NoSymbol("entry_SYSCALL_64".into()))?;
+    let cstar: Vec<u64> = ["entry_SYSCALL_compat", "ignore_sysret"]
+        .iter()
+        .filter_map(|n| sym(n))
+        .chain([0])
+        .collect();
+    let sysenter: Vec<u64> = sym("entry_SYSENTER_compat")
+        .into_iter()
+        .chain([0])
+        .collect();
+    // (start, size of one slot): EARLY_IDT_HANDLER_SIZE is 9 bytes, 13
+    // with IBT's ENDBR; the array holds the 32 exception vectors.
+    let early_idt = sym("early_idt_handler_array").and_then(|a| {
+        let size = (t.next_after(k, a)? - a) / 32;
+        (5..=32).contains(&size).then_some((a, size))
+    });
+    let cpus = c.inner().cpu_count()?;
+    let mut first_idtr: Option<(u64, u64)> = None;
+    for cpu in 0..cpus {
+        let st = c.inner().cpu_state(cpu)?;
+        let mut push = |what: String, expected: String, a: u64| {
+            let (found, owner) = whereis(&t, modules, a);
+            r.findings.push(Finding {
+                check: "idt".into(),
+                what,
+                expected,
+                found,
+                address: a,
+                owner,
+            });
+        };
+        // MSRs.
+        r.checked += 3;
+        if st.msr_lstar != lstar {
+            push(
+                format!("cpu {cpu} LSTAR"),
+                format!("entry_SYSCALL_64 ({lstar:#x})"),
+                st.msr_lstar,
+            );
+        }
+        if !cstar.contains(&st.msr_cstar) {
+            push(
+                format!("cpu {cpu} CSTAR"),
+                "entry_SYSCALL_compat, ignore_sysret or 0".into(),
+                st.msr_cstar,
+            );
+        }
+        if !sysenter.contains(&st.msr_sysenter_eip) {
+            push(
+                format!("cpu {cpu} SYSENTER_EIP"),
+                "entry_SYSENTER_compat or 0".into(),
+                st.msr_sysenter_eip,
+            );
+        }
+        // IDTR.
+        let idtr = (st.idtr_base, st.idtr_limit);
+        r.checked += 1;
+        match first_idtr {
+            None => first_idtr = Some(idtr),
+            Some(f) if f != idtr => push(
+                format!("cpu {cpu} IDTR"),
+                format!("the IDTR of cpu 0 (base {:#x}, limit {:#x})", f.0, f.1),
+                idtr.0,
+            ),
+            Some(_) => {}
+        }
+        let entries = ((idtr.1 as usize + 1) / GATE).min(256);
+        if entries == 0 {
+            continue;
+        }
+        let idt = c.read(kspace(cpu), idtr.0, entries * GATE)?;
+        for (v, g) in idt.chunks_exact(GATE).enumerate() {
+            let attr = g[5];
+            if attr & 0x80 == 0 {
+                continue; // not present
+            }
+            r.checked += 1;
+            let target = u64::from(u16::from_le_bytes([g[0], g[1]]))
+                | u64::from(u16::from_le_bytes([g[6], g[7]])) << 16
+                | u64::from(u32::from_le_bytes([g[8], g[9], g[10], g[11]])) << 32;
+            // Vectors below 32 Linux installs no handler for (reserved
+            // ones; #MC without MCE) keep the early handler of
+            // arch/x86/kernel/head_64.S: entry `v` of early_idt_handler_array,
+            // in init text.
+            let early = early_idt.is_some_and(|(a, size)| v < 32 && target == a + size * v as u64);
+            if !(t.entry.0..t.entry.1).contains(&target) && !early {
+                push(
+                    format!("cpu {cpu} IDT vector {v:#x}"),
+                    "a handler in the kernel's entry text (__entry_text_start..__entry_text_end)"
+                        .into(),
+                    target,
+                );
+            }
+        }
+    }
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,233 @@
+//! End-to-end: real rootkit techniques loaded into the guest as a kernel
+//! module built against Debian's headers for the guest's own kernel
+//! (`tests/attacks/smmvmi_attack.c`), each found by its check with the
+//! module named as the owner, and gone again once the module is removed —
+//! on the default kernel and on Debian's 6.12 LTS cloud kernel. A clean
+//! guest has no finding before, between and after.
+//!
+//! Run with `cargo xtask test` (these are `#[ignore]`d for plain `cargo test`).
+
+mod common;
+
+use common::{boot, config, finish, ids_session, sh};
+use ids::checks::{self, Report};
+use ids::linux::{self, Discovery, Kernel};
+use ids::memory::SnapshotCache;
+use smmvmi_tests::attack::{self, Attack, MODULE};
+use smmvmi_tests::guest_image::KernelDeb;
+use smmvmi_tests::vm::VmConfig;
+
+/// getpid: called by nothing the test guest runs between two checks.
+const NR_GETPID: u32 = 39;
+
+fn check_all(s: &mut ids::Session, k: &Kernel) -> (Report, Report) {
+    let mut c = SnapshotCache::new(s);
+    let modules = linux::lsmod(&mut c, k, 0).unwrap_or_else(|e| panic!("{e}"));
+    let sys = checks::check_syscalls(&mut c, k, 0, &modules).unwrap_or_else(|e| panic!("{e}"));
+    let idt = checks::check_idt(&mut c, k, &modules).unwrap_or_else(|e| panic!("{e}"));
+    (sys, idt)
+}
+
+fn assert_clean(s: &mut ids::Session, k: &Kernel, when: &str) {
+    let (sys, idt) = check_all(s, k);
+    assert!(
+        sys.findings.is_empty() && idt.findings.is_empty(),
+        "{when}: a clean guest has findings: {:#?} {:#?}",
+        sys.findings,
+        idt.findings
+    );
+    assert!(
+        sys.checked >= 400,
+        "{when}: only {} syscall items",
+        sys.checked
+    );
+    assert!(idt.checked >= 200, "{when}: only {} IDT items", idt.checked);
+}
+
+fn run(cfg: VmConfig) {
+    let vm = boot(cfg);
+    let cpus: u32 = sh(&vm, "nproc").parse().expect("nproc");
+    let mut s = ids_session(&vm);
+    let k = Kernel::load(&mut s, &Discovery::default(), None).unwrap_or_else(|e| panic!("{e}"));
+    assert_clean(&mut s, &k, "before any attack");
+    let mut cases = vec![
+        (
+            Attack::HookSyscall(NR_GETPID),
+            vec![format!("sys_call_table[{NR_GETPID}]")],
+        ),
+        (
+            Attack::HookIdt(0x80),
+            (0..cpus)
+                .map(|c| format!("cpu {c} IDT vector 0x80"))
+                .collect(),
+        ),
+        (
+            Attack::Lstar(cpus - 1),
+            vec![format!("cpu {} LSTAR", cpus - 1)],
+        ),
+    ];
+    if k.kallsyms.addr("x64_sys_call").is_some() {
+        cases.push((
+            Attack::PatchDispatch(NR_GETPID),
+            vec!["x64_sys_call+".into()],
+        ));
+    }
+    for (attack, expected) in cases {
+        attack::load(&vm, attack).unwrap_or_else(|e| panic!("{attack:?}: {e}"));
+        // The guest still runs its syscalls through the hook.
+        assert_eq!(sh(&vm, "echo alive"), "alive");
+        let (sys, idt) = check_all(&mut s, &k);
+        let found: Vec<_> = sys.findings.iter().chain(&idt.findings).collect();
+        let whats: Vec<&str> = found.iter().map(|f| f.what.as_str()).collect();
+        assert_eq!(
+            found.len(),
+            expected.len(),
+            "{attack:?}: expected {expected:?}, found {whats:?}"
+        );
+        for (f, e) in found.iter().zip(&expected) {
+            assert!(
+                f.what.starts_with(e.as_str()),
+                "{attack:?}: {f:?}, expected {e}"
+            );
+            assert_eq!(
+                f.owner.as_deref(),
+                Some(MODULE),
+                "{attack:?}: the hook's owner must be named: {f:?}"
+            );
+        }
+        eprintln!("{attack:?}: found {whats:?}, owner {MODULE}");
+        attack::unload(&vm).unwrap_or_else(|e| panic!("{attack:?}: {e}"));
+        assert_clean(&mut s, &k, &format!("after removing {attack:?}"));
+    }
+    finish(vm);
+}
+
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn attacks_found_on_the_default_kernel() {
+    run(config("attacks-default"));
+}
+
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn attacks_found_on_the_6_12_kernel() {
+    let deb = std::env::var("SMMVMI_KERNEL_612_DEB")
+        .ok()
+        .map(|v| v.parse::<KernelDeb>().expect("kernel deb"))
+        .unwrap_or_else(|| {
+            smmvmi_tests::guest_image::resolve_lts_612().unwrap_or_else(|e| panic!("{e}"))
+        });
+    run(config("attacks-612").kernel_deb(deb));
+}
+
+/// `watch` on a live guest: a process started with a random name, the
+/// attack module loaded (an LSTAR hook) and removed, then a guest reboot:
+/// each reported as its ECS event, the hook within one interval of being
+/// loaded, the reboot as `guest-rebooted`, and the watch goes on in the
+/// new boot.
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn watch_reports_processes_modules_hooks_and_reboots() {
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+    let vm = boot(config("watch"));
+    // A reset resets (the harness starts QEMU with -no-reboot).
+    vm.qmp("set-action", Some(serde_json::json!({ "reboot": "reset" })))
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The IDS's direct endpoint needs the QMP socket.
+    vm.release_qmp();
+    let endpoint = ids::Endpoint::from_state_dir(vm.state_dir());
+    let interval = Duration::from_secs(1);
+    let (tx, rx) = mpsc::channel::<(Instant, serde_json::Value)>();
+    let opts = ids::watch::WatchOptions {
+        interval,
+        count: Some(60),
+        cache: None,
+    };
+    let watcher = std::thread::spawn(move || {
+        ids::watch::run(
+            || ids::Session::connect(&endpoint, Duration::from_secs(5)),
+            &opts,
+            |e| {
+                let _ = tx.send((
+                    Instant::now(),
+                    e.to_ecs("watch", std::time::SystemTime::now()),
+                ));
+            },
+        )
+    });
+    let wait_for = |what: &str, pred: &dyn Fn(&serde_json::Value) -> bool, within: Duration| {
+        let until = Instant::now() + within;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok((at, e)) if pred(&e) => return (at, e),
+                Ok((_, e)) => eprintln!("watch: {}", e["message"]),
+                Err(_) => panic!("no {what} event within {within:?}"),
+            }
+        }
+    };
+    // The first pass learns the kernel (cold: a few seconds under TCG).
+    wait_for(
+        "baseline",
+        &|e| e["event"]["action"] == "baseline",
+        Duration::from_secs(60),
+    );
+    // A program named at random: busybox runs as `busyboxNAME APPLET ...`.
+    let name = format!(
+        "busybox{:08x}",
+        std::process::id().wrapping_mul(2_654_435_761)
+    );
+    sh(
+        &vm,
+        &format!("cp /bin/busybox /tmp/{name}; /tmp/{name} sleep 600 >/dev/null 2>&1 </dev/null &"),
+    );
+    let (_, e) = wait_for(
+        "process-started",
+        &|e| e["event"]["action"] == "process-started" && e["process"]["name"] == name.as_str(),
+        Duration::from_secs(20),
+    );
+    assert_eq!(e["event"]["kind"], "event");
+    attack::load(&vm, Attack::Lstar(0)).unwrap_or_else(|e| panic!("{e}"));
+    let loaded = Instant::now();
+    let (at, e) = wait_for(
+        "hook-found",
+        &|e| e["event"]["action"] == "hook-found",
+        Duration::from_secs(20),
+    );
+    assert_eq!(e["event"]["kind"], "alert");
+    assert_eq!(e["smmvmi"]["finding"]["owner"], MODULE);
+    // One interval plus the pass that sees it (a few requests).
+    let late = at.saturating_duration_since(loaded);
+    assert!(late <= interval * 3, "hook reported {late:?} after loading");
+    attack::unload(&vm).unwrap_or_else(|e| panic!("{e}"));
+    wait_for(
+        "hook-gone",
+        &|e| e["event"]["action"] == "hook-gone",
+        Duration::from_secs(20),
+    );
+    let _ = vm.exec_timeout("reboot -f", Duration::from_secs(3));
+    let (_, _) = wait_for(
+        "guest-rebooted",
+        &|e| e["event"]["action"] == "guest-rebooted",
+        Duration::from_secs(60),
+    );
+    // And goes on: a process started in the new boot is reported.
+    vm.wait_agent_ready(common::AGENT_READY)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let again = format!("busybox{:08x}", std::process::id().wrapping_mul(40_503));
+    sh(
+        &vm,
+        &format!(
+            "cp /bin/busybox /tmp/{again}; /tmp/{again} sleep 600 >/dev/null 2>&1 </dev/null &"
+        ),
+    );
+    wait_for(
+        "process-started after the reboot",
+        &|e| e["event"]["action"] == "process-started" && e["process"]["name"] == again.as_str(),
+        Duration::from_secs(30),
+    );
+    let alerted = watcher.join().expect("watch thread");
+    assert!(alerted, "the hook was an alert");
+    finish(vm);
+}
