@@ -512,6 +512,30 @@ fn cli_vm_without_smmvmi_firmware() {
         stderr(&o)
     );
     finish(vm);
+
+    // The same through the daemon: no SMI could be raised, and it says so
+    // (not "the agent did not answer"), by the VM's name.
+    let socket = smmvmi_tests::repo_root().join(format!(
+        ".cache/injector-tests/cli-{}.sock",
+        std::process::id()
+    ));
+    let daemon = smmvmi_tests::daemon::DaemonProcess::spawn(&socket, &[], false)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let vm = boot(
+        VmConfig::new(
+            format!("t-cli-seabios-d-{}", std::process::id()),
+            Firmware::SeaBios,
+        )
+        .through_daemon(&daemon.socket),
+    );
+    let name = vm.info().name.clone();
+    let o = ids(&["info", "-c", &name, "--deadline", "2s"]);
+    expect_exit(&o, 6, "info on a SeaBIOS VM through the daemon");
+    let e = stderr(&o);
+    assert!(e.contains("this VM has no smmvmi agent"), "{e}");
+    assert!(!e.contains("ALERT"), "{e}");
+    finish(vm);
+    drop(daemon);
 }
 
 /// `cargo xtask` itself (built once), run in the repository root.

@@ -170,7 +170,11 @@ pub fn report(e: &anyhow::Error, debug: bool) -> String {
     let hint = e
         .chain()
         .find_map(|c| c.downcast_ref::<CliError>().and_then(|c| c.hint.clone()))
-        .or_else(|| default_hint(exit_of(e)).map(String::from));
+        .or_else(|| {
+            (!says_what_to_do(e))
+                .then(|| default_hint(exit_of(e)).map(String::from))
+                .flatten()
+        });
     if let Some(h) = hint
         && !out.contains(&h)
     {
@@ -180,6 +184,29 @@ pub fn report(e: &anyhow::Error, debug: bool) -> String {
         out.push_str(&format!("debug: {e:?}\n"));
     }
     out
+}
+
+/// Errors whose message already carries the advice (why no SMI can be
+/// raised names what to do).
+fn says_what_to_do(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<TransactError>(),
+            Some(TransactError::NotReady { .. })
+        ) || matches!(
+            c.downcast_ref::<DaemonError>(),
+            Some(DaemonError::NotReady { .. })
+        ) || matches!(
+            c.downcast_ref::<DaemonClientError>(),
+            Some(DaemonClientError::Daemon(DaemonError::NotReady { .. }))
+        ) || matches!(
+            c.downcast_ref::<SessionError>(),
+            Some(
+                SessionError::Transact(TransactError::NotReady { .. })
+                    | SessionError::Daemon(DaemonClientError::Daemon(DaemonError::NotReady { .. }))
+            )
+        )
+    })
 }
 
 fn default_hint(exit: Exit) -> Option<&'static str> {
