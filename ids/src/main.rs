@@ -552,7 +552,11 @@ fn main() -> std::process::ExitCode {
         Err(e) if broken_pipe(&e) => Exit::Ok.into(),
         Err(e) => {
             let _ = out.flush();
-            eprint!("{}", cli::errors::report(&e, cli.debug));
+            if (cli.json || cli.jsonl) && !cli.debug {
+                eprintln!("{}", cli::errors::report_json(&e));
+            } else {
+                eprint!("{}", cli::errors::report(&e, cli.debug));
+            }
             cli::errors::exit_of(&e).into()
         }
     }

@@ -242,6 +242,12 @@ fn cli_numbers_errors_and_exit_codes() {
     assert!(stderr(&o).contains("SMRAM"), "{}", stderr(&o));
     let o = ids(&["-c", &d, "--debug", "cpu-state", "2"]);
     assert!(stderr(&o).contains("debug:"), "--debug shows the chain");
+    // With --json the error is one JSON object on stderr, for scripts.
+    let o = ids(&["-c", &d, "cpu-state", "2", "--json"]);
+    expect_exit(&o, 4, "cpu-state 2 --json");
+    let j: serde_json::Value = serde_json::from_slice(&o.stderr).expect("a JSON error");
+    assert_eq!(j["error"]["exit_code"], 4, "{j}");
+    assert_eq!(j["error"]["kind"], "refused", "{j}");
 
     // A closed pipe ends the run quietly: exit 0, no panic (small output,
     // and output far larger than the pipe).

@@ -152,6 +152,48 @@ fn daemon_exit(e: &DaemonClientError) -> Exit {
     }
 }
 
+impl Exit {
+    /// The code's name in JSON error reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Exit::Ok => "ok",
+            Exit::Failure => "failure",
+            Exit::Usage => "usage",
+            Exit::Findings => "alert",
+            Exit::Refused => "refused",
+            Exit::Silent => "agent-silent",
+            Exit::Unreachable => "unreachable",
+            Exit::Partial => "partial",
+            Exit::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// The error report as one JSON line (with --json/--jsonl): `{"error":
+/// {"message", "hint", "exit_code", "kind"}}`.
+pub fn report_json(e: &anyhow::Error) -> String {
+    let text = report(e, false);
+    let mut lines = text.lines();
+    let message = lines
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("ids: error: ")
+        .to_string();
+    let hint = lines
+        .find_map(|l| l.trim_start().strip_prefix("what to do: "))
+        .map(String::from);
+    let exit = exit_of(e);
+    serde_json::json!({
+        "error": {
+            "message": message,
+            "hint": hint,
+            "exit_code": exit as u8,
+            "kind": exit.name(),
+        }
+    })
+    .to_string()
+}
+
 /// The error report: the message chain with repeats removed (a cause whose
 /// text the message already contains is left out), then the hint. Never a
 /// backtrace; `--debug` adds the full chain as the code sees it.
@@ -251,6 +293,10 @@ mod tests {
         assert!(!r.contains("RefusedSmram") && r.contains("in SMRAM"), "{r}");
         assert!(!report(&e, false).contains("debug:"));
         assert!(report(&e, true).contains("debug:"));
+        let j: serde_json::Value = serde_json::from_str(&report_json(&e)).unwrap();
+        assert_eq!(j["error"]["exit_code"], 4);
+        assert_eq!(j["error"]["kind"], "refused");
+        assert!(j["error"]["message"].as_str().unwrap().contains("in SMRAM"));
     }
 
     #[test]
