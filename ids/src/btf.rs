@@ -272,9 +272,36 @@ pub struct Offsets {
     pub module_mem: Option<(u64, u64, u64, u64, u64)>,
     /// Before 6.4: `module.core_layout.base`, `.size`, `init_layout.size`.
     pub module_core_layout: Option<(u64, u64, u64)>,
+    /// Where else modules are found (hidden-module checks), if BTF has the
+    /// types.
+    #[serde(default)]
+    pub module_views: Option<ModuleViews>,
     /// The PID IDR, for a batched walk: `pid_namespace.idr.idr_rt.xa_head`,
     /// `xa_node.shift`, `xa_node.slots`, `pid.tasks`, `task_struct.pid_links`.
     pub pid_idr: Option<PidIdr>,
+}
+
+/// Offsets of the other places a module is linked (include/linux/kobject.h,
+/// include/linux/module.h, include/linux/rbtree_latch.h,
+/// kernel/module/internal.h).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ModuleViews {
+    /// `kset.list` (the kobjects of `module_kset`, /sys/module).
+    pub kset_list: u64,
+    /// `module_kobject.kobj.entry`: the link on `kset.list`.
+    pub mkobj_entry: u64,
+    /// `module_kobject.mod` (NULL for built-in modules with parameters).
+    pub mkobj_mod: u64,
+    /// `mod_tree_root.root.tree` (`rb_root[2]` of the latch tree).
+    pub mod_tree_roots: u64,
+    /// `mod_tree_node.mod`.
+    pub mtn_mod: u64,
+    /// `mod_tree_node.node.node` (`rb_node[2]`; `[0]` is on `tree[0]`).
+    pub mtn_node: u64,
+    /// `rb_node.rb_right`, `rb_node.rb_left`.
+    pub rb_right: u64,
+    /// `rb_node.rb_left`.
+    pub rb_left: u64,
 }
 
 /// Offsets of the PID IDR walk (include/linux/xarray.h, include/linux/pid.h).
@@ -345,6 +372,18 @@ impl Offsets {
             module_refcnt: opt("module", "refcnt"),
             module_mem,
             module_core_layout,
+            module_views: (|| {
+                Some(ModuleViews {
+                    kset_list: f("kset", "list").ok()?,
+                    mkobj_entry: f("module_kobject", "kobj.entry").ok()?,
+                    mkobj_mod: f("module_kobject", "mod").ok()?,
+                    mod_tree_roots: f("mod_tree_root", "root.tree").ok()?,
+                    mtn_mod: f("mod_tree_node", "mod").ok()?,
+                    mtn_node: f("mod_tree_node", "node.node").ok()?,
+                    rb_right: f("rb_node", "rb_right").ok()?,
+                    rb_left: f("rb_node", "rb_left").ok()?,
+                })
+            })(),
             pid_idr: (|| {
                 Some(PidIdr {
                     ns_xa_head: f("pid_namespace", "idr.idr_rt.xa_head").ok()?,

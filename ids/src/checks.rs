@@ -29,7 +29,7 @@ use std::collections::BTreeMap;
 use iced_x86::{Decoder, DecoderOptions, FlowControl};
 use smmvmi_mailbox::wire::AddressSpace;
 
-use crate::linux::{Kernel, LinuxError, Module};
+use crate::linux::{Kernel, LinuxError, Module, Task};
 use crate::memory::{GuestMemory, SnapshotCache, Space};
 
 /// Most entries read from one syscall table (x86-64 has about 460).
@@ -390,6 +390,242 @@ pub fn check_idt<M: GuestMemory>(
                         .into(),
                     target,
                 );
+            }
+        }
+    }
+    Ok(r)
+}
+
+/// Most red-black tree nodes visited in `mod_tree`.
+const MAX_TREE_NODES: usize = 1 << 14;
+
+/// Modules linked where the kernel links every loaded module but missing
+/// from the `modules` list (`/proc/modules`, [`crate::linux::lsmod`]): in
+/// `/sys/module` (`module_kset`'s kobjects, whose `module_kobject.mod` is
+/// set for loaded modules) and in `mod_tree` (the latched tree of module
+/// memory that `__module_address()` searches, kernel/module/tree_lookup.c).
+/// A module that unlinks itself from the list and from sysfs stays in
+/// `mod_tree` unless it also unlinks its memory, which breaks the kernel's
+/// own address lookups (stack traces, kprobes, BPF). Needs the
+/// `ModuleViews` offsets from BTF.
+pub fn check_modules<M: GuestMemory>(
+    c: &mut SnapshotCache<M>,
+    k: &Kernel,
+    cpu: u32,
+    modules: &[Module],
+) -> Result<Report, LinuxError> {
+    use crate::memory::ListWalk;
+    use smmvmi_mailbox::walk::Field;
+    let v = k.offsets.module_views.ok_or_else(|| {
+        LinuxError::NoSymbol("the module kobject and mod_tree types in BTF".into())
+    })?;
+    let listed: std::collections::HashSet<u64> = modules.iter().map(|m| m.addr).collect();
+    let mut r = Report {
+        check: "modules".into(),
+        ..Report::default()
+    };
+    let name = k.offsets.module_name;
+    let mut elsewhere: BTreeMap<u64, Vec<&'static str>> = BTreeMap::new();
+    // /sys/module: module_kset is a pointer to the kset.
+    if let Some(sym) = k.kallsyms.addr("module_kset") {
+        let kset = u64::from_le_bytes(c.read(kspace(cpu), sym, 8)?.try_into().expect("8 bytes"));
+        if kset >= k.kernel_half {
+            let walk = ListWalk {
+                space: AddressSpace::kernel_of(cpu),
+                head: kset + v.kset_list,
+                link_offset: u16::try_from(v.mkobj_entry).map_err(|_| {
+                    LinuxError::NoSymbol("module_kobject.kobj.entry below 64 KiB".into())
+                })?,
+                max_entries: smmvmi_mailbox::walk::MAX_WALK_ENTRIES,
+                fields: vec![Field {
+                    offset: v.mkobj_mod as u32,
+                    len: 8,
+                    deref: None,
+                }],
+            };
+            let res = c.inner().walk_lists(std::slice::from_ref(&walk))?.remove(0);
+            for e in &res.entries {
+                r.checked += 1;
+                if let Some(m) = e.uint(0).filter(|&m| m != 0) {
+                    elsewhere
+                        .entry(m)
+                        .or_default()
+                        .push("/sys/module (module_kset)");
+                }
+            }
+        }
+    }
+    // mod_tree: breadth first over tree[0], one batch per level.
+    if let Some(sym) = k.kallsyms.addr("mod_tree") {
+        let root = u64::from_le_bytes(
+            c.read(kspace(cpu), sym + v.mod_tree_roots, 8)?
+                .try_into()
+                .expect("8 bytes"),
+        );
+        let mut level = vec![root];
+        let mut seen = std::collections::HashSet::new();
+        while !level.is_empty() && seen.len() < MAX_TREE_NODES {
+            let nodes: Vec<u64> = level
+                .into_iter()
+                .filter(|&n| n >= k.kernel_half && seen.insert(n))
+                .collect();
+            let reads: Vec<crate::memory::Read> = nodes
+                .iter()
+                .flat_map(|&n| {
+                    let mtn = n.wrapping_sub(v.mtn_node);
+                    [
+                        crate::memory::Read::kernel(cpu, n + v.rb_right, 8),
+                        crate::memory::Read::kernel(cpu, n + v.rb_left, 8),
+                        crate::memory::Read::kernel(cpu, mtn + v.mtn_mod, 8),
+                    ]
+                })
+                .collect();
+            let got = c.read_many(&reads)?;
+            let word = |i: usize| {
+                got[i]
+                    .as_ref()
+                    .ok()
+                    .map_or(0, |b| u64::from_le_bytes(b[..8].try_into().expect("8")))
+            };
+            level = Vec::new();
+            for i in 0..nodes.len() {
+                r.checked += 1;
+                level.extend(
+                    [word(3 * i), word(3 * i + 1)]
+                        .into_iter()
+                        .filter(|&x| x != 0),
+                );
+                let m = word(3 * i + 2);
+                if m != 0 {
+                    elsewhere
+                        .entry(m)
+                        .or_default()
+                        .push("mod_tree (module memory)");
+                }
+            }
+        }
+    }
+    for (m, places) in elsewhere {
+        if listed.contains(&m) {
+            continue;
+        }
+        let module_name = c
+            .read(kspace(cpu), m + name.offset, name.size.min(64) as usize)
+            .map(|b| {
+                let end = b.iter().position(|&x| x == 0).unwrap_or(b.len());
+                String::from_utf8_lossy(&b[..end]).into_owned()
+            })
+            .unwrap_or_else(|_| "?".into());
+        let mut places = places;
+        places.dedup();
+        r.findings.push(Finding {
+            check: "modules".into(),
+            what: format!("module {module_name} (struct module at {m:#x})"),
+            expected: "every loaded module on the modules list (/proc/modules)".into(),
+            found: format!("only in {}", places.join(" and ")),
+            address: m,
+            owner: Some(module_name),
+        });
+    }
+    Ok(r)
+}
+
+/// Tasks that have a PID (the PID allocator, `init_pid_ns.idr`) or run on
+/// a CPU (each CPU's `current`) but are on no task list
+/// (`init_task.tasks` and the thread lists): a process unlinked to hide.
+/// The two views are separate snapshots, so a difference is read again
+/// and reported only if it stays. Also user processes named like a kernel
+/// thread (the name of one, or of a family such as `kworker/…`).
+pub fn check_processes<M: GuestMemory>(
+    c: &mut SnapshotCache<M>,
+    k: &Kernel,
+    cpu: u32,
+) -> Result<Report, LinuxError> {
+    let mut r = Report {
+        check: "processes".into(),
+        ..Report::default()
+    };
+    let hidden =
+        |c: &mut SnapshotCache<M>| -> Result<(usize, BTreeMap<u64, (String, Task)>), LinuxError> {
+            c.new_snapshot();
+            let listed = crate::linux::ps_task_list(c, k, cpu, true)?;
+            let on_list: std::collections::HashSet<u64> = listed.iter().map(|t| t.addr).collect();
+            let mut out = BTreeMap::new();
+            let by_idr = crate::linux::ps_by_idr(c, k, cpu, true)?;
+            for t in &by_idr {
+                if !on_list.contains(&t.addr) {
+                    out.insert(
+                        t.addr,
+                        ("the PID allocator (init_pid_ns.idr)".to_string(), t.clone()),
+                    );
+                }
+            }
+            for v in crate::linux::cpus(c, k)? {
+                if v.pid != 0 && v.current != 0 && !on_list.contains(&v.current) {
+                    let t = by_idr
+                        .iter()
+                        .find(|t| t.addr == v.current)
+                        .cloned()
+                        .unwrap_or(Task {
+                            pid: v.pid,
+                            tgid: v.pid,
+                            ppid: 0,
+                            uid: 0,
+                            gid: 0,
+                            state: 'R',
+                            comm: v.comm.clone(),
+                            kthread: false,
+                            start_ns: 0,
+                            addr: v.current,
+                        });
+                    out.insert(v.current, (format!("cpu {}'s current task", v.cpu), t));
+                }
+            }
+            Ok((listed.len() + by_idr.len(), out))
+        };
+    let (checked, first) = hidden(c)?;
+    r.checked = checked;
+    // A user process named like a kernel thread (`kworker/0:1`,
+    // `ksoftirqd/1`, ...): the disguise of miners and backdoors (a write to
+    // /proc/PID/comm or prctl(PR_SET_NAME) is all it takes).
+    let listed = crate::linux::ps_task_list(c, k, cpu, false)?;
+    let kthreads: std::collections::HashSet<&str> = listed
+        .iter()
+        .filter(|t| t.kthread)
+        .map(|t| t.comm.as_str())
+        .collect();
+    let families: std::collections::HashSet<&str> = kthreads
+        .iter()
+        .filter_map(|n| n.split_once('/').map(|(f, _)| f))
+        .collect();
+    for t in listed.iter().filter(|t| !t.kthread) {
+        let family = t.comm.split_once('/').map(|(f, _)| f);
+        if kthreads.contains(t.comm.as_str()) || family.is_some_and(|f| families.contains(f)) {
+            r.findings.push(Finding {
+                check: "processes".into(),
+                what: format!("pid {} ({})", t.pid, t.comm),
+                expected: "a user process not named like a kernel thread".into(),
+                found: format!(
+                    "a user process (not PF_KTHREAD, task_struct at {:#x}) named like the kernel's own threads",
+                    t.addr
+                ),
+                address: t.addr,
+                owner: None,
+            });
+        }
+    }
+    if !first.is_empty() {
+        let (_, again) = hidden(c)?;
+        for (addr, (place, t)) in first {
+            if again.contains_key(&addr) {
+                r.findings.push(Finding {
+                    check: "processes".into(),
+                    what: format!("pid {} ({})", t.pid, t.comm),
+                    expected: "every task on init_task.tasks or its thread list".into(),
+                    found: format!("task_struct at {addr:#x} only in {place}"),
+                    address: addr,
+                    owner: None,
+                });
             }
         }
     }

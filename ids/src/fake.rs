@@ -165,6 +165,10 @@ impl GuestMemory for FakeMemory {
         self.stats
     }
 
+    fn walks_in_agent(&mut self) -> Result<bool, MemoryError> {
+        Ok(true)
+    }
+
     /// Like the agent: every walk of the batch in one request.
     fn walk_lists(&mut self, walks: &[ListWalk]) -> Result<Vec<WalkResult>, MemoryError> {
         let before = self.stats;
@@ -207,6 +211,7 @@ pub fn offsets(thread_node: bool) -> crate::btf::Offsets {
         module_refcnt: Some(0x60),
         module_mem: Some((0x100, 0x40, 7, 0, 8)),
         module_core_layout: None,
+        module_views: None,
         pid_idr: None,
     }
 }

@@ -242,8 +242,9 @@ enum Command {
     /// is found, 0 when clean).
     Check {
         /// Which: `syscalls` (syscall tables and the x64_sys_call
-        /// dispatcher), `idt` (every vCPU's IDT and syscall entry MSRs), or
-        /// `all`.
+        /// dispatcher), `idt` (every vCPU's IDT and syscall entry MSRs),
+        /// `modules` (loaded modules missing from the module list),
+        /// `processes` (tasks missing from the task list), or `all`.
         #[arg(value_enum, default_value = "all")]
         what: CheckKind,
     },
@@ -278,6 +279,8 @@ impl Cli {
 enum CheckKind {
     Syscalls,
     Idt,
+    Modules,
+    Processes,
     All,
 }
 
@@ -401,6 +404,12 @@ fn run_linux(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<Exit> {
             }
             if matches!(what, CheckKind::Idt | CheckKind::All) {
                 reports.push(ids::checks::check_idt(&mut mem, &k, &modules)?);
+            }
+            if matches!(what, CheckKind::Modules | CheckKind::All) {
+                reports.push(ids::checks::check_modules(&mut mem, &k, 0, &modules)?);
+            }
+            if matches!(what, CheckKind::Processes | CheckKind::All) {
+                reports.push(ids::checks::check_processes(&mut mem, &k, 0)?);
             }
             let findings: Vec<&ids::checks::Finding> =
                 reports.iter().flat_map(|r| &r.findings).collect();

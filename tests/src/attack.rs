@@ -32,6 +32,11 @@ pub enum Attack {
     HookIdt(u8),
     /// CPU `cpu`'s LSTAR points to a trampoline in the module.
     Lstar(u32),
+    /// Task `pid` is unlinked from the task list.
+    HidePid(u32),
+    /// The module unlinks itself from the module list and /sys/module (it
+    /// cannot be removed afterwards).
+    HideModule,
 }
 
 /// The kernel release (`uname -r`) of a `linux-image-RELEASE` package.
@@ -43,7 +48,7 @@ pub fn release_of_package(name: &str) -> Option<&str> {
 impl Attack {
     /// Parses `KIND ARG` as `cargo xtask vm attack` takes it: `hook-syscall
     /// NR`, `patch-dispatch NR`, `hook-idt VECTOR` (0x.. or decimal),
-    /// `lstar CPU`.
+    /// `lstar CPU`, `hide-pid PID`, `hide-module` (no ARG).
     pub fn parse(kind: &str, arg: &str) -> Result<Self, AttackError> {
         let n = || -> Result<u64, AttackError> {
             let v = arg.trim();
@@ -66,9 +71,11 @@ impl Attack {
                 Self::HookIdt(v as u8)
             }
             "lstar" => Self::Lstar(n()? as u32),
+            "hide-pid" => Self::HidePid(n()? as u32),
+            "hide-module" => Self::HideModule,
             _ => {
                 return Err(AttackError::Usage(format!(
-                    "unknown attack {kind:?}: expected hook-syscall NR, patch-dispatch NR, hook-idt VECTOR or lstar CPU"
+                    "unknown attack {kind:?}: expected hook-syscall NR, patch-dispatch NR, hook-idt VECTOR, lstar CPU, hide-pid PID or hide-module"
                 )));
             }
         })
@@ -81,6 +88,8 @@ impl Attack {
             Self::PatchDispatch(nr) => format!("kind=patch-dispatch nr={nr}"),
             Self::HookIdt(v) => format!("kind=hook-idt vector={v}"),
             Self::Lstar(c) => format!("kind=lstar cpu={c}"),
+            Self::HidePid(p) => format!("kind=hide-pid pid={p}"),
+            Self::HideModule => "kind=hide-module".into(),
         }
     }
 }

@@ -20,28 +20,40 @@ use smmvmi_tests::vm::VmConfig;
 /// getpid: called by nothing the test guest runs between two checks.
 const NR_GETPID: u32 = 39;
 
-fn check_all(s: &mut ids::Session, k: &Kernel) -> (Report, Report) {
+fn check_all(s: &mut ids::Session, k: &Kernel) -> Vec<Report> {
     let mut c = SnapshotCache::new(s);
     let modules = linux::lsmod(&mut c, k, 0).unwrap_or_else(|e| panic!("{e}"));
-    let sys = checks::check_syscalls(&mut c, k, 0, &modules).unwrap_or_else(|e| panic!("{e}"));
-    let idt = checks::check_idt(&mut c, k, &modules).unwrap_or_else(|e| panic!("{e}"));
-    (sys, idt)
+    vec![
+        checks::check_syscalls(&mut c, k, 0, &modules).unwrap_or_else(|e| panic!("{e}")),
+        checks::check_idt(&mut c, k, &modules).unwrap_or_else(|e| panic!("{e}")),
+        checks::check_modules(&mut c, k, 0, &modules).unwrap_or_else(|e| panic!("{e}")),
+        checks::check_processes(&mut c, k, 0).unwrap_or_else(|e| panic!("{e}")),
+    ]
 }
 
 fn assert_clean(s: &mut ids::Session, k: &Kernel, when: &str) {
-    let (sys, idt) = check_all(s, k);
+    let r = check_all(s, k);
+    let findings: Vec<_> = r.iter().flat_map(|r| &r.findings).collect();
     assert!(
-        sys.findings.is_empty() && idt.findings.is_empty(),
-        "{when}: a clean guest has findings: {:#?} {:#?}",
-        sys.findings,
-        idt.findings
+        findings.is_empty(),
+        "{when}: a clean guest has findings: {findings:#?}"
     );
     assert!(
-        sys.checked >= 400,
+        r[0].checked >= 400,
         "{when}: only {} syscall items",
-        sys.checked
+        r[0].checked
     );
-    assert!(idt.checked >= 200, "{when}: only {} IDT items", idt.checked);
+    assert!(
+        r[1].checked >= 200,
+        "{when}: only {} IDT items",
+        r[1].checked
+    );
+    assert!(
+        r[2].checked >= 5,
+        "{when}: only {} module links",
+        r[2].checked
+    );
+    assert!(r[3].checked >= 100, "{when}: only {} tasks", r[3].checked);
 }
 
 fn run(cfg: VmConfig) {
@@ -50,34 +62,68 @@ fn run(cfg: VmConfig) {
     let mut s = ids_session(&vm);
     let k = Kernel::load(&mut s, &Discovery::default(), None).unwrap_or_else(|e| panic!("{e}"));
     assert_clean(&mut s, &k, "before any attack");
+    let sleeper: u32 = sh(&vm, "sleep 100000 >/dev/null 2>&1 </dev/null & echo $!")
+        .parse()
+        .expect("pid");
+    let module = Some(MODULE);
     let mut cases = vec![
         (
             Attack::HookSyscall(NR_GETPID),
             vec![format!("sys_call_table[{NR_GETPID}]")],
+            module,
         ),
         (
             Attack::HookIdt(0x80),
             (0..cpus)
                 .map(|c| format!("cpu {c} IDT vector 0x80"))
                 .collect(),
+            module,
         ),
         (
             Attack::Lstar(cpus - 1),
             vec![format!("cpu {} LSTAR", cpus - 1)],
+            module,
+        ),
+        (
+            Attack::HidePid(sleeper),
+            vec![format!("pid {sleeper} (sleep)")],
+            None,
         ),
     ];
     if k.kallsyms.addr("x64_sys_call").is_some() {
         cases.push((
             Attack::PatchDispatch(NR_GETPID),
             vec!["x64_sys_call+".into()],
+            module,
         ));
     }
-    for (attack, expected) in cases {
+    // A user process that renames itself like a kernel worker (no module).
+    let disguised: u32 = sh(
+        &vm,
+        "sh -c 'echo -n kworker/1:7 > /proc/$$/comm; while :; do sleep 1; done' \
+         >/dev/null 2>&1 </dev/null & echo $!",
+    )
+    .parse()
+    .expect("pid");
+    let reports = check_all(&mut s, &k);
+    let found: Vec<_> = reports.iter().flat_map(|r| &r.findings).collect();
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert_eq!(found[0].what, format!("pid {disguised} (kworker/1:7)"));
+    eprintln!("renamed process: found [{:?}]", found[0].what);
+    sh(&vm, &format!("kill {disguised}"));
+    assert_clean(&mut s, &k, "after the disguised process exits");
+    // Last: it cannot be undone.
+    cases.push((
+        Attack::HideModule,
+        vec![format!("module {MODULE} ")],
+        module,
+    ));
+    for (attack, expected, owner) in cases {
         attack::load(&vm, attack).unwrap_or_else(|e| panic!("{attack:?}: {e}"));
         // The guest still runs its syscalls through the hook.
         assert_eq!(sh(&vm, "echo alive"), "alive");
-        let (sys, idt) = check_all(&mut s, &k);
-        let found: Vec<_> = sys.findings.iter().chain(&idt.findings).collect();
+        let reports = check_all(&mut s, &k);
+        let found: Vec<_> = reports.iter().flat_map(|r| &r.findings).collect();
         let whats: Vec<&str> = found.iter().map(|f| f.what.as_str()).collect();
         assert_eq!(
             found.len(),
@@ -91,11 +137,25 @@ fn run(cfg: VmConfig) {
             );
             assert_eq!(
                 f.owner.as_deref(),
-                Some(MODULE),
-                "{attack:?}: the hook's owner must be named: {f:?}"
+                owner,
+                "{attack:?}: the owner must be named where there is one: {f:?}"
             );
         }
-        eprintln!("{attack:?}: found {whats:?}, owner {MODULE}");
+        eprintln!("{attack:?}: found {whats:?}");
+        if attack == Attack::HideModule {
+            let mut c = SnapshotCache::new(&mut s);
+            let listed = linux::lsmod(&mut c, &k, 0).unwrap_or_else(|e| panic!("{e}"));
+            assert!(listed.iter().all(|m| m.name != MODULE), "hidden from lsmod");
+            break;
+        }
+        if let Attack::HidePid(p) = attack {
+            let mut c = SnapshotCache::new(&mut s);
+            let listed = linux::ps(&mut c, &k, 0, true).unwrap_or_else(|e| panic!("{e}"));
+            assert!(
+                listed.iter().all(|t| t.pid != p),
+                "hidden from the task list"
+            );
+        }
         attack::unload(&vm).unwrap_or_else(|e| panic!("{attack:?}: {e}"));
         assert_clean(&mut s, &k, &format!("after removing {attack:?}"));
     }

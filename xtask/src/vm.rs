@@ -43,13 +43,15 @@ pub enum Command {
     /// Load a rootkit technique into a running VM to rehearse detection
     /// (`ids check`): a kernel module built against Debian's headers for
     /// the guest's kernel (test code, tests/attacks/). KIND: hook-syscall
-    /// NR, patch-dispatch NR, hook-idt VECTOR, lstar CPU; `remove` undoes it.
+    /// NR, patch-dispatch NR, hook-idt VECTOR, lstar CPU, hide-pid PID,
+    /// hide-module (permanent); `remove` undoes the others.
     Attack {
         /// VM name.
         name: String,
-        /// hook-syscall, patch-dispatch, hook-idt, lstar, or remove.
+        /// hook-syscall, patch-dispatch, hook-idt, lstar, hide-pid,
+        /// hide-module, or remove.
         kind: String,
-        /// The target: syscall number, IDT vector (32..=255) or CPU.
+        /// The target: syscall number, IDT vector (32..=255), CPU or PID.
         arg: Option<String>,
     },
 }

@@ -436,3 +436,33 @@ fn pstree_places_every_task_once() {
     seen.sort();
     assert_eq!(seen, [1, 2, 3, 40, 50, 60]);
 }
+
+#[test]
+fn pstree_of_a_very_long_ppid_chain_is_shallow() {
+    let chain: Vec<Task> = (1..=20_000u32)
+        .map(|pid| Task {
+            pid,
+            tgid: pid,
+            ppid: pid - 1,
+            uid: 0,
+            gid: 0,
+            state: 'S',
+            comm: "sh".into(),
+            kthread: false,
+            start_ns: 0,
+            addr: u64::from(pid) * 0x1000,
+        })
+        .collect();
+    let roots = pstree(&chain);
+    let total: usize = roots.iter().map(|r| r.lines().len()).sum();
+    assert_eq!(total, chain.len(), "nothing lost");
+    assert!(
+        roots
+            .iter()
+            .all(|r| r.lines().iter().all(|(d, _)| *d < MAX_TREE_DEPTH))
+    );
+    assert_eq!(roots.len(), 20_000usize.div_ceil(MAX_TREE_DEPTH));
+    // Serializing and dropping do not recurse deeper than that.
+    let json = serde_json::to_string(&roots).unwrap();
+    assert!(json.len() > 100_000);
+}
