@@ -124,6 +124,9 @@ pub fn status_words(status: Status, level: u8, aux: u64) -> String {
              0x0000800000000000 or from 0xffff800000000000; 5-level: below 0x0100000000000000 or \
              from 0xff00000000000000)"
         ),
+        Status::WorkLimit => {
+            "the request spent the agent's work budget for one SMI before this op was done: ask for the rest in another request".into()
+        }
         Status::CpuNotInSmm => {
             "the CPU did not reach SMM for this request (it was slow to take the SMI): retry".into()
         }

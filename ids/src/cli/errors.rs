@@ -115,7 +115,7 @@ pub fn exit_of(e: &anyhow::Error) -> Exit {
 fn session_exit(e: &SessionError) -> Exit {
     match e {
         SessionError::Op { status, .. } => match status {
-            Status::CpuNotInSmm | Status::TooLarge => Exit::Failure,
+            Status::CpuNotInSmm | Status::TooLarge | Status::WorkLimit => Exit::Failure,
             _ => Exit::Refused,
         },
         SessionError::NoSuchCpu { .. } => Exit::Refused,

@@ -139,6 +139,9 @@ pub fn stream(
                 )));
                 break;
             }
+            // The agent's per-SMI work budget ran out after `got` bytes:
+            // the next request goes on from there.
+            Status::WorkLimit if got > 0 => {}
             Status::NotPresent | Status::RefusedSmram | Status::RefusedNotRam => {
                 let at = addr.wrapping_add(o.covered);
                 let span = hole_span(space, r.status, r.level, at).min(len - o.covered);
