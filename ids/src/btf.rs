@@ -276,6 +276,9 @@ pub struct Offsets {
     /// types.
     #[serde(default)]
     pub module_views: Option<ModuleViews>,
+    /// ftrace and kprobe structures (hook checks), if BTF has them.
+    #[serde(default)]
+    pub hook_views: Option<HookViews>,
     /// The PID IDR, for a batched walk: `pid_namespace.idr.idr_rt.xa_head`,
     /// `xa_node.shift`, `xa_node.slots`, `pid.tasks`, `task_struct.pid_links`.
     pub pid_idr: Option<PidIdr>,
@@ -302,6 +305,22 @@ pub struct ModuleViews {
     pub rb_right: u64,
     /// `rb_node.rb_left`.
     pub rb_left: u64,
+}
+
+/// Offsets of the tracing hooks (include/linux/ftrace.h,
+/// include/linux/kprobes.h).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HookViews {
+    /// `ftrace_ops.func` (the callback).
+    pub ops_func: u64,
+    /// `ftrace_ops.next` (`ftrace_ops_list` ends at `ftrace_list_end`).
+    pub ops_next: u64,
+    /// `kprobe.hlist` (`kprobe_table` buckets are hlists of it).
+    pub kp_hlist: u64,
+    /// `kprobe.addr` (the probed instruction).
+    pub kp_addr: u64,
+    /// `kprobe.pre_handler`.
+    pub kp_pre: u64,
 }
 
 /// Offsets of the PID IDR walk (include/linux/xarray.h, include/linux/pid.h).
@@ -372,6 +391,15 @@ impl Offsets {
             module_refcnt: opt("module", "refcnt"),
             module_mem,
             module_core_layout,
+            hook_views: (|| {
+                Some(HookViews {
+                    ops_func: f("ftrace_ops", "func").ok()?,
+                    ops_next: f("ftrace_ops", "next").ok()?,
+                    kp_hlist: f("kprobe", "hlist").ok()?,
+                    kp_addr: f("kprobe", "addr").ok()?,
+                    kp_pre: f("kprobe", "pre_handler").ok()?,
+                })
+            })(),
             module_views: (|| {
                 Some(ModuleViews {
                     kset_list: f("kset", "list").ok()?,

@@ -530,6 +530,9 @@ pub fn check_modules<M: GuestMemory>(
     Ok(r)
 }
 
+/// Tasks on no task list, by `task_struct` address: where each was seen.
+type Hidden = BTreeMap<u64, (String, Task)>;
+
 /// Tasks that have a PID (the PID allocator, `init_pid_ns.idr`) or run on
 /// a CPU (each CPU's `current`) but are on no task list
 /// (`init_task.tasks` and the thread lists): a process unlinked to hide.
@@ -545,44 +548,43 @@ pub fn check_processes<M: GuestMemory>(
         check: "processes".into(),
         ..Report::default()
     };
-    let hidden =
-        |c: &mut SnapshotCache<M>| -> Result<(usize, BTreeMap<u64, (String, Task)>), LinuxError> {
-            c.new_snapshot();
-            let listed = crate::linux::ps_task_list(c, k, cpu, true)?;
-            let on_list: std::collections::HashSet<u64> = listed.iter().map(|t| t.addr).collect();
-            let mut out = BTreeMap::new();
-            let by_idr = crate::linux::ps_by_idr(c, k, cpu, true)?;
-            for t in &by_idr {
-                if !on_list.contains(&t.addr) {
-                    out.insert(
-                        t.addr,
-                        ("the PID allocator (init_pid_ns.idr)".to_string(), t.clone()),
-                    );
-                }
+    let hidden = |c: &mut SnapshotCache<M>| -> Result<(usize, Hidden), LinuxError> {
+        c.new_snapshot();
+        let listed = crate::linux::ps_task_list(c, k, cpu, true)?;
+        let on_list: std::collections::HashSet<u64> = listed.iter().map(|t| t.addr).collect();
+        let mut out = BTreeMap::new();
+        let by_idr = crate::linux::ps_by_idr(c, k, cpu, true)?;
+        for t in &by_idr {
+            if !on_list.contains(&t.addr) {
+                out.insert(
+                    t.addr,
+                    ("the PID allocator (init_pid_ns.idr)".to_string(), t.clone()),
+                );
             }
-            for v in crate::linux::cpus(c, k)? {
-                if v.pid != 0 && v.current != 0 && !on_list.contains(&v.current) {
-                    let t = by_idr
-                        .iter()
-                        .find(|t| t.addr == v.current)
-                        .cloned()
-                        .unwrap_or(Task {
-                            pid: v.pid,
-                            tgid: v.pid,
-                            ppid: 0,
-                            uid: 0,
-                            gid: 0,
-                            state: 'R',
-                            comm: v.comm.clone(),
-                            kthread: false,
-                            start_ns: 0,
-                            addr: v.current,
-                        });
-                    out.insert(v.current, (format!("cpu {}'s current task", v.cpu), t));
-                }
+        }
+        for v in crate::linux::cpus(c, k)? {
+            if v.pid != 0 && v.current != 0 && !on_list.contains(&v.current) {
+                let t = by_idr
+                    .iter()
+                    .find(|t| t.addr == v.current)
+                    .cloned()
+                    .unwrap_or(Task {
+                        pid: v.pid,
+                        tgid: v.pid,
+                        ppid: 0,
+                        uid: 0,
+                        gid: 0,
+                        state: 'R',
+                        comm: v.comm.clone(),
+                        kthread: false,
+                        start_ns: 0,
+                        addr: v.current,
+                    });
+                out.insert(v.current, (format!("cpu {}'s current task", v.cpu), t));
             }
-            Ok((listed.len() + by_idr.len(), out))
-        };
+        }
+        Ok((listed.len() + by_idr.len(), out))
+    };
     let (checked, first) = hidden(c)?;
     r.checked = checked;
     // A user process named like a kernel thread (`kworker/0:1`,
@@ -625,6 +627,163 @@ pub fn check_processes<M: GuestMemory>(
                     found: format!("task_struct at {addr:#x} only in {place}"),
                     address: addr,
                     owner: None,
+                });
+            }
+        }
+    }
+    Ok(r)
+}
+
+/// Most ftrace ops and kprobes followed.
+const MAX_HOOKS: usize = 4096;
+/// Buckets of `kprobe_table` (`KPROBE_TABLE_SIZE`, kernel/kprobes.c).
+const KPROBE_TABLE_SIZE: u64 = 64;
+
+/// Tracing hooks on the syscall functions, owned by modules: a kprobe
+/// (`kprobe_table`) on a syscall function or an entry point whose handler
+/// lies in a module, and ftrace: a syscall function whose `__fentry__` site
+/// is a call (the function is traced) while an `ftrace_ops` on
+/// `ftrace_ops_list` has its callback in a module (the classic ftrace
+/// hook, `register_ftrace_function` with `IPMODIFY`). Tracing the kernel
+/// itself runs (the function tracer, tracepoints, perf) has its callbacks
+/// in core text and does not alarm. Needs the `HookViews` offsets from BTF.
+pub fn check_hooks<M: GuestMemory>(
+    c: &mut SnapshotCache<M>,
+    k: &Kernel,
+    cpu: u32,
+    modules: &[Module],
+) -> Result<Report, LinuxError> {
+    use crate::memory::Read;
+    let v = k
+        .offsets
+        .hook_views
+        .ok_or_else(|| LinuxError::NoSymbol("the ftrace_ops and kprobe types in BTF".into()))?;
+    let t = TextMap::new(k)?;
+    let mut r = Report {
+        check: "hooks".into(),
+        ..Report::default()
+    };
+    let word = |b: &[u8]| u64::from_le_bytes(b[..8].try_into().expect("8 bytes"));
+    let owner = |a: u64| {
+        modules
+            .iter()
+            .find(|m| m.contains(a))
+            .map(|m| m.name.clone())
+    };
+    // The syscall functions.
+    let mut targets: BTreeMap<u64, String> = BTreeMap::new();
+    if let Some(at) = k.kallsyms.addr("sys_call_table") {
+        let end = t.next_after(k, at).unwrap_or(at + 8);
+        let n = (((end - at) / 8) as usize).clamp(1, MAX_SYSCALLS);
+        for e in c.read(kspace(cpu), at, n * 8)?.chunks_exact(8) {
+            let a = word(e);
+            if let Some(name) = t.exact(a).filter(|n| n.starts_with("__x64_sys_")) {
+                targets.insert(a, name.to_string());
+            }
+        }
+    }
+    for n in ["entry_SYSCALL_64", "do_syscall_64", "x64_sys_call"] {
+        if let Some(a) = k.kallsyms.addr(n) {
+            targets.insert(a, n.to_string());
+        }
+    }
+    // The functions watched, plus every probe and ops followed below.
+    r.checked += targets.len();
+    // kprobes: every bucket, then each hlist one batch per hop.
+    if let Some(table) = k.kallsyms.addr("kprobe_table") {
+        let heads = c.read(kspace(cpu), table, (KPROBE_TABLE_SIZE * 8) as usize)?;
+        let mut nodes: Vec<u64> = heads
+            .chunks_exact(8)
+            .map(word)
+            .filter(|&n| n >= k.kernel_half)
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        while !nodes.is_empty() && seen.len() < MAX_HOOKS {
+            nodes.retain(|&n| seen.insert(n));
+            let reads: Vec<Read> = nodes
+                .iter()
+                .flat_map(|&n| {
+                    let kp = n.wrapping_sub(v.kp_hlist);
+                    [
+                        Read::kernel(cpu, n, 8),
+                        Read::kernel(cpu, kp + v.kp_addr, 8),
+                        Read::kernel(cpu, kp + v.kp_pre, 8),
+                    ]
+                })
+                .collect();
+            let got = c.read_many(&reads)?;
+            let w = |i: usize| got[i].as_ref().ok().map_or(0, |b| word(b));
+            let mut next = Vec::new();
+            for i in 0..nodes.len() {
+                r.checked += 1;
+                let (addr, pre) = (w(3 * i + 1), w(3 * i + 2));
+                if let (Some(name), Some(o)) = (targets.get(&addr), owner(pre)) {
+                    r.findings.push(Finding {
+                        check: "hooks".into(),
+                        what: format!("kprobe on {name}"),
+                        expected: "no module's probe on a syscall function or entry point".into(),
+                        found: format!("handler {pre:#x} in module {o}'s memory"),
+                        address: pre,
+                        owner: Some(o),
+                    });
+                }
+                let nx = w(3 * i);
+                if nx >= k.kernel_half {
+                    next.push(nx);
+                }
+            }
+            nodes = next;
+        }
+    }
+    // ftrace: module-owned ops, then the traced syscall functions.
+    let mut module_ops: Vec<(u64, String)> = Vec::new();
+    if let (Some(list), Some(end)) = (
+        k.kallsyms.addr("ftrace_ops_list"),
+        k.kallsyms.addr("ftrace_list_end"),
+    ) {
+        let mut ops = word(&c.read(kspace(cpu), list, 8)?);
+        let mut hops = 0;
+        while ops != end && ops >= k.kernel_half && hops < MAX_HOOKS {
+            hops += 1;
+            r.checked += 1;
+            let b = c.read_many(&[
+                Read::kernel(cpu, ops + v.ops_func, 8),
+                Read::kernel(cpu, ops + v.ops_next, 8),
+            ])?;
+            let func = b[0].as_ref().ok().map_or(0, |b| word(b));
+            if let Some(o) = owner(func) {
+                module_ops.push((func, o));
+            }
+            ops = b[1].as_ref().ok().map_or(0, |b| word(b));
+        }
+    }
+    if !module_ops.is_empty() {
+        let addrs: Vec<(u64, String)> = targets.into_iter().collect();
+        let reads: Vec<Read> = addrs
+            .iter()
+            .map(|(a, _)| Read::kernel(cpu, *a, 16))
+            .collect();
+        let got = c.read_many(&reads)?;
+        for ((a, name), code) in addrs.iter().zip(got) {
+            let Ok(code) = code else { continue };
+            let mut dec = Decoder::with_ip(64, &code, *a, DecoderOptions::NONE);
+            // The __fentry__ site: the first instruction after ENDBR64.
+            let mut ins = dec.decode();
+            if ins.mnemonic() == iced_x86::Mnemonic::Endbr64 {
+                ins = dec.decode();
+            }
+            if ins.flow_control() == FlowControl::Call {
+                let (func, o) = &module_ops[0];
+                r.findings.push(Finding {
+                    check: "hooks".into(),
+                    what: format!("ftrace on {name}"),
+                    expected: "no module's ftrace callback on a syscall function".into(),
+                    found: format!(
+                        "{name} traced (its fentry site calls {:#x}) while module {o}'s callback {func:#x} is registered",
+                        ins.near_branch_target()
+                    ),
+                    address: *func,
+                    owner: Some(o.clone()),
                 });
             }
         }

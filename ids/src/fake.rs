@@ -212,6 +212,7 @@ pub fn offsets(thread_node: bool) -> crate::btf::Offsets {
         module_mem: Some((0x100, 0x40, 7, 0, 8)),
         module_core_layout: None,
         module_views: None,
+        hook_views: None,
         pid_idr: None,
     }
 }

@@ -55,7 +55,7 @@ pub const PF_KTHREAD: u32 = 0x0020_0000;
 /// `EXIT_ZOMBIE`.
 pub const EXIT_ZOMBIE: u32 = 0x20;
 /// Cache format version.
-pub const CACHE_VERSION: u32 = 4;
+pub const CACHE_VERSION: u32 = 5;
 
 /// Errors of the Linux layer.
 #[derive(Debug, thiserror::Error)]

@@ -244,7 +244,9 @@ enum Command {
         /// Which: `syscalls` (syscall tables and the x64_sys_call
         /// dispatcher), `idt` (every vCPU's IDT and syscall entry MSRs),
         /// `modules` (loaded modules missing from the module list),
-        /// `processes` (tasks missing from the task list), or `all`.
+        /// `processes` (tasks missing from the task list, or named like
+        /// kernel threads), `hooks` (modules' kprobes and ftrace callbacks
+        /// on syscall functions), or `all`.
         #[arg(value_enum, default_value = "all")]
         what: CheckKind,
     },
@@ -281,6 +283,7 @@ enum CheckKind {
     Idt,
     Modules,
     Processes,
+    Hooks,
     All,
 }
 
@@ -410,6 +413,9 @@ fn run_linux(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<Exit> {
             }
             if matches!(what, CheckKind::Processes | CheckKind::All) {
                 reports.push(ids::checks::check_processes(&mut mem, &k, 0)?);
+            }
+            if matches!(what, CheckKind::Hooks | CheckKind::All) {
+                reports.push(ids::checks::check_hooks(&mut mem, &k, 0, &modules)?);
             }
             let findings: Vec<&ids::checks::Finding> =
                 reports.iter().flat_map(|r| &r.findings).collect();

@@ -25,7 +25,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{Value, json};
 
-use crate::checks::{Finding, check_idt, check_modules, check_processes, check_syscalls};
+use crate::checks::{
+    Finding, check_hooks, check_idt, check_modules, check_processes, check_syscalls,
+};
 use crate::linux::{self, Kernel, LinuxError, Module, Task};
 use crate::memory::{GuestMemory, SnapshotCache};
 
@@ -226,6 +228,9 @@ impl Watcher {
         }
         if k.offsets.pid_idr.is_some() {
             findings.extend(check_processes(c, k, 0)?.findings);
+        }
+        if k.offsets.hook_views.is_some() {
+            findings.extend(check_hooks(c, k, 0, &modules)?.findings);
         }
         let mut out = Vec::new();
 

@@ -4,7 +4,8 @@
  * as a kernel module loaded into a test guest (`cargo xtask vm attack`).
  * Each technique is undone when the module is removed, so the guest keeps
  * running. Parameters: kind=hook-syscall nr=N | patch-dispatch nr=N |
- * hook-idt vector=V | lstar cpu=C | hide-pid pid=P | hide-module.
+ * hook-idt vector=V | lstar cpu=C | hide-pid pid=P | hide-module |
+ * ftrace-hook sym=FUNCTION.
  *
  * - hook-syscall: sys_call_table[nr] points to this module (the table is
  *   read-only: written with CR0.WP cleared, as rootkits do).
@@ -18,6 +19,9 @@
  *   that jumps to the real entry_SYSCALL_64 (no PTI in the test guests).
  * - hide-pid: the task `pid` is unlinked from init_task.tasks (ps and
  *   /proc no longer list it); keep it single-threaded and alive.
+ * - ftrace-hook: an ftrace_ops with a callback in this module is attached
+ *   to FUNCTION (register_ftrace_function with IPMODIFY, as ftrace-based
+ *   rootkits hook syscalls); the callback does nothing.
  * - hide-module: this module unlinks itself from the module list and from
  *   /sys/module. It cannot be removed afterwards (rmmod finds it by the
  *   list): use it last on a throwaway guest.
@@ -32,6 +36,7 @@
 #include <linux/sched/signal.h>
 #include <linux/pid.h>
 #include <linux/rculist.h>
+#include <linux/ftrace.h>
 #include <asm/msr.h>
 #include <asm/special_insns.h>
 #include <asm/processor-flags.h>
@@ -50,7 +55,22 @@ module_param(cpu, int, 0444);
 static int pid = -1;
 module_param(pid, int, 0444);
 
+static char *sym = "";
+module_param(sym, charp, 0444);
+
 static struct task_struct *hidden;
+static unsigned long traced;
+
+static void notrace ftrace_cb(unsigned long ip, unsigned long parent_ip,
+			      struct ftrace_ops *op, struct ftrace_regs *fregs)
+{
+}
+
+static struct ftrace_ops fops = {
+	.func = ftrace_cb,
+	.flags = FTRACE_OPS_FL_SAVE_REGS | FTRACE_OPS_FL_IPMODIFY |
+		 FTRACE_OPS_FL_RECURSION,
+};
 static rwlock_t *tasklist;
 
 typedef unsigned long (*lookup_t)(const char *);
@@ -202,6 +222,18 @@ static int __init attack_init(void)
 		write_lock_irq(tasklist);
 		list_del_init(&hidden->tasks);
 		write_unlock_irq(tasklist);
+	} else if (!strcmp(kind, "ftrace-hook")) {
+		traced = lookup(sym);
+		if (!traced)
+			return -ENOENT;
+		err = ftrace_set_filter_ip(&fops, traced, 0, 0);
+		if (err)
+			return err;
+		err = register_ftrace_function(&fops);
+		if (err) {
+			ftrace_set_filter_ip(&fops, traced, 1, 0);
+			return err;
+		}
 	} else if (!strcmp(kind, "hide-module")) {
 		list_del_rcu(&THIS_MODULE->list);
 		kobject_del(&THIS_MODULE->mkobj.kobj);
@@ -225,7 +257,10 @@ static void __exit attack_exit(void)
 		poke(gate, orig_gate, 16);
 	else if (!strcmp(kind, "lstar"))
 		smp_call_function_single(cpu, reset_lstar, NULL, 1);
-	else if (!strcmp(kind, "hide-pid")) {
+	else if (!strcmp(kind, "ftrace-hook")) {
+		unregister_ftrace_function(&fops);
+		ftrace_set_filter_ip(&fops, traced, 1, 0);
+	} else if (!strcmp(kind, "hide-pid")) {
 		write_lock_irq(tasklist);
 		list_add_tail_rcu(&hidden->tasks, &init_task.tasks);
 		write_unlock_irq(tasklist);

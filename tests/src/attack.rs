@@ -22,7 +22,7 @@ const KBUILD: &str = include_str!("../attacks/Kbuild");
 pub const MODULE: &str = "smmvmi_attack";
 
 /// One technique and its target.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Attack {
     /// `sys_call_table[nr]` points into the module.
     HookSyscall(u32),
@@ -37,6 +37,9 @@ pub enum Attack {
     /// The module unlinks itself from the module list and /sys/module (it
     /// cannot be removed afterwards).
     HideModule,
+    /// An ftrace callback in the module on syscall NAME's function
+    /// (`__x64_sys_NAME`).
+    FtraceHook(String),
 }
 
 /// The kernel release (`uname -r`) of a `linux-image-RELEASE` package.
@@ -48,7 +51,8 @@ pub fn release_of_package(name: &str) -> Option<&str> {
 impl Attack {
     /// Parses `KIND ARG` as `cargo xtask vm attack` takes it: `hook-syscall
     /// NR`, `patch-dispatch NR`, `hook-idt VECTOR` (0x.. or decimal),
-    /// `lstar CPU`, `hide-pid PID`, `hide-module` (no ARG).
+    /// `lstar CPU`, `hide-pid PID`, `hide-module` (no ARG), `ftrace-hook
+    /// SYSCALL_NAME`.
     pub fn parse(kind: &str, arg: &str) -> Result<Self, AttackError> {
         let n = || -> Result<u64, AttackError> {
             let v = arg.trim();
@@ -73,9 +77,18 @@ impl Attack {
             "lstar" => Self::Lstar(n()? as u32),
             "hide-pid" => Self::HidePid(n()? as u32),
             "hide-module" => Self::HideModule,
+            "ftrace-hook" => {
+                let name = arg.trim().trim_start_matches("__x64_sys_");
+                if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    return Err(AttackError::Usage(format!(
+                        "ftrace-hook takes a syscall name (getdents64), found {arg:?}"
+                    )));
+                }
+                Self::FtraceHook(name.to_string())
+            }
             _ => {
                 return Err(AttackError::Usage(format!(
-                    "unknown attack {kind:?}: expected hook-syscall NR, patch-dispatch NR, hook-idt VECTOR, lstar CPU, hide-pid PID or hide-module"
+                    "unknown attack {kind:?}: expected hook-syscall NR, patch-dispatch NR, hook-idt VECTOR, lstar CPU, hide-pid PID, hide-module or ftrace-hook SYSCALL_NAME"
                 )));
             }
         })
@@ -90,6 +103,7 @@ impl Attack {
             Self::Lstar(c) => format!("kind=lstar cpu={c}"),
             Self::HidePid(p) => format!("kind=hide-pid pid={p}"),
             Self::HideModule => "kind=hide-module".into(),
+            Self::FtraceHook(ref name) => format!("kind=ftrace-hook sym=__x64_sys_{name}"),
         }
     }
 }
@@ -197,7 +211,7 @@ fn guest(vm: &Vm, what: &str, script: &str) -> Result<String, AttackError> {
 
 /// Loads `attack` into the running guest (building the module for its
 /// kernel first). One attack at a time: a loaded one is removed first.
-pub fn load(vm: &Vm, attack: Attack) -> Result<(), AttackError> {
+pub fn load(vm: &Vm, attack: &Attack) -> Result<(), AttackError> {
     let release = guest(vm, "uname -r", "uname -r")?.trim().to_string();
     let ko = build(&release)?;
     let bytes = std::fs::read(&ko).map_err(io(&ko))?;

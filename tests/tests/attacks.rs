@@ -28,6 +28,7 @@ fn check_all(s: &mut ids::Session, k: &Kernel) -> Vec<Report> {
         checks::check_idt(&mut c, k, &modules).unwrap_or_else(|e| panic!("{e}")),
         checks::check_modules(&mut c, k, 0, &modules).unwrap_or_else(|e| panic!("{e}")),
         checks::check_processes(&mut c, k, 0).unwrap_or_else(|e| panic!("{e}")),
+        checks::check_hooks(&mut c, k, 0, &modules).unwrap_or_else(|e| panic!("{e}")),
     ]
 }
 
@@ -54,6 +55,7 @@ fn assert_clean(s: &mut ids::Session, k: &Kernel, when: &str) {
         r[2].checked
     );
     assert!(r[3].checked >= 100, "{when}: only {} tasks", r[3].checked);
+    assert!(r[4].checked >= 1, "{when}: no ftrace ops or kprobes seen");
 }
 
 fn run(cfg: VmConfig) {
@@ -90,6 +92,11 @@ fn run(cfg: VmConfig) {
             None,
         ),
     ];
+    cases.push((
+        Attack::FtraceHook("getdents64".into()),
+        vec!["ftrace on __x64_sys_getdents64".into()],
+        module,
+    ));
     if k.kallsyms.addr("x64_sys_call").is_some() {
         cases.push((
             Attack::PatchDispatch(NR_GETPID),
@@ -97,6 +104,24 @@ fn run(cfg: VmConfig) {
             module,
         ));
     }
+    // The kernel's own tracing is no hook: the function tracer on a
+    // syscall function, and a syscall tracepoint.
+    let t = "/sys/kernel/tracing";
+    sh(
+        &vm,
+        &format!(
+            "mkdir -p {t}; mount -t tracefs nodev {t} 2>/dev/null; \
+             echo __x64_sys_getdents64 > {t}/set_ftrace_filter && echo function > {t}/current_tracer && \
+             echo 1 > {t}/events/syscalls/sys_enter_getdents64/enable && ls / >/dev/null && echo on"
+        ),
+    );
+    assert_clean(&mut s, &k, "with the function tracer and a tracepoint on");
+    sh(
+        &vm,
+        &format!(
+            "echo nop > {t}/current_tracer; echo 0 > {t}/events/syscalls/sys_enter_getdents64/enable"
+        ),
+    );
     // A user process that renames itself like a kernel worker (no module).
     let disguised: u32 = sh(
         &vm,
@@ -119,7 +144,7 @@ fn run(cfg: VmConfig) {
         module,
     ));
     for (attack, expected, owner) in cases {
-        attack::load(&vm, attack).unwrap_or_else(|e| panic!("{attack:?}: {e}"));
+        attack::load(&vm, &attack).unwrap_or_else(|e| panic!("{attack:?}: {e}"));
         // The guest still runs its syscalls through the hook.
         assert_eq!(sh(&vm, "echo alive"), "alive");
         let reports = check_all(&mut s, &k);
@@ -248,7 +273,7 @@ fn watch_reports_processes_modules_hooks_and_reboots() {
         Duration::from_secs(20),
     );
     assert_eq!(e["event"]["kind"], "event");
-    attack::load(&vm, Attack::Lstar(0)).unwrap_or_else(|e| panic!("{e}"));
+    attack::load(&vm, &Attack::Lstar(0)).unwrap_or_else(|e| panic!("{e}"));
     let loaded = Instant::now();
     let (at, e) = wait_for(
         "hook-found",

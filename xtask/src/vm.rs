@@ -44,7 +44,8 @@ pub enum Command {
     /// (`ids check`): a kernel module built against Debian's headers for
     /// the guest's kernel (test code, tests/attacks/). KIND: hook-syscall
     /// NR, patch-dispatch NR, hook-idt VECTOR, lstar CPU, hide-pid PID,
-    /// hide-module (permanent); `remove` undoes the others.
+    /// hide-module (permanent), ftrace-hook SYSCALL_NAME; `remove` undoes
+    /// the others.
     Attack {
         /// VM name.
         name: String,
@@ -148,7 +149,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             crate::step(&format!(
                 "loading {attack:?} into {name} (builds the module for its kernel on first use)"
             ));
-            smmvmi_tests::attack::load(&vm, attack)?;
+            smmvmi_tests::attack::load(&vm, &attack)?;
             crate::step(&format!(
                 "{kind} active in {name}; `cargo xtask vm attack {name} remove` undoes it"
             ));
