@@ -111,6 +111,10 @@ pub fn stream(
         ..Default::default()
     };
     let max = max.max(1);
+    // A vCPU slow to take the SMI (a loaded host) makes a read through its
+    // page tables answer "CPU not in SMM": the same chunk is asked again a
+    // few times before the read ends there.
+    let mut retries = 0u32;
     while o.covered < len {
         if stop.load(Ordering::SeqCst) {
             o.interrupted = true;
@@ -142,6 +146,10 @@ pub fn stream(
             // The agent's per-SMI work budget ran out after `got` bytes:
             // the next request goes on from there.
             Status::WorkLimit if got > 0 => {}
+            Status::CpuNotInSmm if retries < MAX_RETRIES => {
+                retries += 1;
+                continue;
+            }
             Status::NotPresent | Status::RefusedSmram | Status::RefusedNotRam => {
                 let at = addr.wrapping_add(o.covered);
                 let span = hole_span(space, r.status, r.level, at).min(len - o.covered);
@@ -164,10 +172,14 @@ pub fn stream(
                 break;
             }
         }
+        retries = 0;
         progress(o.covered);
     }
     Ok(o)
 }
+
+/// Times one chunk is asked again after "CPU not in SMM".
+const MAX_RETRIES: u32 = 3;
 
 fn short_reason(status: Status, level: u8) -> String {
     match status {
@@ -347,6 +359,46 @@ mod tests {
         .unwrap();
         assert!(o.interrupted);
         assert_eq!(o.covered, 0x3000);
+        assert_eq!(c.bytes.len(), 0x3000);
+    }
+
+    #[test]
+    fn a_cpu_slow_to_enter_smm_is_asked_again() {
+        let mut calls = 0;
+        let stop = AtomicBool::new(false);
+        let mut c = Collect::default();
+        let o = stream(
+            |a, n| {
+                calls += 1;
+                if calls == 2 {
+                    return Ok(OwnedResult {
+                        kind: 1,
+                        status: Status::CpuNotInSmm,
+                        level: 0,
+                        aux: a,
+                        data: vec![],
+                    });
+                }
+                Ok(OwnedResult {
+                    kind: 1,
+                    status: Status::Ok,
+                    level: 0,
+                    aux: a,
+                    data: vec![7; n as usize],
+                })
+            },
+            &Space::Virt,
+            0,
+            0x3000,
+            0x1000,
+            Holes::Zero,
+            &stop,
+            &mut c,
+            |_| {},
+        )
+        .unwrap();
+        assert!(o.complete(), "{o:?}");
+        assert_eq!(calls, 4);
         assert_eq!(c.bytes.len(), 0x3000);
     }
 
