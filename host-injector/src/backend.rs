@@ -73,7 +73,9 @@ impl std::str::FromStr for Target {
 pub enum DoorbellError {
     /// The VM's device has fewer vectors than the target needs.
     #[error(
-        "doorbell SMI for {target}: the device has {vectors} MSI-X vectors, vector {vector:?} is needed (1 broadcast + 1 per vCPU): start QEMU with `ivshmem-doorbell,vectors=N` and the daemon's VM entry with the same `vectors`"
+        "doorbell SMI for {target}: the device has {vectors} MSI-X vectors (1 broadcast + 1 per vCPU, so vCPUs 0-{}), and {target} needs {}: check the CPU index (the VM may have fewer vCPUs), or start QEMU with `ivshmem-doorbell,vectors=N` and the daemon's VM entry with the same `vectors`",
+        vectors.saturating_sub(2),
+        vector.map_or_else(|| "a vector past the last".to_string(), |v| format!("vector {v}"))
     )]
     NoVector {
         /// What was asked.

@@ -126,14 +126,68 @@ impl Header {
             && self.features & layout::FEATURE_SMI_BROADCAST != 0
     }
 
+    /// The agent state in words (`ready`, `booting`, ..., `unknown (7)`).
+    pub fn state_name(&self) -> String {
+        match self.state() {
+            Some(AgentState::Absent) => "absent".into(),
+            Some(AgentState::Booting) => "booting".into(),
+            Some(AgentState::Ready) => "ready".into(),
+            Some(AgentState::Unprovisioned) => "unprovisioned".into(),
+            Some(AgentState::Fault) => "fault".into(),
+            None => format!("unknown ({})", self.state_raw),
+        }
+    }
+
+    /// Why the header does not allow a monitor SMI, in the user's words,
+    /// with what to do; `None` if it allows one.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        if self.accepts_host_smi() {
+            return None;
+        }
+        Some(if !self.magic_ok {
+            "this VM has no smmvmi agent: its mailbox holds no agent header (the VM runs \
+             another firmware, or it started less than a second ago). Start it with the \
+             smmvmi firmware (`cargo xtask vm up`), or point at the right VM; if this VM \
+             had an agent before, the guest may have overwritten the header: treat that as \
+             an alert"
+                .into()
+        } else if self.version != layout::VERSION {
+            format!(
+                "the agent speaks mailbox layout {}, this tool layout {}: use the firmware and \
+                 tools of one release",
+                self.version,
+                layout::VERSION
+            )
+        } else {
+            match self.state() {
+                Some(AgentState::Absent | AgentState::Booting) => {
+                    "the smmvmi firmware is still booting (SMM not locked, SMI broadcast not \
+                     negotiated: a monitor SMI now could crash QEMU 7.2): retry in a second"
+                        .into()
+                }
+                Some(AgentState::Fault) => format!(
+                    "the agent took a fault in SMM (code {:#x} on CPU {} at RIP {:#x}): see the \
+                     VM's debug console (debugcon.log); reboot the VM",
+                    self.fault_code, self.fault_cpu, self.fault_rip
+                ),
+                _ if self.features & layout::FEATURE_SMI_BROADCAST == 0 => {
+                    "the agent has not negotiated SMI broadcast, so a monitor SMI could crash \
+                     QEMU 7.2: the firmware is still booting or failed (see debugcon.log)"
+                        .into()
+                }
+                _ => format!("the agent state word is {}", self.state_name()),
+            }
+        })
+    }
+
     /// One line for error messages.
     pub fn summary(&self) -> String {
         format!(
-            "magic {}, version {}, state {} ({:?}), features {:#x}, smi_count {}, fault {:#x}, doorbell {:#x}, done {:#x}, status {}",
+            "magic {}, version {}, state {} ({}), features {:#x}, smi_count {}, fault {:#x}, doorbell {:#x}, done {:#x}, status {}",
             if self.magic_ok { "ok" } else { "missing" },
             self.version,
             self.state_raw,
-            self.state(),
+            self.state_name(),
             self.features,
             self.smi_count,
             self.fault_code,

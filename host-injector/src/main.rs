@@ -2,6 +2,7 @@
 //! host check (`doctor`), and a host admin's tools over one VM's mailbox
 //! file (`status --mailbox`, `smi`).
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -13,7 +14,26 @@ use host_injector::{Injector, MailboxFile, QmpSmi};
 /// Host side of smmvmi: serve IDS clients, raise SMIs, inspect mailboxes.
 #[derive(Parser)]
 #[command(name = "host-injector", version, about)]
+#[command(
+    after_help = "Exit codes: 0 ok, 1 failure, 2 usage, 6 unreachable (no daemon, VM or agent).\nOptions go anywhere on the line."
+)]
 struct Cli {
+    /// The daemon's socket (unix:PATH, vsock:CID:PORT, or a bare path);
+    /// `serve` listens there.
+    #[arg(
+        long,
+        global = true,
+        env = "SMMVMI_INJECTOR_SOCKET",
+        value_name = "ADDR",
+        help_heading = "Global options"
+    )]
+    socket: Option<String>,
+    /// JSON output (status, doctor).
+    #[arg(long, global = true, help_heading = "Global options")]
+    json: bool,
+    /// On errors, also print the error chain as the code sees it.
+    #[arg(long, global = true, help_heading = "Global options")]
+    debug: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -29,9 +49,6 @@ enum Command {
         /// TOML configuration (see host-injector/daemon.example.toml).
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Unix socket for clients (overrides the file).
-        #[arg(long)]
-        socket: Option<PathBuf>,
         /// AF_VSOCK port (overrides the file).
         #[arg(long)]
         vsock_port: Option<u32>,
@@ -45,28 +62,15 @@ enum Command {
     /// The daemon's state (asks the daemon), or with --mailbox the header of
     /// one mailbox file (untrusted: as the guest or agent left it).
     Status {
-        /// Daemon address (unix:PATH or vsock:CID:PORT, or a bare path).
-        #[arg(long, default_value = DEFAULT_SOCKET)]
-        socket: String,
-        /// JSON output.
-        #[arg(long)]
-        json: bool,
         /// Read this mailbox file instead of asking the daemon.
         #[arg(long)]
         mailbox: Option<PathBuf>,
     },
     /// Prometheus text exposition (asks the daemon).
-    Metrics {
-        /// Daemon address.
-        #[arg(long, default_value = DEFAULT_SOCKET)]
-        socket: String,
-    },
+    Metrics,
     /// What this host can do: KVM, KVM_CAP_X86_SMM, SEV, vhost-vsock, QEMU
     /// version and the patched `inject-smi` command.
     Doctor {
-        /// JSON output.
-        #[arg(long)]
-        json: bool,
         /// QEMU binary.
         #[arg(long, default_value = "qemu-system-x86_64")]
         qemu: String,
@@ -90,12 +94,66 @@ fn addr(s: &str) -> anyhow::Result<DaemonAddr> {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let r = run(&cli, &mut out).and_then(|()| Ok(out.flush()?));
+    match r {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let _ = out.flush();
+            let mut shown: Vec<String> = Vec::new();
+            for c in e.chain() {
+                let t = c.to_string();
+                if !shown.iter().any(|s| s.contains(&t)) {
+                    shown.push(t);
+                }
+            }
+            eprintln!("host-injector: error: {}", shown.join(": "));
+            if cli.debug {
+                eprintln!("debug: {e:?}");
+            }
+            std::process::ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+/// 6 when nothing answers (daemon, QMP, mailbox, agent), else 1.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    use host_injector::daemon::client::ClientError;
+    for c in e.chain() {
+        if let Some(ClientError::Connect { .. }) = c.downcast_ref::<ClientError>() {
+            return 6;
+        }
+        if let Some(host_injector::TransactError::NotReady { .. }) =
+            c.downcast_ref::<host_injector::TransactError>()
+        {
+            return 6;
+        }
+        if c.downcast_ref::<host_injector::MailboxFileError>()
+            .is_some()
+            || c.downcast_ref::<host_injector::SmiError>().is_some()
+        {
+            return 6;
+        }
+    }
+    1
+}
+
+fn run(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<()> {
+    let socket = cli.socket.clone().unwrap_or_else(|| DEFAULT_SOCKET.into());
+    match &cli.command {
         Command::Serve {
             config,
-            socket,
             vsock_port,
             vhost_vsock_uds,
             queue_depth,
@@ -108,73 +166,76 @@ fn main() -> anyhow::Result<()> {
                 .with_writer(std::io::stderr)
                 .init();
             let mut c = match config {
-                Some(p) => Config::load(&p)?,
+                Some(p) => Config::load(p)?,
                 None => Config::default(),
             };
-            if let Some(s) = socket {
-                c.socket = s;
+            if let Some(s) = &cli.socket {
+                c.socket = PathBuf::from(s.strip_prefix("unix:").unwrap_or(s));
             }
             if vsock_port.is_some() {
-                c.vsock_port = vsock_port;
+                c.vsock_port = *vsock_port;
             }
-            c.vhost_vsock_uds.extend(vhost_vsock_uds);
+            c.vhost_vsock_uds.extend(vhost_vsock_uds.iter().cloned());
             if let Some(q) = queue_depth {
-                c.queue_depth = q;
+                c.queue_depth = *q;
             }
             host_injector::daemon::server::serve(c)?;
         }
-        Command::Status {
-            socket,
-            json,
-            mailbox,
-        } => {
+        Command::Status { mailbox } => {
             if let Some(m) = mailbox {
-                let mailbox = MailboxFile::open(&m)?;
-                println!("{}", mailbox.header()?.summary());
+                let mailbox = MailboxFile::open(m)?;
+                let h = mailbox.header()?;
+                writeln!(out, "{}", h.summary())?;
+                if let Some(why) = h.not_ready_reason() {
+                    writeln!(out, "no monitor SMI now: {why}")?;
+                }
                 return Ok(());
             }
             let status =
                 DaemonClient::connect(&addr(&socket)?, Duration::from_secs(10))?.status()?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
+            if cli.json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&status)?)?;
             } else {
-                print_status(&status);
+                print_status(out, &status)?;
             }
         }
-        Command::Metrics { socket } => {
-            print!(
+        Command::Metrics => {
+            write!(
+                out,
                 "{}",
                 DaemonClient::connect(&addr(&socket)?, Duration::from_secs(10))?.metrics()?
-            );
+            )?;
         }
-        Command::Doctor { json, qemu } => {
-            let checks = host_injector::doctor::run(&qemu);
-            if json {
-                println!("{}", serde_json::to_string_pretty(&checks)?);
+        Command::Doctor { qemu } => {
+            let checks = host_injector::doctor::run(qemu);
+            if cli.json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&checks)?)?;
             } else {
                 for c in checks {
-                    println!(
+                    writeln!(
+                        out,
                         "{:<16} {:<4} {}",
                         c.name,
                         if c.ok { "yes" } else { "no" },
                         c.detail
-                    );
+                    )?;
                 }
             }
         }
         Command::Smi { mailbox, qmp } => {
-            let mailbox = MailboxFile::open(&mailbox)?;
-            let smi = QmpSmi::connect(&qmp, Duration::from_secs(10))?;
+            let mailbox = MailboxFile::open(mailbox)?;
+            let smi = QmpSmi::connect(qmp, Duration::from_secs(10))?;
             Injector::new(mailbox, Box::new(smi)).raise_smi()?;
-            println!("SMI raised");
+            writeln!(out, "SMI raised")?;
         }
     }
     Ok(())
 }
 
-fn print_status(s: &serde_json::Value) {
+fn print_status(out: &mut dyn Write, s: &serde_json::Value) -> std::io::Result<()> {
     let d = &s["daemon"];
-    println!(
+    writeln!(
+        out,
         "daemon pid {} version {} socket {}{}",
         d["pid"],
         d["version"].as_str().unwrap_or("?"),
@@ -184,7 +245,7 @@ fn print_status(s: &serde_json::Value) {
         } else {
             ""
         }
-    );
+    )?;
     for vm in s["vms"].as_array().into_iter().flatten() {
         let qemu = if vm["qemu"].is_null() {
             format!(
@@ -194,9 +255,10 @@ fn print_status(s: &serde_json::Value) {
         } else {
             format!("QEMU peer {}", vm["qemu"]["peer_id"])
         };
-        println!("VM {}: {qemu}", vm["name"].as_str().unwrap_or("?"));
-        println!("  served: {}", vm["serving"].as_str().unwrap_or("?"));
-        println!(
+        writeln!(out, "VM {}: {qemu}", vm["name"].as_str().unwrap_or("?"))?;
+        writeln!(out, "  served: {}", vm["serving"].as_str().unwrap_or("?"))?;
+        writeln!(
+            out,
             "  qmp {}  in flight {}",
             if vm["qmp_connected"] == true {
                 "connected"
@@ -204,16 +266,17 @@ fn print_status(s: &serde_json::Value) {
                 "not connected"
             },
             vm["in_flight"]
-        );
+        )?;
         if let Some(g) = vm["monitor_smis_stopped"].as_str() {
-            println!("  monitor SMIs stopped: {g}");
+            writeln!(out, "  monitor SMIs stopped: {g}")?;
         }
         if let Some(a) = vm["agent"]["summary"].as_str() {
-            println!("  agent (untrusted header): {a}");
+            writeln!(out, "  agent (untrusted header): {a}")?;
         }
-        println!("  counters {}", vm["counters"]);
+        writeln!(out, "  counters {}", vm["counters"])?;
         if let Some(e) = vm["last_error"].as_str() {
-            println!("  last error: {e}");
+            writeln!(out, "  last error: {e}")?;
         }
     }
+    Ok(())
 }

@@ -28,13 +28,13 @@ pub enum TransactError {
     #[error(transparent)]
     Smi(#[from] SmiError),
     /// The header does not allow a host-raised SMI.
-    #[error(
-        "refusing to raise an SMI with {backend}: the agent must publish state Ready or Unprovisioned with the SMI-broadcast feature first (QEMU 7.2 crashes on a monitor SMI without broadcast); found {header}. Wait for the firmware to finish booting, or check the debug console for an agent fault"
-    )]
+    #[error("no SMI raised ({backend}): {reason}")]
     NotReady {
         /// Backend name.
         backend: &'static str,
-        /// Header summary.
+        /// Why, in words, and what to do.
+        reason: String,
+        /// Header summary (shown with `{:?}`, `--debug`).
         header: String,
     },
     /// The agent did not answer in time.
@@ -53,7 +53,7 @@ pub enum TransactError {
     },
     /// The agent answered, and refused the request (the status word is
     /// unauthenticated: this explains, it proves nothing).
-    #[error("the agent rejected the request: serve status {raw} ({status:?}), expected Ok; {hint}")]
+    #[error("the agent rejected the request ({}, serve status {raw}): {hint}", serve_status_words(*status))]
     Rejected {
         /// Raw status word.
         raw: u32,
@@ -130,6 +130,7 @@ impl Injector {
         if self.smi.needs_broadcast() && !h.accepts_host_smi() {
             return Err(TransactError::NotReady {
                 backend: self.smi.name(),
+                reason: h.not_ready_reason().unwrap_or_default(),
                 header: h.summary(),
             });
         }
@@ -239,6 +240,23 @@ impl Injector {
                 std::thread::sleep(Duration::from_micros(200));
             }
         }
+    }
+}
+
+/// A serve status in a few words (for error messages).
+pub fn serve_status_words(status: Option<ServeStatus>) -> &'static str {
+    match status {
+        Some(ServeStatus::None) => "no status",
+        Some(ServeStatus::Ok) => "ok",
+        Some(ServeStatus::Unprovisioned) => "unprovisioned",
+        Some(ServeStatus::BadFrame) => "bad frame",
+        Some(ServeStatus::Replay) => "replay",
+        Some(ServeStatus::BadTag) => "failed authentication",
+        Some(ServeStatus::BadBody) => "bad body",
+        Some(ServeStatus::CounterExhausted) => "counter exhausted",
+        Some(ServeStatus::SealedRequired) => "sealed request required",
+        Some(ServeStatus::SnapshotMissed) => "snapshot missed",
+        _ => "unknown status",
     }
 }
 

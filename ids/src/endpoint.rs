@@ -3,9 +3,11 @@
 //! - Through the host-injector daemon: `unix:PATH#VM` or `vsock:CID:PORT#VM`
 //!   (the daemon's socket and the VM's name there), with the key from
 //!   `,key=PATH` after the VM name or from `ids --key PATH`.
-//! - Directly (a host admin's mode): `qmp=PATH,mailbox=PATH,key=PATH`, or
-//!   the path of a VM state directory holding `qmp.sock`, `mailbox` and
-//!   `key` (as made by `cargo xtask vm up`).
+//! - Directly (a host admin's mode): `qmp=PATH,mailbox=PATH,key=PATH`, the
+//!   path of a VM state directory holding `qmp.sock`, `mailbox` and `key`
+//!   (as made by `cargo xtask vm up`), or the VM's name (its directory
+//!   `.cache/vms/NAME` is looked for from the current directory up, or in
+//!   `$SMMVMI_VMS`).
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -63,13 +65,21 @@ impl Endpoint {
 pub enum EndpointError {
     /// Syntax error.
     #[error(
-        "endpoint {found:?}: expected `unix:PATH#VM`, `vsock:CID:PORT#VM` (optionally `,key=PATH`), `qmp=PATH,mailbox=PATH,key=PATH` or a VM state directory containing qmp.sock, mailbox and key; {problem}"
+        "endpoint {found:?}: expected `unix:PATH#VM`, `vsock:CID:PORT#VM` (optionally `,key=PATH`), `qmp=PATH,mailbox=PATH,key=PATH`, a VM state directory containing qmp.sock, mailbox and key, or a VM name; {problem}"
     )]
     Syntax {
         /// What was given.
         found: String,
         /// What is wrong.
         problem: String,
+    },
+    /// A VM name with no state directory.
+    #[error(
+        "no VM named {name:?}: looked for .cache/vms/{name} in this directory and its parents (or in $SMMVMI_VMS); `cargo xtask vm list` shows the VMs"
+    )]
+    NoSuchVm {
+        /// The name.
+        name: String,
     },
     /// A daemon endpoint without a key.
     #[error(
@@ -89,6 +99,25 @@ impl Endpoint {
             mailbox: dir.join("mailbox"),
             key: dir.join("key"),
         })
+    }
+
+    /// The endpoint of a VM found by name: through the daemon it was
+    /// started with (its `vm.json` names the daemon's socket) while that
+    /// socket exists, else directly through its state directory.
+    pub fn of_vm(name: &str, dir: &Path) -> Self {
+        let daemon = std::fs::read(dir.join("vm.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["daemon"].as_str().map(PathBuf::from))
+            .filter(|sock| sock.exists());
+        match daemon {
+            Some(sock) => Self::Daemon(DaemonEndpoint {
+                addr: DaemonAddr::Unix(sock),
+                vm: name.to_string(),
+                key: Some(dir.join("key")),
+            }),
+            None => Self::from_state_dir(dir),
+        }
     }
 
     /// The textual form (parses back to `self`).
@@ -128,6 +157,28 @@ impl Endpoint {
     }
 }
 
+/// A VM name as `cargo xtask vm up --name` takes it.
+fn is_vm_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !s.starts_with('.')
+}
+
+/// The state directory of a VM by name: `$SMMVMI_VMS/NAME`, else
+/// `.cache/vms/NAME` in the current directory or the nearest parent that
+/// has one (a checkout of this repository).
+pub fn find_vm_dir(name: &str) -> Option<PathBuf> {
+    if let Some(root) = std::env::var_os("SMMVMI_VMS") {
+        let d = PathBuf::from(root).join(name);
+        return d.is_dir().then_some(d);
+    }
+    let cwd = std::env::current_dir().ok()?;
+    cwd.ancestors()
+        .map(|a| a.join(".cache").join("vms").join(name))
+        .find(|d| d.is_dir())
+}
+
 impl FromStr for Endpoint {
     type Err = EndpointError;
 
@@ -157,10 +208,18 @@ impl FromStr for Endpoint {
         }
         if !s.contains('=') {
             let dir = Path::new(s);
-            if !dir.is_dir() {
-                return Err(err("it is neither key=value pairs nor a directory".into()));
+            if dir.is_dir() {
+                return Ok(Self::from_state_dir(dir));
             }
-            return Ok(Self::from_state_dir(dir));
+            if is_vm_name(s) {
+                return match find_vm_dir(s) {
+                    Some(d) => Ok(Self::of_vm(s, &d)),
+                    None => Err(EndpointError::NoSuchVm { name: s.into() }),
+                };
+            }
+            return Err(err(
+                "it is neither key=value pairs, a directory, nor a VM name".into(),
+            ));
         }
         let (mut qmp, mut mailbox, mut key) = (None, None, None);
         for part in s.split(',') {

@@ -1,53 +1,141 @@
-//! `ids`: the IDS command line. `ids --connect ENDPOINT banner` prints the
-//! guest kernel's version banner read from guest memory by the SMM agent;
-//! `ps`, `pstree`, `lsmod`, `kallsyms`, `cpus` and `kernel` read the Linux
-//! kernel with no profile (kallsyms and BTF from guest memory), from the
-//! live agent or from a dump (`--dump PATH`, written by `ids dump`).
+#![forbid(unsafe_code)]
+//! `ids`: the IDS command line. `ids --connect VM banner` prints the guest
+//! kernel's version banner read from guest memory by the SMM agent;
+//! `read-virt`, `read-phys`, `translate` and `cpu-state` read memory and
+//! registers; `ps`, `pstree`, `lsmod`, `kallsyms`, `cpus` and `kernel` read
+//! the Linux kernel with no profile (kallsyms and BTF from guest memory),
+//! from the live agent or from a dump (`--dump PATH`, written by `ids dump`).
+//!
+//! The command-line design (numbers, ranges, outputs, exit codes, errors)
+//! is in the README's "Command lines" section and in [`cli`].
 
+mod cli;
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use cli::errors::{CliError, Exit};
+use cli::numbers::{
+    RangeArg, parse_addr, parse_cpu, parse_deadline, parse_deadline_ms, parse_range, parse_size,
+};
+use cli::read::{Holes, Outcome, Space};
 use ids::dump::DumpMemory;
 use ids::kernel::{self, BannerSearch};
 use ids::linux::{self, Discovery, Kernel};
 use ids::memory::{GuestMemory, SnapshotCache};
-use ids::{Endpoint, Session};
-use smmvmi_mailbox::wire::{AddressSpace, Pti};
+use ids::{Endpoint, Session, SessionError};
+use smmvmi_mailbox::wire::{AddressSpace, CpuState, Op, Pti, Status, WalkRecord};
+
+const EXIT_CODES: &str = "\
+Numbers: addresses are hex, 0x optional (ffffffff81000000, 100000 = 0x100000);
+sizes are decimal, 0x hex, or K/M/G (4096, 0x1000, 4K, 64M); ranges are
+ADDR+LEN, ADDR..END or ADDR LEN.
+
+Exit codes: 0 ok, 1 other failure, 2 usage, 3 alert (check found something,
+watch raised an alert), 4 refused (SMRAM, not RAM, not mapped, no such CPU),
+5 agent silent (ALERT), 6 unreachable (no VM, daemon or agent), 7 partial
+(some of the range was unreadable; the rest was written), 130 interrupted
+(what was read is kept).";
 
 /// Introspect a VM through its SMM agent.
 #[derive(Parser)]
-#[command(name = "ids", version, about)]
+#[command(
+    name = "ids",
+    version,
+    about = "Introspect a VM through its SMM agent: memory, registers, the Linux kernel",
+    after_help = EXIT_CODES
+)]
 struct Cli {
-    /// Through the daemon: `unix:PATH#VM` or `vsock:CID:PORT#VM` (with
-    /// --key, or `,key=PATH` appended). Directly: `qmp=PATH,mailbox=PATH,key=PATH`,
-    /// or a VM state directory holding qmp.sock, mailbox and key
-    /// (`cargo xtask vm up` prints the endpoint).
-    #[arg(long, value_name = "ENDPOINT", required_unless_present = "dump")]
-    connect: Option<Endpoint>,
+    /// The VM: its name (`cargo xtask vm list`), its state directory, or an
+    /// endpoint: `unix:PATH#VM` / `vsock:CID:PORT#VM` through the daemon
+    /// (with --key or `,key=PATH`), `qmp=PATH,mailbox=PATH,key=PATH`
+    /// directly.
+    #[arg(
+        long,
+        short = 'c',
+        global = true,
+        help_heading = "Global options",
+        env = "IDS_CONNECT",
+        value_name = "VM"
+    )]
+    connect: Option<String>,
     /// The 32-byte key shared with the agent (daemon endpoints).
-    #[arg(long, value_name = "PATH")]
-    key: Option<std::path::PathBuf>,
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "IDS_KEY",
+        value_name = "PATH"
+    )]
+    key: Option<PathBuf>,
     /// Read a memory dump (raw image; its sidecar is IMAGE.json) instead
     /// of a live VM (Linux commands only).
-    #[arg(long, value_name = "IMAGE", conflicts_with = "connect")]
-    dump: Option<std::path::PathBuf>,
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        value_name = "IMAGE"
+    )]
+    dump: Option<PathBuf>,
     /// Output as one JSON document.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     json: bool,
     /// Output as one JSON object per line.
-    #[arg(long, global = true, conflicts_with = "json")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        conflicts_with = "json"
+    )]
     jsonl: bool,
     /// Do not use or write the kernel cache ($XDG_CACHE_HOME/smmvmi).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     no_cache: bool,
     /// Print requests (SMIs), bytes and time to stderr at the end.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     stats: bool,
-    /// Deadline of one request in milliseconds (a silent agent is an alert).
-    #[arg(long, default_value_t = 10_000)]
-    deadline_ms: u64,
+    /// Deadline of one request (500ms, 10s, 1m; at least 10ms): a silent
+    /// agent past it is an ALERT.
+    #[arg(long, global = true, help_heading = "Global options", value_parser = parse_deadline, default_value = "10s", value_name = "DURATION")]
+    deadline: Duration,
+    /// The deadline in milliseconds (older spelling of --deadline).
+    #[arg(long, global = true, help_heading = "Global options", value_parser = parse_deadline_ms, hide = true)]
+    deadline_ms: Option<Duration>,
+    /// On errors, also print the error chain as the code sees it
+    /// (RUST_BACKTRACE then adds a backtrace).
+    #[arg(long, global = true, help_heading = "Global options")]
+    debug: bool,
+    /// No progress bar and no summary on stderr.
+    #[arg(long, short = 'q', global = true, help_heading = "Global options")]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Options of the memory reads.
+#[derive(clap::Args, Clone)]
+struct ReadArgs {
+    /// ADDR (hex), ADDR+LEN or ADDR..END.
+    #[arg(value_parser = parse_range, value_name = "ADDR[+LEN|..END]")]
+    range: RangeArg,
+    /// Length (4096, 0x1000, 4K, 64M) when ADDR has no +LEN or ..END; 256
+    /// bytes if neither gives one.
+    #[arg(value_parser = parse_size)]
+    len: Option<u64>,
+    /// Write the raw bytes to FILE (`-` for stdout, which must not be a
+    /// terminal) instead of a hex dump; a summary with the SHA-256 goes to
+    /// stderr.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Unreadable stretches (unmapped pages, not RAM): zero-fill them in the
+    /// raw output, skip them, or stop at the first one. Every one is
+    /// reported; the hex dump marks them.
+    #[arg(long, value_enum, default_value_t = Holes::Zero)]
+    holes: Holes,
 }
 
 #[derive(Subcommand)]
@@ -57,40 +145,65 @@ enum Command {
         /// Also print where it was found and how much was read (stderr).
         #[arg(long)]
         verbose: bool,
-        /// Most bytes searched after LSTAR.
-        #[arg(long, default_value_t = 64 << 20)]
+        /// Most bytes searched after LSTAR (4096, 0x1000, 64M).
+        #[arg(long, default_value = "64M", value_parser = parse_size)]
         limit: u64,
     },
     /// Print the agent's INFO (version, CPUs, RAM map, SMRAM, limits).
     Info,
-    /// Hex dump of guest-virtual memory (kernel address space of a CPU).
+    /// Guest-virtual memory through a CPU's page tables (or --cr3): a hex
+    /// dump, or raw bytes with -o.
+    #[command(after_help = "Example: ids -c mon1 read-virt ffffffff81000000+64M -o text.raw")]
     ReadVirt {
-        /// Address (0x.. or decimal).
-        #[arg(value_parser = parse_u64)]
-        addr: u64,
-        /// Length in bytes.
-        #[arg(value_parser = parse_u64)]
-        len: u64,
-        /// CPU whose page tables are used.
-        #[arg(long, default_value_t = 0)]
+        #[command(flatten)]
+        read: ReadArgs,
+        /// CPU whose paging mode (and CR3, without --cr3) is used.
+        #[arg(long, default_value = "0", value_parser = parse_cpu)]
         cpu: u32,
-        /// Use CR3 as saved instead of PTI's kernel half.
-        #[arg(long)]
+        /// Walk the page tables at this CR3 instead of the CPU's (hex), e.g.
+        /// a process's from `ids cpus` or its mm->pgd.
+        #[arg(long, value_parser = parse_addr, value_name = "CR3")]
+        cr3: Option<u64>,
+        /// Use the CR3 as saved (or given) instead of PTI's kernel half.
+        #[arg(long, conflicts_with = "user")]
         as_is: bool,
+        /// Use PTI's user half of the CR3.
+        #[arg(long)]
+        user: bool,
     },
-    /// Hex dump of guest-physical memory.
+    /// Guest-physical memory: a hex dump, or raw bytes with -o.
+    #[command(after_help = "Example: ids -c mon1 read-phys 100000 16   (0x100000, 16 bytes)")]
     ReadPhys {
-        /// Address.
-        #[arg(value_parser = parse_u64)]
-        addr: u64,
-        /// Length in bytes.
-        #[arg(value_parser = parse_u64)]
-        len: u64,
+        #[command(flatten)]
+        read: ReadArgs,
     },
-    /// Registers and MSRs of one CPU as the agent saw them in SMM.
-    CpuState {
-        /// CPU index.
+    /// Translate a virtual address and show the page walk, level by level.
+    Translate {
+        /// Virtual address (hex).
+        #[arg(value_parser = parse_addr)]
+        addr: u64,
+        /// CPU whose page tables (and paging mode) are used.
+        #[arg(long, default_value = "0", value_parser = parse_cpu)]
         cpu: u32,
+        /// Walk the page tables at this CR3 instead (hex).
+        #[arg(long, value_parser = parse_addr, value_name = "CR3")]
+        cr3: Option<u64>,
+        /// Use the CR3 as saved (or given) instead of PTI's kernel half.
+        #[arg(long, conflicts_with = "user")]
+        as_is: bool,
+        /// Use PTI's user half of the CR3.
+        #[arg(long)]
+        user: bool,
+    },
+    /// Registers and MSRs of one CPU as the agent saw them in SMM, decoded.
+    CpuState {
+        /// CPU index (0, 1, ...).
+        #[arg(value_parser = parse_cpu, allow_negative_numbers = true)]
+        cpu: u32,
+        /// Do not name RIP and LSTAR with kernel symbols (which loads the
+        /// kernel's kallsyms, from the cache when it can).
+        #[arg(long)]
+        no_symbols: bool,
     },
     /// Processes (global PIDs) as the kernel's task list holds them.
     Ps {
@@ -153,8 +266,26 @@ enum Command {
     /// IMAGE.json) for offline analysis with --dump.
     Dump {
         /// Image path.
-        image: std::path::PathBuf,
+        image: PathBuf,
     },
+}
+
+impl Cli {
+    fn deadline(&self) -> Duration {
+        self.deadline_ms.unwrap_or(self.deadline)
+    }
+
+    fn endpoint(&self) -> anyhow::Result<Endpoint> {
+        let Some(spec) = &self.connect else {
+            return Err(CliError::usage(
+                "no VM given",
+                "name it with --connect VM (anywhere on the line, or $IDS_CONNECT): a VM name from `cargo xtask vm list`, its state directory, or an endpoint such as unix:PATH#VM",
+            )
+            .into());
+        };
+        let ep: Endpoint = spec.parse()?;
+        Ok(ep.with_key(self.key.clone()))
+    }
 }
 
 /// What `ids check` runs.
@@ -169,46 +300,53 @@ enum CheckKind {
     All,
 }
 
-/// Exit status of `ids check` when it found something.
-const EXIT_FINDINGS: i32 = 3;
-
 /// Prints rows as a table, JSON or JSON lines.
 fn emit<T: serde::Serialize>(
     cli: &Cli,
+    out: &mut dyn Write,
     rows: &[T],
     header: &str,
     line: impl Fn(&T) -> String,
 ) -> anyhow::Result<()> {
     if cli.json {
-        println!("{}", serde_json::to_string_pretty(rows)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(rows)?)?;
     } else if cli.jsonl {
         for r in rows {
-            println!("{}", serde_json::to_string(r)?);
+            writeln!(out, "{}", serde_json::to_string(r)?)?;
         }
     } else {
-        println!("{header}");
+        writeln!(out, "{header}")?;
         for r in rows {
-            println!("{}", line(r));
+            writeln!(out, "{}", line(r))?;
         }
     }
     Ok(())
+}
+
+/// A spinner on stderr for a step that can take seconds (only when stderr
+/// is a terminal and not --quiet).
+fn spinner(cli: &Cli, msg: &str) -> indicatif::ProgressBar {
+    if cli.quiet || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new_spinner();
+    pb.set_message(msg.to_string());
+    pb.enable_steady_tick(Duration::from_millis(120));
+    pb
 }
 
 fn open_memory(cli: &Cli) -> anyhow::Result<Box<dyn GuestMemory>> {
     if let Some(d) = &cli.dump {
         return Ok(Box::new(DumpMemory::open(d)?));
     }
-    let ep = cli
-        .connect
-        .as_ref()
-        .expect("clap requires --connect or --dump");
     Ok(Box::new(Session::connect(
-        ep,
-        Duration::from_millis(cli.deadline_ms),
+        &cli.endpoint()?,
+        cli.deadline(),
     )?))
 }
 
-fn run_linux(cli: &Cli) -> anyhow::Result<()> {
+fn run_linux(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<Exit> {
+    let mut exit = Exit::Ok;
     let started = std::time::Instant::now();
     let mut mem = SnapshotCache::new(open_memory(cli)?);
     let cache = if cli.no_cache {
@@ -226,7 +364,13 @@ fn run_linux(cli: &Cli) -> anyhow::Result<()> {
         ),
         ..Discovery::default()
     };
-    let k = Kernel::load(mem.inner(), &d, cache.as_deref())?;
+    let pb = spinner(
+        cli,
+        "loading the kernel's symbols and types (a few seconds the first time, cached after)",
+    );
+    let k = Kernel::load(mem.inner(), &d, cache.as_deref());
+    pb.finish_and_clear();
+    let k = k?;
     let loaded = started.elapsed();
     let load_requests = mem.inner().stats().requests;
     match &cli.command {
@@ -234,6 +378,7 @@ fn run_linux(cli: &Cli) -> anyhow::Result<()> {
             let tasks = linux::ps(&mut mem, &k, 0, *threads)?;
             emit(
                 cli,
+                out,
                 &tasks,
                 &format!(
                     "{:>7} {:>7} {:>7} {:>6} {:>6} {} {:<16} {:>12}  KTHREAD",
@@ -259,14 +404,14 @@ fn run_linux(cli: &Cli) -> anyhow::Result<()> {
             let tasks = linux::ps(&mut mem, &k, 0, false)?;
             let roots = linux::pstree(&tasks);
             if cli.json {
-                println!("{}", serde_json::to_string_pretty(&roots)?);
+                writeln!(out, "{}", serde_json::to_string_pretty(&roots)?)?;
             } else if cli.jsonl {
                 for r in &roots {
-                    println!("{}", serde_json::to_string(r)?);
+                    writeln!(out, "{}", serde_json::to_string(r)?)?;
                 }
             } else {
                 for (depth, t) in roots.iter().flat_map(|r| r.lines()) {
-                    println!("{}{}({})", "  ".repeat(depth), t.comm, t.pid);
+                    writeln!(out, "{}{}({})", "  ".repeat(depth), t.comm, t.pid)?;
                 }
             }
         }
@@ -278,7 +423,12 @@ fn run_linux(cli: &Cli) -> anyhow::Result<()> {
             let b = ids::checks::record_baseline(&mut mem, &k, 0)?;
             b.save(&dir)?;
             let bytes: usize = b.ranges.iter().map(|r| r.2.len()).sum();
-            println!("baseline of {} bytes written to {}", bytes, dir.display());
+            writeln!(
+                out,
+                "baseline of {} bytes written to {}",
+                bytes,
+                dir.display()
+            )?;
         }
         Command::Check { what, baseline } => {
             let modules = linux::lsmod(&mut mem, &k, 0)?;
@@ -318,14 +468,15 @@ fn run_linux(cli: &Cli) -> anyhow::Result<()> {
             let findings: Vec<&ids::checks::Finding> =
                 reports.iter().flat_map(|r| &r.findings).collect();
             if cli.json {
-                println!("{}", serde_json::to_string_pretty(&reports)?);
+                writeln!(out, "{}", serde_json::to_string_pretty(&reports)?)?;
             } else if cli.jsonl {
                 for f in &findings {
-                    println!("{}", serde_json::to_string(f)?);
+                    writeln!(out, "{}", serde_json::to_string(f)?)?;
                 }
             } else {
                 for r in &reports {
-                    println!(
+                    writeln!(
+                        out,
                         "{}: {} checked, {}",
                         r.check,
                         r.checked,
@@ -334,20 +485,25 @@ fn run_linux(cli: &Cli) -> anyhow::Result<()> {
                         } else {
                             format!("{} FOUND", r.findings.len())
                         }
-                    );
+                    )?;
                     for f in &r.findings {
-                        println!("  {}: expected {}; found {}", f.what, f.expected, f.found);
+                        writeln!(
+                            out,
+                            "  {}: expected {}; found {}",
+                            f.what, f.expected, f.found
+                        )?;
                     }
                 }
             }
             if !findings.is_empty() {
-                std::process::exit(EXIT_FINDINGS);
+                exit = Exit::Findings;
             }
         }
         Command::Lsmod => {
             let mods = linux::lsmod(&mut mem, &k, 0)?;
             emit(
                 cli,
+                out,
                 &mods,
                 &format!(
                     "{:<24} {:>8} {:>4} {:<10} {:>18}",
@@ -369,19 +525,20 @@ fn run_linux(cli: &Cli) -> anyhow::Result<()> {
                 .filter(|s| pattern.as_ref().is_none_or(|p| s.name.contains(p.as_str())))
                 .collect();
             if cli.json || cli.jsonl {
-                emit(cli, &syms, "", |_| String::new())?;
+                emit(cli, out, &syms, "", |_| String::new())?;
             } else {
-                let mut out = String::with_capacity(syms.len() * 48);
+                let mut text = String::with_capacity(syms.len() * 48);
                 for s in syms {
-                    out.push_str(&format!("{:016x} {} {}\n", s.addr, s.kind, s.name));
+                    text.push_str(&format!("{:016x} {} {}\n", s.addr, s.kind, s.name));
                 }
-                print!("{out}");
+                out.write_all(text.as_bytes())?;
             }
         }
         Command::Cpus => {
             let v = linux::cpus(&mut mem, &k)?;
             emit(
                 cli,
+                out,
                 &v,
                 &format!(
                     "{:>3} {:>18} {:>18} {:<6} {:>7} COMMAND",
@@ -411,9 +568,9 @@ fn run_linux(cli: &Cli) -> anyhow::Result<()> {
                 "offsets": k.offsets,
             });
             if cli.json || cli.jsonl {
-                println!("{}", serde_json::to_string(&v)?);
+                writeln!(out, "{}", serde_json::to_string(&v)?)?;
             } else {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
             }
         }
         _ => unreachable!("not a Linux command"),
@@ -431,45 +588,53 @@ fn run_linux(cli: &Cli) -> anyhow::Result<()> {
             started.elapsed().as_secs_f64()
         );
     }
-    Ok(())
+    Ok(exit)
 }
 
-fn parse_u64(s: &str) -> Result<u64, String> {
-    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        Some(hex) => u64::from_str_radix(&hex.replace('_', ""), 16),
-        None => s.replace('_', "").parse(),
+fn main() -> std::process::ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                Exit::Usage.into()
+            } else {
+                Exit::Ok.into()
+            };
+        }
     };
-    r.map_err(|e| format!("expected a number (0x.. or decimal), found {s:?}: {e}"))
-}
-
-/// Most bytes the dump commands read (a CLI guard, not a protocol limit).
-const MAX_DUMP: u64 = 64 << 20;
-
-fn hexdump(base: u64, data: &[u8]) {
-    for (i, line) in data.chunks(16).enumerate() {
-        let hex: Vec<String> = line.iter().map(|b| format!("{b:02x}")).collect();
-        let ascii: String = line
-            .iter()
-            .map(|&b| {
-                if (0x20..0x7f).contains(&b) {
-                    b as char
-                } else {
-                    '.'
-                }
-            })
-            .collect();
-        println!(
-            "{:016x}  {:<47}  |{ascii}|",
-            base + 16 * i as u64,
-            hex.join(" ")
-        );
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let result = run(&cli, &mut out).and_then(|exit| {
+        out.flush()?;
+        Ok(exit)
+    });
+    match result {
+        Ok(exit) => exit.into(),
+        // A reader that closed the pipe (`| head`) wants no more: done.
+        Err(e) if broken_pipe(&e) => Exit::Ok.into(),
+        Err(e) => {
+            let _ = out.flush();
+            if (cli.json || cli.jsonl) && !cli.debug {
+                eprintln!("{}", cli::errors::report_json(&e));
+            } else {
+                eprint!("{}", cli::errors::report(&e, cli.debug));
+            }
+            cli::errors::exit_of(&e).into()
+        }
     }
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    if matches!(
-        cli.command,
+fn broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn is_linux(c: &Command) -> bool {
+    matches!(
+        c,
         Command::Ps { .. }
             | Command::Pstree
             | Command::Lsmod
@@ -478,13 +643,34 @@ fn main() -> anyhow::Result<()> {
             | Command::Kernel
             | Command::Check { .. }
             | Command::Baseline { .. }
-    ) {
-        return run_linux(&cli);
+    )
+}
+
+fn pti(as_is: bool, user: bool) -> Pti {
+    if as_is {
+        Pti::AsIs
+    } else if user {
+        Pti::User
+    } else {
+        Pti::Kernel
     }
-    let Some(ep) = cli.connect.clone() else {
-        anyhow::bail!("this command needs a live VM: give --connect ENDPOINT");
-    };
-    let endpoint = ep.with_key(cli.key.clone());
+}
+
+fn run(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<Exit> {
+    if is_linux(&cli.command) {
+        if cli.dump.is_none() {
+            cli.endpoint()?;
+        }
+        return run_linux(cli, out);
+    }
+    if cli.dump.is_some() {
+        return Err(CliError::usage(
+            "--dump works with the Linux commands only (ps, pstree, lsmod, kallsyms, cpus, kernel, check)",
+            "for this command, --connect to the live VM",
+        )
+        .into());
+    }
+    let endpoint = cli.endpoint()?;
     if let Command::Watch {
         interval,
         count,
@@ -501,32 +687,50 @@ fn main() -> anyhow::Result<()> {
                 linux::cache_dir()
             },
         };
-        let deadline = Duration::from_millis(cli.deadline_ms);
+        let deadline = cli.deadline();
         let alerted = ids::watch::run(
             || Session::connect(&endpoint, deadline),
             &opts,
             |e| {
-                use std::io::Write;
                 let line = e.to_ecs(&host, std::time::SystemTime::now());
-                let mut out = std::io::stdout().lock();
-                let _ = writeln!(out, "{line}");
-                let _ = out.flush();
+                let written = writeln!(out, "{line}").and_then(|()| out.flush());
+                // A reader that closed the pipe wants no more events.
+                if written.is_err_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) {
+                    std::process::exit(Exit::Ok as i32);
+                }
             },
         );
-        std::process::exit(if alerted { EXIT_FINDINGS } else { 0 });
+        return Ok(if alerted { Exit::Findings } else { Exit::Ok });
     }
-    let mut s = Session::connect(&endpoint, Duration::from_millis(cli.deadline_ms))?;
-    match cli.command {
+    let mut s = Session::connect(&endpoint, cli.deadline())?;
+    match &cli.command {
         Command::Banner { verbose, limit } => {
+            let pb = spinner(cli, "searching the kernel image for its banner");
             let b = kernel::find_banner(
                 &mut s,
                 BannerSearch {
-                    limit,
+                    limit: *limit,
                     ..Default::default()
                 },
-            )?;
-            print!("{}", b.text);
-            if verbose {
+            );
+            pb.finish_and_clear();
+            let b = b?;
+            if cli.json || cli.jsonl {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({
+                        "banner": b.text.trim_end(),
+                        "addr": format!("{:#x}", b.addr),
+                        "lstar": format!("{:#x}", b.lstar),
+                        "requests": b.requests,
+                        "bytes_read": b.bytes_read,
+                    })
+                )?;
+            } else {
+                write!(out, "{}", b.text)?;
+            }
+            if *verbose {
                 eprintln!(
                     "banner at {:#x} (LSTAR {:#x}); {} requests, {:#x} bytes read",
                     b.addr, b.lstar, b.requests, b.bytes_read
@@ -535,70 +739,39 @@ fn main() -> anyhow::Result<()> {
                     eprint!("  skipped candidate at {addr:#x}: {text}");
                 }
             }
+            Ok(Exit::Ok)
         }
-        Command::Info => {
-            let info = s.info()?;
-            if !info.authenticated {
-                println!("WARNING: plain INFO of an unprovisioned agent; it proves nothing");
-            }
-            let h = &info.header;
-            println!(
-                "agent version {}.{}",
-                h.agent_version >> 16,
-                h.agent_version & 0xffff
-            );
-            println!("cpus {}", h.cpu_count);
-            println!("max read {:#x} bytes", h.max_read);
-            println!("smram base {:#x} size {:#x}", h.smram_base, h.smram_size);
-            println!("sev flags {:#x} c-bit {}", h.sev_flags, h.c_bit);
-            if h.mem_flags & smmvmi_mailbox::records::MEM_DIMM_HOTPLUG != 0 {
-                println!("memory: DIMMs plugged after boot are tracked (listed below)");
-            }
-            if h.mem_flags & smmvmi_mailbox::records::MEM_VIRTIO_MEM_REFUSED != 0 {
-                println!(
-                    "memory: a virtio-mem device is present; its memory is NOT read (refused as not RAM): \
-                     its plugged blocks are known only through the device, which the guest drives"
-                );
-            }
-            for r in &info.ram {
-                println!("ram {:#014x}..{:#014x}", r.base, r.base + r.len);
-            }
-            for (i, c) in info.cpus.iter().enumerate() {
-                println!(
-                    "cpu {i}: paging levels {} flags {:#x}",
-                    c.paging_levels, c.flags
-                );
-            }
-        }
+        Command::Info => info(cli, out, &mut s),
         Command::ReadVirt {
-            addr,
-            len,
+            read,
             cpu,
+            cr3,
             as_is,
+            user,
         } => {
-            anyhow::ensure!(
-                len <= MAX_DUMP,
-                "LEN must be at most {MAX_DUMP:#x}, found {len:#x}"
-            );
             let space = AddressSpace {
-                cpu,
-                cr3: None,
-                pti: if as_is { Pti::AsIs } else { Pti::Kernel },
+                cpu: *cpu,
+                cr3: *cr3,
+                pti: pti(*as_is, *user),
             };
-            hexdump(addr, &s.read_virt(space, addr, len as usize)?);
+            read_cmd(cli, out, &mut s, read, Some(space))
         }
-        Command::ReadPhys { addr, len } => {
-            anyhow::ensure!(
-                len <= MAX_DUMP,
-                "LEN must be at most {MAX_DUMP:#x}, found {len:#x}"
-            );
-            hexdump(addr, &s.read_phys(addr, len as usize)?);
+        Command::ReadPhys { read } => read_cmd(cli, out, &mut s, read, None),
+        Command::Translate {
+            addr,
+            cpu,
+            cr3,
+            as_is,
+            user,
+        } => {
+            let space = AddressSpace {
+                cpu: *cpu,
+                cr3: *cr3,
+                pti: pti(*as_is, *user),
+            };
+            translate(cli, out, &mut s, space, *addr)
         }
-        Command::CpuState { cpu } => {
-            let st = s.cpu_state(cpu)?;
-            println!("{st:#x?}");
-            println!("paging levels {}", st.paging_levels());
-        }
+        Command::CpuState { cpu, no_symbols } => cpu_state(cli, out, &mut s, *cpu, *no_symbols),
         Command::Dump { image } => {
             let info = s.info()?;
             let n = info.header.cpu_count;
@@ -606,10 +779,30 @@ fn main() -> anyhow::Result<()> {
                 .map(|c| s.cpu_state(c))
                 .collect::<Result<Vec<_>, _>>()?;
             let ram: Vec<(u64, u64)> = info.ram.iter().map(|r| (r.base, r.len)).collect();
-            let meta =
-                DumpMemory::write(&image, &ram, &cpus, info.header.c_bit as u8, |a, len| {
-                    Ok(s.read_phys(a, len)?)
-                })?;
+            let total = ram.iter().map(|r| r.1).sum();
+            let stop = interrupt_flag();
+            let pb = cli::output::progress(total, "dumping RAM", !cli.quiet);
+            let meta = DumpMemory::write(image, &ram, &cpus, info.header.c_bit as u8, |a, len| {
+                if stop.load(Ordering::SeqCst) {
+                    return Err(ids::memory::MemoryError::Dump {
+                        path: image.display().to_string(),
+                        problem: format!("interrupted at physical {a:#x}"),
+                    });
+                }
+                let r = s.read_phys(a, len)?;
+                pb.inc(len as u64);
+                Ok(r)
+            });
+            pb.finish_and_clear();
+            if stop.load(Ordering::SeqCst) {
+                eprintln!(
+                    "ids: interrupted: {} holds {:#x} of {total:#x} bytes and no sidecar; it cannot be opened with --dump",
+                    image.display(),
+                    pb.position()
+                );
+                return Ok(Exit::Interrupted);
+            }
+            let meta = meta?;
             eprintln!(
                 "dumped {} bytes in {} ranges and {} CPUs to {}",
                 meta.ram.iter().map(|r| r.len).sum::<u64>(),
@@ -617,8 +810,522 @@ fn main() -> anyhow::Result<()> {
                 meta.cpus.len(),
                 image.display()
             );
+            Ok(Exit::Ok)
         }
         _ => unreachable!("Linux commands return above"),
     }
+}
+
+fn info(cli: &Cli, out: &mut dyn Write, s: &mut Session) -> anyhow::Result<Exit> {
+    let info = s.info()?;
+    let h = &info.header;
+    let virtio = h.mem_flags & smmvmi_mailbox::records::MEM_VIRTIO_MEM_REFUSED != 0;
+    if cli.json || cli.jsonl {
+        let v = serde_json::json!({
+            "authenticated": info.authenticated,
+            "agent_version": format!("{}.{}", h.agent_version >> 16, h.agent_version & 0xffff),
+            "cpus": h.cpu_count,
+            "max_read": h.max_read,
+            "smram": {"base": format!("{:#x}", h.smram_base), "size": format!("{:#x}", h.smram_size)},
+            "sev_flags": h.sev_flags,
+            "c_bit": h.c_bit,
+            "dimm_hotplug": h.mem_flags & smmvmi_mailbox::records::MEM_DIMM_HOTPLUG != 0,
+            "virtio_mem_refused": virtio,
+            "ram": info.ram.iter().map(|r| serde_json::json!({
+                "base": format!("{:#x}", r.base), "len": format!("{:#x}", r.len)
+            })).collect::<Vec<_>>(),
+            "cpu": info.cpus.iter().enumerate().map(|(i, c)| serde_json::json!({
+                "cpu": i, "paging_levels": c.paging_levels, "flags": c.flags
+            })).collect::<Vec<_>>(),
+        });
+        writeln!(out, "{v}")?;
+        return Ok(Exit::Ok);
+    }
+    if !info.authenticated {
+        writeln!(
+            out,
+            "WARNING: plain INFO of an unprovisioned agent; it proves nothing"
+        )?;
+    }
+    writeln!(
+        out,
+        "agent version {}.{}",
+        h.agent_version >> 16,
+        h.agent_version & 0xffff
+    )?;
+    writeln!(out, "cpus {}", h.cpu_count)?;
+    writeln!(out, "max read {:#x} bytes", h.max_read)?;
+    writeln!(
+        out,
+        "smram base {:#x} size {:#x}",
+        h.smram_base, h.smram_size
+    )?;
+    writeln!(out, "sev flags {:#x} c-bit {}", h.sev_flags, h.c_bit)?;
+    if h.mem_flags & smmvmi_mailbox::records::MEM_DIMM_HOTPLUG != 0 {
+        writeln!(
+            out,
+            "memory: DIMMs plugged after boot are tracked (listed below)"
+        )?;
+    }
+    if virtio {
+        writeln!(
+            out,
+            "memory: a virtio-mem device is present; its memory is NOT read (refused as not RAM): \
+             its plugged blocks are known only through the device, which the guest drives"
+        )?;
+    }
+    for r in &info.ram {
+        writeln!(out, "ram {:#014x}..{:#014x}", r.base, r.base + r.len)?;
+    }
+    for (i, c) in info.cpus.iter().enumerate() {
+        writeln!(
+            out,
+            "cpu {i}: paging levels {} flags {:#x}",
+            c.paging_levels, c.flags
+        )?;
+    }
+    Ok(Exit::Ok)
+}
+
+/// A flag set by the first SIGINT (the command then ends after the request
+/// in flight and keeps what it has); a second SIGINT ends the process at
+/// once.
+fn interrupt_flag() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(Exit::Interrupted as i32);
+        }
+    });
+    stop
+}
+
+/// Most bytes one read command asks for (a guard against a typo such as
+/// a missing `+`; `ids dump` takes all of RAM).
+const MAX_READ_CMD: u64 = 64 << 30;
+
+fn read_cmd(
+    cli: &Cli,
+    out: &mut dyn Write,
+    s: &mut Session,
+    args: &ReadArgs,
+    virt: Option<AddressSpace>,
+) -> anyhow::Result<Exit> {
+    let addr = args.range.addr;
+    let len = match (args.range.len, args.len) {
+        (Some(_), Some(_)) => {
+            return Err(CliError::usage(
+                "the length is given twice (in the range and as LEN)",
+                "write ADDR+LEN, ADDR..END or ADDR LEN",
+            )
+            .into());
+        }
+        (Some(l), None) | (None, Some(l)) => l,
+        (None, None) => 256,
+    };
+    if len == 0 || len > MAX_READ_CMD {
+        return Err(CliError::usage(
+            format!("a length of {len:#x} bytes: expected 1 byte to 64G"),
+            "write ADDR+LEN (4096, 0x1000, 4K, 64M) or ADDR..END",
+        )
+        .into());
+    }
+    let stdout_tty = std::io::stdout().is_terminal();
+    let to_stdout_raw = args.output.as_deref() == Some(std::path::Path::new("-"));
+    if to_stdout_raw && stdout_tty {
+        return Err(CliError::usage(
+            "-o - writes raw bytes to stdout, which is a terminal",
+            "redirect it (`-o - > FILE`, `-o - | sha256sum`) or give a file: -o FILE",
+        )
+        .into());
+    }
+    if let Some(space) = &virt {
+        check_cpu(s, space.cpu)?;
+    }
+    let max = s.max_read()? as u64;
+    let space = match virt {
+        Some(_) => Space::Virt,
+        None => {
+            let info = s.info()?;
+            Space::Phys {
+                ram: info.ram.iter().map(|r| (r.base, r.len)).collect(),
+                smram: (info.header.smram_base, info.header.smram_size),
+            }
+        }
+    };
+    let stop = interrupt_flag();
+    let show_bar = !cli.quiet && len >= (1 << 20) && (args.output.is_some() || !stdout_tty);
+    let pb = cli::output::progress(len, "reading", show_bar);
+    let mut fetch = |a: u64, n: u32| -> Result<_, SessionError> {
+        let op = match virt {
+            Some(space) => Op::ReadVirt {
+                space,
+                addr: a,
+                len: n,
+            },
+            None => Op::ReadPhys { addr: a, len: n },
+        };
+        Ok(s.request(&[op])?.remove(0))
+    };
+    let tick = |c: u64| pb.set_position(c);
+    let what = if virt.is_some() {
+        "virtual"
+    } else {
+        "physical"
+    };
+    let (o, file_summary): (Outcome, Option<(String, u64, String)>) = match &args.output {
+        Some(path) if !to_stdout_raw => {
+            let f = std::fs::File::create(path).map_err(|e| {
+                CliError::new(
+                    Exit::Failure,
+                    format!("cannot create {}: {e}", path.display()),
+                )
+            })?;
+            let mut sink = cli::output::RawSink::new(std::io::BufWriter::new(f));
+            let o = cli::read::stream(
+                &mut fetch, &space, addr, len, max, args.holes, &stop, &mut sink, tick,
+            )?;
+            let written = sink.written;
+            let sha = sink.finish()?;
+            (o, Some((path.display().to_string(), written, sha)))
+        }
+        Some(_) => {
+            let mut sink = cli::output::RawSink::new(&mut *out);
+            let o = cli::read::stream(
+                &mut fetch, &space, addr, len, max, args.holes, &stop, &mut sink, tick,
+            )?;
+            let written = sink.written;
+            let sha = sink.finish()?;
+            (o, Some(("stdout".into(), written, sha)))
+        }
+        None if cli.json => {
+            let mut sink = cli::output::JsonSink::default();
+            let o = cli::read::stream(
+                &mut fetch, &space, addr, len, max, args.holes, &stop, &mut sink, tick,
+            )?;
+            writeln!(
+                out,
+                "{}",
+                serde_json::json!({
+                    "space": what,
+                    "addr": format!("{addr:#x}"),
+                    "len": len,
+                    "read": o.read,
+                    "covered": o.covered,
+                    "complete": o.complete(),
+                    "interrupted": o.interrupted,
+                    "holes": o.holes,
+                    "hex": sink.hex,
+                })
+            )?;
+            (o, None)
+        }
+        None if cli.jsonl => {
+            let mut sink = cli::output::JsonlSink(&mut *out);
+            let o = cli::read::stream(
+                &mut fetch, &space, addr, len, max, args.holes, &stop, &mut sink, tick,
+            )?;
+            (o, None)
+        }
+        None => {
+            let mut sink = cli::output::HexSink(Some(cli::render::HexDump::new(&mut *out, addr)));
+            let o = cli::read::stream(
+                &mut fetch, &space, addr, len, max, args.holes, &stop, &mut sink, tick,
+            )?;
+            sink.0.take().expect("dump").finish()?;
+            (o, None)
+        }
+    };
+    pb.finish_and_clear();
+    out.flush()?;
+    finish_read(cli, out, what, addr, len, o, file_summary)
+}
+
+fn finish_read(
+    cli: &Cli,
+    out: &mut dyn Write,
+    what: &str,
+    addr: u64,
+    len: u64,
+    mut o: Outcome,
+    file: Option<(String, u64, String)>,
+) -> anyhow::Result<Exit> {
+    let end = addr.wrapping_add(o.covered);
+    let in_holes: u64 = o.holes.iter().map(|h| h.len).sum();
+    if let Some((path, written, sha)) = &file {
+        if cli.json || cli.jsonl {
+            writeln!(
+                out,
+                "{}",
+                serde_json::json!({
+                    "space": what,
+                    "file": path,
+                    "addr": format!("{addr:#x}"),
+                    "len": len,
+                    "read": o.read,
+                    "written": written,
+                    "covered": o.covered,
+                    "complete": o.complete(),
+                    "interrupted": o.interrupted,
+                    "holes": o.holes,
+                    "sha256": sha,
+                })
+            )?;
+        } else if !cli.quiet {
+            eprintln!(
+                "ids: {path}: {written:#x} bytes of {what} {addr:#x}..{end:#x} ({:#x} read{}), sha256 {sha}",
+                o.read,
+                if in_holes > 0 {
+                    format!(", {in_holes:#x} unreadable")
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
+    if !cli.quiet && o.read > 0 && !o.holes.is_empty() && (!cli.json || file.is_some()) {
+        for h in o.holes.iter().take(20) {
+            eprintln!(
+                "ids: not read: {:#x}..{:#x} ({:#x} bytes): {}",
+                h.addr,
+                h.addr.wrapping_add(h.len),
+                h.len,
+                h.reason
+            );
+        }
+        if o.holes.len() > 20 {
+            eprintln!("ids: ... and {} more unreadable ranges", o.holes.len() - 20);
+        }
+    }
+    if o.interrupted {
+        eprintln!(
+            "ids: interrupted at {end:#x}: {:#x} of {len:#x} bytes covered ({what} {addr:#x}..{end:#x}); what was read is kept",
+            o.covered
+        );
+        return Ok(Exit::Interrupted);
+    }
+    if let Some(e) = o.failed.take() {
+        if o.covered > 0 {
+            eprintln!(
+                "ids: the read stopped at {end:#x}: {:#x} of {len:#x} bytes covered and kept",
+                o.covered
+            );
+        }
+        return Err(e.into());
+    }
+    if o.read == 0 && !o.holes.is_empty() {
+        let h = &o.holes[0];
+        return Err(CliError {
+            exit: Exit::Refused,
+            message: format!(
+                "nothing readable in {what} {addr:#x}..{:#x}: {}",
+                addr.wrapping_add(len),
+                h.reason
+            ),
+            hint: Some(if what == "virtual" {
+                format!("`ids translate {addr:#x}` shows the page walk; check the address and the CPU or --cr3")
+            } else {
+                "`ids info` lists the RAM ranges the agent reads".into()
+            }),
+        }
+        .into());
+    }
+    if o.stopped || !o.holes.is_empty() {
+        if o.stopped {
+            eprintln!(
+                "ids: stopped at the first unreadable byte, {end:#x} (--holes stop): {:#x} of {len:#x} bytes kept",
+                o.read
+            );
+        }
+        return Ok(Exit::Partial);
+    }
+    Ok(Exit::Ok)
+}
+
+/// Fails with the CPUs that exist when `cpu` is not one of them (asked of
+/// INFO first: through the daemon a request for a missing vCPU would be
+/// refused before the agent could say so).
+fn check_cpu(s: &mut Session, cpu: u32) -> anyhow::Result<()> {
+    let count = s.info()?.header.cpu_count;
+    if cpu >= count {
+        return Err(SessionError::NoSuchCpu { cpu, count }.into());
+    }
     Ok(())
+}
+
+fn translate(
+    cli: &Cli,
+    out: &mut dyn Write,
+    s: &mut Session,
+    space: AddressSpace,
+    addr: u64,
+) -> anyhow::Result<Exit> {
+    check_cpu(s, space.cpu)?;
+    let r = s
+        .request_on_cpu(space.cpu, &[Op::Translate { space, addr }])?
+        .remove(0);
+    if r.status == Status::BadRequest
+        && let Ok(info) = s.info()
+        && space.cpu >= info.header.cpu_count
+    {
+        return Err(SessionError::NoSuchCpu {
+            cpu: space.cpu,
+            count: info.header.cpu_count,
+        }
+        .into());
+    }
+    let rec = WalkRecord::decode(&r.data).ok();
+    let rec = match (r.status, rec) {
+        (
+            Status::Ok | Status::NotPresent | Status::RefusedNotRam | Status::RefusedSmram,
+            Some(rec),
+        ) => rec,
+        (status, _) => {
+            return Err(SessionError::Op {
+                op: format!("translating {addr:#x}"),
+                status,
+                level: r.level,
+                aux: addr,
+            }
+            .into());
+        }
+    };
+    let levels: Vec<serde_json::Value> = (0..rec.depth.min(5) as usize)
+        .map(|i| {
+            let level = rec.levels.saturating_sub(i as u8);
+            let (ea, ev) = rec.entries[i];
+            serde_json::json!({
+                "level": level,
+                "name": cli::render::level_name(level),
+                "index": (addr >> (12 + 9 * (u32::from(level.max(1)) - 1))) & 0x1ff,
+                "entry_addr": format!("{ea:#x}"),
+                "entry": format!("{ev:#x}"),
+                "flags": cli::render::pte_flags(ev),
+            })
+        })
+        .collect();
+    let ok = r.status == Status::Ok;
+    let why = (!ok).then(|| {
+        let w = ids::session::status_words(r.status, r.level, addr);
+        w.split(". ").next().unwrap_or(&w).to_string()
+    });
+    if cli.json || cli.jsonl {
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({
+                "va": format!("{addr:#x}"),
+                "pa": ok.then(|| format!("{:#x}", rec.pa)),
+                "page_size": ok.then(|| 1u64 << rec.page_shift),
+                "paging_levels": rec.levels,
+                "cpu": space.cpu,
+                "cr3": space.cr3.map(|c| format!("{c:#x}")),
+                "walk": levels,
+                "error": why,
+            })
+        )?;
+    } else {
+        writeln!(
+            out,
+            "{addr:#x} through {}, {}-level paging:",
+            match space.cr3 {
+                Some(c) => format!("CR3 {c:#x}"),
+                None => format!("CPU {}'s CR3", space.cpu),
+            },
+            rec.levels
+        )?;
+        for l in &levels {
+            writeln!(
+                out,
+                "  {:<5} [{:>3}] at {:>14} = {:>18}  {}",
+                l["name"].as_str().unwrap_or(""),
+                l["index"],
+                l["entry_addr"].as_str().unwrap_or(""),
+                l["entry"].as_str().unwrap_or(""),
+                l["flags"].as_str().unwrap_or("")
+            )?;
+        }
+        match &why {
+            None => writeln!(
+                out,
+                "  -> physical {:#x} ({} page)",
+                rec.pa,
+                match rec.page_shift {
+                    12 => "4 KiB".to_string(),
+                    21 => "2 MiB".into(),
+                    30 => "1 GiB".into(),
+                    n => format!("2^{n} byte"),
+                }
+            )?,
+            Some(w) => writeln!(out, "  -> {w}")?,
+        }
+    }
+    Ok(if ok { Exit::Ok } else { Exit::Refused })
+}
+
+fn cpu_state(
+    cli: &Cli,
+    out: &mut dyn Write,
+    s: &mut Session,
+    cpu: u32,
+    no_symbols: bool,
+) -> anyhow::Result<Exit> {
+    check_cpu(s, cpu)?;
+    let st: CpuState = s.cpu_state(cpu)?;
+    let mut symbols: Vec<(u64, String)> = Vec::new();
+    if !no_symbols && st.msrs_valid == 1 {
+        let pb = spinner(
+            cli,
+            "loading kernel symbols (a few seconds the first time, cached after)",
+        );
+        let cache = if cli.no_cache {
+            None
+        } else {
+            linux::cache_dir()
+        };
+        let d = Discovery {
+            cpu,
+            full_symbols: true,
+            ..Discovery::default()
+        };
+        match Kernel::load(s, &d, cache.as_deref()) {
+            Ok(k) => {
+                symbols = k
+                    .kallsyms
+                    .symbols
+                    .iter()
+                    .filter(|s| matches!(s.kind, 'T' | 't' | 'W' | 'w'))
+                    .map(|s| (s.addr, s.name.clone()))
+                    .collect();
+                symbols.sort();
+            }
+            Err(e) => {
+                if !cli.quiet {
+                    eprintln!("ids: no symbols ({e}); --no-symbols skips them");
+                }
+            }
+        }
+        pb.finish_and_clear();
+    }
+    let lookup = |a: u64| -> Option<String> {
+        let i = symbols.partition_point(|(sa, _)| *sa <= a).checked_sub(1)?;
+        let (sa, name) = &symbols[i];
+        let off = a - sa;
+        (off < (1 << 20)).then(|| {
+            if off == 0 {
+                name.clone()
+            } else {
+                format!("{name}+{off:#x}")
+            }
+        })
+    };
+    let sym: Option<cli::render::Symbolizer<'_>> =
+        (!symbols.is_empty()).then_some(&lookup as &dyn Fn(u64) -> Option<String>);
+    if cli.json || cli.jsonl {
+        writeln!(out, "{}", cli::render::cpu_state_json(cpu, &st, sym))?;
+    } else {
+        cli::render::cpu_state_text(out, cpu, &st, sym)?;
+    }
+    Ok(Exit::Ok)
 }

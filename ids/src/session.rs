@@ -62,9 +62,7 @@ pub enum SessionError {
     )]
     SaltChanged,
     /// The agent answered an op with a failure status.
-    #[error(
-        "{op}: the agent answered {status:?} (level {level}, stopped at {aux:#x}); expected Ok"
-    )]
+    #[error("{op}: {}", status_words(*status, *level, *aux))]
     Op {
         /// The op, described.
         op: String,
@@ -75,9 +73,72 @@ pub enum SessionError {
         /// Where it stopped.
         aux: u64,
     },
+    /// CPU_STATE (or a read through a CPU's page tables) named a CPU the VM
+    /// does not have.
+    #[error("CPU {cpu} does not exist: this VM has {count} CPUs ({}); `ids info` lists them", cpu_list(*count))]
+    NoSuchCpu {
+        /// The CPU asked for.
+        cpu: u32,
+        /// CPUs the agent knows.
+        count: u32,
+    },
     /// The reply has another shape than the request.
     #[error("malformed answer: {0}")]
     Malformed(String),
+}
+
+/// What an op's failure status means, in words, with what to do.
+pub fn status_words(status: Status, level: u8, aux: u64) -> String {
+    let level_name = match level {
+        5 => "PML5 entry",
+        4 => "PML4 entry",
+        3 => "PDPT entry",
+        2 => "page-directory entry",
+        1 => "page-table entry",
+        _ => "entry",
+    };
+    match status {
+        Status::Ok => "done".into(),
+        Status::NotPresent => format!(
+            "not mapped at {aux:#x}: its {level_name} (level {level}) is not present. \
+             `ids translate {aux:#x}` shows the walk; a long read steps over unmapped pages \
+             (--holes zero|skip)"
+        ),
+        Status::RefusedSmram => format!(
+            "refused at {aux:#x}: the address (or a page table on the way) is in SMRAM, \
+             which the agent never reads for anyone"
+        ),
+        Status::RefusedNotRam => format!(
+            "refused at {aux:#x}: the address (or a page table on the way) is not RAM \
+             (device memory, a hole, or beyond RAM); `ids info` lists the RAM ranges"
+        ),
+        Status::TooLarge => "too large for one reply: ask for less (`ids info` says the most one read returns)".into(),
+        Status::BadRequest => {
+            "the agent found the request malformed (a CPU index the VM does not have, or reserved bits set): check the CPU index with `ids info`".into()
+        }
+        Status::Unsupported => {
+            "that CPU is not in 64-bit paging mode (it is starting up or halted in real mode): use another CPU (--cpu N) or an explicit --cr3".into()
+        }
+        Status::NonCanonical => format!(
+            "{aux:#x} is not a canonical address for the CPU's paging mode (4-level: below \
+             0x0000800000000000 or from 0xffff800000000000; 5-level: below 0x0100000000000000 or \
+             from 0xff00000000000000)"
+        ),
+        Status::WorkLimit => {
+            "the request spent the agent's work budget for one SMI before this op was done: ask for the rest in another request".into()
+        }
+        Status::CpuNotInSmm => {
+            "the CPU did not reach SMM for this request (it was slow to take the SMI): retry".into()
+        }
+    }
+}
+
+fn cpu_list(count: u32) -> String {
+    match count {
+        0 => "none".into(),
+        1 => "CPU 0".into(),
+        n => format!("0-{}", n - 1),
+    }
 }
 
 /// An owned INFO record.
@@ -162,16 +223,27 @@ fn fresh_nonce() -> [u8; IDS_NONCE_LEN] {
 }
 
 fn describe(op: &Op) -> String {
+    let through = |space: &AddressSpace| match space.cr3 {
+        Some(cr3) => format!("page tables at CR3 {cr3:#x}"),
+        None => format!("CPU {}'s page tables", space.cpu),
+    };
     match *op {
         Op::ReadVirt { space, addr, len } => {
-            format!("READ_VIRT {addr:#x}+{len:#x} (cpu {})", space.cpu)
+            format!(
+                "reading virtual {addr:#x}+{len:#x} through {}",
+                through(&space)
+            )
         }
-        Op::ReadPhys { addr, len } => format!("READ_PHYS {addr:#x}+{len:#x}"),
-        Op::Translate { space, addr } => format!("TRANSLATE {addr:#x} (cpu {})", space.cpu),
-        Op::CpuState { cpu } => format!("CPU_STATE {cpu}"),
-        Op::Info => "INFO".into(),
-        Op::WalkList { head, space, .. } => format!("WALK_LIST {head:#x} (cpu {})", space.cpu),
-        Op::Field(f) => format!("FIELD +{:#x}", f.offset),
+        Op::ReadPhys { addr, len } => format!("reading physical {addr:#x}+{len:#x}"),
+        Op::Translate { space, addr } => {
+            format!("translating {addr:#x} through {}", through(&space))
+        }
+        Op::CpuState { cpu } => format!("CPU {cpu}'s state"),
+        Op::Info => "the agent's INFO".into(),
+        Op::WalkList { head, space, .. } => {
+            format!("walking the list at {head:#x} through {}", through(&space))
+        }
+        Op::Field(f) => format!("a field at +{:#x}", f.offset),
     }
 }
 

@@ -187,7 +187,7 @@ fn tampered_and_replayed_replies_and_wrong_keys_are_rejected() {
     // Replaying an old request frame: the agent refuses it.
     let e = s.carry(&frame).unwrap_err();
     assert!(
-        e.to_string().contains("Replay") || e.to_string().contains("doorbell"),
+        e.to_string().contains("replay") || e.to_string().contains("doorbell"),
         "{e}"
     );
     // A session with the wrong key: the agent says BadTag.

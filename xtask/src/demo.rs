@@ -52,8 +52,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     crate::step("waiting for the SMM agent to publish its ready state in the mailbox");
     let header = vm.wait_agent_ready(Duration::from_secs(10))?;
     println!(
-        "--- mailbox: state {:?}, features {:#x}, {} CPUs, {} SMIs so far ---",
-        header.state(),
+        "--- mailbox: state {}, features {:#x}, {} CPUs, {} SMIs so far ---",
+        header.state_name(),
         header.features,
         header.ncpus,
         header.smi_count
@@ -142,12 +142,11 @@ fn ids_demo(vm: &Vm) -> anyhow::Result<()> {
     }])?;
     if let Some(r) = refused.first() {
         println!(
-            "  READ_PHYS of SMRAM -> {:?}{}",
-            r.status,
+            "  READ_PHYS of SMRAM -> {}",
             if r.status == Status::RefusedSmram {
-                " (the agent never reads SMRAM for anyone)"
+                "refused (the agent never reads SMRAM for anyone)".to_string()
             } else {
-                ""
+                ids::session::status_words(r.status, r.level, r.aux)
             }
         );
     }

@@ -1,11 +1,15 @@
-//! `cargo xtask vm up|exec|down|list|attack`: VMs that outlive the command, for
-//! people and scripts (tests use the harness library directly).
+//! `cargo xtask vm up|exec|down|list|rm|prune|attack`: VMs that outlive
+//! the command, for people and scripts (tests use the harness library
+//! directly). Every subcommand names the VM the same way (a position, or
+//! `--name`; `attack` by position); `down` of a stopped VM is done, not an
+//! error; `rm` and `prune` remove state directories; `list --json` is for
+//! scripts.
 
 use std::time::Duration;
 
 use anyhow::Context;
 use smmvmi_tests::guest_image::{self, KernelDeb};
-use smmvmi_tests::vm::{Vm, VmConfig};
+use smmvmi_tests::vm::{Vm, VmConfig, VmError};
 
 use crate::FirmwareChoice;
 
@@ -15,13 +19,27 @@ pub enum Command {
     Up(UpArgs),
     /// Run a shell command in the guest as root; exits with its exit code.
     Exec(ExecArgs),
-    /// Stop a VM (QMP quit, then SIGKILL after 5 s).
-    Down {
-        /// VM name.
-        name: String,
-    },
+    /// Stop a VM (QMP quit, then SIGKILL after 5 s); a VM that is not
+    /// running is already down (exit 0).
+    Down(NameArg),
     /// List VMs that have a state directory, and whether they run.
-    List,
+    List {
+        /// One JSON array (name, pid, running, firmware, mem, smp, state
+        /// dir, endpoints).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a stopped VM's state directory (logs, mailbox, key); with
+    /// --force stop it first.
+    Rm {
+        #[command(flatten)]
+        vm: NameArg,
+        /// Stop the VM first if it runs.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Remove the state directories of every stopped VM.
+    Prune,
     /// Load a rootkit technique into a running VM to rehearse detection
     /// (`ids check`): a kernel module built against Debian's headers for
     /// the guest's kernel (test code, tests/attacks/). KIND: hook-syscall
@@ -39,11 +57,30 @@ pub enum Command {
     },
 }
 
+/// A VM's name, as a position or with --name.
+#[derive(clap::Args)]
+pub struct NameArg {
+    /// VM name (state in .cache/vms/NAME).
+    #[arg(value_name = "NAME", required_unless_present = "name_opt")]
+    name: Option<String>,
+    /// The same, as an option.
+    #[arg(long = "name", value_name = "NAME", conflicts_with = "name")]
+    name_opt: Option<String>,
+}
+
+impl NameArg {
+    fn get(&self) -> String {
+        self.name
+            .clone()
+            .or_else(|| self.name_opt.clone())
+            .expect("clap requires a name")
+    }
+}
+
 #[derive(clap::Args)]
 pub struct UpArgs {
-    /// VM name (state in .cache/vms/NAME).
-    #[arg(long)]
-    pub name: String,
+    #[command(flatten)]
+    pub vm: NameArg,
     /// Guest memory (QEMU -m syntax: 512M, 1G, 5G).
     #[arg(long, default_value = "1G")]
     pub mem: String,
@@ -79,8 +116,8 @@ pub struct UpArgs {
 
 #[derive(clap::Args)]
 pub struct ExecArgs {
-    /// VM name.
-    pub name: String,
+    #[command(flatten)]
+    pub vm: NameArg,
     /// Seconds to wait for the command.
     #[arg(long, default_value_t = 60)]
     pub timeout: u64,
@@ -93,7 +130,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd {
         Command::Up(args) => up(args),
         Command::Exec(args) => {
-            let vm = Vm::attach(&args.name)?;
+            let vm = Vm::attach(&args.vm.get())?;
             let out =
                 vm.exec_timeout(&args.command.join(" "), Duration::from_secs(args.timeout))?;
             print!("{}", out.stdout);
@@ -118,50 +155,120 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             ));
             Ok(())
         }
-        Command::Down { name } => {
-            let vm = Vm::attach(&name)?;
-            vm.down()?;
-            crate::step(&format!("VM {name} stopped"));
+        Command::Down(vm) => {
+            let name = vm.get();
+            down(&name)?;
             Ok(())
         }
-        Command::List => {
-            let vms = Vm::list();
-            if vms.is_empty() {
-                eprintln!(
-                    "no VMs (state lives in {})",
-                    smmvmi_tests::vm::vms_dir().display()
-                );
+        Command::List { json } => list(json),
+        Command::Rm { vm, force } => rm(&vm.get(), force),
+        Command::Prune => {
+            let mut removed = 0;
+            for (info, alive) in Vm::list() {
+                if !alive {
+                    std::fs::remove_dir_all(&info.state_dir)
+                        .with_context(|| format!("removing {}", info.state_dir.display()))?;
+                    crate::step(&format!(
+                        "removed VM {} ({})",
+                        info.name,
+                        info.state_dir.display()
+                    ));
+                    removed += 1;
+                }
             }
-            println!(
-                "{:<24} {:>8} {:<8} {:<6} {:>4} {:<8} STATE DIR",
-                "NAME", "PID", "FIRMWARE", "MEM", "SMP", "STATE"
-            );
-            for (info, alive) in vms {
-                println!(
-                    "{:<24} {:>8} {:<8} {:<6} {:>4} {:<8} {}",
-                    info.name,
-                    if alive {
-                        info.pid.to_string()
-                    } else {
-                        "-".into()
-                    },
-                    info.firmware,
-                    info.mem,
-                    info.smp,
-                    if alive { "running" } else { "stopped" },
-                    info.state_dir.display()
-                );
-            }
+            crate::step(&format!("{removed} stopped VM(s) removed"));
             Ok(())
         }
     }
 }
 
+/// Stops a VM; one that is not running is already down.
+fn down(name: &str) -> anyhow::Result<()> {
+    match Vm::attach(name) {
+        Ok(vm) => {
+            vm.down()?;
+            crate::step(&format!("VM {name} stopped"));
+        }
+        Err(VmError::NotRunning { .. }) => crate::step(&format!("VM {name} is not running")),
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
+}
+
+fn rm(name: &str, force: bool) -> anyhow::Result<()> {
+    let dir = smmvmi_tests::vm::vms_dir().join(name);
+    match Vm::attach(name) {
+        Ok(vm) if force => {
+            vm.down()?;
+            crate::step(&format!("VM {name} stopped"));
+        }
+        Ok(_) => anyhow::bail!(
+            "VM {name} is running: stop it first (`cargo xtask vm down {name}`) or use `vm rm --force {name}`"
+        ),
+        Err(VmError::NotRunning { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    crate::step(&format!("removed VM {name} ({})", dir.display()));
+    Ok(())
+}
+
+fn list(json: bool) -> anyhow::Result<()> {
+    let vms = Vm::list();
+    if json {
+        let rows: Vec<serde_json::Value> = vms
+            .iter()
+            .map(|(info, alive)| {
+                let mut v = info.summary_json();
+                v["running"] = (*alive).into();
+                v["firmware"] = info.firmware.clone().into();
+                v["mem"] = info.mem.clone().into();
+                v["smp"] = info.smp.into();
+                if !alive {
+                    v["pid"] = serde_json::Value::Null;
+                }
+                v
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    if vms.is_empty() {
+        eprintln!(
+            "no VMs (state lives in {})",
+            smmvmi_tests::vm::vms_dir().display()
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:>8} {:<8} {:<6} {:>4} {:<8} STATE DIR",
+        "NAME", "PID", "FIRMWARE", "MEM", "SMP", "STATE"
+    );
+    for (info, alive) in vms {
+        println!(
+            "{:<24} {:>8} {:<8} {:<6} {:>4} {:<8} {}",
+            info.name,
+            if alive {
+                info.pid.to_string()
+            } else {
+                "-".into()
+            },
+            info.firmware,
+            info.mem,
+            info.smp,
+            if alive { "running" } else { "stopped" },
+            info.state_dir.display()
+        );
+    }
+    Ok(())
+}
+
 fn up(args: UpArgs) -> anyhow::Result<()> {
+    let name = args.vm.get();
     let image = crate::guest_image::build(&args.kernel_deb)?;
     crate::step(&format!("firmware: {:?}", args.firmware));
     let firmware = args.firmware.resolve()?;
-    let mut config = VmConfig::new(&args.name, firmware)
+    let mut config = VmConfig::new(&name, firmware)
         .mem(&args.mem)
         .smp(args.smp)
         .boot_timeout(Duration::from_secs(args.boot_timeout));
@@ -194,9 +301,9 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
     }
     crate::step(&format!(
         "starting VM {} ({} RAM, {} vCPUs)",
-        args.name, args.mem, args.smp
+        name, args.mem, args.smp
     ));
-    let vm = Vm::up_detached(config).with_context(|| format!("starting VM {}", args.name))?;
+    let vm = Vm::up_detached(config).with_context(|| format!("starting VM {name}"))?;
     if let Some(t) = vm.boot_time() {
         crate::step(&format!("guest ready after {:.2} s", t.as_secs_f64()));
     }

@@ -641,6 +641,18 @@ impl Worker {
                     // whose client has been told it failed.
                     let _ = mb.store_u64(layout::OFF_REQ_DOORBELL, 0);
                     self.count_smis(&req);
+                    // No SMI could be raised at all (no agent header, the
+                    // firmware still booting, a fault): say why instead of
+                    // calling an agent silent that was never asked.
+                    if req.smis_doorbell == 0
+                        && req.smis_qmp == 0
+                        && let Some(reason) = h.not_ready_reason()
+                    {
+                        return Err(DaemonError::NotReady {
+                            vm: self.name.clone(),
+                            reason,
+                        });
+                    }
                     return Err(DaemonError::Silent {
                         vm: self.name.clone(),
                         deadline_ms: job

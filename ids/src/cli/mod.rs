@@ -1,0 +1,9 @@
+//! The `ids` command line's own parts: numbers ([`numbers`]), renderings
+//! ([`render`]), streaming reads ([`read`]), exit codes and error reports
+//! ([`errors`]), output sinks ([`output`]).
+
+pub mod errors;
+pub mod numbers;
+pub mod output;
+pub mod read;
+pub mod render;
