@@ -3,7 +3,8 @@
 //! `/proc/*/task/*/stat` for processes and threads, `/proc/modules` for
 //! modules (also after rmmod and insmod), `/proc/kallsyms` read as root for
 //! symbols, each CPU's `current` — on the default kernel, with 4 CPUs + 5 GiB + 5-level paging +
-//! PTI, and on Debian's 6.12 LTS cloud kernel.
+//! PTI, and on Debian's 6.12 LTS cloud kernel; and the default kernel on the
+//! patched QEMU (patches-qemu/) through the daemon's `qmp-targeted` path.
 //!
 //! Run with `cargo xtask test` (these are `#[ignore]`d for plain `cargo test`).
 
@@ -11,7 +12,11 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use common::{boot, config, finish, ids_session, sh};
+use common::{
+    assert_only_inject_smi, boot, config, daemon_ids_session, finish, ids_session, patched_qemu,
+    sh, test_daemon,
+};
+use host_injector::daemon::protocol::SmiPath;
 use ids::linux::{self, Discovery, Kernel, Task};
 use ids::memory::SnapshotCache;
 use smmvmi_tests::guest_image::KernelDeb;
@@ -262,13 +267,18 @@ fn check_cpus(vm: &Vm, s: &mut ids::Session, k: &Kernel) {
 fn run_all(cfg: VmConfig) {
     let vm = boot(cfg);
     let mut s = ids_session(&vm);
-    let k = load(&mut s);
-    assert_eq!(k.banner.trim_end(), sh(&vm, "cat /proc/version"));
-    check_kallsyms(&vm, &k);
-    check_ps(&vm, &mut s, &k);
-    check_lsmod(&vm, &mut s, &k);
-    check_cpus(&vm, &mut s, &k);
+    check_all(&vm, &mut s);
     finish(vm);
+}
+
+/// Banner, kallsyms, ps, lsmod and each CPU's current task, through `s`.
+fn check_all(vm: &Vm, s: &mut ids::Session) {
+    let k = load(s);
+    assert_eq!(k.banner.trim_end(), sh(vm, "cat /proc/version"));
+    check_kallsyms(vm, &k);
+    check_ps(vm, s, &k);
+    check_lsmod(vm, s, &k);
+    check_cpus(vm, s, &k);
 }
 
 #[test]
@@ -301,4 +311,32 @@ fn linux_6_12_kernel() {
             smmvmi_tests::guest_image::resolve_lts_612().unwrap_or_else(|e| panic!("{e}"))
         });
     run_all(config("linux-612").kernel_deb(deb));
+}
+
+/// The same checks on the QEMU built with patches-qemu/, the IDS going
+/// through a daemon whose only SMIs are the patched QEMU's `inject-smi`
+/// (smi path `qmp-targeted`: every vCPU for a snapshot request, one vCPU
+/// for a request about that vCPU), 4 vCPUs.
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn linux_default_kernel_on_patched_qemu_qmp_targeted() {
+    let Some(qemu) = patched_qemu("linux_on_patched_qemu") else {
+        return;
+    };
+    let daemon = test_daemon("linux-qp", &[]);
+    let vm = boot(
+        config("linux-qp")
+            .qemu(qemu)
+            .smp(4)
+            .through_daemon(&daemon.socket),
+    );
+    let addr = daemon.addr();
+    let mut s = daemon_ids_session(&vm, &addr, SmiPath::QmpTargeted);
+    check_all(&vm, &mut s);
+    // A targeted request of this session: one inject-smi with cpu-index.
+    let cpu = s.cpu_state(3).unwrap_or_else(|e| panic!("{e}"));
+    assert_ne!(cpu.cr3, 0, "vCPU 3 state: {cpu:?}");
+    assert_only_inject_smi(&addr, vm.name(), s.client_requests());
+    drop(s);
+    finish(vm);
 }
