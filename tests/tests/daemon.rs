@@ -747,6 +747,8 @@ fn counters(c: &mut DaemonClient) -> serde_json::Value {
 /// disarms MSI-X, the next doorbell SMI goes unanswered, the daemon falls
 /// back to a monitor SMI (counted apart), the request is still answered, the
 /// agent re-arms (counted in the header) and the doorbell works again.
+/// A request restricted to `qmp-targeted` is refused at once: stock QEMU
+/// has no `inject-smi`.
 #[test]
 #[ignore = "end-to-end: boots QEMU (cargo xtask test)"]
 fn doorbell_smis_answered_and_disarmed_doorbell_falls_back_counted() {
@@ -845,6 +847,30 @@ fn doorbell_smis_answered_and_disarmed_doorbell_falls_back_counted() {
     }
     let after = counters(&mut c);
     assert_eq!(d("doorbell_fallbacks", &after, &before), 0, "{after}");
+    // The smi path qmp-targeted needs the patched QEMU's `inject-smi`: on
+    // this stock QEMU the daemon refuses at once (nothing posted, no SMI),
+    // not silently at the deadline; the agent answers the next request.
+    let mut targeted =
+        common::daemon_ids_session(&vm, &daemon.addr(), protocol::SmiPath::QmpTargeted);
+    let before = counters(&mut c);
+    let started = Instant::now();
+    let e = targeted
+        .cpu_state(1)
+        .expect_err("stock QEMU has no inject-smi");
+    assert!(
+        e.to_string().contains("inject-smi") && started.elapsed() < Duration::from_secs(3),
+        "expected an immediate needs-patched-qemu refusal, got after {:?}: {e}",
+        started.elapsed()
+    );
+    let after = counters(&mut c);
+    assert_eq!(d("smis_qmp_targeted", &after, &before), 0, "{after}");
+    assert_eq!(
+        d("smis_qmp", &after, &before) + d("smis_doorbell", &after, &before),
+        0,
+        "{after}"
+    );
+    drop(targeted);
+    s.cpu_state(0).unwrap_or_else(|e| panic!("{e}"));
     let metrics = c.metrics().unwrap();
     for name in [
         "smmvmi_doorbell_fallbacks_total",

@@ -200,12 +200,12 @@ fn request(s: &mut Session, design: Design, cpu: u32) -> anyhow::Result<(f64, bo
     let before = s.client_requests();
     let op = Op::CpuState { cpu };
     let (ms, r) = timed(|| {
-        Ok(if design.targeted() {
+        if design.targeted() {
             s.request_on_cpu(cpu, &[op])
         } else {
             s.request(&[op])
         }
-        .with_context(|| format!("{} request for vCPU {cpu}", design.label()))?)
+        .with_context(|| format!("{} request for vCPU {cpu}", design.label()))
     })?;
     let ok = r.first().is_some_and(|r| r.status == Status::Ok);
     Ok((ms, ok, s.client_requests() - before))

@@ -773,24 +773,36 @@ impl Worker {
                             }
                         }
                     }
-                    if let (Some(args), Some(q)) = (inject.clone(), self.qmp.as_mut()) {
-                        match q.execute(INJECT_SMI_COMMAND, Some(args)).await {
-                            Ok(_) => {}
-                            Err(e @ QmpError::Command { .. }) => {
-                                // A vCPU unplugged since the look-up: look up again.
-                                tracing::warn!(vm = %self.name, error = %e, "inject-smi refused");
-                                self.cpu_index.clear();
-                                inject = None;
-                            }
-                            Err(e) => {
-                                tracing::warn!(vm = %self.name, error = %e, "inject-smi failed; reconnecting QMP");
-                                self.qmp = None;
-                                self.shared.qmp_connected.store(false, Ordering::Relaxed);
-                                inject = None;
+                    let tried = match (inject.clone(), self.qmp.as_mut()) {
+                        (Some(args), Some(q)) => {
+                            match q.execute(INJECT_SMI_COMMAND, Some(args)).await {
+                                Ok(_) => true,
+                                Err(e @ QmpError::Command { .. }) => {
+                                    // E.g. the vCPU was unplugged since the
+                                    // look-up: look up again next time, after
+                                    // the re-raise period (counted as raised,
+                                    // so that retries are paced).
+                                    tracing::warn!(vm = %self.name, error = %e, "inject-smi refused");
+                                    self.cpu_index.clear();
+                                    inject = None;
+                                    true
+                                }
+                                Err(e) => {
+                                    tracing::warn!(vm = %self.name, error = %e, "inject-smi failed; reconnecting QMP");
+                                    self.qmp = None;
+                                    self.shared.qmp_connected.store(false, Ordering::Relaxed);
+                                    inject = None;
+                                    false
+                                }
                             }
                         }
+                        // QMP went away during the look-up: nothing raised;
+                        // the next step waits for QMP.
+                        _ => false,
+                    };
+                    if tried {
+                        req.raised(Path::Qmp, Instant::now());
                     }
-                    req.raised(Path::Qmp, Instant::now());
                 }
                 Step::Raise(Path::Qmp) => {
                     let q = self.qmp.as_mut().expect("qmp usable implies connected");
