@@ -11,6 +11,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use common::{
     assert_only_inject_smi, boot, config, daemon_ids_session, finish, ids_session, patched_qemu,
@@ -220,7 +221,14 @@ fn check_lsmod(vm: &Vm, s: &mut ids::Session, k: &Kernel) {
 }
 
 fn check_kallsyms(vm: &Vm, k: &Kernel) {
-    let proc_ksyms = sh(vm, "grep -v '\\[' /proc/kallsyms");
+    // The whole table through the command channel, a UART under TCG: the
+    // 150,000 lines of 6.12 took more than the default 60 s on a loaded
+    // 2-core host.
+    let out = vm
+        .exec_timeout("grep -v '\\[' /proc/kallsyms", Duration::from_secs(300))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out.status, 0, "grep /proc/kallsyms: {}", out.stderr);
+    let proc_ksyms = out.stdout;
     let truth: Vec<(u64, char, &str)> = proc_ksyms
         .lines()
         .filter_map(|l| {
