@@ -21,17 +21,26 @@
 //!   from 6.2), GS base from the CPU state (the kernel's is in
 //!   `KERNEL_GS_BASE` while user mode runs).
 //!
-//! Every list walk is bounded ([`MAX_TASKS`], [`MAX_MODULES`]) and stops with
-//! an error on a cycle, so a corrupt guest list never hangs the IDS.
+//! Lists are walked by the agent (WALK_LIST, [`smmvmi_mailbox::walk`]): the
+//! task list with every field a listing shows, parents and credentials
+//! read through their pointers, is one request and one consistent
+//! snapshot; so is the module list. A second view of the tasks goes
+//! through the PID allocator ([`ps_by_idr`]). Every walk is bounded
+//! ([`MAX_WALK_ENTRIES`] per walk, [`MAX_TASKS`], [`MAX_MODULES`]) and a
+//! repeat, a user-space pointer or a broken `next` is an error, so a
+//! corrupt guest list never hangs the IDS.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
 
+use smmvmi_mailbox::walk::{Field as WalkField, MAX_WALK_ENTRIES};
 use smmvmi_mailbox::wire::{AddressSpace, CpuState};
 
 use crate::btf::{BtfError, Offsets, Types};
 use crate::kallsyms::{self, Image, Kallsyms, KallsymsError};
-use crate::memory::{GuestMemory, MemoryError, Read, SnapshotCache, Space};
+use crate::memory::{
+    GuestMemory, ListWalk, MemoryError, Read, SnapshotCache, Space, WalkEntry, WalkResult,
+};
 
 /// Where kernel text must be on x86-64 (the top 2 GiB).
 pub const KERNEL_TEXT_MIN: u64 = 0xFFFF_FFFF_8000_0000;
@@ -46,7 +55,7 @@ pub const PF_KTHREAD: u32 = 0x0020_0000;
 /// `EXIT_ZOMBIE`.
 pub const EXIT_ZOMBIE: u32 = 0x20;
 /// Cache format version.
-pub const CACHE_VERSION: u32 = 2;
+pub const CACHE_VERSION: u32 = 5;
 
 /// Errors of the Linux layer.
 #[derive(Debug, thiserror::Error)]
@@ -492,38 +501,6 @@ fn le64(b: &[u8], off: u64) -> u64 {
         .unwrap_or(0)
 }
 
-/// Walks a circular `list_head` from `head`, returning the entries' node
-/// addresses (not `head`). Bounded; a cycle not through `head` is an error.
-fn walk_list<M: GuestMemory>(
-    w: &mut Walker<'_, M>,
-    head: u64,
-    max: usize,
-    list: &'static str,
-) -> Result<Vec<u64>, LinuxError> {
-    let mut out = Vec::new();
-    let mut seen = HashSet::new();
-    let mut cur = w.u64(head)?;
-    while cur != head {
-        if out.len() >= max {
-            return Err(LinuxError::BadList {
-                list,
-                problem: format!("more than {max} entries"),
-                count: out.len(),
-            });
-        }
-        if cur < w.kernel_half || !seen.insert(cur) {
-            return Err(LinuxError::BadList {
-                list,
-                problem: format!("entry {cur:#x} is not a kernel address or repeats"),
-                count: out.len(),
-            });
-        }
-        out.push(cur);
-        cur = w.u64(cur)?;
-    }
-    Ok(out)
-}
-
 /// Slots of one xarray node (`XA_CHUNK_SIZE`).
 const XA_CHUNK: u64 = 64;
 /// Most xarray nodes visited.
@@ -625,94 +602,297 @@ fn tasks_by_idr<M: GuestMemory>(
     Ok(tasks)
 }
 
-/// Lists processes (and their threads with `threads`): through the PID
-/// IDR in PID order when BTF describes it (few SMIs), else along
-/// `init_task.tasks` (one batch per hop).
+/// The task fields a listing copies from each `task_struct`, in
+/// WALK_LIST order (indices: the `TF_*` constants).
+fn task_fields(o: &crate::btf::Offsets) -> Result<Vec<WalkField>, LinuxError> {
+    let off = |v: u64| {
+        u32::try_from(v)
+            .map_err(|_| LinuxError::NoSymbol(format!("a task field offset below 4 GiB ({v:#x})")))
+    };
+    let at = |v: u64, len: u32| -> Result<WalkField, LinuxError> {
+        Ok(WalkField {
+            offset: off(v)?,
+            len,
+            deref: None,
+        })
+    };
+    let through = |v: u64, to: u64, len: u32| -> Result<WalkField, LinuxError> {
+        Ok(WalkField {
+            offset: off(v)?,
+            len,
+            deref: Some(off(to)?),
+        })
+    };
+    let mut f = vec![
+        at(o.task_pid, 4)?,
+        at(o.task_tgid, 4)?,
+        at(o.task_comm, 16)?,
+        at(o.task_state, 4)?,
+        at(o.task_exit_state, 4)?,
+        at(o.task_flags, 4)?,
+        at(o.task_start, 8)?,
+        at(o.task_real_parent, 8)?,
+        through(o.task_real_parent, o.task_tgid, 4)?,
+        through(o.task_cred, o.cred_uid, 4)?,
+        through(o.task_cred, o.cred_gid, 4)?,
+        at(o.task_signal, 8)?,
+    ];
+    if let Some(nr) = o.signal_nr_threads {
+        f.push(through(o.task_signal, nr, 4)?);
+    }
+    Ok(f)
+}
+
+const TF_PID: usize = 0;
+const TF_TGID: usize = 1;
+const TF_COMM: usize = 2;
+const TF_STATE: usize = 3;
+const TF_EXIT_STATE: usize = 4;
+const TF_FLAGS: usize = 5;
+const TF_START: usize = 6;
+const TF_PARENT: usize = 7;
+const TF_PARENT_TGID: usize = 8;
+const TF_UID: usize = 9;
+const TF_GID: usize = 10;
+const TF_SIGNAL: usize = 11;
+const TF_NR_THREADS: usize = 12;
+
+/// One task from a walk entry (`init` = init_task, whose children have
+/// ppid 0); `None` if its own pid or tgid could not be read (a task being
+/// freed).
+fn task_of(e: &WalkEntry, init: u64) -> Option<Task> {
+    e.uint(TF_PID)?;
+    e.uint(TF_TGID)?;
+    let u32f = |i| e.uint(i).map_or(u32::MAX, |v| v as u32);
+    Some(Task {
+        pid: u32f(TF_PID),
+        tgid: u32f(TF_TGID),
+        ppid: if e.uint(TF_PARENT) == Some(init) {
+            0
+        } else {
+            u32f(TF_PARENT_TGID)
+        },
+        uid: u32f(TF_UID),
+        gid: u32f(TF_GID),
+        state: state_letter(u32f(TF_STATE), u32f(TF_EXIT_STATE)),
+        comm: read_cstr(e.bytes(TF_COMM)),
+        kthread: u32f(TF_FLAGS) & PF_KTHREAD != 0,
+        start_ns: e.uint(TF_START).unwrap_or(0),
+        addr: e.container,
+    })
+}
+
+/// Every container of a walk a kernel address, none repeated (a list that
+/// loops without passing its head, or points into user space, is a
+/// finding, not a long list).
+fn check_links(
+    r: &WalkResult,
+    list: &'static str,
+    kernel_half: u64,
+    link_offset: u64,
+) -> Result<(), LinuxError> {
+    let mut seen = HashSet::new();
+    for (n, e) in r.entries.iter().enumerate() {
+        let node = e.container.wrapping_add(link_offset);
+        if node < kernel_half || !seen.insert(e.container) {
+            return Err(LinuxError::BadList {
+                list,
+                problem: format!("entry {node:#x} is not a kernel address or repeats"),
+                count: n,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The walk stopped before its head for want of room, entries or work
+/// budget (not a broken pointer): the list is longer than one request.
+fn too_long(r: &WalkResult) -> bool {
+    use smmvmi_mailbox::wire::Status;
+    r.stop
+        .is_some_and(|f| matches!(f.status, Status::TooLarge | Status::WorkLimit))
+}
+
+/// A walk's entries, checked ([`check_links`]) and complete.
+fn checked_entries(
+    r: WalkResult,
+    list: &'static str,
+    kernel_half: u64,
+    link_offset: u64,
+) -> Result<Vec<WalkEntry>, LinuxError> {
+    check_links(&r, list, kernel_half, link_offset)?;
+    if let Some(f) = r.stop {
+        return Err(LinuxError::BadList {
+            list,
+            problem: if too_long(&r) {
+                format!(
+                    "longer than one request holds ({} entries read, {:?})",
+                    r.entries.len(),
+                    f.status
+                )
+            } else {
+                format!("a next pointer could not be read: {f}")
+            },
+            count: r.entries.len(),
+        });
+    }
+    Ok(r.entries)
+}
+
+/// Lists processes (and their threads with `threads`), in PID order: the
+/// task list (`init_task.tasks`) walked by the agent with every field a
+/// listing shows (parent, credentials and thread count through their
+/// pointers) in one request, one SMI; with `threads`, the thread lists of
+/// the processes that have more than one in a second. A task list longer
+/// than one walk holds is listed through the PID IDR instead
+/// ([`ps_by_idr`]).
 pub fn ps<M: GuestMemory>(
     c: &mut SnapshotCache<M>,
     k: &Kernel,
     cpu: u32,
     threads: bool,
 ) -> Result<Vec<Task>, LinuxError> {
-    if let Some(idr) = k.offsets.pid_idr {
-        let mut w = Walker {
-            c: &mut *c,
-            sp: kspace(cpu),
-            kernel_half: k.kernel_half,
-        };
-        let all = tasks_by_idr(&mut w, k, &idr)?;
-        let mut tasks = describe_tasks(c, k, cpu, &all)?;
-        if !threads {
-            tasks.retain(|t| t.pid == t.tgid);
-        }
-        return Ok(tasks);
-    }
-    ps_by_list(c, k, cpu, threads)
+    ps_lists(c, k, cpu, threads, true)
 }
 
-/// Lists processes (and their threads with `threads`), in list order.
-pub fn ps_by_list<M: GuestMemory>(
+/// The tasks on the task list (and, with `threads`, the thread lists)
+/// only, never through the PID IDR: one view of the hidden-process check.
+pub fn ps_task_list<M: GuestMemory>(
     c: &mut SnapshotCache<M>,
     k: &Kernel,
     cpu: u32,
     threads: bool,
 ) -> Result<Vec<Task>, LinuxError> {
+    ps_lists(c, k, cpu, threads, false)
+}
+
+fn ps_lists<M: GuestMemory>(
+    c: &mut SnapshotCache<M>,
+    k: &Kernel,
+    cpu: u32,
+    threads: bool,
+    idr_fallback: bool,
+) -> Result<Vec<Task>, LinuxError> {
     let o = &k.offsets;
+    let idr_ok = idr_fallback && o.pid_idr.is_some();
     let init = k
         .kallsyms
         .addr("init_task")
         .ok_or_else(|| LinuxError::NoSymbol("init_task".into()))?;
+    let fields = task_fields(o)?;
+    let link = |v: u64| {
+        u16::try_from(v)
+            .map_err(|_| LinuxError::NoSymbol(format!("a list link offset below 64 KiB ({v:#x})")))
+    };
+    let space = AddressSpace::kernel_of(cpu);
+    let walk = ListWalk {
+        space,
+        head: init + o.task_tasks,
+        link_offset: link(o.task_tasks)?,
+        max_entries: MAX_WALK_ENTRIES,
+        fields: fields.clone(),
+    };
+    // An agent without WALK_LIST would pay a request per pointer: the PID
+    // IDR's level-by-level batches are cheaper there.
+    if !c.inner().walks_in_agent()? && idr_ok {
+        return ps_by_idr(c, k, cpu, threads);
+    }
+    let r = c.inner().walk_lists(std::slice::from_ref(&walk))?.remove(0);
+    // Repeats and wild pointers are findings, whatever else happened.
+    check_links(&r, "init_task.tasks", k.kernel_half, o.task_tasks)?;
+    if too_long(&r) && idr_ok {
+        return ps_by_idr(c, k, cpu, threads);
+    }
+    let leaders = checked_entries(r, "init_task.tasks", k.kernel_half, o.task_tasks)?;
+    let mut tasks: Vec<Task> = leaders.iter().filter_map(|e| task_of(e, init)).collect();
+    if threads {
+        // Only processes with more than one thread (all, if the kernel's
+        // BTF does not say how many), each walk sized by its count.
+        let mut walks = Vec::new();
+        for e in &leaders {
+            let nr = match o.signal_nr_threads {
+                Some(_) => match e.uint(TF_NR_THREADS) {
+                    Some(n) if n as u32 <= 1 => continue,
+                    Some(n) => (n as u32).saturating_add(64).min(MAX_WALK_ENTRIES),
+                    None => MAX_WALK_ENTRIES,
+                },
+                None => MAX_WALK_ENTRIES,
+            };
+            let w = if let (Some(node), Some(head)) = (o.task_thread_node, o.signal_thread_head) {
+                // 6.7+: signal->thread_head lists every thread, leader included.
+                let Some(sig) = e.uint(TF_SIGNAL).filter(|&s| s >= k.kernel_half) else {
+                    continue;
+                };
+                ListWalk {
+                    head: sig + head,
+                    link_offset: link(node)?,
+                    max_entries: nr,
+                    ..walk.clone()
+                }
+            } else if let Some(tg) = o.task_thread_group {
+                // Before 6.7: the leader's thread_group lists the others.
+                ListWalk {
+                    head: e.container + tg,
+                    link_offset: link(tg)?,
+                    max_entries: nr,
+                    ..walk.clone()
+                }
+            } else {
+                continue;
+            };
+            walks.push(w);
+        }
+        let leader_addrs: HashSet<u64> = leaders.iter().map(|e| e.container).collect();
+        for (w, r) in walks.iter().zip(c.inner().walk_lists(&walks)?) {
+            check_links(&r, "thread list", k.kernel_half, u64::from(w.link_offset))?;
+            if too_long(&r) && idr_ok {
+                // A process with more threads than one walk holds.
+                return ps_by_idr(c, k, cpu, threads);
+            }
+            for e in checked_entries(r, "thread list", k.kernel_half, u64::from(w.link_offset))? {
+                if !leader_addrs.contains(&e.container)
+                    && let Some(t) = task_of(&e, init)
+                {
+                    tasks.push(t);
+                }
+            }
+            if tasks.len() > MAX_TASKS {
+                return Err(LinuxError::BadList {
+                    list: "threads",
+                    problem: format!("more than {MAX_TASKS} tasks"),
+                    count: tasks.len(),
+                });
+            }
+        }
+    }
+    tasks.sort_by_key(|t| (t.pid, t.addr));
+    Ok(tasks)
+}
+
+/// Lists processes (and their threads with `threads`) through the PID
+/// allocator (`init_pid_ns.idr`), not the task list: a second view of the
+/// same tasks (a task unlinked from one is still in the other), in a
+/// handful of requests whatever the task count.
+pub fn ps_by_idr<M: GuestMemory>(
+    c: &mut SnapshotCache<M>,
+    k: &Kernel,
+    cpu: u32,
+    threads: bool,
+) -> Result<Vec<Task>, LinuxError> {
+    let idr = k.offsets.pid_idr.ok_or_else(|| {
+        LinuxError::NoSymbol("the PID IDR types (pid_namespace.idr, xa_node) in BTF".into())
+    })?;
     let mut w = Walker {
-        c,
+        c: &mut *c,
         sp: kspace(cpu),
         kernel_half: k.kernel_half,
     };
-    let leaders: Vec<u64> = walk_list(&mut w, init + o.task_tasks, MAX_TASKS, "init_task.tasks")?
-        .into_iter()
-        .map(|n| n - o.task_tasks)
-        .collect();
-    let tsize = o.task_size.min(32 << 10) as usize;
-    let task_reads = |addrs: &[u64]| -> Vec<Read> {
-        addrs.iter().map(|&a| Read::kernel(cpu, a, tsize)).collect()
-    };
-    // Every leader's task_struct in as few batches as the cache makes.
-    w.c.prefetch(&task_reads(&leaders))?;
-    let mut all = Vec::new();
-    for &t in &leaders {
-        all.push(t);
-        if !threads {
-            continue;
-        }
-        let tb = w.bytes(t, tsize)?;
-        let members = if let (Some(node), Some(head)) = (o.task_thread_node, o.signal_thread_head) {
-            let sig = le64(&tb, o.task_signal);
-            walk_list(&mut w, sig + head, MAX_TASKS, "signal->thread_head")?
-                .into_iter()
-                .map(|n| n - node)
-                .collect::<Vec<_>>()
-        } else if let Some(tg) = o.task_thread_group {
-            let mut v = vec![];
-            for n in walk_list(&mut w, t + tg, MAX_TASKS, "task->thread_group")? {
-                v.push(n - tg);
-            }
-            v
-        } else {
-            vec![]
-        };
-        for m in members {
-            if m != t {
-                all.push(m);
-            }
-        }
-        if all.len() > MAX_TASKS {
-            return Err(LinuxError::BadList {
-                list: "threads",
-                problem: format!("more than {MAX_TASKS} tasks"),
-                count: all.len(),
-            });
-        }
+    let all = tasks_by_idr(&mut w, k, &idr)?;
+    let mut tasks = describe_tasks(c, k, cpu, &all)?;
+    if !threads {
+        tasks.retain(|t| t.pid == t.tgid);
     }
-    describe_tasks(w.c, k, cpu, &all)
+    Ok(tasks)
 }
 
 /// Reads each task of `all` (task structs in one batch, then parents and
@@ -800,6 +980,109 @@ fn describe_tasks<M: GuestMemory>(
     Ok(out)
 }
 
+/// One process of a process tree and its children (by `ppid`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TreeNode {
+    /// The process.
+    #[serde(flatten)]
+    pub task: Task,
+    /// Its children, in PID order.
+    pub children: Vec<TreeNode>,
+}
+
+impl TreeNode {
+    /// The tree as `(depth, task)` in display order (depth 0 = a root).
+    pub fn lines(&self) -> Vec<(usize, &Task)> {
+        let mut out = Vec::new();
+        let mut stack = vec![(0usize, self)];
+        while let Some((d, n)) = stack.pop() {
+            out.push((d, &n.task));
+            stack.extend(n.children.iter().rev().map(|c| (d + 1, c)));
+        }
+        out
+    }
+}
+
+/// Deepest level of a [`pstree`]; deeper tasks start trees of their own
+/// (a guest controls its ppid chains: the tree must stay shallow enough to
+/// print, serialize and drop without deep recursion).
+pub const MAX_TREE_DEPTH: usize = 256;
+
+/// Arranges `tasks` as trees by parent (`ppid`), roots in PID order: the
+/// children of the idle task (ppid 0) and every task whose parent is not in
+/// `tasks` (a parent that is a thread, or hidden), so that no task is left
+/// out. Each task appears once, however the ppids loop; a task deeper than
+/// [`MAX_TREE_DEPTH`] starts a tree of its own. Built without recursion.
+pub fn pstree(tasks: &[Task]) -> Vec<TreeNode> {
+    use std::collections::{HashMap, VecDeque};
+    let mut sorted: Vec<&Task> = tasks.iter().collect();
+    sorted.sort_by_key(|t| (t.pid, t.addr));
+    let n = sorted.len();
+    let mut by_pid: HashMap<u32, usize> = HashMap::new();
+    for (i, t) in sorted.iter().enumerate() {
+        by_pid.entry(t.pid).or_insert(i);
+    }
+    let mut children: Vec<Vec<usize>> = vec![Vec::new(); n];
+    let mut has_parent = vec![false; n];
+    for (i, t) in sorted.iter().enumerate() {
+        if t.ppid != 0
+            && let Some(&p) = by_pid.get(&t.ppid)
+            && p != i
+        {
+            children[p].push(i);
+            has_parent[i] = true;
+        }
+    }
+    // Breadth first from each root; tasks not reached (ppid loops, or too
+    // deep) become roots in turn.
+    let mut placed = vec![false; n];
+    let mut depth = vec![0usize; n];
+    let mut kids: Vec<Vec<usize>> = vec![Vec::new(); n];
+    let mut order: Vec<usize> = Vec::with_capacity(n);
+    let mut roots: Vec<usize> = Vec::new();
+    let mut grow = |r: usize, placed: &mut Vec<bool>, order: &mut Vec<usize>| {
+        placed[r] = true;
+        depth[r] = 0;
+        let mut queue = VecDeque::from([r]);
+        while let Some(x) = queue.pop_front() {
+            order.push(x);
+            if depth[x] + 1 >= MAX_TREE_DEPTH {
+                continue;
+            }
+            for &c in &children[x] {
+                if !placed[c] {
+                    placed[c] = true;
+                    depth[c] = depth[x] + 1;
+                    kids[x].push(c);
+                    queue.push_back(c);
+                }
+            }
+        }
+    };
+    for i in 0..n {
+        if !has_parent[i] && !placed[i] {
+            roots.push(i);
+            grow(i, &mut placed, &mut order);
+        }
+    }
+    for i in 0..n {
+        if !placed[i] {
+            roots.push(i);
+            grow(i, &mut placed, &mut order);
+        }
+    }
+    // Children before parents: build the nested nodes bottom up.
+    let mut built: Vec<Option<TreeNode>> = vec![None; n];
+    for &x in order.iter().rev() {
+        let children = kids[x].iter().filter_map(|&c| built[c].take()).collect();
+        built[x] = Some(TreeNode {
+            task: sorted[x].clone(),
+            children,
+        });
+    }
+    roots.into_iter().filter_map(|r| built[r].take()).collect()
+}
+
 /// One module as /proc/modules shows it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Module {
@@ -815,6 +1098,18 @@ pub struct Module {
     pub base: u64,
     /// Address of `struct module`.
     pub addr: u64,
+    /// Every memory region of the module, `(base, size)` in bytes (6.4+:
+    /// each `mem[]` type; before: core and init layouts): what the
+    /// checks name a hook's owner by.
+    #[serde(default)]
+    pub regions: Vec<(u64, u64)>,
+}
+
+impl Module {
+    /// True if `addr` lies in one of the module's regions.
+    pub fn contains(&self, addr: u64) -> bool {
+        self.regions.iter().any(|&(b, n)| addr.wrapping_sub(b) < n)
+    }
 }
 
 /// Lists modules in list order (as /proc/modules).
@@ -828,62 +1123,83 @@ pub fn lsmod<M: GuestMemory>(
         .kallsyms
         .addr("modules")
         .ok_or_else(|| LinuxError::NoSymbol("modules".into()))?;
-    let mut w = Walker {
-        c,
-        sp: kspace(cpu),
-        kernel_half: k.kernel_half,
+    // Fields: name, state, refcnt, then one (base, size) region per field:
+    // 6.4+ every `mem[i]` (`module_memory { base; size; }`), before that
+    // the core and init layouts (`module_layout { base; size; }`).
+    let at = |v: u64, len: u64| -> Result<WalkField, LinuxError> {
+        Ok(WalkField {
+            offset: u32::try_from(v).map_err(|_| {
+                LinuxError::NoSymbol(format!("a module field offset below 4 GiB ({v:#x})"))
+            })?,
+            len: len.clamp(1, u64::from(smmvmi_mailbox::walk::MAX_FIELD_LEN)) as u32,
+            deref: None,
+        })
     };
-    let nodes = walk_list(&mut w, head, MAX_MODULES, "modules")?;
-    let span = [
-        o.module_name.offset + o.module_name.size,
-        o.module_state + 4,
-        o.module_refcnt.unwrap_or(0) + 4,
-        o.module_mem.map(|(m, e, n, _, _)| m + e * n).unwrap_or(0),
-        o.module_core_layout
-            .map(|(b, s, i)| b.max(s).max(i) + 8)
-            .unwrap_or(0),
-    ]
-    .into_iter()
-    .max()
-    .unwrap_or(0)
-    .min(64 << 10) as usize;
-    let reads: Vec<Read> = nodes
-        .iter()
-        .map(|&n| Read::kernel(cpu, n - o.module_list, span))
-        .collect();
-    let res = w.c.read_many(&reads)?;
+    let mut fields = vec![
+        at(o.module_name.offset, o.module_name.size)?,
+        at(o.module_state, 4)?,
+        at(o.module_refcnt.unwrap_or(o.module_state), 4)?,
+    ];
+    // (offset of base, distance from base to the 4-byte size)
+    let mut regions: Vec<(u64, u64)> = Vec::new();
+    if let Some((m, e, n, bo, so)) = o.module_mem {
+        for i in 0..n.min(smmvmi_mailbox::walk::MAX_WALK_FIELDS as u64 - 3) {
+            regions.push((m + i * e + bo, so.wrapping_sub(bo)));
+        }
+    } else if let Some((bo, so, io)) = o.module_core_layout {
+        regions.push((bo, so.wrapping_sub(bo)));
+        // init_layout.base lies as far before its size as core's does.
+        regions.push((io.wrapping_sub(so.wrapping_sub(bo)), so.wrapping_sub(bo)));
+    }
+    for &(base_at, to_size) in &regions {
+        if !(8..=248).contains(&to_size) {
+            return Err(LinuxError::NoSymbol(format!(
+                "a module memory layout with its size after its base (found {to_size:#x} bytes apart)"
+            )));
+        }
+        fields.push(at(base_at, to_size + 4)?);
+    }
+    let link = u16::try_from(o.module_list)
+        .map_err(|_| LinuxError::NoSymbol("module.list below 64 KiB".into()))?;
+    let walk = ListWalk {
+        space: AddressSpace::kernel_of(cpu),
+        head,
+        link_offset: link,
+        max_entries: MAX_MODULES as u32,
+        fields,
+    };
+    let r = c.inner().walk_lists(std::slice::from_ref(&walk))?.remove(0);
     let mut out = Vec::new();
-    for (r, b) in reads.iter().zip(res) {
-        let b = b.map_err(|fault| MemoryError::Fault {
-            space: r.space,
-            addr: r.addr,
-            len: r.len,
-            fault,
-        })?;
-        let state = le32(&b, o.module_state);
+    for e in checked_entries(r, "modules", k.kernel_half, o.module_list)? {
+        let state = e.uint(1).unwrap_or(u64::MAX);
         if state == 3 {
             continue; // MODULE_STATE_UNFORMED: /proc/modules skips it.
         }
-        let (base, size) = if let Some((m, e, n, bo, so)) = o.module_mem {
-            let base = le64(&b, m + bo);
-            let size: u64 = (0..n).map(|i| u64::from(le32(&b, m + i * e + so))).sum();
-            (base, size)
-        } else if let Some((bo, so, io)) = o.module_core_layout {
-            (
-                le64(&b, bo),
-                u64::from(le32(&b, so)) + u64::from(le32(&b, io)),
-            )
-        } else {
-            (0, 0)
-        };
-        let name_at = o.module_name.offset as usize;
+        let regions: Vec<(u64, u64)> = regions
+            .iter()
+            .enumerate()
+            .map(|(i, &(_, to_size))| {
+                let b = e.bytes(3 + i);
+                let le = |at: usize, n: usize| {
+                    let mut a = [0u8; 8];
+                    if let Some(s) = b.get(at..at + n) {
+                        a[..n].copy_from_slice(s);
+                    }
+                    u64::from_le_bytes(a)
+                };
+                (le(0, 8), le(to_size as usize, 4))
+            })
+            .collect();
+        let base = regions.first().map_or(0, |r| r.0);
+        let size: u64 = regions.iter().map(|r| r.1).sum();
+        let regions: Vec<(u64, u64)> = regions.into_iter().filter(|r| r.1 > 0).collect();
         out.push(Module {
-            name: read_cstr(&b[name_at..name_at + o.module_name.size as usize]),
+            name: read_cstr(e.bytes(0)),
             size,
-            refcount: o
-                .module_refcnt
-                .map(|r| i64::from(le32(&b, r) as i32) - 1)
-                .unwrap_or(-1),
+            refcount: match (o.module_refcnt, e.uint(2)) {
+                (Some(_), Some(r)) => i64::from(r as u32 as i32) - 1,
+                _ => -1,
+            },
             state: match state {
                 0 => "Live",
                 1 => "Loading",
@@ -892,7 +1208,8 @@ pub fn lsmod<M: GuestMemory>(
             }
             .into(),
             base,
-            addr: r.addr,
+            addr: e.container,
+            regions,
         });
     }
     Ok(out)

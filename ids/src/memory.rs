@@ -21,6 +21,7 @@
 use std::collections::HashMap;
 
 use smmvmi_mailbox::client::OwnedResult;
+use smmvmi_mailbox::walk::{self, Field, WalkReader, WalkSpec};
 use smmvmi_mailbox::wire::{AddressSpace, CpuState, Op, RESULT_HEADER_LEN, Status, WalkRecord};
 
 use crate::session::{AgentInfo, Session, SessionError};
@@ -129,6 +130,12 @@ pub enum MemoryError {
         /// Which backend.
         backend: &'static str,
     },
+    /// A list walk outside the agent's bounds.
+    #[error("a list walk outside the agent's bounds: {problem}")]
+    BadWalk {
+        /// Which bound.
+        problem: &'static str,
+    },
     /// A CPU index beyond the CPUs the backend knows.
     #[error("CPU {cpu} does not exist: the guest has {count} CPUs")]
     NoSuchCpu {
@@ -141,6 +148,177 @@ pub enum MemoryError {
 
 /// The result of one read: its bytes, or why not.
 pub type ReadResult = Result<Vec<u8>, Fault>;
+
+/// One list walk of a [`GuestMemory::walk_lists`] batch: the circular
+/// `list_head` chain at `head` in `space`, with `fields` copied from each
+/// container (semantics and bounds: [`smmvmi_mailbox::walk`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListWalk {
+    /// Address space (virtual).
+    pub space: AddressSpace,
+    /// Address of the list head.
+    pub head: u64,
+    /// Offset of the link inside each container, bytes.
+    pub link_offset: u16,
+    /// Most entries, 1..=[`walk::MAX_WALK_ENTRIES`].
+    pub max_entries: u32,
+    /// Fields copied from each container, at most [`walk::MAX_WALK_FIELDS`].
+    pub fields: Vec<Field>,
+}
+
+/// One container a walk visited.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WalkEntry {
+    /// The container's address.
+    pub container: u64,
+    /// Each field's bytes, `None` where it could not be read.
+    pub fields: Vec<Option<Vec<u8>>>,
+}
+
+impl WalkEntry {
+    /// Field `i` as a little-endian integer of its length (at most 8
+    /// bytes), `None` if it could not be read.
+    pub fn uint(&self, i: usize) -> Option<u64> {
+        let b = self.fields.get(i)?.as_ref()?;
+        let mut a = [0u8; 8];
+        let n = b.len().min(8);
+        a[..n].copy_from_slice(&b[..n]);
+        Some(u64::from_le_bytes(a))
+    }
+
+    /// Field `i`'s bytes (empty if it could not be read).
+    pub fn bytes(&self, i: usize) -> &[u8] {
+        self.fields
+            .get(i)
+            .and_then(|f| f.as_deref())
+            .unwrap_or_default()
+    }
+}
+
+/// What one walk found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WalkResult {
+    /// The containers, in list order.
+    pub entries: Vec<WalkEntry>,
+    /// `None` if the walk came back to the head; else why it stopped
+    /// (`TooLarge`: the entry limit; others: a `next` that could not be
+    /// read, `aux` = entries read before it).
+    pub stop: Option<Fault>,
+}
+
+impl WalkResult {
+    fn parse(data: &[u8], fields: &[Field], status: Status, level: u8, count: u64) -> Self {
+        let entries = walk::entries(data, fields)
+            .map(|e| {
+                let mut at = 0usize;
+                WalkEntry {
+                    container: e.container,
+                    fields: fields
+                        .iter()
+                        .enumerate()
+                        .map(|(i, f)| {
+                            let b = &e.fields[at..at + f.len as usize];
+                            at += f.len as usize;
+                            (e.faults.checked_shr(i as u32).unwrap_or(0) & 1 == 0)
+                                .then(|| b.to_vec())
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        Self {
+            entries,
+            stop: (status != Status::Ok).then_some(Fault {
+                status,
+                level,
+                aux: count,
+            }),
+        }
+    }
+}
+
+/// A [`WalkReader`] over a backend's reads: one batch per read (a dump or
+/// a fake: reads are local). Keeps the first backend error.
+struct BatchReader<'a, M: ?Sized> {
+    m: &'a mut M,
+    space: AddressSpace,
+    error: Option<MemoryError>,
+}
+
+impl<M: GuestMemory + ?Sized> WalkReader for BatchReader<'_, M> {
+    fn read(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), (Status, u8)> {
+        if self.error.is_some() {
+            return Err((Status::Unsupported, 0));
+        }
+        let r = Read {
+            space: Space::Virt(self.space),
+            addr,
+            len: buf.len(),
+        };
+        match self.m.read_batch(&[r]).map(|mut v| v.pop()) {
+            Ok(Some(Ok(d))) if d.len() == buf.len() => {
+                buf.copy_from_slice(&d);
+                Ok(())
+            }
+            Ok(Some(Err(f))) => Err((f.status, f.level)),
+            Ok(_) => Err((Status::TooLarge, 0)),
+            Err(e) => {
+                self.error = Some(e);
+                Err((Status::Unsupported, 0))
+            }
+        }
+    }
+}
+
+/// The agent's bounds ([`WalkSpec::check`]), checked on every backend.
+fn check_walk(lw: &ListWalk) -> Result<(), MemoryError> {
+    WalkSpec {
+        head: lw.head,
+        link_offset: lw.link_offset,
+        max_entries: lw.max_entries,
+        fields: &lw.fields,
+    }
+    .check()
+    .map_err(|problem| MemoryError::BadWalk { problem })
+}
+
+/// Runs `walks` with the backend's own reads, following each pointer as
+/// the agent would ([`walk::walk`]): the fallback of backends without a
+/// list-walk op.
+pub fn walk_lists_by_reads<M: GuestMemory + ?Sized>(
+    m: &mut M,
+    walks: &[ListWalk],
+) -> Result<Vec<WalkResult>, MemoryError> {
+    walks
+        .iter()
+        .map(|lw| {
+            check_walk(lw)?;
+            let mut out = vec![0u8; lw.max_entries as usize * walk::entry_len(&lw.fields)];
+            let spec = WalkSpec {
+                head: lw.head,
+                link_offset: lw.link_offset,
+                max_entries: lw.max_entries,
+                fields: &lw.fields,
+            };
+            let mut r = BatchReader {
+                m: &mut *m,
+                space: lw.space,
+                error: None,
+            };
+            let o = walk::walk(&mut r, &spec, &mut out);
+            if let Some(e) = r.error {
+                return Err(e);
+            }
+            Ok(WalkResult::parse(
+                &out[..o.used],
+                &lw.fields,
+                o.status,
+                o.level,
+                u64::from(o.entries),
+            ))
+        })
+        .collect()
+}
 
 /// Guest memory and CPU state, read in batches.
 pub trait GuestMemory {
@@ -161,6 +339,20 @@ pub trait GuestMemory {
     fn max_read(&mut self) -> Result<usize, MemoryError>;
     /// Counters so far.
     fn stats(&self) -> BatchStats;
+
+    /// Walks every list of `walks` in one snapshot where the backend can
+    /// (one SMI on an agent with WALK_LIST, version 1.2+); the default
+    /// follows the pointers with [`GuestMemory::read_batch`].
+    fn walk_lists(&mut self, walks: &[ListWalk]) -> Result<Vec<WalkResult>, MemoryError> {
+        walk_lists_by_reads(self, walks)
+    }
+
+    /// True if [`GuestMemory::walk_lists`] is served by the agent in one
+    /// request (else it costs a read per pointer: callers with a batched
+    /// alternative should take it).
+    fn walks_in_agent(&mut self) -> Result<bool, MemoryError> {
+        Ok(false)
+    }
 
     /// Reads `len` bytes that must all be there; reads longer than
     /// [`GuestMemory::max_read`] are split into one batch of several ops.
@@ -287,6 +479,88 @@ impl GuestMemory for Session {
 
     fn stats(&self) -> BatchStats {
         self.memory_stats()
+    }
+
+    fn walks_in_agent(&mut self) -> Result<bool, MemoryError> {
+        Ok(self.cached_info()?.header.agent_version >= walk::WALK_LIST_AGENT_VERSION)
+    }
+
+    fn walk_lists(&mut self, walks: &[ListWalk]) -> Result<Vec<WalkResult>, MemoryError> {
+        if !self.walks_in_agent()? {
+            return walk_lists_by_reads(self, walks);
+        }
+        for w in walks {
+            check_walk(w)?;
+        }
+        let mut out: Vec<Option<WalkResult>> = vec![None; walks.len()];
+        // As many walks per request as the op limit allows; a walk the
+        // reply had no room for is asked again, alone.
+        let mut pending: Vec<usize> = (0..walks.len()).collect();
+        let mut alone = false;
+        while !pending.is_empty() {
+            let mut ops = Vec::new();
+            let mut asked = Vec::new();
+            for &i in &pending {
+                let w = &walks[i];
+                if !ops.is_empty() && (alone || ops.len() + 1 + w.fields.len() > MAX_BATCH_OPS) {
+                    break;
+                }
+                ops.push(Op::WalkList {
+                    space: w.space,
+                    head: w.head,
+                    link_offset: w.link_offset,
+                    max_entries: w.max_entries,
+                    field_count: w.fields.len() as u32,
+                });
+                ops.extend(w.fields.iter().map(|f| Op::Field(*f)));
+                asked.push(i);
+            }
+            let results = self.request(&ops)?;
+            self.count(1, &results);
+            let mut at = 0usize;
+            let mut again = Vec::new();
+            for &i in &asked {
+                let w = &walks[i];
+                let r = results.get(at);
+                at += 1 + w.fields.len();
+                // Cut short by what it shared the request with (the reply's
+                // room or the work budget): asked again, alone.
+                let shared_cut = |r: &OwnedResult| {
+                    !alone
+                        && (r.status == Status::WorkLimit
+                            || (r.status == Status::TooLarge && r.aux < u64::from(w.max_entries)))
+                };
+                match r {
+                    Some(r) if !shared_cut(r) => {
+                        if r.kind != smmvmi_mailbox::wire::OpKind::WalkList as u8
+                            || r.data.len() as u64
+                                != r.aux.saturating_mul(walk::entry_len(&w.fields) as u64)
+                        {
+                            return Err(SessionError::Malformed(format!(
+                                "WALK_LIST result: kind {}, {} bytes for {} entries",
+                                r.kind,
+                                r.data.len(),
+                                r.aux
+                            ))
+                            .into());
+                        }
+                        out[i] = Some(WalkResult::parse(
+                            &r.data, &w.fields, r.status, r.level, r.aux,
+                        ))
+                    }
+                    _ => again.push(i),
+                }
+            }
+            pending.retain(|i| !asked.contains(i));
+            // Walks cut short by the reply's room go again, one per request.
+            alone = !again.is_empty();
+            again.extend(pending);
+            pending = again;
+        }
+        Ok(out
+            .into_iter()
+            .map(|r| r.expect("every walk answered"))
+            .collect())
     }
 }
 
@@ -515,6 +789,12 @@ impl<T: GuestMemory + ?Sized> GuestMemory for &mut T {
     fn stats(&self) -> BatchStats {
         (**self).stats()
     }
+    fn walk_lists(&mut self, walks: &[ListWalk]) -> Result<Vec<WalkResult>, MemoryError> {
+        (**self).walk_lists(walks)
+    }
+    fn walks_in_agent(&mut self) -> Result<bool, MemoryError> {
+        (**self).walks_in_agent()
+    }
 }
 
 /// A boxed backend is a backend (the CLI picks one at run time).
@@ -540,5 +820,11 @@ impl<T: GuestMemory + ?Sized> GuestMemory for Box<T> {
     }
     fn stats(&self) -> BatchStats {
         (**self).stats()
+    }
+    fn walk_lists(&mut self, walks: &[ListWalk]) -> Result<Vec<WalkResult>, MemoryError> {
+        (**self).walk_lists(walks)
+    }
+    fn walks_in_agent(&mut self) -> Result<bool, MemoryError> {
+        (**self).walks_in_agent()
     }
 }

@@ -170,6 +170,8 @@ fn describe(op: &Op) -> String {
         Op::Translate { space, addr } => format!("TRANSLATE {addr:#x} (cpu {})", space.cpu),
         Op::CpuState { cpu } => format!("CPU_STATE {cpu}"),
         Op::Info => "INFO".into(),
+        Op::WalkList { head, space, .. } => format!("WALK_LIST {head:#x} (cpu {})", space.cpu),
+        Op::Field(f) => format!("FIELD +{:#x}", f.offset),
     }
 }
 
@@ -424,6 +426,12 @@ impl Session {
         Ok(info)
     }
 
+    /// The agent's per-boot session salt this session's keys derive from
+    /// (a new one after every guest boot).
+    pub fn salt(&self) -> [u8; SESSION_SALT_LEN] {
+        self.salt
+    }
+
     /// The INFO of this session's last `info()`, if any.
     pub fn info_cache(&self) -> Option<&AgentInfo> {
         self.info.as_ref()
@@ -458,10 +466,25 @@ impl Session {
         Ok(m)
     }
 
-    /// CPU_STATE of `cpu`.
+    /// CPU_STATE of `cpu`. The session's first CPU_STATE also carries
+    /// INFO (one SMI where two would be asked in turn: every Linux command
+    /// starts with both), served as a snapshot; later ones target `cpu`.
     pub fn cpu_state(&mut self, cpu: u32) -> Result<CpuState, SessionError> {
         let op = Op::CpuState { cpu };
-        let r = self.request_on_cpu(cpu, &[op])?.remove(0);
+        let r = if self.info.is_none()
+            && self.injector.header()?.state() != Some(AgentState::Unprovisioned)
+        {
+            let mut rs = self.request(&[Op::Info, op])?;
+            let (info, r) = (rs.remove(0), rs.remove(0));
+            if info.status == Status::Ok {
+                let info = AgentInfo::parse(&info.data, true)?;
+                self.max_read = Some(info.header.max_read as usize);
+                self.info = Some(info);
+            }
+            r
+        } else {
+            self.request_on_cpu(cpu, &[op])?.remove(0)
+        };
         if r.status != Status::Ok {
             return Err(SessionError::Op {
                 op: describe(&op),

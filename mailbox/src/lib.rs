@@ -75,6 +75,7 @@ pub mod records;
 pub mod reply;
 pub mod request;
 pub mod shared;
+pub mod walk;
 pub mod wire;
 
 pub use shared::{AccessError, SharedMemory};

@@ -12,17 +12,20 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0x00 | 1 | kind ([`OpKind`]) |
-//! | 0x01 | 1 | flags: bit 0 explicit CR3; bits 1..2 PTI choice ([`Pti`]); others zero |
-//! | 0x02 | 2 | reserved, zero |
-//! | 0x04 | 4 | CPU index (READ_VIRT, TRANSLATE: whose CR3 and paging mode; CPU_STATE) |
-//! | 0x08 | 8 | explicit CR3 (if flag bit 0) |
-//! | 0x10 | 8 | address (virtual or physical) |
-//! | 0x18 | 4 | length (READ_VIRT, READ_PHYS) |
-//! | 0x1C | 4 | reserved, zero |
+//! | 0x01 | 1 | flags: bit 0 explicit CR3; bits 1..2 PTI choice ([`Pti`]); others zero (FIELD: bit 0 = through a pointer) |
+//! | 0x02 | 2 | zero (WALK_LIST: link offset inside the container) |
+//! | 0x04 | 4 | CPU index (READ_VIRT, TRANSLATE, WALK_LIST: whose CR3 and paging mode; CPU_STATE) |
+//! | 0x08 | 8 | explicit CR3 (if flag bit 0; FIELD: offset added to the pointer) |
+//! | 0x10 | 8 | address (virtual or physical; WALK_LIST: the list head; FIELD: offset in the container) |
+//! | 0x18 | 4 | length (READ_VIRT, READ_PHYS, FIELD; WALK_LIST: most entries) |
+//! | 0x1C | 4 | zero (WALK_LIST: number of FIELD ops that follow) |
+//!
+//! WALK_LIST and its FIELD ops are described in [`crate::walk`].
 
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
 
+use crate::walk::{Field, MAX_FIELD_LEN, MAX_WALK_ENTRIES, MAX_WALK_FIELDS};
 use crate::wire::{WireError, truncated};
 
 /// Length of the IDS nonce in bytes.
@@ -52,9 +55,10 @@ pub struct RequestHeaderLe {
 pub struct OpLe {
     /// Raw [`OpKind`].
     pub kind: u8,
-    /// Bit 0: explicit CR3; bits 1..2: [`Pti`].
+    /// Bit 0: explicit CR3; bits 1..2: [`Pti`] (FIELD: bit 0 = through a
+    /// pointer).
     pub flags: u8,
-    /// Zero.
+    /// Zero (WALK_LIST: link offset).
     pub reserved0: U16,
     /// CPU index.
     pub cpu: U32,
@@ -62,9 +66,9 @@ pub struct OpLe {
     pub cr3: U64,
     /// Virtual or physical address.
     pub addr: U64,
-    /// Length in bytes.
+    /// Length in bytes (WALK_LIST: most entries).
     pub len: U32,
-    /// Zero.
+    /// Zero (WALK_LIST: FIELD ops that follow).
     pub reserved1: U32,
 }
 
@@ -121,6 +125,11 @@ pub enum OpKind {
     CpuState = 4,
     /// Agent facts: version, CPUs, RAM map, paging, SEV.
     Info = 5,
+    /// Follow a `list_head` chain, copying fields of each container
+    /// ([`crate::walk`]).
+    WalkList = 6,
+    /// One field of the WALK_LIST op before it.
+    Field = 7,
 }
 
 impl OpKind {
@@ -132,6 +141,8 @@ impl OpKind {
             3 => Self::Translate,
             4 => Self::CpuState,
             5 => Self::Info,
+            6 => Self::WalkList,
+            7 => Self::Field,
             _ => return None,
         })
     }
@@ -170,9 +181,26 @@ pub enum Op {
     },
     /// Agent facts.
     Info,
+    /// Walk the circular list whose head is at `head` in `space`; the next
+    /// `field_count` ops are its [`Op::Field`]s ([`crate::walk`]).
+    WalkList {
+        /// Address space.
+        space: AddressSpace,
+        /// Address of the list head (`struct list_head`).
+        head: u64,
+        /// Offset of the link inside each container, bytes.
+        link_offset: u16,
+        /// Most entries visited, 1..=[`MAX_WALK_ENTRIES`].
+        max_entries: u32,
+        /// FIELD ops that follow, 0..=[`MAX_WALK_FIELDS`].
+        field_count: u32,
+    },
+    /// One field copied from each container of the walk before it.
+    Field(Field),
 }
 
 const FLAG_EXPLICIT_CR3: u8 = 1;
+const FLAG_FIELD_DEREF: u8 = 1;
 const PTI_SHIFT: u8 = 1;
 const PTI_MASK: u8 = 0b11 << PTI_SHIFT;
 
@@ -185,6 +213,8 @@ impl Op {
             Op::Translate { .. } => OpKind::Translate,
             Op::CpuState { .. } => OpKind::CpuState,
             Op::Info => OpKind::Info,
+            Op::WalkList { .. } => OpKind::WalkList,
+            Op::Field(_) => OpKind::Field,
         }
     }
 
@@ -196,9 +226,31 @@ impl Op {
             Op::Translate { space, addr } => (Some(space), addr, 0, space.cpu),
             Op::CpuState { cpu } => (None, 0, 0, cpu),
             Op::Info => (None, 0, 0, 0),
+            Op::WalkList {
+                space,
+                head,
+                max_entries,
+                ..
+            } => (Some(space), head, max_entries, space.cpu),
+            Op::Field(f) => (None, u64::from(f.offset), f.len, 0),
         };
         let mut le = OpLe::new_zeroed();
         le.kind = self.kind() as u8;
+        match *self {
+            Op::WalkList {
+                link_offset,
+                field_count,
+                ..
+            } => {
+                le.reserved0 = link_offset.into();
+                le.reserved1 = field_count.into();
+            }
+            Op::Field(Field { deref: Some(d), .. }) => {
+                le.flags = FLAG_FIELD_DEREF;
+                le.cr3 = u64::from(d).into();
+            }
+            _ => {}
+        }
         if let Some(s) = space {
             le.flags = (s.pti as u8) << PTI_SHIFT;
             if let Some(cr3) = s.cr3 {
@@ -229,7 +281,7 @@ impl Op {
         let addr = le.addr.get();
         let len = le.len.get();
         let reserved = u64::from(le.reserved0.get()) | u64::from(le.reserved1.get()) << 16;
-        if reserved != 0 {
+        if reserved != 0 && kind != OpKind::WalkList {
             return Err(WireError::Reserved {
                 what: "op reserved fields",
                 found: reserved,
@@ -300,6 +352,58 @@ impl Op {
             OpKind::Info => {
                 unused(u64::from(flags) | cr3 | addr | u64::from(len) | u64::from(cpu))?;
                 Op::Info
+            }
+            OpKind::WalkList => {
+                let field_count = le.reserved1.get();
+                if field_count as usize > MAX_WALK_FIELDS {
+                    return Err(WireError::BadLength {
+                        what: "WALK_LIST field count at most MAX_WALK_FIELDS",
+                        expected: MAX_WALK_FIELDS,
+                        found: field_count as usize,
+                    });
+                }
+                if !(1..=MAX_WALK_ENTRIES).contains(&len) {
+                    return Err(WireError::BadLength {
+                        what: "WALK_LIST entries 1..=MAX_WALK_ENTRIES",
+                        expected: MAX_WALK_ENTRIES as usize,
+                        found: len as usize,
+                    });
+                }
+                Op::WalkList {
+                    space: space()?,
+                    head: addr,
+                    link_offset: le.reserved0.get(),
+                    max_entries: len,
+                    field_count,
+                }
+            }
+            OpKind::Field => {
+                if flags & !FLAG_FIELD_DEREF != 0 {
+                    return Err(WireError::Reserved {
+                        what: "FIELD flags",
+                        found: u64::from(flags),
+                    });
+                }
+                let deref = flags & FLAG_FIELD_DEREF != 0;
+                unused(u64::from(cpu) | if deref { 0 } else { cr3 })?;
+                let (Ok(offset), Ok(ptr_off)) = (u32::try_from(addr), u32::try_from(cr3)) else {
+                    return Err(WireError::Reserved {
+                        what: "FIELD offsets above 32 bits",
+                        found: addr | cr3,
+                    });
+                };
+                if !(1..=MAX_FIELD_LEN).contains(&len) {
+                    return Err(WireError::BadLength {
+                        what: "FIELD length 1..=MAX_FIELD_LEN",
+                        expected: MAX_FIELD_LEN as usize,
+                        found: len as usize,
+                    });
+                }
+                Op::Field(Field {
+                    offset,
+                    len,
+                    deref: deref.then_some(ptr_off),
+                })
             }
         })
     }

@@ -17,6 +17,7 @@ pub use crate::frame::*;
 pub use crate::records::*;
 pub use crate::reply::*;
 pub use crate::request::*;
+pub use crate::walk::{Field, WalkSpec};
 
 /// Errors of the wire module.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]

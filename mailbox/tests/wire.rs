@@ -3,6 +3,7 @@
 use proptest::prelude::*;
 use smmvmi_mailbox::client::{Client, ClientError, parse_plain_reply};
 use smmvmi_mailbox::crypto::{self, SessionKeys};
+use smmvmi_mailbox::walk;
 use smmvmi_mailbox::wire::*;
 
 fn arb_space() -> impl Strategy<Value = AddressSpace> {
@@ -25,6 +26,24 @@ fn arb_op() -> impl Strategy<Value = Op> {
         (arb_space(), any::<u64>()).prop_map(|(space, addr)| Op::Translate { space, addr }),
         any::<u32>().prop_map(|cpu| Op::CpuState { cpu }),
         Just(Op::Info),
+        (
+            arb_space(),
+            any::<u64>(),
+            any::<u16>(),
+            1..=walk::MAX_WALK_ENTRIES,
+            0..=walk::MAX_WALK_FIELDS as u32
+        )
+            .prop_map(|(space, head, link_offset, max_entries, field_count)| {
+                Op::WalkList {
+                    space,
+                    head,
+                    link_offset,
+                    max_entries,
+                    field_count,
+                }
+            }),
+        (any::<u32>(), 1..=walk::MAX_FIELD_LEN, any::<Option<u32>>())
+            .prop_map(|(offset, len, deref)| Op::Field(walk::Field { offset, len, deref })),
     ]
 }
 
@@ -246,6 +265,28 @@ fn encodings_are_byte_identical_to_layout_v1() {
         hex(&op.encode()),
         "010500000300000000c0ab0000000000785634120080ffff0004000000000000",
         "op"
+    );
+    let walk = Op::WalkList {
+        space: AddressSpace::kernel_of(1),
+        head: 0xffff_ffff_82a1_b2c0,
+        link_offset: 0x998,
+        max_entries: 0x2000,
+        field_count: 13,
+    };
+    assert_eq!(
+        hex(&walk.encode()),
+        "06029809010000000000000000000000c0b2a182ffffffff002000000d000000",
+        "WALK_LIST: link offset at 0x02, field count at 0x1c"
+    );
+    let field = Op::Field(walk::Field {
+        offset: 0x7d8,
+        len: 4,
+        deref: Some(0x18),
+    });
+    assert_eq!(
+        hex(&field.encode()),
+        "07010000000000001800000000000000d8070000000000000400000000000000",
+        "FIELD through a pointer: pointer offset at 0x08"
     );
     let mut body = [0u8; 24 + 64];
     let n = encode_request_body(&[9; 16], &[op, Op::Info], &mut body).unwrap();

@@ -69,6 +69,12 @@ pub const PACKAGES: &[Package] = &[
         name: "binutils",
         probe: "/usr/bin/objcopy",
     },
+    // Kbuild for the attack-simulation modules (tests/attacks/); the
+    // kernel headers themselves are installed per guest kernel.
+    Package {
+        name: "make",
+        probe: "/usr/bin/make",
+    },
 ];
 
 /// Installs whichever of [`PACKAGES`] are missing. Logs through `log`.

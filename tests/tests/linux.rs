@@ -19,7 +19,7 @@ use common::{
 };
 use host_injector::daemon::protocol::SmiPath;
 use ids::linux::{self, Discovery, Kernel, Task};
-use ids::memory::SnapshotCache;
+use ids::memory::{GuestMemory, SnapshotCache};
 use smmvmi_tests::guest_image::KernelDeb;
 use smmvmi_tests::vm::{Vm, VmConfig};
 
@@ -60,6 +60,57 @@ fn load(s: &mut ids::Session) -> Kernel {
 fn ids_tasks(s: &mut ids::Session, k: &Kernel) -> Vec<Task> {
     let mut c = SnapshotCache::new(s);
     linux::ps(&mut c, k, 0, true).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Requests (SMIs) `f` costs on `s`.
+fn smis<T>(s: &mut ids::Session, f: impl FnOnce(&mut ids::Session) -> T) -> (T, u64) {
+    let before = GuestMemory::stats(s).requests;
+    let v = f(s);
+    (v, GuestMemory::stats(s).requests - before)
+}
+
+/// The listing's cost, a second view through the PID allocator, and the
+/// process tree.
+fn check_ps_views(s: &mut ids::Session, k: &Kernel) {
+    let (procs, n) = smis(s, |s| {
+        linux::ps(&mut SnapshotCache::new(s), k, 0, false).unwrap_or_else(|e| panic!("{e}"))
+    });
+    assert_eq!(n, 1, "a full process listing is one SMI");
+    let (all, n) = smis(s, |s| {
+        linux::ps(&mut SnapshotCache::new(s), k, 0, true).unwrap_or_else(|e| panic!("{e}"))
+    });
+    assert!(n <= 2, "processes and threads in {n} SMIs, expected 2");
+    // The PID IDR holds the same user tasks (kernel workers come and go
+    // between two snapshots; nothing in user space runs between them).
+    let by_idr = linux::ps_by_idr(&mut SnapshotCache::new(&mut *s), k, 0, true)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let user = |v: &[Task]| -> BTreeSet<(u32, u32, String)> {
+        v.iter()
+            .filter(|t| !t.kthread)
+            .map(|t| (t.pid, t.tgid, t.comm.clone()))
+            .collect()
+    };
+    assert_eq!(user(&all), user(&by_idr), "task list vs PID IDR");
+    // The tree holds every process once, each under its parent.
+    let roots = linux::pstree(&procs);
+    let mut placed = BTreeSet::new();
+    fn check(n: &linux::TreeNode, placed: &mut BTreeSet<u32>) {
+        assert!(placed.insert(n.task.pid), "pid {} twice", n.task.pid);
+        for c in &n.children {
+            assert_eq!(c.task.ppid, n.task.pid, "{c:?} under {}", n.task.pid);
+            check(c, placed);
+        }
+    }
+    for r in &roots {
+        check(r, &mut placed);
+    }
+    assert_eq!(placed.len(), procs.len());
+    assert!(
+        roots
+            .iter()
+            .any(|r| r.task.pid == 1 && r.children.len() >= 2),
+        "init is a root with children"
+    );
 }
 
 /// Pids that belong to the command channel's transient work: the shell
@@ -275,18 +326,30 @@ fn check_cpus(vm: &Vm, s: &mut ids::Session, k: &Kernel) {
 fn run_all(cfg: VmConfig) {
     let vm = boot(cfg);
     let mut s = ids_session(&vm);
-    check_all(&vm, &mut s);
+    run_checks(&vm, &mut s);
     finish(vm);
 }
 
-/// Banner, kallsyms, ps, lsmod and each CPU's current task, through `s`.
-fn check_all(vm: &Vm, s: &mut ids::Session) {
+fn run_checks(vm: &Vm, s: &mut ids::Session) {
     let k = load(s);
     assert_eq!(k.banner.trim_end(), sh(vm, "cat /proc/version"));
     check_kallsyms(vm, &k);
     check_ps(vm, s, &k);
+    check_ps_views(s, &k);
     check_lsmod(vm, s, &k);
     check_cpus(vm, s, &k);
+}
+
+/// The same, with nothing but the daemon's endpoint: the IDS reaches the
+/// VM through the host-injector (doorbell SMIs), not the monitor.
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn linux_through_the_daemon() {
+    let daemon = test_daemon("linux-daemon", &[]);
+    let vm = boot(config("linux-daemon").through_daemon(&daemon.socket));
+    let mut s = daemon_ids_session(&vm, &daemon.addr(), SmiPath::Auto);
+    run_checks(&vm, &mut s);
+    finish(vm);
 }
 
 #[test]
@@ -340,7 +403,7 @@ fn linux_default_kernel_on_patched_qemu_qmp_targeted() {
     );
     let addr = daemon.addr();
     let mut s = daemon_ids_session(&vm, &addr, SmiPath::QmpTargeted);
-    check_all(&vm, &mut s);
+    run_checks(&vm, &mut s);
     // A targeted request of this session: one inject-smi with cpu-index.
     let cpu = s.cpu_state(3).unwrap_or_else(|e| panic!("{e}"));
     assert_ne!(cpu.cr3, 0, "vCPU 3 state: {cpu:?}");

@@ -8,7 +8,9 @@
 //! - the first, cold kernel load: kallsyms found and decoded + BTF read and
 //!   parsed (no cache);
 //! - the warm load (cache on disk, banner re-checked);
-//! - `ps --threads` and `lsmod`, each with a warm load, as the CLI runs;
+//! - `ps`, `ps --threads` and `lsmod`, each with a warm load, as the CLI
+//!   runs (the warm load is INFO + CPU_STATE in one request, then the
+//!   banner check; the task list is one WALK_LIST request);
 //!
 //! against the guest's own busybox `ps` and `cat /proc/modules`, timed in
 //! the same VM in the same run (20 runs in a loop between two reads of
@@ -138,6 +140,7 @@ fn measure(vm: &Vm, args: &IdsArgs) -> anyhow::Result<()> {
         "banner (search from LSTAR)",
         "cold load: kallsyms + BTF",
         "warm load (cache, core symbols)",
+        "ps (warm load + walk)",
         "ps --threads (warm load + walk)",
         "lsmod (warm load + walk)",
     ]
@@ -175,20 +178,26 @@ fn measure(vm: &Vm, args: &IdsArgs) -> anyhow::Result<()> {
         let (k, s) = timed(&ep, |s| Ok(Kernel::load(s, &core, Some(&cache))?))?;
         anyhow::ensure!(k.from_cache, "the warm load did not use the cache");
         series[2].samples.push(s);
+        let (_, s) = timed(&ep, |s| {
+            let k = Kernel::load(s, &core, Some(&cache))?;
+            let mut c = SnapshotCache::new(s);
+            Ok(linux::ps(&mut c, &k, 0, false)?.len())
+        })?;
+        series[3].samples.push(s);
         let (n, s) = timed(&ep, |s| {
             let k = Kernel::load(s, &core, Some(&cache))?;
             let mut c = SnapshotCache::new(s);
             Ok(linux::ps(&mut c, &k, 0, true)?.len())
         })?;
         tasks = n;
-        series[3].samples.push(s);
+        series[4].samples.push(s);
         let (n, s) = timed(&ep, |s| {
             let k = Kernel::load(s, &core, Some(&cache))?;
             let mut c = SnapshotCache::new(s);
             Ok(linux::lsmod(&mut c, &k, 0)?.len())
         })?;
         modules = n;
-        series[4].samples.push(s);
+        series[5].samples.push(s);
     }
     crate::step("the guest's own busybox ps and cat /proc/modules (20 runs each, per run)");
     let mut gps = Vec::new();

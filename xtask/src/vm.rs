@@ -1,4 +1,4 @@
-//! `cargo xtask vm up|exec|down|list`: VMs that outlive the command, for
+//! `cargo xtask vm up|exec|down|list|attack`: VMs that outlive the command, for
 //! people and scripts (tests use the harness library directly).
 
 use std::time::Duration;
@@ -22,6 +22,21 @@ pub enum Command {
     },
     /// List VMs that have a state directory, and whether they run.
     List,
+    /// Load a rootkit technique into a running VM to rehearse detection
+    /// (`ids check`): a kernel module built against Debian's headers for
+    /// the guest's kernel (test code, tests/attacks/). KIND: hook-syscall
+    /// NR, patch-dispatch NR, hook-idt VECTOR, lstar CPU, hide-pid PID,
+    /// hide-module (permanent), ftrace-hook SYSCALL_NAME; `remove` undoes
+    /// the others.
+    Attack {
+        /// VM name.
+        name: String,
+        /// hook-syscall, patch-dispatch, hook-idt, lstar, hide-pid,
+        /// hide-module, or remove.
+        kind: String,
+        /// The target: syscall number, IDT vector (32..=255), CPU or PID.
+        arg: Option<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -84,6 +99,24 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             print!("{}", out.stdout);
             eprint!("{}", out.stderr);
             std::process::exit(out.status);
+        }
+        Command::Attack { name, kind, arg } => {
+            let vm = Vm::attach(&name)?;
+            if kind == "remove" {
+                smmvmi_tests::attack::unload(&vm)?;
+                crate::step(&format!("attack module removed from {name}"));
+                return Ok(());
+            }
+            let attack =
+                smmvmi_tests::attack::Attack::parse(&kind, arg.as_deref().unwrap_or_default())?;
+            crate::step(&format!(
+                "loading {attack:?} into {name} (builds the module for its kernel on first use)"
+            ));
+            smmvmi_tests::attack::load(&vm, &attack)?;
+            crate::step(&format!(
+                "{kind} active in {name}; `cargo xtask vm attack {name} remove` undoes it"
+            ));
+            Ok(())
         }
         Command::Down { name } => {
             let vm = Vm::attach(&name)?;

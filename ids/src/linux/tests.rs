@@ -3,7 +3,6 @@
 //! walkers read it back, and corrupt lists end in errors.
 
 use super::*;
-use crate::btf::Field;
 use crate::fake::FakeMemory;
 use crate::kallsyms::{Encoding, Layout, Symbol};
 
@@ -13,36 +12,7 @@ const HEAP: u64 = 0xffff_8880_0100_0000;
 const PID_NS: u64 = 0xffff_ffff_8220_0000;
 
 fn offsets(thread_node: bool) -> Offsets {
-    Offsets {
-        task_size: 0x600,
-        task_tasks: 0x100,
-        task_pid: 0x120,
-        task_tgid: 0x124,
-        task_comm: 0x200,
-        task_real_parent: 0x140,
-        task_cred: 0x148,
-        task_state: 0x18,
-        task_exit_state: 0x150,
-        task_flags: 0x2c,
-        task_start: 0x160,
-        task_mm: 0x168,
-        task_signal: 0x170,
-        task_thread_node: thread_node.then_some(0x180),
-        signal_thread_head: thread_node.then_some(0x10),
-        task_thread_group: (!thread_node).then_some(0x190),
-        cred_uid: 4,
-        cred_gid: 8,
-        module_list: 8,
-        module_name: Field {
-            offset: 0x18,
-            size: 56,
-        },
-        module_state: 0,
-        module_refcnt: Some(0x60),
-        module_mem: Some((0x100, 0x40, 7, 0, 8)),
-        module_core_layout: None,
-        pid_idr: None,
-    }
+    crate::fake::offsets(thread_node)
 }
 
 fn kernel(o: Offsets) -> Kernel {
@@ -126,6 +96,10 @@ fn lay_out(m: &mut FakeMemory, o: &Offsets, tasks: &[FakeTask]) -> Vec<u64> {
         m.put_u64(a + o.task_start, 1_000_000 * t.pid as u64);
         let leader = tasks.iter().position(|x| x.pid == t.tgid).unwrap_or(i);
         m.put_u64(a + o.task_signal, signal(leader));
+        let threads = tasks.iter().filter(|x| x.tgid == t.tgid).count();
+        if let Some(nr) = o.signal_nr_threads {
+            m.put_u32(signal(leader) + nr, threads as u32);
+        }
     }
     // init_task.tasks: every leader but init.
     let leaders: Vec<usize> = (1..tasks.len())
@@ -217,13 +191,35 @@ fn ps_lists_processes_and_threads_both_ways() {
 }
 
 #[test]
-fn ps_costs_few_batches() {
-    let (mut c, k) = setup(true);
-    ps(&mut c, &k, 0, true).unwrap();
-    let r = c.inner().stats().requests;
-    // The list walk is a pointer chase (one batch per hop at worst) but
-    // every page read once per snapshot.
-    assert!(r <= 40, "{r} requests");
+fn ps_is_one_request_and_threads_one_more() {
+    for thread_node in [true, false] {
+        let (mut c, k) = setup(thread_node);
+        ps(&mut c, &k, 0, false).unwrap();
+        assert_eq!(c.inner().stats().requests, 1, "the task list in one walk");
+        ps(&mut c, &k, 0, true).unwrap();
+        assert_eq!(
+            c.inner().stats().requests,
+            3,
+            "then the task list and the thread lists of multi-threaded processes"
+        );
+    }
+}
+
+#[test]
+fn the_task_list_and_the_pid_idr_agree() {
+    let mut o = offsets(true);
+    let mut m = FakeMemory::new(1);
+    let tasks = sample();
+    let addrs = lay_out(&mut m, &o, &tasks);
+    add_idr(&mut m, &mut o, &addrs, &tasks);
+    let mut c = SnapshotCache::new(m);
+    let k = kernel(o);
+    for threads in [false, true] {
+        assert_eq!(
+            ps(&mut c, &k, 0, threads).unwrap(),
+            ps_by_idr(&mut c, &k, 0, threads).unwrap()
+        );
+    }
 }
 
 #[test]
@@ -373,7 +369,7 @@ fn ps_through_the_pid_idr_in_few_batches() {
     add_idr(&mut m, &mut o, &addrs, &tasks);
     let mut c = SnapshotCache::new(m);
     let k = kernel(o);
-    let all = ps(&mut c, &k, 0, true).unwrap();
+    let all = ps_by_idr(&mut c, &k, 0, true).unwrap();
     let pids: Vec<u32> = all.iter().map(|t| t.pid).collect();
     assert_eq!(pids, [1, 2, 3, 40, 41, 42, 50, 60]);
     assert_eq!(all.iter().find(|t| t.pid == 50).unwrap().state, 'Z');
@@ -382,7 +378,7 @@ fn ps_through_the_pid_idr_in_few_batches() {
         r <= 7,
         "{r} batches: head, root, leaves, pids, tasks, parents+creds"
     );
-    let procs = ps(&mut c, &k, 0, false).unwrap();
+    let procs = ps_by_idr(&mut c, &k, 0, false).unwrap();
     assert_eq!(procs.len(), 6);
 }
 
@@ -398,7 +394,7 @@ fn a_pid_idr_that_loops_ends_in_an_error() {
     let root = HEAP + 0x30_0000;
     m.put_u64(root + idr.node_slots, root + 2);
     let mut c = SnapshotCache::new(m);
-    let e = ps(&mut c, &kernel(o), 0, true).unwrap_err();
+    let e = ps_by_idr(&mut c, &kernel(o), 0, true).unwrap_err();
     assert!(matches!(e, LinuxError::BadList { .. }), "{e}");
 }
 
@@ -411,4 +407,62 @@ fn state_letters() {
     assert_eq!(state_letter(8, 0), 't');
     assert_eq!(state_letter(0, 0x10), 'X');
     assert_eq!(state_letter(0x40, 0), 'P');
+}
+
+#[test]
+fn pstree_places_every_task_once() {
+    let (mut c, k) = setup(true);
+    let tasks = ps(&mut c, &k, 0, false).unwrap();
+    let roots = pstree(&tasks);
+    let lines: Vec<(usize, u32)> = roots
+        .iter()
+        .flat_map(|r| r.lines())
+        .map(|(d, t)| (d, t.pid))
+        .collect();
+    // init(1) and kthreadd(2) are roots; 40 and 60 under 1, 50 under 40,
+    // 3 under 2.
+    assert_eq!(lines, [(0, 1), (1, 40), (2, 50), (1, 60), (0, 2), (1, 3)]);
+
+    // A parent missing from the list, and a loop of ppids: nothing lost.
+    let mut odd = tasks.clone();
+    odd.iter_mut().find(|t| t.pid == 60).unwrap().ppid = 999;
+    odd.iter_mut().find(|t| t.pid == 1).unwrap().ppid = 50;
+    let roots = pstree(&odd);
+    let mut seen: Vec<u32> = roots
+        .iter()
+        .flat_map(|r| r.lines())
+        .map(|(_, t)| t.pid)
+        .collect();
+    seen.sort();
+    assert_eq!(seen, [1, 2, 3, 40, 50, 60]);
+}
+
+#[test]
+fn pstree_of_a_very_long_ppid_chain_is_shallow() {
+    let chain: Vec<Task> = (1..=20_000u32)
+        .map(|pid| Task {
+            pid,
+            tgid: pid,
+            ppid: pid - 1,
+            uid: 0,
+            gid: 0,
+            state: 'S',
+            comm: "sh".into(),
+            kthread: false,
+            start_ns: 0,
+            addr: u64::from(pid) * 0x1000,
+        })
+        .collect();
+    let roots = pstree(&chain);
+    let total: usize = roots.iter().map(|r| r.lines().len()).sum();
+    assert_eq!(total, chain.len(), "nothing lost");
+    assert!(
+        roots
+            .iter()
+            .all(|r| r.lines().iter().all(|(d, _)| *d < MAX_TREE_DEPTH))
+    );
+    assert_eq!(roots.len(), 20_000usize.div_ceil(MAX_TREE_DEPTH));
+    // Serializing and dropping do not recurse deeper than that.
+    let json = serde_json::to_string(&roots).unwrap();
+    assert!(json.len() > 100_000);
 }

@@ -1,11 +1,13 @@
 //! Serving one mailbox request: copy in, open, run the ops, seal, copy out.
 
+use core::cell::Cell;
 use core::sync::atomic::{Ordering, compiler_fence};
 
 use smmvmi_mailbox::crypto::{self, SHARED_KEY_LEN, SessionKeys};
 use smmvmi_mailbox::frame::FLAG_NO_SNAPSHOT;
 use smmvmi_mailbox::layout::{self, Areas, SESSION_SALT_LEN, ServeStatus};
 use smmvmi_mailbox::shared::SharedMemory;
+use smmvmi_mailbox::walk::{self, Field, MAX_WALK_FIELDS, WORK_BUDGET, WalkReader, WalkSpec};
 use smmvmi_mailbox::wire::{
     AddressSpace, CpuState, Direction, FRAME_HEADER_LEN, FRAME_OVERHEAD, FrameHeader, InfoCpu,
     InfoHeader, Op, OpKind, REPLY_FLAG_UNAUTHENTICATED, RamRange, ReplyWriter, RequestBody,
@@ -19,8 +21,9 @@ use crate::replay::ReplayWindow;
 use zeroize::Zeroize;
 
 /// Agent version reported by INFO (major << 16 | minor). 1.1: INFO carries
-/// `mem_flags` (RAM hot-plug tracked, virtio-mem refused).
-pub const AGENT_VERSION: u32 = 1 << 16 | 1;
+/// `mem_flags` (RAM hot-plug tracked, virtio-mem refused). 1.2: WALK_LIST
+/// and FIELD ops ([`smmvmi_mailbox::walk`]).
+pub const AGENT_VERSION: u32 = 1 << 16 | 2;
 
 /// SEV facts the firmware found at boot (CPUID 0x8000001F, SEV_STATUS MSR).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -302,10 +305,56 @@ fn answer<S: SharedMemory, M: PhysMemory>(
     };
     let max_read = body_cap;
     let guard = Guard::new(ctx.ram, ctx.smram, max_read);
-    for (kind, op) in body.ops() {
+    let budget = Budget::new(WORK_BUDGET);
+    let mut ops = body.ops();
+    while let Some((kind, op)) = ops.next() {
         let pushed = match op {
             Err(_) => w.push(kind, 0, |_| (Status::BadRequest, 0, 0, 0)),
-            Ok(op) => run_op(&mut w, &op, ctx, &guard, mem, reply_cap),
+            Ok(Op::WalkList {
+                space,
+                head,
+                link_offset,
+                max_entries,
+                field_count,
+            }) => {
+                // The walk's FIELD ops are consumed with it; each consumed
+                // op gets one result of its own kind.
+                let mut fields = [Field::default(); MAX_WALK_FIELDS];
+                let mut consumed = [0u8; MAX_WALK_FIELDS];
+                let mut taken = 0usize;
+                let mut valid = true;
+                for (f, k) in fields
+                    .iter_mut()
+                    .zip(consumed.iter_mut())
+                    .take(field_count as usize)
+                {
+                    match ops.next() {
+                        Some((raw, Ok(Op::Field(field)))) => (*f, *k) = (field, raw),
+                        Some((raw, _)) => (*k, valid) = (raw, false),
+                        None => {
+                            valid = false;
+                            break;
+                        }
+                    }
+                    taken += 1;
+                }
+                let spec = WalkSpec {
+                    head,
+                    link_offset,
+                    max_entries,
+                    fields: &fields[..taken],
+                };
+                let st = if valid {
+                    Status::Ok
+                } else {
+                    Status::BadRequest
+                };
+                run_walk(&mut w, &space, &spec, valid, ctx, &guard, mem, &budget)
+                    && consumed[..taken]
+                        .iter()
+                        .all(|&k| w.push(k, 0, |_| (st, 0, 0, 0)))
+            }
+            Ok(op) => run_op(&mut w, &op, ctx, &guard, mem, reply_cap, &budget),
         };
         if !pushed {
             // Out of room even for a result header: the remaining ops get no
@@ -374,6 +423,7 @@ fn run_op<M: PhysMemory>(
     guard: &Guard<'_>,
     mem: &M,
     reply_cap: usize,
+    budget: &Budget,
 ) -> bool {
     let kind = op.kind() as u8;
     match *op {
@@ -383,7 +433,7 @@ fn run_op<M: PhysMemory>(
                 return w.push(kind, 0, |_| (Status::TooLarge, 0, addr, 0));
             }
             w.push(kind, len, |buf| {
-                let (st, level, done) = read_phys(mem, guard, addr, buf);
+                let (st, level, done) = read_phys(mem, guard, addr, buf, budget);
                 (st, level, addr.wrapping_add(done as u64), done)
             })
         }
@@ -397,7 +447,8 @@ fn run_op<M: PhysMemory>(
                 Err(st) => return w.push(kind, 0, |_| (st, 0, addr, 0)),
             };
             w.push(kind, len, |buf| {
-                let (st, level, done) = read_virt(mem, guard, root, mode, addr, buf);
+                let (st, level, done) =
+                    VirtReader::new(mem, guard, root, mode, budget).read_prefix(addr, buf);
                 (st, level, addr.wrapping_add(done as u64), done)
             })
         }
@@ -406,6 +457,9 @@ fn run_op<M: PhysMemory>(
                 Ok(v) => v,
                 Err(st) => return w.push(kind, 0, |_| (st, 0, 0, 0)),
             };
+            if !budget.take(u32::from(mode.levels)) {
+                return w.push(kind, 0, |_| (Status::WorkLimit, 0, 0, 0));
+            }
             let (rec, res) = paging::walk(mem, guard, root, mode, addr);
             let (st, level, pa) = match res {
                 Ok(t) => (Status::Ok, 0, t.pa),
@@ -430,6 +484,9 @@ fn run_op<M: PhysMemory>(
                 |out: &mut [u8; CpuState::LEN]| c.encode(out),
             ),
         },
+        // A FIELD not consumed by the WALK_LIST before it; a WALK_LIST never
+        // reaches here (the loop in `answer` runs it with its fields).
+        Op::Field(_) | Op::WalkList { .. } => w.push(kind, 0, |_| (Status::BadRequest, 0, 0, 0)),
         Op::Info => {
             let need = smmvmi_mailbox::wire::info_len(ctx.ram.ranges().len(), ctx.cpus.len());
             if need > w.data_room() {
@@ -477,9 +534,13 @@ fn read_phys<M: PhysMemory>(
     guard: &Guard<'_>,
     addr: u64,
     buf: &mut [u8],
+    budget: &Budget,
 ) -> (Status, u8, usize) {
     let mut done = 0usize;
     while done < buf.len() {
+        if !budget.take(1) {
+            return (Status::WorkLimit, 0, done);
+        }
         let Some(pa) = addr.checked_add(done as u64) else {
             return (Status::RefusedNotRam, 0, done);
         };
@@ -493,45 +554,154 @@ fn read_phys<M: PhysMemory>(
     (Status::Ok, 0, done)
 }
 
-/// Reads virtual memory page by page, translating each 4 KiB page (reusing
-/// the last translation inside a large page); returns (status, level, done).
-fn read_virt<M: PhysMemory>(
-    mem: &M,
+/// Runs one WALK_LIST (`valid` false: its FIELD ops were missing or
+/// malformed, so it is refused). Leaves room for the FIELD results that
+/// follow it. Returns false if not even its result header fits.
+#[allow(clippy::too_many_arguments)]
+fn run_walk<M: PhysMemory>(
+    w: &mut ReplyWriter<'_>,
+    space: &AddressSpace,
+    spec: &WalkSpec<'_>,
+    valid: bool,
+    ctx: &ServeContext<'_>,
     guard: &Guard<'_>,
+    mem: &M,
+    budget: &Budget,
+) -> bool {
+    let kind = OpKind::WalkList as u8;
+    if !valid {
+        return w.push(kind, 0, |_| (Status::BadRequest, 0, 0, 0));
+    }
+    let (root, mode) = match resolve(space, ctx) {
+        Ok(v) => v,
+        Err(st) => return w.push(kind, 0, |_| (st, 0, 0, 0)),
+    };
+    let mut reader = VirtReader::new(mem, guard, root, mode, budget);
+    let most = (spec.max_entries as usize)
+        .saturating_mul(walk::entry_len(spec.fields))
+        .min(
+            w.data_room()
+                .saturating_sub(spec.fields.len() * smmvmi_mailbox::wire::RESULT_HEADER_LEN),
+        );
+    // The walk writes every byte of its entries: no zero-fill of the offer.
+    w.push_written(kind, most, |buf| {
+        let o = walk::walk(&mut reader, spec, buf);
+        (o.status, o.level, u64::from(o.entries), o.used)
+    })
+}
+
+/// The work a request may still do in SMM ([`WORK_BUDGET`] units: one
+/// page-table entry or one memory chunk read each), shared by its ops.
+struct Budget(Cell<u32>);
+
+impl Budget {
+    fn new(units: u32) -> Self {
+        Self(Cell::new(units))
+    }
+
+    /// Spends `n` units; false (and nothing spent) if fewer are left.
+    fn take(&self, n: u32) -> bool {
+        match self.0.get().checked_sub(n) {
+            Some(left) => {
+                self.0.set(left);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Entries of [`VirtReader`]'s translation cache.
+const TLB_ENTRIES: usize = 16;
+
+/// Reads guest-virtual memory through one address space, page by page,
+/// remembering the last translations (a read inside a large page, or a
+/// list walk returning to the same pages, walks the tables once). Lives
+/// for one op: the tables are guest memory and may change between SMIs.
+struct VirtReader<'a, 'g, M> {
+    mem: &'a M,
+    guard: &'a Guard<'g>,
     root: u64,
     mode: PagingMode,
-    addr: u64,
-    buf: &mut [u8],
-) -> (Status, u8, usize) {
-    let mut done = 0usize;
-    // (virtual page base, page size, physical page base)
-    let mut cached: Option<(u64, u64, u64)> = None;
-    while done < buf.len() {
-        let Some(va) = addr.checked_add(done as u64) else {
-            return (Status::NonCanonical, 0, done);
-        };
-        let pa = match cached {
-            Some((vbase, size, pbase)) if va.wrapping_sub(vbase) < size => pbase + (va - vbase),
-            _ => match paging::walk(mem, guard, root, mode, va).1 {
-                Ok(Translation { pa, page_shift }) => {
-                    let size = 1u64 << page_shift;
-                    cached = Some((va & !(size - 1), size, pa & !(size - 1)));
-                    pa
-                }
-                Err(e) => {
-                    let (st, level) = walk_status(e);
-                    return (st, level, done);
-                }
-            },
-        };
-        let chunk = ((PAGE - (va & (PAGE - 1))) as usize).min(buf.len() - done);
-        match guard.check(Alleged::new(pa, chunk as u64)) {
-            Ok(c) => mem.read(c, &mut buf[done..done + chunk]),
-            Err(r) => return (refusal_status(r), 0, done),
+    budget: &'a Budget,
+    /// (virtual page base, page size, physical page base); size 0 = empty.
+    tlb: [(u64, u64, u64); TLB_ENTRIES],
+    victim: usize,
+}
+
+impl<'a, 'g, M: PhysMemory> VirtReader<'a, 'g, M> {
+    fn new(
+        mem: &'a M,
+        guard: &'a Guard<'g>,
+        root: u64,
+        mode: PagingMode,
+        budget: &'a Budget,
+    ) -> Self {
+        Self {
+            mem,
+            guard,
+            root,
+            mode,
+            budget,
+            tlb: [(0, 0, 0); TLB_ENTRIES],
+            victim: 0,
         }
-        done += chunk;
     }
-    (Status::Ok, 0, done)
+
+    fn translate(&mut self, va: u64) -> Result<u64, (Status, u8)> {
+        if let Some(&(vbase, _, pbase)) = self
+            .tlb
+            .iter()
+            .find(|(vbase, size, _)| va.wrapping_sub(*vbase) < *size)
+        {
+            return Ok(pbase + (va - vbase));
+        }
+        if !self.budget.take(u32::from(self.mode.levels)) {
+            return Err((Status::WorkLimit, 0));
+        }
+        match paging::walk(self.mem, self.guard, self.root, self.mode, va).1 {
+            Ok(Translation { pa, page_shift }) => {
+                let size = 1u64 << page_shift;
+                self.tlb[self.victim] = (va & !(size - 1), size, pa & !(size - 1));
+                self.victim = (self.victim + 1) % TLB_ENTRIES;
+                Ok(pa)
+            }
+            Err(e) => Err(walk_status(e)),
+        }
+    }
+
+    /// Fills `buf` from `addr`; returns (status, level, bytes done).
+    fn read_prefix(&mut self, addr: u64, buf: &mut [u8]) -> (Status, u8, usize) {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let Some(va) = addr.checked_add(done as u64) else {
+                return (Status::NonCanonical, 0, done);
+            };
+            let pa = match self.translate(va) {
+                Ok(pa) => pa,
+                Err((st, level)) => return (st, level, done),
+            };
+            let chunk = ((PAGE - (va & (PAGE - 1))) as usize).min(buf.len() - done);
+            if !self.budget.take(1) {
+                return (Status::WorkLimit, 0, done);
+            }
+            match self.guard.check(Alleged::new(pa, chunk as u64)) {
+                Ok(c) => self.mem.read(c, &mut buf[done..done + chunk]),
+                Err(r) => return (refusal_status(r), 0, done),
+            }
+            done += chunk;
+        }
+        (Status::Ok, 0, done)
+    }
+}
+
+impl<M: PhysMemory> WalkReader for VirtReader<'_, '_, M> {
+    fn read(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), (Status, u8)> {
+        match self.read_prefix(addr, buf) {
+            (Status::Ok, _, _) => Ok(()),
+            (st, level, _) => Err((st, level)),
+        }
+    }
 }
 
 fn write_info(buf: &mut [u8], ctx: &ServeContext<'_>, reply_cap: usize) -> Option<usize> {

@@ -611,3 +611,252 @@ fn a_snapshot_request_served_without_one_is_refused() {
         assert_eq!(poll.status(), Some(ServeStatus::Ok));
     });
 }
+
+/// A list of three containers in one 4 KiB page (head at +0, containers at
+/// +0x100, +0x200, +0x300, link at +0x10, id at +0x20, a pointer at +0x30).
+const LIST_VA: u64 = 0xFFFF_C900_0002_0000;
+const LIST_PA: u64 = 0x0300_8000;
+
+fn build_list(w: &mut World, ptr: [u64; 3], last_next: u64) {
+    w.pt.map(LIST_VA, LIST_PA, 12);
+    let put = |w: &mut World, off: u64, v: u64| w.pt.mem.write(LIST_PA + off, &v.to_le_bytes());
+    put(w, 0, LIST_VA + 0x110);
+    for i in 0..3u64 {
+        let c = 0x100 * (i + 1);
+        let next = if i == 2 {
+            last_next
+        } else {
+            LIST_VA + c + 0x110
+        };
+        put(w, c + 0x10, next);
+        put(w, c + 0x20, 40 + i);
+        put(w, c + 0x30, ptr[i as usize]);
+    }
+}
+
+fn walk_ops(max_entries: u32) -> Vec<Op> {
+    use smmvmi_mailbox::walk::Field;
+    vec![
+        Op::WalkList {
+            space: AddressSpace::kernel_of(0),
+            head: LIST_VA,
+            link_offset: 0x10,
+            max_entries,
+            field_count: 2,
+        },
+        Op::Field(Field {
+            offset: 0x20,
+            len: 8,
+            deref: None,
+        }),
+        // Through the pointer at +0x30: 4 bytes at pointer + 4.
+        Op::Field(Field {
+            offset: 0x30,
+            len: 4,
+            deref: Some(4),
+        }),
+    ]
+}
+
+#[test]
+fn walk_list_follows_the_chain_and_guards_every_pointer() {
+    use smmvmi_mailbox::walk::{self, Field};
+    let mut w = World::new(4, 0);
+    // Container 2's pointer leads into SMRAM; the others into the banner.
+    build_list(
+        &mut w,
+        [BANNER_VA, 0xFFFF_C900_0000_0000, BANNER_VA + 8],
+        LIST_VA,
+    );
+    let fields: Vec<Field> = walk_ops(1)[1..]
+        .iter()
+        .map(|o| match o {
+            Op::Field(f) => *f,
+            _ => unreachable!(),
+        })
+        .collect();
+    with_agent(&mut w, Some(&KEY), |h| {
+        let mut c = client();
+        let ops = walk_ops(100);
+        let frame = c.seal_request_vec(&ops, [1; 16]).unwrap();
+        let (poll, mut reply) = h.roundtrip(&frame, 1);
+        assert_eq!(poll.status(), Some(ServeStatus::Ok));
+        let body = c.open_reply(&mut reply).unwrap();
+        let r: Vec<_> = body.results().collect();
+        assert_eq!(r.len(), 3, "one result per op, FIELDs included");
+        assert_eq!((r[0].status, r[0].aux), (Status::Ok, 3));
+        assert!(
+            r[1..]
+                .iter()
+                .all(|f| f.status == Status::Ok && f.data.is_empty())
+        );
+        let es: Vec<_> = walk::entries(r[0].data, &fields).collect();
+        assert_eq!(es.len(), 3);
+        for (i, e) in es.iter().enumerate() {
+            assert_eq!(e.container, LIST_VA + 0x100 * (i as u64 + 1));
+            assert_eq!(e.fields[0], 40 + i as u8);
+        }
+        // "Linux version ...": bytes 4..8 and 12..16 of the banner.
+        assert_eq!(&es[0].fields[8..12], &BANNER[4..8]);
+        assert_eq!((es[1].faults, &es[1].fields[8..12]), (0b10, &[0u8; 4][..]));
+        assert_eq!(&es[2].fields[8..12], &BANNER[12..16]);
+
+        // The entry limit stops the walk, and says so.
+        let frame = c.seal_request_vec(&walk_ops(2), [2; 16]).unwrap();
+        let (_, mut reply) = h.roundtrip(&frame, 2);
+        let body = c.open_reply(&mut reply).unwrap();
+        let r: Vec<_> = body.results().collect();
+        assert_eq!((r[0].status, r[0].aux), (Status::TooLarge, 2));
+    });
+
+    // A `next` into SMRAM ends the walk with the refusal, after what was read.
+    let mut w = World::new(4, 0);
+    build_list(&mut w, [BANNER_VA; 3], 0xFFFF_C900_0000_0000 + 0x10);
+    with_agent(&mut w, Some(&KEY), |h| {
+        let mut c = client();
+        let frame = c.seal_request_vec(&walk_ops(100), [3; 16]).unwrap();
+        let (_, mut reply) = h.roundtrip(&frame, 1);
+        let body = c.open_reply(&mut reply).unwrap();
+        let r: Vec<_> = body.results().collect();
+        // Three entries, then the container "in SMRAM" whose fields fault,
+        // then its next is refused.
+        assert_eq!((r[0].status, r[0].aux), (Status::RefusedSmram, 4));
+        let es: Vec<_> = walk::entries(r[0].data, &fields).collect();
+        assert_eq!(es[3].faults, 0b11);
+    });
+}
+
+#[test]
+fn walk_list_without_its_fields_and_orphan_fields_are_refused() {
+    let mut w = World::new(4, 0);
+    build_list(&mut w, [BANNER_VA; 3], LIST_VA);
+    with_agent(&mut w, Some(&KEY), |h| {
+        let mut c = client();
+        let mut ops = walk_ops(100);
+        // The second FIELD replaced by a READ: the walk and what it consumed
+        // are refused; the op after them still runs.
+        ops[2] = kernel_read(BANNER_VA, 5);
+        ops.push(ops[1]);
+        ops.push(kernel_read(BANNER_VA, 5));
+        let frame = c.seal_request_vec(&ops, [4; 16]).unwrap();
+        let (_, mut reply) = h.roundtrip(&frame, 1);
+        let body = c.open_reply(&mut reply).unwrap();
+        let st: Vec<_> = body.results().map(|r| r.status).collect();
+        assert_eq!(
+            st,
+            [
+                Status::BadRequest,
+                Status::BadRequest,
+                Status::BadRequest,
+                Status::BadRequest,
+                Status::Ok
+            ]
+        );
+    });
+}
+
+#[test]
+fn walk_list_consumes_only_the_ops_there_are_and_answers_each_once() {
+    let mut w = World::new(4, 0);
+    build_list(&mut w, [BANNER_VA; 3], LIST_VA);
+    with_agent(&mut w, Some(&KEY), |h| {
+        let mut c = client();
+        // Claims 16 FIELDs, has 1.
+        let mut ops = walk_ops(10);
+        if let Op::WalkList { field_count, .. } = &mut ops[0] {
+            *field_count = 16;
+        }
+        ops.truncate(2);
+        let frame = c.seal_request_vec(&ops, [5; 16]).unwrap();
+        let (_, mut reply) = h.roundtrip(&frame, 1);
+        let body = c.open_reply(&mut reply).unwrap();
+        let r: Vec<_> = body.results().map(|r| (r.kind, r.status)).collect();
+        assert_eq!(
+            r,
+            [
+                (OpKind::WalkList as u8, Status::BadRequest),
+                (OpKind::Field as u8, Status::BadRequest)
+            ]
+        );
+    });
+}
+
+/// A list whose last entry links back to its first (it never returns to
+/// the head), with `fields`.
+fn looping_list(w: &mut World, fields: &[smmvmi_mailbox::walk::Field], max: u32) -> Vec<Op> {
+    build_list(w, [BANNER_VA; 3], LIST_VA + 0x110);
+    let mut ops = vec![Op::WalkList {
+        space: AddressSpace::kernel_of(0),
+        head: LIST_VA,
+        link_offset: 0x10,
+        max_entries: max,
+        field_count: fields.len() as u32,
+    }];
+    ops.extend(fields.iter().map(|f| Op::Field(*f)));
+    ops
+}
+
+#[test]
+fn a_walk_cut_by_the_reply_room_still_answers_its_fields() {
+    use smmvmi_mailbox::walk::{Field, MAX_FIELD_LEN, MAX_WALK_ENTRIES, MAX_WALK_FIELDS};
+    let mut w = World::new(4, 0);
+    let big = Field {
+        offset: 0,
+        len: MAX_FIELD_LEN,
+        deref: None,
+    };
+    let ops = looping_list(&mut w, &[big; MAX_WALK_FIELDS], MAX_WALK_ENTRIES);
+    with_agent(&mut w, Some(&KEY), |h| {
+        let mut c = client();
+        let frame = c.seal_request_vec(&ops, [6; 16]).unwrap();
+        let (poll, mut reply) = h.roundtrip(&frame, 1);
+        assert_eq!(poll.status(), Some(ServeStatus::Ok));
+        let body = c.open_reply(&mut reply).unwrap();
+        let r: Vec<_> = body.results().collect();
+        assert_eq!(r.len(), ops.len(), "one result per op");
+        assert_eq!(r[0].status, Status::TooLarge);
+        assert!(r[0].aux > 10 && r[0].aux < u64::from(MAX_WALK_ENTRIES));
+    });
+}
+
+#[test]
+fn a_walk_that_thrashes_the_tlb_stops_at_the_work_budget() {
+    use smmvmi_mailbox::walk::{Field, MAX_WALK_ENTRIES, MAX_WALK_FIELDS, WORK_BUDGET};
+    let mut w = World::new(5, 0);
+    // 16 pointers per container, each to its own 4 KiB page: with 16
+    // fields through pointers plus the list page the 16-entry TLB misses
+    // on every read.
+    let fields: Vec<Field> = (0..MAX_WALK_FIELDS as u32)
+        .map(|i| Field {
+            offset: 0x40 + 8 * i,
+            len: 1,
+            deref: Some(0),
+        })
+        .collect();
+    let ops = looping_list(&mut w, &fields, MAX_WALK_ENTRIES);
+    for i in 0..MAX_WALK_FIELDS as u64 {
+        let va = 0xFFFF_C900_0100_0000 + 0x1000 * i;
+        w.pt.map(va, 0x0310_0000 + 0x1000 * i, 12);
+        for c in 1..=3u64 {
+            w.pt.mem
+                .write(LIST_PA + 0x100 * c + 0x40 + 8 * i, &va.to_le_bytes());
+        }
+    }
+    with_agent(&mut w, Some(&KEY), |h| {
+        let mut c = client();
+        let frame = c.seal_request_vec(&ops, [7; 16]).unwrap();
+        let (_, mut reply) = h.roundtrip(&frame, 1);
+        let body = c.open_reply(&mut reply).unwrap();
+        let r: Vec<_> = body.results().collect();
+        assert_eq!(r.len(), ops.len());
+        assert_eq!(r[0].status, Status::WorkLimit);
+        // Each entry costs at least 16 table walks of 5 reads.
+        let most = u64::from(WORK_BUDGET) / (16 * 5);
+        assert!(r[0].aux > 10 && r[0].aux <= most, "{} entries", r[0].aux);
+        let reads = h.w.pt.mem.reads.borrow().len();
+        assert!(
+            reads <= 2 * WORK_BUDGET as usize,
+            "{reads} physical reads for a budget of {WORK_BUDGET}"
+        );
+    });
+}
