@@ -3,7 +3,9 @@
 //! killing it touches nobody else), IDS clients talk to it over its unix
 //! socket.
 //!
-//! - many clients, one VM: every reply reaches the client that asked;
+//! - many clients, one VM: every reply reaches the client that asked; the
+//!   same on the patched QEMU (patches-qemu/) with every request on one
+//!   vCPU through the `qmp-targeted` path (`inject-smi`);
 //! - malformed frames: that connection gets a typed error and is closed,
 //!   the others are unaffected;
 //! - QEMU SIGKILLed mid-request: typed "QEMU gone" errors, no hang; QEMU
@@ -17,12 +19,15 @@
 mod common;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{AGENT_READY, boot, config};
+use common::{
+    AGENT_READY, assert_only_inject_smi, boot, config, daemon_socket_path as socket_path,
+    patched_qemu, test_daemon,
+};
 use host_injector::Target;
 use host_injector::daemon::client::{ClientError, DaemonAddr, DaemonClient, read_to_end};
 use host_injector::daemon::protocol::{
@@ -30,28 +35,21 @@ use host_injector::daemon::protocol::{
 };
 use smmvmi_mailbox::client::Client;
 use smmvmi_mailbox::crypto::SessionKeys;
+use smmvmi_mailbox::frame::FLAG_NO_SNAPSHOT;
 use smmvmi_mailbox::wire::{Op, Status};
 use smmvmi_tests::daemon::DaemonProcess;
-use smmvmi_tests::vm::Vm;
+use smmvmi_tests::vm::{Vm, VmConfig};
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
-/// A daemon of this test alone, socket under .cache/injector-tests/.
-fn test_daemon(test: &str, extra: &[&str]) -> DaemonProcess {
-    let socket = socket_path(test);
-    DaemonProcess::spawn(&socket, extra, false).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn socket_path(test: &str) -> PathBuf {
-    smmvmi_tests::repo_root().join(format!(
-        ".cache/injector-tests/{test}-{}.sock",
-        std::process::id()
-    ))
-}
-
 /// Boots a VM served by `daemon`, waits for its agent.
 fn vm_through(test: &str, daemon: &DaemonProcess) -> Vm {
-    let vm = boot(config(test).through_daemon(&daemon.socket));
+    vm_through_with(config(test), daemon)
+}
+
+/// Boots `cfg` served by `daemon`, waits for its agent.
+fn vm_through_with(cfg: VmConfig, daemon: &DaemonProcess) -> Vm {
+    let vm = boot(cfg.through_daemon(&daemon.socket));
     vm.wait_agent_ready(AGENT_READY)
         .unwrap_or_else(|e| panic!("{e}"));
     vm
@@ -106,7 +104,7 @@ struct Tally {
 }
 
 /// 8 clients × 1,000 requests at once to one VM through the daemon, with
-/// monitor SMIs. Each client is independent, as IDS sessions are: its own
+/// doorbell SMIs (monitor SMIs for the first). Each client is independent, as IDS sessions are: its own
 /// random id (its own keys) and its own sequence, sealed and sent without any
 /// coordination with the others; the daemon interleaves them as they come.
 /// Each reply must open under the client's own pending request (binding:
@@ -117,12 +115,37 @@ struct Tally {
 #[test]
 #[ignore = "end-to-end: boots QEMU (cargo xtask test)"]
 fn eight_clients_thousand_requests_each_reply_reaches_its_client() {
-    const CLIENTS: usize = 8;
-    const REQUESTS: u32 = 1000;
     let daemon = test_daemon("conc", &[]);
     let vm = vm_through("dconc", &daemon);
+    eight_clients(&vm, &daemon.addr(), protocol::SmiPath::Auto, false);
+    common::finish(vm);
+}
+
+/// The same 8 × 1,000 on the QEMU built with patches-qemu/, every SMI the
+/// patched QEMU's `inject-smi` to one vCPU (smi path `qmp-targeted`):
+/// client i asks for vCPU i mod 2's state in a request marked
+/// `FLAG_NO_SNAPSHOT`, and the SMI goes to that vCPU alone.
+#[test]
+#[ignore = "end-to-end: boots QEMU (cargo xtask test)"]
+fn eight_clients_thousand_targeted_requests_on_patched_qemu_qmp_targeted() {
+    let Some(qemu) = patched_qemu("eight_clients_qmp_targeted") else {
+        return;
+    };
+    let daemon = test_daemon("conc-qp", &[]);
+    let vm = vm_through_with(config("dconc-qp").qemu(qemu), &daemon);
     let addr = daemon.addr();
-    let sealer = Arc::new(Sealer::new(&vm, &addr));
+    eight_clients(&vm, &addr, protocol::SmiPath::QmpTargeted, true);
+    assert_only_inject_smi(&addr, vm.name(), 8 * 1000);
+    common::finish(vm);
+}
+
+/// 8 independent clients × 1,000 one-op requests (CPU_STATE of vCPU i mod
+/// 2) at once through the daemon at `addr`, on `smi`; `targeted`: each
+/// request goes to that vCPU alone, marked `FLAG_NO_SNAPSHOT`.
+fn eight_clients(vm: &Vm, addr: &DaemonAddr, smi: protocol::SmiPath, targeted: bool) {
+    const CLIENTS: usize = 8;
+    const REQUESTS: u32 = 1000;
+    let sealer = Arc::new(Sealer::new(vm, addr));
     let started = Instant::now();
     let threads: Vec<_> = (0..CLIENTS)
         .map(|i| {
@@ -132,16 +155,24 @@ fn eight_clients_thousand_requests_each_reply_reaches_its_client() {
                 let mut c = DaemonClient::connect(&addr, DEADLINE).unwrap();
                 let mut client = sealer.independent_client();
                 let mut t = Tally::default();
-                let op = Op::CpuState {
-                    cpu: (i % 2) as u32,
+                let cpu = (i % 2) as u32;
+                let op = Op::CpuState { cpu };
+                let (target, flags) = if targeted {
+                    (Target::Cpu(cpu), FLAG_NO_SNAPSHOT)
+                } else {
+                    (Target::All, 0)
                 };
                 for _ in 0..REQUESTS {
-                    let frame = client.seal_request_vec(&[op], nonce()).unwrap();
+                    let mut frame = vec![0u8; Client::request_frame_len(1)];
+                    let n = client
+                        .seal_request_with(&[op], nonce(), flags, &mut frame)
+                        .unwrap();
+                    frame.truncate(n);
                     let head = RequestHead::Transact {
                         vm: name.clone(),
-                        target: Target::All,
+                        target,
                         deadline_ms: DEADLINE.as_millis() as u64,
-                        smi: protocol::SmiPath::Auto,
+                        smi,
                     };
                     c.stream()
                         .write_all(&protocol::encode(&head, &frame))
@@ -192,7 +223,7 @@ fn eight_clients_thousand_requests_each_reply_reaches_its_client() {
         total_replay, 0,
         "independent clients were rejected as replays: the agent's per-client windows failed"
     );
-    let metrics = DaemonClient::connect(&addr, DEADLINE)
+    let metrics = DaemonClient::connect(addr, DEADLINE)
         .unwrap()
         .metrics()
         .unwrap();
@@ -204,7 +235,6 @@ fn eight_clients_thousand_requests_each_reply_reaches_its_client() {
         )),
         "{metrics}"
     );
-    common::finish(vm);
 }
 
 fn expect_error_then_close(c: &mut DaemonClient, what: &str) -> DaemonError {
@@ -717,6 +747,8 @@ fn counters(c: &mut DaemonClient) -> serde_json::Value {
 /// disarms MSI-X, the next doorbell SMI goes unanswered, the daemon falls
 /// back to a monitor SMI (counted apart), the request is still answered, the
 /// agent re-arms (counted in the header) and the doorbell works again.
+/// A request restricted to `qmp-targeted` is refused at once: stock QEMU
+/// has no `inject-smi`.
 #[test]
 #[ignore = "end-to-end: boots QEMU (cargo xtask test)"]
 fn doorbell_smis_answered_and_disarmed_doorbell_falls_back_counted() {
@@ -815,6 +847,30 @@ fn doorbell_smis_answered_and_disarmed_doorbell_falls_back_counted() {
     }
     let after = counters(&mut c);
     assert_eq!(d("doorbell_fallbacks", &after, &before), 0, "{after}");
+    // The smi path qmp-targeted needs the patched QEMU's `inject-smi`: on
+    // this stock QEMU the daemon refuses at once (nothing posted, no SMI),
+    // not silently at the deadline; the agent answers the next request.
+    let mut targeted =
+        common::daemon_ids_session(&vm, &daemon.addr(), protocol::SmiPath::QmpTargeted);
+    let before = counters(&mut c);
+    let started = Instant::now();
+    let e = targeted
+        .cpu_state(1)
+        .expect_err("stock QEMU has no inject-smi");
+    assert!(
+        e.to_string().contains("inject-smi") && started.elapsed() < Duration::from_secs(3),
+        "expected an immediate needs-patched-qemu refusal, got after {:?}: {e}",
+        started.elapsed()
+    );
+    let after = counters(&mut c);
+    assert_eq!(d("smis_qmp_targeted", &after, &before), 0, "{after}");
+    assert_eq!(
+        d("smis_qmp", &after, &before) + d("smis_doorbell", &after, &before),
+        0,
+        "{after}"
+    );
+    drop(targeted);
+    s.cpu_state(0).unwrap_or_else(|e| panic!("{e}"));
     let metrics = c.metrics().unwrap();
     for name in [
         "smmvmi_doorbell_fallbacks_total",

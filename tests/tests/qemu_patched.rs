@@ -4,32 +4,24 @@
 //!
 //! These run only when `$SMMVMI_QEMU_PATCHED` names the built binary
 //! (`cargo xtask test` builds it and sets it); without it each test says so
-//! and returns. Everything else in the suite keeps running the stock QEMU.
+//! and returns. Everything else in the suite keeps running the stock QEMU,
+//! except the patched-QEMU cases of linux.rs (banner, ps, lsmod, CPUs) and
+//! daemon.rs (8 concurrent clients), which go through the daemon's
+//! `qmp-targeted` path.
 
 mod common;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{AGENT_READY, PING, boot, config, finish, hotplug_storm, ids_session, init_storm, sh};
+use common::{
+    AGENT_READY, PING, boot, config, finish, hotplug_storm, ids_session, init_storm, patched_qemu,
+    sh,
+};
 use serde_json::json;
 use smmvmi_tests::mailbox::MailboxHeader;
 use smmvmi_tests::qmp::QmpError;
-use smmvmi_tests::vm::{
-    Firmware, QEMU_PATCHED_ENV, Vm, VmConfig, VmError, fresh_ping_value, patched_qemu_from_env,
-};
-
-/// xAPIC interrupt command register and delivery modes (as in smm_runtime.rs).
-fn patched(test: &str) -> Option<PathBuf> {
-    let p = patched_qemu_from_env();
-    if p.is_none() {
-        eprintln!(
-            "{test}: skipped: ${QEMU_PATCHED_ENV} does not name a built binary \
-             (run `cargo xtask test`, or `cargo xtask qemu-patched` and set it)"
-        );
-    }
-    p
-}
+use smmvmi_tests::vm::{Firmware, Vm, VmConfig, VmError, fresh_ping_value};
 
 fn patched_config(test: &str, qemu: PathBuf) -> VmConfig {
     config(test).qemu(qemu)
@@ -68,7 +60,7 @@ fn refused(vm: &Vm, args: serde_json::Value) -> (String, String) {
 #[test]
 #[ignore = "boots QEMU; run with `cargo xtask test`"]
 fn inject_smi_reaches_the_agent_and_refuses_bad_indexes() {
-    let Some(qemu) = patched("inject_smi") else {
+    let Some(qemu) = patched_qemu("inject_smi") else {
         return;
     };
     let vm = boot(patched_config("qp-inject", qemu));
@@ -102,7 +94,7 @@ fn inject_smi_reaches_the_agent_and_refuses_bad_indexes() {
 #[test]
 #[ignore = "boots QEMU; run with `cargo xtask test`"]
 fn inject_smi_is_refused_without_smm() {
-    let Some(qemu) = patched("inject_smi_no_smm") else {
+    let Some(qemu) = patched_qemu("inject_smi_no_smm") else {
         return;
     };
     // SeaBIOS with SMM off: the harness's `-machine q35,smm=on` is
@@ -163,7 +155,7 @@ fn check_no_cpu_vanished(vm: &Vm, mut s: ids::Session, what: &str) -> MailboxHea
 #[test]
 #[ignore = "boots QEMU; run with `cargo xtask test`"]
 fn cpu_hotplug_under_polling_loses_no_cpu_on_patched_qemu() {
-    let Some(qemu) = patched("hotplug") else {
+    let Some(qemu) = patched_qemu("hotplug") else {
         return;
     };
     let vm = boot(patched_config("qp-hotplug", qemu).smp(2));
@@ -178,7 +170,7 @@ fn cpu_hotplug_under_polling_loses_no_cpu_on_patched_qemu() {
 #[test]
 #[ignore = "boots QEMU; run with `cargo xtask test`"]
 fn guest_root_init_in_smm_is_held_on_patched_qemu() {
-    let Some(qemu) = patched("init") else {
+    let Some(qemu) = patched_qemu("init") else {
         return;
     };
     let vm = boot(
@@ -195,7 +187,7 @@ fn guest_root_init_in_smm_is_held_on_patched_qemu() {
 #[test]
 #[ignore = "boots QEMU; run with `cargo xtask test`"]
 fn seabios_survives_a_monitor_apm_smi_on_patched_qemu() {
-    let Some(qemu) = patched("seabios_apm") else {
+    let Some(qemu) = patched_qemu("seabios_apm") else {
         return;
     };
     let vm = boot(

@@ -6,7 +6,7 @@
 //! SeaBIOS; then the host-raised SMI round trip on our firmware (write a ping
 //! request, `o /b 0xb2 0x10` over QMP, poll the mailbox until acknowledged),
 //! p50/p99. Results also go to `.cache/bench/boot.json`. The other benches
-//! (`agent`, `ids`, `injector`) live in their own modules.
+//! (`agent`, `ids`, `injector`, `smi`) live in their own modules.
 
 use std::time::Duration;
 
@@ -29,6 +29,10 @@ pub enum Command {
     /// Host-injector daemon: request latency with the doorbell, with QMP
     /// and direct; requests/s with 1 and 8 clients; guest CPU time stolen.
     Injector(crate::bench_injector::InjectorArgs),
+    /// SMI designs on the patched QEMU, one run: broadcast QMP, targeted
+    /// QMP (`inject-smi`), doorbell broadcast, doorbell targeted; latency
+    /// and the guest's slowdown at 10 Hz polling.
+    Smi(crate::bench_smi::SmiArgs),
 }
 
 #[derive(clap::Args)]
@@ -50,6 +54,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Agent(args) => crate::bench_agent::run(args),
         Command::Ids(args) => crate::bench_ids::run(args),
         Command::Injector(args) => crate::bench_injector::run(args),
+        Command::Smi(args) => crate::bench_smi::run(args),
     }
 }
 

@@ -26,13 +26,12 @@
 //!
 //! Results go to stdout as a table and to `.cache/bench/injector.json`.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use host_injector::daemon::client::{DaemonAddr, DaemonClient};
+use host_injector::daemon::client::DaemonClient;
 use host_injector::daemon::protocol::SmiPath;
-use ids::transport::Transport;
 use ids::{Endpoint, Session};
 use serde_json::{Value, json};
 use smmvmi_mailbox::wire::{Op, Status};
@@ -41,9 +40,12 @@ use smmvmi_tests::guest_image::KernelDeb;
 use smmvmi_tests::vm::{Vm, VmConfig};
 
 use crate::FirmwareChoice;
-use crate::bench_agent::{percentile, tsc_mhz};
+use crate::bench_agent::tsc_mhz;
+use crate::bench_daemon::{
+    Counters, DEADLINE, burn_once, burn_while_polling, calibrate_burn, daemon_session, quantile,
+    timed,
+};
 
-const DEADLINE: Duration = Duration::from_secs(10);
 const OP: Op = Op::CpuState { cpu: 0 };
 
 #[derive(clap::Args)]
@@ -106,64 +108,6 @@ struct Samples {
     failed: usize,
 }
 
-/// The daemon's counters of one VM.
-#[derive(Clone, Copy, Default, Debug)]
-struct Counters {
-    ok: u64,
-    smis_doorbell: u64,
-    smis_qmp: u64,
-    fallbacks: u64,
-    rings: u64,
-    errors: u64,
-}
-
-impl Counters {
-    fn read(addr: &DaemonAddr, vm: &str) -> anyhow::Result<Self> {
-        let st = DaemonClient::connect(addr, DEADLINE)?.status()?;
-        let v = st["vms"]
-            .as_array()
-            .and_then(|a| a.iter().find(|v| v["name"] == vm))
-            .with_context(|| format!("VM {vm} not in the daemon's status: {st}"))?;
-        let c = &v["counters"];
-        let n = |k: &str| c[k].as_u64().unwrap_or(0);
-        Ok(Self {
-            ok: n("ok"),
-            smis_doorbell: n("smis_doorbell"),
-            smis_qmp: n("smis_qmp"),
-            fallbacks: n("doorbell_fallbacks"),
-            rings: n("agent_rings"),
-            errors: n("rejected") + n("silent") + n("busy") + n("qemu_gone") + n("other_errors"),
-        })
-    }
-
-    fn since(self, before: Self) -> Self {
-        Self {
-            ok: self.ok - before.ok,
-            smis_doorbell: self.smis_doorbell - before.smis_doorbell,
-            smis_qmp: self.smis_qmp - before.smis_qmp,
-            fallbacks: self.fallbacks - before.fallbacks,
-            rings: self.rings - before.rings,
-            errors: self.errors - before.errors,
-        }
-    }
-
-    fn add(&mut self, d: Self) {
-        self.ok += d.ok;
-        self.smis_doorbell += d.smis_doorbell;
-        self.smis_qmp += d.smis_qmp;
-        self.fallbacks += d.fallbacks;
-        self.rings += d.rings;
-        self.errors += d.errors;
-    }
-
-    fn json(&self) -> Value {
-        json!({
-            "ok": self.ok, "smis_doorbell": self.smis_doorbell, "smis_qmp": self.smis_qmp,
-            "doorbell_fallbacks": self.fallbacks, "agent_rings": self.rings, "errors": self.errors,
-        })
-    }
-}
-
 pub fn run(args: InjectorArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.requests > 0 && args.rounds > 0,
@@ -191,24 +135,9 @@ pub fn run(args: InjectorArgs) -> anyhow::Result<()> {
     result
 }
 
-fn daemon_session(vm: &Vm, addr: &DaemonAddr, smi: SmiPath) -> anyhow::Result<Session> {
-    let ep = Endpoint::Daemon(ids::endpoint::DaemonEndpoint {
-        addr: addr.clone(),
-        vm: vm.name().to_string(),
-        key: Some(vm.info().key.clone()),
-    });
-    let mut s = Session::connect(&ep, DEADLINE)?;
-    if let Transport::Daemon(d) = s.transport() {
-        d.smi_path(smi);
-    }
-    Ok(s)
-}
-
-/// One request; its wall time in ms.
+/// One request; its wall time in ms and whether its op answered Ok.
 fn one(s: &mut Session) -> anyhow::Result<(f64, bool)> {
-    let t = Instant::now();
-    let r = s.request(&[OP])?;
-    let ms = t.elapsed().as_secs_f64() * 1e3;
+    let (ms, r) = timed(|| Ok(s.request(&[OP])?))?;
     Ok((ms, r.first().is_some_and(|r| r.status == Status::Ok)))
 }
 
@@ -291,11 +220,7 @@ fn measure(vm: &Vm, daemon: &DaemonProcess, args: &InjectorArgs) -> anyhow::Resu
         .unwrap_or(0);
 
     // The table.
-    let p = |v: &[f64], q: f64| {
-        let mut s = v.to_vec();
-        s.sort_by(f64::total_cmp);
-        percentile(&s, q)
-    };
+    let p = quantile;
     println!();
     println!(
         "injector benchmark (TCG, -smp {}, one-op CPU_STATE 0; {} rounds, {} requests per mode)",
@@ -456,33 +381,10 @@ fn throughput(clients: &mut [Session], window: Duration) -> anyhow::Result<f64> 
     Ok(done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
 }
 
-/// One `cpuburn n` in the guest, timed by the guest's own clock (seconds).
-fn burn_once(vm: &Vm, n: u64) -> anyhow::Result<f64> {
-    let out = vm
-        .exec_timeout(
-            &format!(
-                "read a x </proc/uptime; cpuburn {n} >/dev/null; read b x </proc/uptime; echo $a $b"
-            ),
-            Duration::from_secs(300),
-        )
-        .context("cpuburn in the guest")?;
-    anyhow::ensure!(out.status == 0, "cpuburn failed: {}", out.stderr);
-    let v: Vec<f64> = out
-        .stdout
-        .split_whitespace()
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    anyhow::ensure!(v.len() == 2, "unexpected output {:?}", out.stdout);
-    Ok(v[1] - v[0])
-}
-
 /// `cpuburn` with no polling, with 10 Hz polling and with polling as fast as
 /// one client goes, interleaved; the slowdown per request served meanwhile.
 fn stolen(vm: &Vm, client: &mut Session, args: &InjectorArgs) -> anyhow::Result<Value> {
-    crate::step("calibrating cpuburn");
-    let probe = 2_000_000u64;
-    let t = burn_once(vm, probe)?.max(0.05);
-    let n = ((probe as f64) * args.burn_s / t).round() as u64;
+    let n = calibrate_burn(vm, args.burn_s)?;
     let (mut none, mut hz10, mut max) = (Vec::new(), Vec::new(), Vec::new());
     let (mut n10, mut nmax) = (Vec::new(), Vec::new());
     for round in 0..args.burn_rounds {
@@ -499,43 +401,13 @@ fn stolen(vm: &Vm, client: &mut Session, args: &InjectorArgs) -> anyhow::Result<
                 continue;
             }
             let period = (which == 1).then(|| Duration::from_millis(100));
-            let stop = AtomicBool::new(false);
-            let served = AtomicU64::new(0);
-            let secs = std::thread::scope(|sc| -> anyhow::Result<f64> {
-                let poller = sc.spawn(|| -> anyhow::Result<()> {
-                    let mut next = Instant::now();
-                    while !stop.load(Ordering::Relaxed) {
-                        one(client)?;
-                        served.fetch_add(1, Ordering::Relaxed);
-                        if let Some(p) = period {
-                            next += p;
-                            while !stop.load(Ordering::Relaxed) && Instant::now() < next {
-                                std::thread::sleep(Duration::from_millis(5));
-                            }
-                        }
-                    }
-                    Ok(())
-                });
-                // Requests counted from the start of cpuburn to its end
-                // (give the poller a moment to reach its rate first).
-                std::thread::sleep(Duration::from_millis(200));
-                let before = served.load(Ordering::Relaxed);
-                let r = burn_once(vm, n);
-                let count = served.load(Ordering::Relaxed) - before;
-                stop.store(true, Ordering::Relaxed);
-                poller.join().expect("poller panicked")?;
-                let secs = r?;
-                if which == 1 {
-                    n10.push(count as f64);
-                } else {
-                    nmax.push(count as f64);
-                }
-                Ok(secs)
-            })?;
+            let (secs, count) = burn_while_polling(vm, n, period, || one(client).map(|_| ()))?;
             if which == 1 {
                 hz10.push(secs);
+                n10.push(count as f64);
             } else {
                 max.push(secs);
+                nmax.push(count as f64);
             }
         }
     }

@@ -7,8 +7,10 @@
 
 mod bench;
 mod bench_agent;
+mod bench_daemon;
 mod bench_ids;
 mod bench_injector;
+mod bench_smi;
 mod build;
 mod demo;
 mod firmware;

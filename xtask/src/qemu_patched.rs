@@ -1,7 +1,8 @@
 //! `cargo xtask qemu-patched`: builds `qemu-system-x86_64` from Debian's own
 //! `qemu` source package with the patches of `patches-qemu/` applied, and
 //! caches it under `.cache/qemu-patched/<key>/qemu-system-x86_64`, where
-//! `<key>` hashes the source version, the patches and the configure flags.
+//! `<key>` hashes the source version, the code of the patches (their diffs:
+//! a reworded commit message does not rebuild QEMU) and the configure flags.
 //! Prints the binary's path on stdout. A warm cache returns at once (no apt,
 //! no network).
 //!
@@ -225,16 +226,30 @@ fn cache_key(version: &str, patches: &[PathBuf]) -> Result<String> {
         h.update([0]);
     }
     for p in patches {
-        let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
         h.update(p.file_name().unwrap_or_default().as_encoded_bytes());
         h.update([0]);
-        h.update(&bytes);
+        h.update(patch_code(&text).as_bytes());
     }
     let mut s = String::new();
     for b in &h.finalize()[..8] {
         let _ = write!(s, "{b:02x}");
     }
     Ok(s)
+}
+
+/// The part of a `git format-patch` file that `patch` applies: from the
+/// first `diff --git` line to the signature separator (`-- `) git appends;
+/// the whole text if it has no `diff --git` line.
+fn patch_code(text: &str) -> &str {
+    let start = if text.starts_with("diff --git ") {
+        0
+    } else {
+        text.find("\ndiff --git ").map_or(0, |i| i + 1)
+    };
+    let code = &text[start..];
+    code.rfind("\n-- \n").map_or(code, |end| &code[..end + 1])
 }
 
 /// Adds a deb-src entry for the system's own mirror when apt has none, and
@@ -383,5 +398,23 @@ mod tests {
         assert!(!src.contains("# comment"));
         assert!(src.contains("Suites: bookworm-security"));
         assert!(deb_src_from("").is_none());
+    }
+
+    #[test]
+    fn the_cache_key_covers_the_code_not_the_message() {
+        let patch = |msg: &str, code: &str| {
+            format!(
+                "From 1 Mon Sep 17 00:00:00 2001\nSubject: [PATCH] x\n\n{msg}\n---\n a | 1 +\n\n\
+                 diff --git a/a b/a\n--- a/a\n+++ b/a\n@@ -1 +1,2 @@\n x\n+{code}\n-- \n2.47.3\n\n"
+            )
+        };
+        let one = patch("first wording", "y");
+        assert_eq!(
+            patch_code(&one),
+            "diff --git a/a b/a\n--- a/a\n+++ b/a\n@@ -1 +1,2 @@\n x\n+y\n"
+        );
+        assert_eq!(patch_code(&one), patch_code(&patch("reworded", "y")));
+        assert_ne!(patch_code(&one), patch_code(&patch("first wording", "z")));
+        assert_eq!(patch_code("diff --git a b\n+x\n"), "diff --git a b\n+x\n");
     }
 }

@@ -1,8 +1,10 @@
 //! `cargo xtask test`: the whole suite. Installs what is missing, builds the
 //! firmware and the guest image, runs the unit tests and the linters
 //! (fmt, clippy -D warnings), then the end-to-end
-//! tests on QEMU (the `#[ignore]`d integration tests of `smmvmi-tests`; those of
-//! tests/tests/qemu_patched.rs on the QEMU built by `cargo xtask qemu-patched`), with
+//! tests on QEMU (the `#[ignore]`d integration tests of `smmvmi-tests`; the
+//! patched-QEMU cases — tests/tests/qemu_patched.rs, and the
+//! `*_on_patched_qemu_*` cases of linux.rs and daemon.rs — on the QEMU built
+//! by `cargo xtask qemu-patched`, found through `$SMMVMI_QEMU_PATCHED`), with
 //! two at a time (two host cores, TCG). Exits non-zero on any failure.
 
 use std::process::Command;
@@ -39,7 +41,7 @@ pub struct Args {
     #[arg(long)]
     pub filter: Option<String>,
     /// Do not build the patched QEMU (`cargo xtask qemu-patched`); the
-    /// tests of tests/tests/qemu_patched.rs then skip themselves.
+    /// patched-QEMU tests then skip themselves (and say so).
     #[arg(long)]
     pub no_qemu_patched: bool,
     /// Parallel end-to-end tests.
@@ -109,7 +111,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
 
     // The QEMU with patches-qemu/ (cached; about 5 minutes when cold), for
-    // tests/tests/qemu_patched.rs only: every other test runs the stock QEMU.
+    // the patched-QEMU tests only (they pick it from $SMMVMI_QEMU_PATCHED):
+    // every other test runs the stock QEMU.
     let mut patched_qemu = None;
     if !args.no_e2e && !args.no_qemu_patched {
         let t = Instant::now();

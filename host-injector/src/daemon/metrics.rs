@@ -28,8 +28,10 @@ pub struct VmMetrics {
     pub other: AtomicU64,
     /// Doorbell SMIs raised.
     pub smis_doorbell: AtomicU64,
-    /// Monitor SMIs raised.
+    /// Monitor SMIs raised (APM port writes).
     pub smis_qmp: AtomicU64,
+    /// `inject-smi` commands sent (smi path qmp-targeted, patched QEMU).
+    pub smis_qmp_targeted: AtomicU64,
     /// Doorbell SMIs unanswered within the grace period (fallbacks).
     pub doorbell_fallbacks: AtomicU64,
     /// Rings received from the agent (Doorbell register writes to our peer).
@@ -85,6 +87,7 @@ impl VmMetrics {
             "other_errors": Self::get(&self.other),
             "smis_doorbell": Self::get(&self.smis_doorbell),
             "smis_qmp": Self::get(&self.smis_qmp),
+            "smis_qmp_targeted": Self::get(&self.smis_qmp_targeted),
             "doorbell_fallbacks": Self::get(&self.doorbell_fallbacks),
             "agent_rings": Self::get(&self.rings),
             "resets": Self::get(&self.resets),
@@ -156,6 +159,12 @@ pub fn render(vms: &[VmSample<'_>]) -> String {
             "smmvmi_smis_total{{vm=\"{}\",backend=\"qmp-broadcast\"}} {}",
             v.vm,
             g(&v.metrics.smis_qmp)
+        );
+        let _ = writeln!(
+            o,
+            "smmvmi_smis_total{{vm=\"{}\",backend=\"qmp-targeted\"}} {}",
+            v.vm,
+            g(&v.metrics.smis_qmp_targeted)
         );
     }
     family(

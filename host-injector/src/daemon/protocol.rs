@@ -87,6 +87,13 @@ pub enum SmiPath {
     /// broadcast, no reset since); while the gate is closed the request
     /// waits, and past its deadline it is silent.
     QmpBroadcast,
+    /// A patched QEMU's QMP `inject-smi` (`patches-qemu/`) only: to the
+    /// request's target vCPU (`cpu-index` looked up from its APIC ID), or
+    /// to every vCPU for target `all`. No dependency on SMI broadcast
+    /// negotiation, but gated like every monitor SMI (an SMI before the
+    /// firmware has set up SMM is not safe either). On a stock QEMU the
+    /// request fails at once with [`DaemonError::NeedsPatchedQemu`].
+    QmpTargeted,
 }
 
 impl SmiPath {
@@ -103,11 +110,12 @@ pub struct TransactInfo {
     /// Serve status word the agent wrote.
     pub status: u32,
     /// Backend whose SMI the agent answered after ("doorbell",
-    /// "qmp-broadcast").
+    /// "qmp-broadcast", "qmp-targeted").
     pub backend: String,
     /// Doorbell SMIs raised for this request.
     pub smis_doorbell: u32,
-    /// Monitor SMIs raised for this request.
+    /// Monitor SMIs raised for this request (APM port writes, or
+    /// `inject-smi` for [`SmiPath::QmpTargeted`]: see `backend`).
     pub smis_qmp: u32,
     /// Time in the queue before the request reached the mailbox, µs.
     pub queued_us: u64,
@@ -271,6 +279,14 @@ pub enum DaemonError {
         vm: String,
         /// What is wrong.
         problem: String,
+    },
+    /// [`SmiPath::QmpTargeted`] asked of a QEMU without `inject-smi`.
+    #[error(
+        "VM {vm}: smi path qmp-targeted needs the QMP command `inject-smi`, which this QEMU lacks (stock QEMU): build QEMU with patches-qemu/ (`cargo xtask qemu-patched`; `host-injector doctor` tells), or leave the smi path at its default (the doorbell targets vCPUs on stock QEMU)"
+    )]
+    NeedsPatchedQemu {
+        /// VM.
+        vm: String,
     },
     /// The request does not fit the mailbox.
     #[error("VM {vm}: the request does not fit the mailbox: {problem}")]
@@ -444,6 +460,16 @@ mod tests {
         assert!(String::from_utf8_lossy(&f).contains("\"smi\":\"qmp-broadcast\""));
         let (h, _): (RequestHead, _) = read_frame(&mut &f[..], MAX_REQUEST_BODY).unwrap();
         assert_eq!(h, qmp);
+        let targeted = RequestHead::Transact {
+            vm: "a".into(),
+            target: Target::Cpu(2),
+            deadline_ms: 5,
+            smi: SmiPath::QmpTargeted,
+        };
+        let f = encode(&targeted, b"");
+        assert!(String::from_utf8_lossy(&f).contains("\"smi\":\"qmp-targeted\""));
+        let (h, _): (RequestHead, _) = read_frame(&mut &f[..], MAX_REQUEST_BODY).unwrap();
+        assert_eq!(h, targeted);
         let err = ReplyHead::Error {
             error: DaemonError::Busy {
                 vm: "a".into(),

@@ -6,6 +6,7 @@
 //! runtime, so that the short sleeps while polling the done word delay
 //! nobody else.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -23,9 +24,10 @@ use super::metrics::VmMetrics;
 use super::protocol::{DaemonError, HeaderView, SmiPath, TransactInfo, hex};
 use super::qmp::{AsyncQmp, Event};
 use super::request::{Facts, Path, Policy, Request, Step};
-use crate::backend::{DoorbellError, DoorbellSmi, Target};
+use crate::backend::{DoorbellError, DoorbellSmi, INJECT_SMI_COMMAND, Target};
 use crate::ivshmem::{self, DAEMON_PEER, SharedMemory, Vectors};
 use crate::mailbox_file::{Header, MailboxFile};
+use crate::qmp::QmpError;
 use crate::smi::APM_COMMAND;
 use crate::transact::{fresh_doorbell, rejection_hint};
 
@@ -418,6 +420,12 @@ struct Worker {
     last_doorbell: u64,
     name: String,
     ever_peer: bool,
+    /// Whether this QMP session's QEMU has `inject-smi` (asked once per
+    /// connection, when a qmp-targeted request first needs it).
+    inject_smi: Option<bool>,
+    /// APIC ID → QEMU `cpu-index` of this QMP session's QEMU (looked up
+    /// again when an APIC ID is missing: CPU hot-plug).
+    cpu_index: HashMap<u32, i64>,
 }
 
 enum Abort {
@@ -443,6 +451,8 @@ impl Worker {
             last_doorbell: 0,
             name,
             ever_peer: false,
+            inject_smi: None,
+            cpu_index: HashMap::new(),
         }
     }
 
@@ -487,6 +497,8 @@ impl Worker {
                 tracing::info!(vm = %self.name, path = %path.display(), "QMP connected");
                 self.qmp = Some(q);
                 self.qmp_events = Some(rx);
+                self.inject_smi = None;
+                self.cpu_index.clear();
                 self.shared.qmp_connected.store(true, Ordering::Relaxed);
             }
             Err(e) => {
@@ -528,6 +540,86 @@ impl Worker {
             self.shared.note(|n| n.gate = None);
         }
         true
+    }
+
+    /// The arguments of `inject-smi` for `target` (smi path qmp-targeted):
+    /// `Ok(None)` while QMP is not connected; an error when this QEMU has
+    /// no `inject-smi` or no vCPU with that APIC ID.
+    async fn inject_args(
+        &mut self,
+        target: Target,
+    ) -> Result<Option<serde_json::Value>, DaemonError> {
+        let r = self.inject_args_qmp(target).await;
+        match r {
+            Ok(v) => Ok(v),
+            Err(Ok(e)) => Err(e),
+            Err(Err(e)) => {
+                tracing::warn!(vm = %self.name, error = %e, "QMP failed looking up inject-smi; reconnecting");
+                self.qmp = None;
+                self.shared.qmp_connected.store(false, Ordering::Relaxed);
+                Ok(None)
+            }
+        }
+    }
+
+    async fn inject_args_qmp(
+        &mut self,
+        target: Target,
+    ) -> Result<Option<serde_json::Value>, Result<DaemonError, QmpError>> {
+        let Some(q) = self.qmp.as_mut() else {
+            return Ok(None);
+        };
+        if self.inject_smi.is_none() {
+            let cmds = q.execute("query-commands", None).await.map_err(Err)?;
+            let has = cmds
+                .as_array()
+                .is_some_and(|a| a.iter().any(|c| c["name"] == INJECT_SMI_COMMAND));
+            self.inject_smi = Some(has);
+        }
+        if self.inject_smi == Some(false) {
+            return Err(Ok(DaemonError::NeedsPatchedQemu {
+                vm: self.name.clone(),
+            }));
+        }
+        let apic = match target {
+            Target::All => return Ok(Some(serde_json::json!({}))),
+            Target::Cpu(n) => n,
+        };
+        if !self.cpu_index.contains_key(&apic) {
+            // `inject-smi` takes QEMU's cpu-index; a target names an APIC
+            // ID. Equal on a default topology, not in general.
+            self.cpu_index.clear();
+            let cpus = q.execute("query-cpus-fast", None).await.map_err(Err)?;
+            for c in cpus.as_array().into_iter().flatten() {
+                let (Some(index), Some(path)) = (c["cpu-index"].as_i64(), c["qom-path"].as_str())
+                else {
+                    continue;
+                };
+                let id = q
+                    .execute(
+                        "qom-get",
+                        Some(serde_json::json!({ "path": path, "property": "apic-id" })),
+                    )
+                    .await
+                    .map_err(Err)?;
+                if let Some(id) = id.as_u64().and_then(|i| u32::try_from(i).ok()) {
+                    self.cpu_index.insert(id, index);
+                }
+            }
+        }
+        match self.cpu_index.get(&apic) {
+            Some(i) => Ok(Some(serde_json::json!({ "cpu-index": i }))),
+            None => {
+                let mut known: Vec<u32> = self.cpu_index.keys().copied().collect();
+                known.sort_unstable();
+                Err(Ok(DaemonError::BadTarget {
+                    vm: self.name.clone(),
+                    problem: format!(
+                        "inject-smi for {target}: QEMU has no vCPU with APIC ID {apic} (its vCPUs' APIC IDs: {known:?})"
+                    ),
+                }))
+            }
+        }
     }
 
     fn err_gone(&self) -> DaemonError {
@@ -589,7 +681,9 @@ impl Worker {
         } else {
             fresh_doorbell(self.last_doorbell.max(header.reply_done))
         };
-        if let Some(p) = &current
+        let targeted_qmp = job.smi == SmiPath::QmpTargeted;
+        if !targeted_qmp
+            && let Some(p) = &current
             && job.target.vector().is_none_or(|v| v >= p.vectors.len())
         {
             return Err(DaemonError::BadTarget {
@@ -602,6 +696,12 @@ impl Worker {
                 .to_string(),
             });
         }
+        // Refused before anything is posted: a stock QEMU, an unknown APIC ID.
+        let mut inject = if targeted_qmp {
+            self.inject_args(job.target).await?
+        } else {
+            None
+        };
         mb.store_u32(layout::OFF_HOST_PEER, u32::from(DAEMON_PEER) + 1)
             .map_err(|e| self.shared.mb_err(e))?;
         mb.post_request(&job.frame, doorbell).map_err(|e| match e {
@@ -640,7 +740,7 @@ impl Worker {
                     // Reset the doorbell: a late SMI must not serve a request
                     // whose client has been told it failed.
                     let _ = mb.store_u64(layout::OFF_REQ_DOORBELL, 0);
-                    self.count_smis(&req);
+                    self.count_smis(&req, job.smi);
                     // No SMI could be raised at all (no agent header, the
                     // firmware still booting, a fault): say why instead of
                     // calling an agent silent that was never asked.
@@ -673,6 +773,49 @@ impl Worker {
                     }
                     req.raised(Path::Doorbell, Instant::now());
                 }
+                Step::Raise(Path::Qmp) if targeted_qmp => {
+                    if inject.is_none() {
+                        // QMP was not connected when the request was posted.
+                        match self.inject_args(job.target).await {
+                            Ok(a) => inject = a,
+                            Err(e) => {
+                                let _ = mb.store_u64(layout::OFF_REQ_DOORBELL, 0);
+                                self.count_smis(&req, job.smi);
+                                return Err(e);
+                            }
+                        }
+                    }
+                    let tried = match (inject.clone(), self.qmp.as_mut()) {
+                        (Some(args), Some(q)) => {
+                            match q.execute(INJECT_SMI_COMMAND, Some(args)).await {
+                                Ok(_) => true,
+                                Err(e @ QmpError::Command { .. }) => {
+                                    // E.g. the vCPU was unplugged since the
+                                    // look-up: look up again next time, after
+                                    // the re-raise period (counted as raised,
+                                    // so that retries are paced).
+                                    tracing::warn!(vm = %self.name, error = %e, "inject-smi refused");
+                                    self.cpu_index.clear();
+                                    inject = None;
+                                    true
+                                }
+                                Err(e) => {
+                                    tracing::warn!(vm = %self.name, error = %e, "inject-smi failed; reconnecting QMP");
+                                    self.qmp = None;
+                                    self.shared.qmp_connected.store(false, Ordering::Relaxed);
+                                    inject = None;
+                                    false
+                                }
+                            }
+                        }
+                        // QMP went away during the look-up: nothing raised;
+                        // the next step waits for QMP.
+                        _ => false,
+                    };
+                    if tried {
+                        req.raised(Path::Qmp, Instant::now());
+                    }
+                }
                 Step::Raise(Path::Qmp) => {
                     let q = self.qmp.as_mut().expect("qmp usable implies connected");
                     match q.hmp(&format!("o /b 0xb2 {APM_COMMAND:#x}")).await {
@@ -699,7 +842,7 @@ impl Worker {
                         )
                         .await
                     {
-                        self.count_smis(&req);
+                        self.count_smis(&req, job.smi);
                         let _ = mb.store_u64(layout::OFF_REQ_DOORBELL, 0);
                         tracing::warn!(vm = %self.name, reason = %why, "request aborted: QEMU gone");
                         return Err(self.err_gone());
@@ -707,7 +850,7 @@ impl Worker {
                 }
             }
         }
-        self.count_smis(&req);
+        self.count_smis(&req, job.smi);
         let elapsed = posted.elapsed();
         let mut sb = [0u8; 8];
         mb.copy_out(layout::OFF_SERVE_STATUS, &mut sb)
@@ -737,7 +880,12 @@ impl Worker {
         Ok((
             TransactInfo {
                 status,
-                backend: req.last_path.map(Path::label).unwrap_or("none").to_string(),
+                backend: match req.last_path {
+                    Some(Path::Qmp) if targeted_qmp => "qmp-targeted",
+                    Some(p) => p.label(),
+                    None => "none",
+                }
+                .to_string(),
                 smis_doorbell: req.smis_doorbell,
                 smis_qmp: req.smis_qmp,
                 queued_us: posted.saturating_duration_since(job.received).as_micros() as u64,
@@ -750,11 +898,16 @@ impl Worker {
         ))
     }
 
-    fn count_smis(&self, req: &Request) {
+    fn count_smis(&self, req: &Request, smi: SmiPath) {
         let m = &self.shared.metrics;
         m.smis_doorbell
             .fetch_add(req.smis_doorbell.into(), Ordering::Relaxed);
-        m.smis_qmp.fetch_add(req.smis_qmp.into(), Ordering::Relaxed);
+        let monitor = if smi == SmiPath::QmpTargeted {
+            &m.smis_qmp_targeted
+        } else {
+            &m.smis_qmp
+        };
+        monitor.fetch_add(req.smis_qmp.into(), Ordering::Relaxed);
         m.doorbell_fallbacks
             .fetch_add(req.doorbell_unanswered.into(), Ordering::Relaxed);
     }

@@ -4,9 +4,13 @@
 //! after building the firmware and the guest image.
 #![allow(dead_code)]
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-use smmvmi_tests::vm::{Firmware, Vm, VmConfig};
+use host_injector::daemon::client::{DaemonAddr, DaemonClient};
+use host_injector::daemon::protocol::SmiPath;
+use smmvmi_tests::daemon::DaemonProcess;
+use smmvmi_tests::vm::{Firmware, QEMU_PATCHED_ENV, Vm, VmConfig, patched_qemu_from_env};
 
 /// A config for a test VM named `t-<test>-<pid>` (the `t-` prefix lets
 /// `cargo xtask test` sweep leftovers), booting `$SMMVMI_FIRMWARE`.
@@ -172,4 +176,71 @@ pub fn init_storm(vm: &Vm, s: &mut ids::Session, aps: u32, rounds: u32) {
             "round {round}: three requests in a row went unanswered"
         );
     }
+}
+
+/// The QEMU built with patches-qemu/ (`$SMMVMI_QEMU_PATCHED`, which
+/// `cargo xtask test` sets); `None` after printing why `test` is skipped.
+pub fn patched_qemu(test: &str) -> Option<PathBuf> {
+    let p = patched_qemu_from_env();
+    if p.is_none() {
+        eprintln!(
+            "{test}: skipped: ${QEMU_PATCHED_ENV} does not name a built binary \
+             (run `cargo xtask test`, or `cargo xtask qemu-patched` and set it)"
+        );
+    }
+    p
+}
+
+/// A host-injector daemon of one test alone (its own socket under
+/// `.cache/injector-tests/`, so killing it touches nobody else).
+pub fn test_daemon(test: &str, extra: &[&str]) -> DaemonProcess {
+    DaemonProcess::spawn(&daemon_socket_path(test), extra, false).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The socket of [`test_daemon`]`(test)`.
+pub fn daemon_socket_path(test: &str) -> PathBuf {
+    smmvmi_tests::repo_root().join(format!(
+        ".cache/injector-tests/{test}-{}.sock",
+        std::process::id()
+    ))
+}
+
+/// A sealed IDS session with `vm`'s agent through the daemon at `addr`,
+/// its requests restricted to the SMI path `smi`.
+pub fn daemon_ids_session(vm: &Vm, addr: &DaemonAddr, smi: SmiPath) -> ids::Session {
+    vm.wait_agent_ready(AGENT_READY)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ep = ids::Endpoint::Daemon(ids::endpoint::DaemonEndpoint {
+        addr: addr.clone(),
+        vm: vm.name().to_string(),
+        key: Some(vm.info().key.clone()),
+    });
+    let mut s = ids::Session::connect(&ep, IDS_DEADLINE).unwrap_or_else(|e| panic!("{e}"));
+    if let ids::transport::Transport::Daemon(d) = s.transport() {
+        d.smi_path(smi);
+    }
+    s
+}
+
+/// The daemon's counters of VM `vm` (`status`).
+pub fn daemon_counters(addr: &DaemonAddr, vm: &str) -> serde_json::Value {
+    let st = DaemonClient::connect(addr, IDS_DEADLINE)
+        .and_then(|mut c| c.status())
+        .unwrap_or_else(|e| panic!("{e}"));
+    st["vms"]
+        .as_array()
+        .and_then(|a| a.iter().find(|v| v["name"] == vm))
+        .map(|v| v["counters"].clone())
+        .unwrap_or_else(|| panic!("VM {vm} not in the daemon's status: {st}"))
+}
+
+/// Asserts that every SMI the daemon raised for `vm` was a patched QEMU's
+/// `inject-smi` (smi path qmp-targeted), at least `min` of them.
+pub fn assert_only_inject_smi(addr: &DaemonAddr, vm: &str, min: u64) {
+    let c = daemon_counters(addr, vm);
+    let n = |k: &str| c[k].as_u64().unwrap_or(0);
+    assert!(
+        n("smis_qmp_targeted") >= min && n("smis_doorbell") == 0 && n("smis_qmp") == 0,
+        "expected only inject-smi SMIs (at least {min}): daemon counters {c}"
+    );
 }
