@@ -398,6 +398,7 @@ pub fn run(
     let mut kernel: Option<Kernel> = None;
     let mut watcher = Watcher::new();
     let mut down = false;
+    let mut failures = 0u32;
     let mut salt: Option<[u8; 16]> = None;
     // A reboot seen on reconnecting, reported with the first pass after it.
     let mut rebooted = false;
@@ -425,6 +426,7 @@ pub fn run(
             }
             watcher.pass(c, kernel.as_ref().expect("loaded above"))
         })();
+        let result_ok = result.is_ok();
         match result {
             Ok(events) => {
                 down = false;
@@ -444,12 +446,24 @@ pub fn run(
                 mem = None;
             }
             Err(e) => {
-                if !down {
+                failures += 1;
+                // One failed pass may be a moment's state (a vCPU between
+                // INIT and SIPI missing the SMI rendezvous, a list being
+                // changed): the next attempt comes at once; two in a row
+                // are an outage.
+                if failures >= 2 && !down {
                     send(Event::AgentUnreachable(e.to_string()), &mut alerted);
+                    down = true;
                 }
-                down = true;
                 (mem, kernel) = (None, None);
+                if failures == 1 {
+                    passes -= 1;
+                    continue;
+                }
             }
+        }
+        if result_ok {
+            failures = 0;
         }
         if opts.count.is_none_or(|n| passes < n) {
             std::thread::sleep(opts.interval.saturating_sub(started.elapsed()));

@@ -156,8 +156,29 @@ fn run(cfg: VmConfig) {
         vec![format!("module {MODULE} ")],
         module,
     ));
+    // The watch runs the same checks pass after pass: its next pass after
+    // a load reports each finding as a `hook-found` alert.
+    let mut watcher = ids::watch::Watcher::new();
+    let mut pass = |s: &mut ids::Session| {
+        let mut c = SnapshotCache::new(s);
+        watcher.pass(&mut c, &k).unwrap_or_else(|e| panic!("{e}"))
+    };
+    pass(&mut s);
     for (attack, expected, owner) in cases {
         attack::load(&vm, &attack).unwrap_or_else(|e| panic!("{attack:?}: {e}"));
+        let alerts: Vec<String> = pass(&mut s)
+            .into_iter()
+            .filter_map(|e| match e {
+                ids::watch::Event::HookFound(f) => Some(f.what),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            expected
+                .iter()
+                .all(|e| alerts.iter().any(|a| a.starts_with(e.as_str()))),
+            "{attack:?}: the watch's next pass raised {alerts:?}, expected {expected:?}"
+        );
         // The guest still runs its syscalls through the hook.
         assert_eq!(sh(&vm, "echo alive"), "alive");
         let reports = check_all(&mut s, &k);
@@ -214,6 +235,7 @@ fn run(cfg: VmConfig) {
             );
         }
         attack::unload(&vm).unwrap_or_else(|e| panic!("{attack:?}: {e}"));
+        pass(&mut s);
         assert_clean(&mut s, &k, &format!("after removing {attack:?}"));
         if in_text.is_some() {
             let r = text(&mut s);

@@ -33,6 +33,9 @@ pub enum Command {
     /// QMP (`inject-smi`), doorbell broadcast, doorbell targeted; latency
     /// and the guest's slowdown at 10 Hz polling.
     Smi(crate::bench_smi::SmiArgs),
+    /// The IDS's watch: time and SMIs per pass, a full check text, and the
+    /// guest's slowdown with a pass every 1 s and every 0.1 s.
+    Watch(crate::bench_watch::WatchArgs),
 }
 
 #[derive(clap::Args)]
@@ -55,6 +58,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Ids(args) => crate::bench_ids::run(args),
         Command::Injector(args) => crate::bench_injector::run(args),
         Command::Smi(args) => crate::bench_smi::run(args),
+        Command::Watch(args) => crate::bench_watch::run(args),
     }
 }
 

@@ -11,6 +11,7 @@ mod bench_daemon;
 mod bench_ids;
 mod bench_injector;
 mod bench_smi;
+mod bench_watch;
 mod build;
 mod demo;
 mod firmware;
