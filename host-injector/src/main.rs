@@ -196,6 +196,27 @@ fn print_status(s: &serde_json::Value) {
         };
         println!("VM {}: {qemu}", vm["name"].as_str().unwrap_or("?"));
         println!("  served: {}", vm["serving"].as_str().unwrap_or("?"));
+        let lv = &vm["libvirt"];
+        if !lv.is_null() {
+            println!(
+                "  libvirt domain {} ({}): {}; events {}{}",
+                lv["domain"].as_str().unwrap_or("?"),
+                lv["uri"].as_str().unwrap_or("?"),
+                lv["state"].as_str().unwrap_or("?"),
+                if lv["events_connected"] == true {
+                    "followed"
+                } else {
+                    "NOT followed (libvirtd down?)"
+                },
+                lv["last_event"]
+                    .as_str()
+                    .map(|e| format!("; last event: {e}"))
+                    .unwrap_or_default()
+            );
+            if let Some(p) = lv["problem"].as_str() {
+                println!("  libvirt problem: {p}");
+            }
+        }
         println!(
             "  qmp {}  in flight {}",
             if vm["qmp_connected"] == true {

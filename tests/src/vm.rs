@@ -1071,6 +1071,7 @@ fn mailbox_args(config: &VmConfig, info: &VmInfo) -> Result<Vec<String>, VmError
             vectors,
             mailbox_size: MailboxFile::SIZE as usize,
             mailbox_file: Some(info.mailbox.clone()),
+            libvirt: None,
         })
         .map_err(daemon_err)?;
     Ok(vec![

@@ -19,7 +19,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::config::VmConfig;
+use super::libvirt::{self, DomainMonitor, DomainStatus, SharedStatus};
 use super::metrics::VmMetrics;
+use super::monitor::Monitor;
 use super::protocol::{DaemonError, HeaderView, SmiPath, TransactInfo, hex};
 use super::qmp::{AsyncQmp, Event};
 use super::request::{Facts, Path, Policy, Request, Step};
@@ -74,6 +76,8 @@ pub struct VmShared {
     pub in_flight: AtomicU64,
     /// When the daemon started serving it.
     pub started: SystemTime,
+    /// A libvirt domain's lifecycle as the daemon follows it.
+    pub libvirt: Option<SharedStatus>,
 }
 
 /// Free-text state for `status`.
@@ -147,6 +151,8 @@ impl VmShared {
                 (None, _, false) => "no: QEMU not connected",
             },
             "qmp_connected": self.qmp_connected.load(Ordering::Relaxed),
+            "monitor": if self.config.libvirt.is_some() { "libvirt" } else { "qmp-socket" },
+            "libvirt": self.libvirt.as_ref().map(|l| l.lock().expect("libvirt status lock").clone()),
             "monitor_smis_stopped": notes.gate,
             "last_error": notes.last_error,
             "in_flight": self.in_flight.load(Ordering::Relaxed),
@@ -271,6 +277,7 @@ pub fn start(
             source,
         })?;
     let (peer, _) = watch::channel(None);
+    let config_libvirt = config.libvirt.clone();
     let shared = Arc::new(VmShared {
         config,
         shm,
@@ -283,6 +290,14 @@ pub fn start(
         qmp_connected: AtomicBool::new(false),
         in_flight: AtomicU64::new(0),
         started: SystemTime::now(),
+        libvirt: config_libvirt.as_ref().map(|d| {
+            Arc::new(Mutex::new(DomainStatus {
+                domain: d.domain.clone(),
+                uri: d.uri().to_string(),
+                state: "unknown (not asked yet)".into(),
+                ..DomainStatus::default()
+            }))
+        }),
     });
     let (queue, jobs) = mpsc::channel(queue_depth);
     let (stop_tx, stop_rx) = oneshot::channel();
@@ -301,12 +316,23 @@ pub fn start(
                     listener,
                     ring.try_clone().expect("dup eventfd"),
                 ));
+                let follower = match (&s2.config.libvirt, &s2.libvirt) {
+                    (Some(d), Some(st)) => Some(tokio::spawn(libvirt::follow_lifecycle(
+                        d.clone(),
+                        s2.config.ivshmem_socket.clone(),
+                        st.clone(),
+                    ))),
+                    _ => None,
+                };
                 let worker = Worker::new(s2, ring, timing);
                 tokio::select! {
                     _ = worker.run(jobs) => {}
                     _ = stop_rx => {}
                 }
                 acceptor.abort();
+                if let Some(f) = follower {
+                    f.abort();
+                }
             });
         })
         .map_err(|source| VmStartError::Thread { vm, source })?;
@@ -383,12 +409,22 @@ async fn accept_qemu(shared: Arc<VmShared>, listener: UnixListener, ring: EventF
             let current = s2.peer.borrow().as_ref().map(|p| p.id);
             if current == Some(id) {
                 tracing::warn!(vm = %s2.config.name, peer = id, reason = %why, "QEMU disconnected");
-                s2.note(|n| {
-                    n.qemu_gone = Some(format!(
-                        "{why} at unix time {}; requests fail until QEMU is started again with -chardev socket,path={},id=ivs -device ivshmem-doorbell,chardev=ivs,vectors={}",
-                        unix(SystemTime::now()),
+                let again = match &s2.config.libvirt {
+                    Some(d) => format!(
+                        "the domain is started again (virsh -c {} start {})",
+                        d.uri(),
+                        d.domain
+                    ),
+                    None => format!(
+                        "QEMU is started again with -chardev socket,path={},id=ivs -device ivshmem-doorbell,chardev=ivs,vectors={}",
                         s2.config.ivshmem_socket.display(),
                         s2.config.vectors
+                    ),
+                };
+                s2.note(|n| {
+                    n.qemu_gone = Some(format!(
+                        "{why} at unix time {}; requests fail until {again}",
+                        unix(SystemTime::now()),
                     ))
                 });
                 s2.peer.send_replace(None);
@@ -411,7 +447,7 @@ struct Worker {
     shared: Arc<VmShared>,
     ring: AsyncFd<EventFd>,
     timing: Timing,
-    qmp: Option<AsyncQmp>,
+    qmp: Option<Monitor>,
     qmp_events: Option<mpsc::UnboundedReceiver<Event>>,
     qmp_next_try: Instant,
     gate: Gate,
@@ -468,29 +504,51 @@ impl Worker {
         if let Some(q) = &mut self.qmp
             && q.is_closed()
         {
-            tracing::info!(vm = %self.name, "QMP connection closed by QEMU");
+            tracing::info!(vm = %self.name, monitor = q.label(), "monitor gone (QEMU closed QMP, or the libvirt domain stopped)");
             self.qmp = None;
             self.drain_events();
             self.qmp_events = None;
             self.shared.qmp_connected.store(false, Ordering::Relaxed);
         }
-        let Some(path) = self.shared.config.qmp.clone() else {
-            return;
-        };
         if self.qmp.is_some() || Instant::now() < self.qmp_next_try {
             return;
         }
-        self.qmp_next_try = Instant::now() + Duration::from_secs(1);
         let (tx, rx) = mpsc::unbounded_channel();
-        match AsyncQmp::connect(&path, self.timing.qmp_timeout, tx).await {
+        let connected =
+            if let (Some(d), Some(st)) = (&self.shared.config.libvirt, &self.shared.libvirt) {
+                // The lifecycle follower knows whether the domain runs: no
+                // virsh call per second for a domain that is shut off.
+                let known_stopped = {
+                    let s = st.lock().expect("libvirt status lock");
+                    s.events_connected && !s.running
+                };
+                if known_stopped {
+                    return;
+                }
+                self.qmp_next_try = Instant::now() + Duration::from_secs(1);
+                DomainMonitor::connect(d.clone(), libvirt::VIRSH_TIMEOUT, tx, st.clone())
+                    .await
+                    .map(Monitor::Libvirt)
+                    .map_err(|e| e.to_string())
+            } else {
+                let Some(path) = self.shared.config.qmp.clone() else {
+                    return;
+                };
+                self.qmp_next_try = Instant::now() + Duration::from_secs(1);
+                AsyncQmp::connect(&path, self.timing.qmp_timeout, tx)
+                    .await
+                    .map(Monitor::Qmp)
+                    .map_err(|e| e.to_string())
+            };
+        match connected {
             Ok(q) => {
-                tracing::info!(vm = %self.name, path = %path.display(), "QMP connected");
+                tracing::info!(vm = %self.name, monitor = q.label(), "monitor connected");
                 self.qmp = Some(q);
                 self.qmp_events = Some(rx);
                 self.shared.qmp_connected.store(true, Ordering::Relaxed);
             }
             Err(e) => {
-                tracing::debug!(vm = %self.name, error = %e, "QMP not connectable yet");
+                tracing::debug!(vm = %self.name, error = %e, "monitor not connectable yet");
             }
         }
     }
@@ -532,6 +590,27 @@ impl Worker {
 
     fn err_gone(&self) -> DaemonError {
         let notes = self.shared.notes.lock().expect("notes").clone();
+        if let (Some(d), Some(st)) = (&self.shared.config.libvirt, &self.shared.libvirt) {
+            let s = st.lock().expect("libvirt status lock").clone();
+            if let Some(problem) = s.problem {
+                return DaemonError::QemuGone {
+                    vm: self.name.clone(),
+                    reason: format!("libvirt domain {}: {problem}", d.domain),
+                };
+            }
+            if !s.running {
+                return DaemonError::QemuGone {
+                    vm: self.name.clone(),
+                    reason: format!(
+                        "libvirt domain {} is {}; requests are served again once it runs (virsh -c {} start {})",
+                        d.domain,
+                        s.state,
+                        d.uri(),
+                        d.domain
+                    ),
+                };
+            }
+        }
         if !self.ever_peer && self.qmp.is_some() && self.shared.config.mailbox_file.is_none() {
             return DaemonError::QemuGone {
                 vm: self.name.clone(),
