@@ -211,7 +211,7 @@ impl DomainXml {
         line("    <emulator>/usr/bin/qemu-system-x86_64</emulator>");
         if let Some(log) = &self.serial_log {
             line(&format!(
-                "    <serial type='file'><source path='{}'/><target port='0'/></serial>",
+                "    <serial type='file'><source path='{}' append='on'/><target port='0'/></serial>",
                 p(log)
             ));
         } else {

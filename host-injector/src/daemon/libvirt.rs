@@ -372,8 +372,10 @@ async fn apply_lifecycle(
     s.last_event = Some(format!("{kind} {detail}").trim().to_string());
     s.last_event_unix = now;
     if let Some(p) = problem_update {
-        // A restart after a redefinition keeps the redefinition finding.
-        let keep = p.is_none()
+        // A start after a redefinition keeps the redefinition finding; only
+        // a new definition settles it.
+        let keep = state != "Defined"
+            && p.is_none()
             && s.problem
                 .as_deref()
                 .is_some_and(|x| x.starts_with("redefined"));

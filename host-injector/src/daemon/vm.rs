@@ -433,6 +433,14 @@ async fn accept_qemu(shared: Arc<VmShared>, listener: UnixListener, ring: EventF
     }
 }
 
+/// The next QEMU event, or never when there is no monitor.
+async fn next_event(rx: &mut Option<mpsc::UnboundedReceiver<Event>>) -> Option<Event> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Why monitor SMIs are stopped.
 #[derive(Clone, Debug)]
 enum Gate {
@@ -494,6 +502,17 @@ impl Worker {
                 _ = tick.tick() => {
                     self.maintain_qmp().await;
                     self.drain_events();
+                }
+                // QEMU's events as they come: a RESET must close the gate
+                // while the mailbox still shows the old boot's salt (the new
+                // boot's firmware publishes its own within a fraction of a
+                // second; closing on that one would keep monitor SMIs
+                // stopped for the whole boot).
+                ev = next_event(&mut self.qmp_events) => {
+                    match ev {
+                        Some(ev) => self.apply_event(ev),
+                        None => self.qmp_events = None,
+                    }
                 }
             }
         }
@@ -558,17 +577,26 @@ impl Worker {
         let Some(rx) = &mut self.qmp_events else {
             return;
         };
-        while let Ok(Event(name)) = rx.try_recv() {
-            if name == "RESET" || name == "SHUTDOWN" {
-                let salt = self.shared.header().map(|h| h.salt).unwrap_or_default();
-                let why = format!(
-                    "QMP event {name}: monitor SMIs stopped until the new boot's agent publishes Ready (QEMU 7.2 crashes on a monitor SMI before the firmware negotiates SMI broadcast)"
-                );
-                tracing::info!(vm = %self.name, event = %name, "monitor SMIs stopped");
-                self.shared.note(|n| n.gate = Some(why));
-                self.shared.metrics.resets.fetch_add(1, Ordering::Relaxed);
-                self.gate = Gate::Closed { salt };
-            }
+        let mut events = Vec::new();
+        while let Ok(ev) = rx.try_recv() {
+            events.push(ev);
+        }
+        for ev in events {
+            self.apply_event(ev);
+        }
+    }
+
+    /// RESET / SHUTDOWN stop monitor SMIs until a new boot's agent is Ready.
+    fn apply_event(&mut self, Event(name): Event) {
+        if name == "RESET" || name == "SHUTDOWN" {
+            let salt = self.shared.header().map(|h| h.salt).unwrap_or_default();
+            let why = format!(
+                "QMP event {name}: monitor SMIs stopped until the new boot's agent publishes Ready (QEMU 7.2 crashes on a monitor SMI before the firmware negotiates SMI broadcast)"
+            );
+            tracing::info!(vm = %self.name, event = %name, "monitor SMIs stopped");
+            self.shared.note(|n| n.gate = Some(why));
+            self.shared.metrics.resets.fetch_add(1, Ordering::Relaxed);
+            self.gate = Gate::Closed { salt };
         }
     }
 
