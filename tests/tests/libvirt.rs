@@ -19,8 +19,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use host_injector::daemon::client::{DaemonAddr, DaemonClient};
@@ -48,8 +48,13 @@ fn test_daemon(test: &str) -> DaemonProcess {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn libvirtd() -> Libvirtd {
-    Libvirtd::ensure().unwrap_or_else(|e| panic!("{e}"))
+/// The tests share one libvirtd, and one of them stops and starts it: they
+/// run one at a time, whatever `--test-threads` says.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn libvirtd() -> (Libvirtd, MutexGuard<'static, ()>) {
+    let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    (Libvirtd::ensure().unwrap_or_else(|e| panic!("{e}")), guard)
 }
 
 /// A fresh session answers (retried for up to `within`: right after a boot
@@ -247,7 +252,7 @@ fn poller(vm: &LibvirtVm, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(u64
 #[test]
 #[ignore = "boots a libvirt domain (run with --ignored, as root, with libvirt-daemon-system installed)"]
 fn libvirt_domain_served_and_followed_through_reboots() {
-    let l = libvirtd();
+    let (l, _one) = libvirtd();
     let d = test_daemon("lv-serve");
     let vm =
         LibvirtVm::define_and_start(&l, &d.socket, "lv-serve", 2).unwrap_or_else(|e| panic!("{e}"));
@@ -328,7 +333,7 @@ fn libvirt_domain_served_and_followed_through_reboots() {
 #[test]
 #[ignore = "boots a libvirt domain (run with --ignored, as root, with libvirt-daemon-system installed)"]
 fn libvirt_lifecycle_destroy_start_libvirtd_restart_redefine_shutdown() {
-    let l = libvirtd();
+    let (l, _one) = libvirtd();
     let mut d = test_daemon("lv-life");
     let daemon_pid = d.pid();
     let vm =
