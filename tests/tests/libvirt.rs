@@ -381,10 +381,11 @@ fn libvirt_lifecycle_destroy_start_libvirtd_restart_redefine_shutdown() {
     l.start().unwrap_or_else(|e| panic!("{e}"));
     wait_status(
         &vm,
-        "libvirt events followed again",
+        "libvirt events and QEMU's events (the monitor through libvirt) followed again",
         Duration::from_secs(30),
         |s| {
             s["libvirt"]["events_connected"] == true
+                && s["qmp_connected"] == true
                 && s["libvirt"]["state"]
                     .as_str()
                     .unwrap_or("")

@@ -573,4 +573,29 @@ mod tests {
         );
         assert_eq!(parse_lifecycle("events received: 3"), None);
     }
+
+    #[tokio::test]
+    async fn lifecycle_events_set_state_and_problems() {
+        let d = LibvirtDomain {
+            domain: "mon1".into(),
+            uri: None,
+        };
+        let st: SharedStatus = Arc::default();
+        let ours = Path::new("/run/smmvmi/mon1.ivshmem");
+        apply_lifecycle(&d, ours, &st, "lifecycle", "Started Booted").await;
+        assert!(st.lock().unwrap().running);
+        apply_lifecycle(&d, ours, &st, "lifecycle", "Stopped Migrated").await;
+        let s = st.lock().unwrap().clone();
+        assert!(!s.running);
+        assert_eq!(s.state, "shut off (migrated)");
+        assert!(s.problem.unwrap().contains("migrated away"));
+        apply_lifecycle(&d, ours, &st, "lifecycle", "Started Booted").await;
+        assert!(st.lock().unwrap().problem.is_none(), "back: no problem");
+        apply_lifecycle(&d, ours, &st, "lifecycle", "Stopped Destroyed").await;
+        assert_eq!(st.lock().unwrap().state, "shut off (destroyed)");
+        apply_lifecycle(&d, ours, &st, "lifecycle", "Undefined Removed").await;
+        let s = st.lock().unwrap().clone();
+        assert_eq!(s.state, "undefined");
+        assert!(s.problem.unwrap().contains("undefined in libvirt"));
+    }
 }
