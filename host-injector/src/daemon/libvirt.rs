@@ -232,26 +232,51 @@ pub fn xpath_attribute(output: &str, name: &str) -> Option<String> {
 }
 
 /// Fills a libvirt VM's `ivshmem_socket` and `vectors` from its domain
-/// definition, or checks that they agree with it.
+/// definition when the configuration leaves the socket out. A VM entry
+/// that gives the socket needs no libvirtd at registration (the daemon
+/// starts before libvirtd, whose autostarted domains need the daemon's
+/// socket): its definition is checked against it once the daemon follows
+/// the domain, and a mismatch is reported in the VM's status.
 pub fn resolve(vm: &mut VmConfig) -> Result<(), String> {
     let Some(d) = vm.libvirt.clone() else {
         return Ok(());
     };
-    let dev = shmem_device(&d).map_err(|e| e.to_string())?;
-    if vm.ivshmem_socket.as_os_str().is_empty() {
-        vm.ivshmem_socket = dev.server.clone();
-    } else if vm.ivshmem_socket != dev.server {
-        return Err(format!(
-            "ivshmem_socket {} differs from domain {}'s <shmem><server path='{}'/>: QEMU would connect elsewhere. Leave ivshmem_socket out (the domain says it) or make them equal",
-            vm.ivshmem_socket.display(),
-            d.domain,
-            dev.server.display()
-        ));
+    if !vm.ivshmem_socket.as_os_str().is_empty() {
+        return Ok(());
     }
+    let dev = shmem_device(&d).map_err(|e| {
+        format!(
+            "{e}; to register it before libvirtd runs, give ivshmem_socket and vectors in its entry"
+        )
+    })?;
+    vm.ivshmem_socket = dev.server;
     if let Some(v) = dev.vectors {
         vm.vectors = v;
     }
     Ok(())
+}
+
+/// Whether the domain's definition still sends QEMU to `ours`: `None` if
+/// so, else what an operator must fix.
+async fn definition_problem(
+    d: &LibvirtDomain,
+    ours: &Path,
+    now: u64,
+    what: &str,
+) -> Option<String> {
+    let d2 = d.clone();
+    match tokio::task::spawn_blocking(move || shmem_device(&d2)).await {
+        Ok(Ok(dev)) if dev.server == ours => None,
+        Ok(Ok(dev)) => Some(format!(
+            "{what} at unix time {now}: its <shmem> server path is {}, not this daemon's {}; the next start will not reach this daemon. Unregister and register the VM again, or restore the path",
+            dev.server.display(),
+            ours.display()
+        )),
+        Ok(Err(e)) => Some(format!("{what} at unix time {now}: {e}")),
+        Err(e) => Some(format!(
+            "{what} at unix time {now}: checking it failed: {e}"
+        )),
+    }
 }
 
 /// What the daemon knows of a domain's lifecycle (for `status`).
@@ -329,20 +354,7 @@ async fn apply_lifecycle(
                 )))
             }
             "Defined" => {
-                let d2 = d.clone();
-                let dev = tokio::task::spawn_blocking(move || shmem_device(&d2)).await;
-                problem_update = Some(match dev {
-                    Ok(Ok(dev)) if dev.server == ours => None,
-                    Ok(Ok(dev)) => Some(format!(
-                        "redefined at unix time {now}: its <shmem> server path is now {}, not this daemon's {}; the next start will not reach this daemon. Unregister and register the VM again, or restore the path",
-                        dev.server.display(),
-                        ours.display()
-                    )),
-                    Ok(Err(e)) => Some(format!("redefined at unix time {now}: {e}")),
-                    Err(e) => Some(format!(
-                        "redefined at unix time {now}: checking it failed: {e}"
-                    )),
-                });
+                problem_update = Some(definition_problem(d, ours, now, "redefined").await);
             }
             _ => {}
         }
@@ -378,7 +390,7 @@ async fn apply_lifecycle(
             && p.is_none()
             && s.problem
                 .as_deref()
-                .is_some_and(|x| x.starts_with("redefined"));
+                .is_some_and(|x| x.starts_with("redefined") || x.starts_with("definition checked"));
         if !keep {
             s.problem = p;
         }
@@ -433,6 +445,20 @@ pub async fn follow_lifecycle(d: LibvirtDomain, ours: PathBuf, status: SharedSta
                                 subscribed = true;
                                 status.lock().expect("lock").events_connected = true;
                                 refresh_state(&d, &status).await;
+                                // Registered before libvirtd ran, or
+                                // redefined while nobody listened.
+                                let p =
+                                    definition_problem(&d, &ours, unix_now(), "definition checked")
+                                        .await;
+                                let mut s = status.lock().expect("lock");
+                                if p.is_some()
+                                    || s.problem.as_deref().is_some_and(|x| {
+                                        x.starts_with("definition checked")
+                                            || x.starts_with("redefined")
+                                    })
+                                {
+                                    s.problem = p;
+                                }
                             }
                         }
                         Ok(Ok(Some(line))) => {
@@ -572,6 +598,20 @@ mod tests {
             Some(("reboot".into(), String::new()))
         );
         assert_eq!(parse_lifecycle("events received: 3"), None);
+    }
+
+    #[test]
+    fn a_vm_entry_with_its_socket_registers_without_libvirtd() {
+        let mut vm: VmConfig = toml::from_str(
+            "name = \"mon1\"\nivshmem_socket = \"/run/smmvmi/mon1.ivshmem\"\nvectors = 5\n\
+             libvirt = { domain = \"mon1\", uri = \"qemu:///system?socket=/nonexistent\" }\n",
+        )
+        .unwrap();
+        resolve(&mut vm).unwrap();
+        assert_eq!(vm.vectors, 5);
+        vm.ivshmem_socket = PathBuf::new();
+        let e = resolve(&mut vm).unwrap_err();
+        assert!(e.contains("give ivshmem_socket and vectors"), "{e}");
     }
 
     #[tokio::test]
