@@ -272,9 +272,55 @@ pub struct Offsets {
     pub module_mem: Option<(u64, u64, u64, u64, u64)>,
     /// Before 6.4: `module.core_layout.base`, `.size`, `init_layout.size`.
     pub module_core_layout: Option<(u64, u64, u64)>,
+    /// Where else modules are found (hidden-module checks), if BTF has the
+    /// types.
+    #[serde(default)]
+    pub module_views: Option<ModuleViews>,
+    /// ftrace and kprobe structures (hook checks), if BTF has them.
+    #[serde(default)]
+    pub hook_views: Option<HookViews>,
     /// The PID IDR, for a batched walk: `pid_namespace.idr.idr_rt.xa_head`,
     /// `xa_node.shift`, `xa_node.slots`, `pid.tasks`, `task_struct.pid_links`.
     pub pid_idr: Option<PidIdr>,
+}
+
+/// Offsets of the other places a module is linked (include/linux/kobject.h,
+/// include/linux/module.h, include/linux/rbtree_latch.h,
+/// kernel/module/internal.h).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ModuleViews {
+    /// `kset.list` (the kobjects of `module_kset`, /sys/module).
+    pub kset_list: u64,
+    /// `module_kobject.kobj.entry`: the link on `kset.list`.
+    pub mkobj_entry: u64,
+    /// `module_kobject.mod` (NULL for built-in modules with parameters).
+    pub mkobj_mod: u64,
+    /// `mod_tree_root.root.tree` (`rb_root[2]` of the latch tree).
+    pub mod_tree_roots: u64,
+    /// `mod_tree_node.mod`.
+    pub mtn_mod: u64,
+    /// `mod_tree_node.node.node` (`rb_node[2]`; `[0]` is on `tree[0]`).
+    pub mtn_node: u64,
+    /// `rb_node.rb_right`, `rb_node.rb_left`.
+    pub rb_right: u64,
+    /// `rb_node.rb_left`.
+    pub rb_left: u64,
+}
+
+/// Offsets of the tracing hooks (include/linux/ftrace.h,
+/// include/linux/kprobes.h).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HookViews {
+    /// `ftrace_ops.func` (the callback).
+    pub ops_func: u64,
+    /// `ftrace_ops.next` (`ftrace_ops_list` ends at `ftrace_list_end`).
+    pub ops_next: u64,
+    /// `kprobe.hlist` (`kprobe_table` buckets are hlists of it).
+    pub kp_hlist: u64,
+    /// `kprobe.addr` (the probed instruction).
+    pub kp_addr: u64,
+    /// `kprobe.pre_handler`.
+    pub kp_pre: u64,
 }
 
 /// Offsets of the PID IDR walk (include/linux/xarray.h, include/linux/pid.h).
@@ -345,6 +391,27 @@ impl Offsets {
             module_refcnt: opt("module", "refcnt"),
             module_mem,
             module_core_layout,
+            hook_views: (|| {
+                Some(HookViews {
+                    ops_func: f("ftrace_ops", "func").ok()?,
+                    ops_next: f("ftrace_ops", "next").ok()?,
+                    kp_hlist: f("kprobe", "hlist").ok()?,
+                    kp_addr: f("kprobe", "addr").ok()?,
+                    kp_pre: f("kprobe", "pre_handler").ok()?,
+                })
+            })(),
+            module_views: (|| {
+                Some(ModuleViews {
+                    kset_list: f("kset", "list").ok()?,
+                    mkobj_entry: f("module_kobject", "kobj.entry").ok()?,
+                    mkobj_mod: f("module_kobject", "mod").ok()?,
+                    mod_tree_roots: f("mod_tree_root", "root.tree").ok()?,
+                    mtn_mod: f("mod_tree_node", "mod").ok()?,
+                    mtn_node: f("mod_tree_node", "node.node").ok()?,
+                    rb_right: f("rb_node", "rb_right").ok()?,
+                    rb_left: f("rb_node", "rb_left").ok()?,
+                })
+            })(),
             pid_idr: (|| {
                 Some(PidIdr {
                     ns_xa_head: f("pid_namespace", "idr.idr_rt.xa_head").ok()?,

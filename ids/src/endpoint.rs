@@ -43,6 +43,21 @@ pub enum Endpoint {
     Daemon(DaemonEndpoint),
 }
 
+impl Endpoint {
+    /// A name for the VM: the daemon's VM name, or the directory holding a
+    /// direct endpoint's mailbox (a VM state directory is named after it).
+    pub fn vm_name(&self) -> String {
+        match self {
+            Endpoint::Daemon(d) => d.vm.clone(),
+            Endpoint::Direct(d) => d
+                .mailbox
+                .parent()
+                .and_then(|p| p.file_name())
+                .map_or_else(|| "guest".into(), |n| n.to_string_lossy().into_owned()),
+        }
+    }
+}
+
 /// Errors parsing an endpoint.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EndpointError {

@@ -165,6 +165,10 @@ impl GuestMemory for FakeMemory {
         self.stats
     }
 
+    fn walks_in_agent(&mut self) -> Result<bool, MemoryError> {
+        Ok(true)
+    }
+
     /// Like the agent: every walk of the batch in one request.
     fn walk_lists(&mut self, walks: &[ListWalk]) -> Result<Vec<WalkResult>, MemoryError> {
         let before = self.stats;
@@ -172,6 +176,44 @@ impl GuestMemory for FakeMemory {
         self.stats.batches = before.batches + 1;
         self.stats.requests = before.requests + 1;
         Ok(out)
+    }
+}
+
+/// Offsets of a fake kernel's structures (task, cred, signal, module),
+/// with threads on `signal->thread_head` (6.7+) or on `thread_group`.
+pub fn offsets(thread_node: bool) -> crate::btf::Offsets {
+    crate::btf::Offsets {
+        task_size: 0x600,
+        task_tasks: 0x100,
+        task_pid: 0x120,
+        task_tgid: 0x124,
+        task_comm: 0x200,
+        task_real_parent: 0x140,
+        task_cred: 0x148,
+        task_state: 0x18,
+        task_exit_state: 0x150,
+        task_flags: 0x2c,
+        task_start: 0x160,
+        task_mm: 0x168,
+        task_signal: 0x170,
+        task_thread_node: thread_node.then_some(0x180),
+        signal_thread_head: thread_node.then_some(0x10),
+        task_thread_group: (!thread_node).then_some(0x190),
+        signal_nr_threads: Some(0x4),
+        cred_uid: 4,
+        cred_gid: 8,
+        module_list: 8,
+        module_name: crate::btf::Field {
+            offset: 0x18,
+            size: 56,
+        },
+        module_state: 0,
+        module_refcnt: Some(0x60),
+        module_mem: Some((0x100, 0x40, 7, 0, 8)),
+        module_core_layout: None,
+        module_views: None,
+        hook_views: None,
+        pid_idr: None,
     }
 }
 

@@ -20,6 +20,7 @@
 //! [`Session`], [`dump`], [`fake`]), [`kernel`] (kernel introspection).
 
 pub mod btf;
+pub mod checks;
 pub mod dump;
 pub mod endpoint;
 pub mod fake;
@@ -29,6 +30,7 @@ pub mod linux;
 pub mod memory;
 pub mod session;
 pub mod transport;
+pub mod watch;
 
 pub use endpoint::Endpoint;
 pub use session::{Session, SessionError};

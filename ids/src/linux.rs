@@ -55,7 +55,7 @@ pub const PF_KTHREAD: u32 = 0x0020_0000;
 /// `EXIT_ZOMBIE`.
 pub const EXIT_ZOMBIE: u32 = 0x20;
 /// Cache format version.
-pub const CACHE_VERSION: u32 = 3;
+pub const CACHE_VERSION: u32 = 5;
 
 /// Errors of the Linux layer.
 #[derive(Debug, thiserror::Error)]
@@ -657,10 +657,14 @@ const TF_GID: usize = 10;
 const TF_SIGNAL: usize = 11;
 const TF_NR_THREADS: usize = 12;
 
-/// One task from a walk entry (`init` = init_task, whose children have ppid 0).
-fn task_of(e: &WalkEntry, init: u64) -> Task {
+/// One task from a walk entry (`init` = init_task, whose children have
+/// ppid 0); `None` if its own pid or tgid could not be read (a task being
+/// freed).
+fn task_of(e: &WalkEntry, init: u64) -> Option<Task> {
+    e.uint(TF_PID)?;
+    e.uint(TF_TGID)?;
     let u32f = |i| e.uint(i).map_or(u32::MAX, |v| v as u32);
-    Task {
+    Some(Task {
         pid: u32f(TF_PID),
         tgid: u32f(TF_TGID),
         ppid: if e.uint(TF_PARENT) == Some(init) {
@@ -675,17 +679,18 @@ fn task_of(e: &WalkEntry, init: u64) -> Task {
         kthread: u32f(TF_FLAGS) & PF_KTHREAD != 0,
         start_ns: e.uint(TF_START).unwrap_or(0),
         addr: e.container,
-    }
+    })
 }
 
-/// A walk's entries, checked: every container a kernel address, none
-/// repeated, the walk complete.
-fn checked_entries(
-    r: WalkResult,
+/// Every container of a walk a kernel address, none repeated (a list that
+/// loops without passing its head, or points into user space, is a
+/// finding, not a long list).
+fn check_links(
+    r: &WalkResult,
     list: &'static str,
     kernel_half: u64,
     link_offset: u64,
-) -> Result<Vec<WalkEntry>, LinuxError> {
+) -> Result<(), LinuxError> {
     let mut seen = HashSet::new();
     for (n, e) in r.entries.iter().enumerate() {
         let node = e.container.wrapping_add(link_offset);
@@ -697,11 +702,34 @@ fn checked_entries(
             });
         }
     }
+    Ok(())
+}
+
+/// The walk stopped before its head for want of room, entries or work
+/// budget (not a broken pointer): the list is longer than one request.
+fn too_long(r: &WalkResult) -> bool {
+    use smmvmi_mailbox::wire::Status;
+    r.stop
+        .is_some_and(|f| matches!(f.status, Status::TooLarge | Status::WorkLimit))
+}
+
+/// A walk's entries, checked ([`check_links`]) and complete.
+fn checked_entries(
+    r: WalkResult,
+    list: &'static str,
+    kernel_half: u64,
+    link_offset: u64,
+) -> Result<Vec<WalkEntry>, LinuxError> {
+    check_links(&r, list, kernel_half, link_offset)?;
     if let Some(f) = r.stop {
         return Err(LinuxError::BadList {
             list,
-            problem: if f.status == smmvmi_mailbox::wire::Status::TooLarge {
-                format!("more than {} entries", r.entries.len())
+            problem: if too_long(&r) {
+                format!(
+                    "longer than one request holds ({} entries read, {:?})",
+                    r.entries.len(),
+                    f.status
+                )
             } else {
                 format!("a next pointer could not be read: {f}")
             },
@@ -724,7 +752,29 @@ pub fn ps<M: GuestMemory>(
     cpu: u32,
     threads: bool,
 ) -> Result<Vec<Task>, LinuxError> {
+    ps_lists(c, k, cpu, threads, true)
+}
+
+/// The tasks on the task list (and, with `threads`, the thread lists)
+/// only, never through the PID IDR: one view of the hidden-process check.
+pub fn ps_task_list<M: GuestMemory>(
+    c: &mut SnapshotCache<M>,
+    k: &Kernel,
+    cpu: u32,
+    threads: bool,
+) -> Result<Vec<Task>, LinuxError> {
+    ps_lists(c, k, cpu, threads, false)
+}
+
+fn ps_lists<M: GuestMemory>(
+    c: &mut SnapshotCache<M>,
+    k: &Kernel,
+    cpu: u32,
+    threads: bool,
+    idr_fallback: bool,
+) -> Result<Vec<Task>, LinuxError> {
     let o = &k.offsets;
+    let idr_ok = idr_fallback && o.pid_idr.is_some();
     let init = k
         .kallsyms
         .addr("init_task")
@@ -742,27 +792,32 @@ pub fn ps<M: GuestMemory>(
         max_entries: MAX_WALK_ENTRIES,
         fields: fields.clone(),
     };
+    // An agent without WALK_LIST would pay a request per pointer: the PID
+    // IDR's level-by-level batches are cheaper there.
+    if !c.inner().walks_in_agent()? && idr_ok {
+        return ps_by_idr(c, k, cpu, threads);
+    }
     let r = c.inner().walk_lists(std::slice::from_ref(&walk))?.remove(0);
-    if r.stop
-        .is_some_and(|f| f.status == smmvmi_mailbox::wire::Status::TooLarge)
-        && r.entries.len() >= MAX_WALK_ENTRIES as usize
-        && o.pid_idr.is_some()
-    {
+    // Repeats and wild pointers are findings, whatever else happened.
+    check_links(&r, "init_task.tasks", k.kernel_half, o.task_tasks)?;
+    if too_long(&r) && idr_ok {
         return ps_by_idr(c, k, cpu, threads);
     }
     let leaders = checked_entries(r, "init_task.tasks", k.kernel_half, o.task_tasks)?;
-    let mut tasks: Vec<Task> = leaders.iter().map(|e| task_of(e, init)).collect();
+    let mut tasks: Vec<Task> = leaders.iter().filter_map(|e| task_of(e, init)).collect();
     if threads {
         // Only processes with more than one thread (all, if the kernel's
-        // BTF does not say how many).
-        let multi: Vec<&WalkEntry> = leaders
-            .iter()
-            .filter(|e| {
-                o.signal_nr_threads.is_none() || e.uint(TF_NR_THREADS).is_none_or(|n| n as u32 > 1)
-            })
-            .collect();
+        // BTF does not say how many), each walk sized by its count.
         let mut walks = Vec::new();
-        for e in &multi {
+        for e in &leaders {
+            let nr = match o.signal_nr_threads {
+                Some(_) => match e.uint(TF_NR_THREADS) {
+                    Some(n) if n as u32 <= 1 => continue,
+                    Some(n) => (n as u32).saturating_add(64).min(MAX_WALK_ENTRIES),
+                    None => MAX_WALK_ENTRIES,
+                },
+                None => MAX_WALK_ENTRIES,
+            };
             let w = if let (Some(node), Some(head)) = (o.task_thread_node, o.signal_thread_head) {
                 // 6.7+: signal->thread_head lists every thread, leader included.
                 let Some(sig) = e.uint(TF_SIGNAL).filter(|&s| s >= k.kernel_half) else {
@@ -771,6 +826,7 @@ pub fn ps<M: GuestMemory>(
                 ListWalk {
                     head: sig + head,
                     link_offset: link(node)?,
+                    max_entries: nr,
                     ..walk.clone()
                 }
             } else if let Some(tg) = o.task_thread_group {
@@ -778,6 +834,7 @@ pub fn ps<M: GuestMemory>(
                 ListWalk {
                     head: e.container + tg,
                     link_offset: link(tg)?,
+                    max_entries: nr,
                     ..walk.clone()
                 }
             } else {
@@ -787,9 +844,16 @@ pub fn ps<M: GuestMemory>(
         }
         let leader_addrs: HashSet<u64> = leaders.iter().map(|e| e.container).collect();
         for (w, r) in walks.iter().zip(c.inner().walk_lists(&walks)?) {
+            check_links(&r, "thread list", k.kernel_half, u64::from(w.link_offset))?;
+            if too_long(&r) && idr_ok {
+                // A process with more threads than one walk holds.
+                return ps_by_idr(c, k, cpu, threads);
+            }
             for e in checked_entries(r, "thread list", k.kernel_half, u64::from(w.link_offset))? {
-                if !leader_addrs.contains(&e.container) {
-                    tasks.push(task_of(&e, init));
+                if !leader_addrs.contains(&e.container)
+                    && let Some(t) = task_of(&e, init)
+                {
+                    tasks.push(t);
                 }
             }
             if tasks.len() > MAX_TASKS {
@@ -939,50 +1003,84 @@ impl TreeNode {
     }
 }
 
+/// Deepest level of a [`pstree`]; deeper tasks start trees of their own
+/// (a guest controls its ppid chains: the tree must stay shallow enough to
+/// print, serialize and drop without deep recursion).
+pub const MAX_TREE_DEPTH: usize = 256;
+
 /// Arranges `tasks` as trees by parent (`ppid`), roots in PID order: the
 /// children of the idle task (ppid 0) and every task whose parent is not in
 /// `tasks` (a parent that is a thread, or hidden), so that no task is left
-/// out. Each task appears once, however the ppids loop.
+/// out. Each task appears once, however the ppids loop; a task deeper than
+/// [`MAX_TREE_DEPTH`] starts a tree of its own. Built without recursion.
 pub fn pstree(tasks: &[Task]) -> Vec<TreeNode> {
-    use std::collections::HashMap;
+    use std::collections::{HashMap, VecDeque};
     let mut sorted: Vec<&Task> = tasks.iter().collect();
-    sorted.sort_by_key(|t| t.pid);
-    let pids: HashSet<u32> = sorted.iter().map(|t| t.pid).collect();
-    let mut children: HashMap<u32, Vec<&Task>> = HashMap::new();
-    for t in &sorted {
-        children.entry(t.ppid).or_default().push(t);
+    sorted.sort_by_key(|t| (t.pid, t.addr));
+    let n = sorted.len();
+    let mut by_pid: HashMap<u32, usize> = HashMap::new();
+    for (i, t) in sorted.iter().enumerate() {
+        by_pid.entry(t.pid).or_insert(i);
     }
-    let mut placed = HashSet::new();
-    fn build<'a>(
-        t: &'a Task,
-        children: &HashMap<u32, Vec<&'a Task>>,
-        placed: &mut HashSet<u64>,
-    ) -> TreeNode {
-        placed.insert(t.addr);
-        let mut kids = Vec::new();
-        for c in children.get(&t.pid).into_iter().flatten() {
-            if c.pid != t.pid && !placed.contains(&c.addr) {
-                kids.push(build(c, children, placed));
+    let mut children: Vec<Vec<usize>> = vec![Vec::new(); n];
+    let mut has_parent = vec![false; n];
+    for (i, t) in sorted.iter().enumerate() {
+        if t.ppid != 0
+            && let Some(&p) = by_pid.get(&t.ppid)
+            && p != i
+        {
+            children[p].push(i);
+            has_parent[i] = true;
+        }
+    }
+    // Breadth first from each root; tasks not reached (ppid loops, or too
+    // deep) become roots in turn.
+    let mut placed = vec![false; n];
+    let mut depth = vec![0usize; n];
+    let mut kids: Vec<Vec<usize>> = vec![Vec::new(); n];
+    let mut order: Vec<usize> = Vec::with_capacity(n);
+    let mut roots: Vec<usize> = Vec::new();
+    let mut grow = |r: usize, placed: &mut Vec<bool>, order: &mut Vec<usize>| {
+        placed[r] = true;
+        depth[r] = 0;
+        let mut queue = VecDeque::from([r]);
+        while let Some(x) = queue.pop_front() {
+            order.push(x);
+            if depth[x] + 1 >= MAX_TREE_DEPTH {
+                continue;
+            }
+            for &c in &children[x] {
+                if !placed[c] {
+                    placed[c] = true;
+                    depth[c] = depth[x] + 1;
+                    kids[x].push(c);
+                    queue.push_back(c);
+                }
             }
         }
-        TreeNode {
-            task: t.clone(),
-            children: kids,
+    };
+    for i in 0..n {
+        if !has_parent[i] && !placed[i] {
+            roots.push(i);
+            grow(i, &mut placed, &mut order);
         }
     }
-    let mut roots = Vec::new();
-    for t in &sorted {
-        if (t.ppid == 0 || !pids.contains(&t.ppid)) && !placed.contains(&t.addr) {
-            roots.push(build(t, &children, &mut placed));
+    for i in 0..n {
+        if !placed[i] {
+            roots.push(i);
+            grow(i, &mut placed, &mut order);
         }
     }
-    // Tasks only reachable through a loop of ppids: each becomes a root.
-    for t in &sorted {
-        if !placed.contains(&t.addr) {
-            roots.push(build(t, &children, &mut placed));
-        }
+    // Children before parents: build the nested nodes bottom up.
+    let mut built: Vec<Option<TreeNode>> = vec![None; n];
+    for &x in order.iter().rev() {
+        let children = kids[x].iter().filter_map(|&c| built[c].take()).collect();
+        built[x] = Some(TreeNode {
+            task: sorted[x].clone(),
+            children,
+        });
     }
-    roots
+    roots.into_iter().filter_map(|r| built[r].take()).collect()
 }
 
 /// One module as /proc/modules shows it.
@@ -1000,6 +1098,18 @@ pub struct Module {
     pub base: u64,
     /// Address of `struct module`.
     pub addr: u64,
+    /// Every memory region of the module, `(base, size)` in bytes (6.4+:
+    /// each `mem[]` type; before: core and init layouts): what the
+    /// checks name a hook's owner by.
+    #[serde(default)]
+    pub regions: Vec<(u64, u64)>,
+}
+
+impl Module {
+    /// True if `addr` lies in one of the module's regions.
+    pub fn contains(&self, addr: u64) -> bool {
+        self.regions.iter().any(|&(b, n)| addr.wrapping_sub(b) < n)
+    }
 }
 
 /// Lists modules in list order (as /proc/modules).
@@ -1013,8 +1123,9 @@ pub fn lsmod<M: GuestMemory>(
         .kallsyms
         .addr("modules")
         .ok_or_else(|| LinuxError::NoSymbol("modules".into()))?;
-    // Fields: name, state, refcnt, then the memory layout (6.4+: the base
-    // of mem[0] and every mem[i].size; before: core base, core and init size).
+    // Fields: name, state, refcnt, then one (base, size) region per field:
+    // 6.4+ every `mem[i]` (`module_memory { base; size; }`), before that
+    // the core and init layouts (`module_layout { base; size; }`).
     let at = |v: u64, len: u64| -> Result<WalkField, LinuxError> {
         Ok(WalkField {
             offset: u32::try_from(v).map_err(|_| {
@@ -1029,13 +1140,24 @@ pub fn lsmod<M: GuestMemory>(
         at(o.module_state, 4)?,
         at(o.module_refcnt.unwrap_or(o.module_state), 4)?,
     ];
+    // (offset of base, distance from base to the 4-byte size)
+    let mut regions: Vec<(u64, u64)> = Vec::new();
     if let Some((m, e, n, bo, so)) = o.module_mem {
-        fields.push(at(m + bo, 8)?);
-        for i in 0..n.min(smmvmi_mailbox::walk::MAX_WALK_FIELDS as u64 - 4) {
-            fields.push(at(m + i * e + so, 4)?);
+        for i in 0..n.min(smmvmi_mailbox::walk::MAX_WALK_FIELDS as u64 - 3) {
+            regions.push((m + i * e + bo, so.wrapping_sub(bo)));
         }
     } else if let Some((bo, so, io)) = o.module_core_layout {
-        fields.extend([at(bo, 8)?, at(so, 4)?, at(io, 4)?]);
+        regions.push((bo, so.wrapping_sub(bo)));
+        // init_layout.base lies as far before its size as core's does.
+        regions.push((io.wrapping_sub(so.wrapping_sub(bo)), so.wrapping_sub(bo)));
+    }
+    for &(base_at, to_size) in &regions {
+        if !(8..=248).contains(&to_size) {
+            return Err(LinuxError::NoSymbol(format!(
+                "a module memory layout with its size after its base (found {to_size:#x} bytes apart)"
+            )));
+        }
+        fields.push(at(base_at, to_size + 4)?);
     }
     let link = u16::try_from(o.module_list)
         .map_err(|_| LinuxError::NoSymbol("module.list below 64 KiB".into()))?;
@@ -1053,8 +1175,24 @@ pub fn lsmod<M: GuestMemory>(
         if state == 3 {
             continue; // MODULE_STATE_UNFORMED: /proc/modules skips it.
         }
-        let base = e.uint(3).unwrap_or(0);
-        let size: u64 = (4..walk.fields.len()).filter_map(|i| e.uint(i)).sum();
+        let regions: Vec<(u64, u64)> = regions
+            .iter()
+            .enumerate()
+            .map(|(i, &(_, to_size))| {
+                let b = e.bytes(3 + i);
+                let le = |at: usize, n: usize| {
+                    let mut a = [0u8; 8];
+                    if let Some(s) = b.get(at..at + n) {
+                        a[..n].copy_from_slice(s);
+                    }
+                    u64::from_le_bytes(a)
+                };
+                (le(0, 8), le(to_size as usize, 4))
+            })
+            .collect();
+        let base = regions.first().map_or(0, |r| r.0);
+        let size: u64 = regions.iter().map(|r| r.1).sum();
+        let regions: Vec<(u64, u64)> = regions.into_iter().filter(|r| r.1 > 0).collect();
         out.push(Module {
             name: read_cstr(e.bytes(0)),
             size,
@@ -1071,6 +1209,7 @@ pub fn lsmod<M: GuestMemory>(
             .into(),
             base,
             addr: e.container,
+            regions,
         });
     }
     Ok(out)

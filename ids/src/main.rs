@@ -111,6 +111,44 @@ enum Command {
     Cpus,
     /// The kernel: banner, kallsyms layout, symbol count, BTF size.
     Kernel,
+    /// The checks plus process and module diffs, pass after pass: one ECS
+    /// JSON line per event on stdout (README: "ids watch"). Exit status 3
+    /// if any alert was raised, 0 if none (with --count).
+    Watch {
+        /// Time from one pass to the next (1s, 500ms, ...).
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        /// Stop after this many passes (default: run until killed).
+        #[arg(long)]
+        count: Option<u64>,
+        /// `host.name` of the events (default: the endpoint's VM name).
+        #[arg(long)]
+        host_name: Option<String>,
+    },
+    /// Rootkit checks that need no baseline (exit status 3 when something
+    /// is found, 0 when clean).
+    Check {
+        /// Which: `syscalls` (syscall tables and the x64_sys_call
+        /// dispatcher), `idt` (every vCPU's IDT and syscall entry MSRs),
+        /// `modules` (loaded modules missing from the module list),
+        /// `processes` (tasks missing from the task list, or named like
+        /// kernel threads), `hooks` (modules' kprobes and ftrace callbacks
+        /// on syscall functions), or `all`.
+        #[arg(value_enum, default_value = "all")]
+        what: CheckKind,
+        /// The baseline directory `ids baseline` wrote (default: this
+        /// boot's, under the cache); `text` needs one, `all` uses it if it
+        /// exists.
+        #[arg(long, value_name = "DIR")]
+        baseline: Option<std::path::PathBuf>,
+    },
+    /// Records the kernel's text and read-only data for `check text` (this
+    /// boot only: KASLR relocates them on every boot).
+    Baseline {
+        /// Directory to write (default: this boot's, under the cache).
+        #[arg(short, long, value_name = "DIR")]
+        output: Option<std::path::PathBuf>,
+    },
     /// Writes a memory dump of all guest RAM plus CPU states (IMAGE and
     /// IMAGE.json) for offline analysis with --dump.
     Dump {
@@ -118,6 +156,21 @@ enum Command {
         image: std::path::PathBuf,
     },
 }
+
+/// What `ids check` runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum CheckKind {
+    Syscalls,
+    Idt,
+    Modules,
+    Processes,
+    Hooks,
+    Text,
+    All,
+}
+
+/// Exit status of `ids check` when it found something.
+const EXIT_FINDINGS: i32 = 3;
 
 /// Prints rows as a table, JSON or JSON lines.
 fn emit<T: serde::Serialize>(
@@ -164,7 +217,13 @@ fn run_linux(cli: &Cli) -> anyhow::Result<()> {
         linux::cache_dir()
     };
     let d = Discovery {
-        full_symbols: matches!(cli.command, Command::Kallsyms { .. } | Command::Kernel),
+        full_symbols: matches!(
+            cli.command,
+            Command::Kallsyms { .. }
+                | Command::Kernel
+                | Command::Check { .. }
+                | Command::Baseline { .. }
+        ),
         ..Discovery::default()
     };
     let k = Kernel::load(mem.inner(), &d, cache.as_deref())?;
@@ -209,6 +268,80 @@ fn run_linux(cli: &Cli) -> anyhow::Result<()> {
                 for (depth, t) in roots.iter().flat_map(|r| r.lines()) {
                     println!("{}{}({})", "  ".repeat(depth), t.comm, t.pid);
                 }
+            }
+        }
+        Command::Baseline { output } => {
+            let dir = output
+                .clone()
+                .or_else(|| ids::checks::TextBaseline::default_dir(&k))
+                .ok_or_else(|| anyhow::anyhow!("no cache directory: give -o DIR"))?;
+            let b = ids::checks::record_baseline(&mut mem, &k, 0)?;
+            b.save(&dir)?;
+            let bytes: usize = b.ranges.iter().map(|r| r.2.len()).sum();
+            println!("baseline of {} bytes written to {}", bytes, dir.display());
+        }
+        Command::Check { what, baseline } => {
+            let modules = linux::lsmod(&mut mem, &k, 0)?;
+            let mut reports = Vec::new();
+            if matches!(what, CheckKind::Syscalls | CheckKind::All) {
+                reports.push(ids::checks::check_syscalls(&mut mem, &k, 0, &modules)?);
+            }
+            if matches!(what, CheckKind::Idt | CheckKind::All) {
+                reports.push(ids::checks::check_idt(&mut mem, &k, &modules)?);
+            }
+            if matches!(what, CheckKind::Modules | CheckKind::All) {
+                reports.push(ids::checks::check_modules(&mut mem, &k, 0, &modules)?);
+            }
+            if matches!(what, CheckKind::Processes | CheckKind::All) {
+                reports.push(ids::checks::check_processes(&mut mem, &k, 0)?);
+            }
+            if matches!(what, CheckKind::Hooks | CheckKind::All) {
+                reports.push(ids::checks::check_hooks(&mut mem, &k, 0, &modules)?);
+            }
+            if matches!(what, CheckKind::Text | CheckKind::All) {
+                let dir = baseline
+                    .clone()
+                    .or_else(|| ids::checks::TextBaseline::default_dir(&k));
+                match dir.map(|d| ids::checks::TextBaseline::load(&d)) {
+                    Some(Ok(base)) => {
+                        reports.push(ids::checks::check_text(&mut mem, &k, 0, &base, &modules)?)
+                    }
+                    Some(Err(e)) if *what == CheckKind::Text => anyhow::bail!(
+                        "no usable baseline for this boot ({e}): record one with `ids baseline`"
+                    ),
+                    _ if *what == CheckKind::Text => {
+                        anyhow::bail!("no baseline: record one with `ids baseline`")
+                    }
+                    _ => {}
+                }
+            }
+            let findings: Vec<&ids::checks::Finding> =
+                reports.iter().flat_map(|r| &r.findings).collect();
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&reports)?);
+            } else if cli.jsonl {
+                for f in &findings {
+                    println!("{}", serde_json::to_string(f)?);
+                }
+            } else {
+                for r in &reports {
+                    println!(
+                        "{}: {} checked, {}",
+                        r.check,
+                        r.checked,
+                        if r.findings.is_empty() {
+                            "clean".to_string()
+                        } else {
+                            format!("{} FOUND", r.findings.len())
+                        }
+                    );
+                    for f in &r.findings {
+                        println!("  {}: expected {}; found {}", f.what, f.expected, f.found);
+                    }
+                }
+            }
+            if !findings.is_empty() {
+                std::process::exit(EXIT_FINDINGS);
             }
         }
         Command::Lsmod => {
@@ -343,6 +476,8 @@ fn main() -> anyhow::Result<()> {
             | Command::Kallsyms { .. }
             | Command::Cpus
             | Command::Kernel
+            | Command::Check { .. }
+            | Command::Baseline { .. }
     ) {
         return run_linux(&cli);
     }
@@ -350,6 +485,36 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("this command needs a live VM: give --connect ENDPOINT");
     };
     let endpoint = ep.with_key(cli.key.clone());
+    if let Command::Watch {
+        interval,
+        count,
+        host_name,
+    } = &cli.command
+    {
+        let host = host_name.clone().unwrap_or_else(|| endpoint.vm_name());
+        let opts = ids::watch::WatchOptions {
+            interval: *interval,
+            count: *count,
+            cache: if cli.no_cache {
+                None
+            } else {
+                linux::cache_dir()
+            },
+        };
+        let deadline = Duration::from_millis(cli.deadline_ms);
+        let alerted = ids::watch::run(
+            || Session::connect(&endpoint, deadline),
+            &opts,
+            |e| {
+                use std::io::Write;
+                let line = e.to_ecs(&host, std::time::SystemTime::now());
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{line}");
+                let _ = out.flush();
+            },
+        );
+        std::process::exit(if alerted { EXIT_FINDINGS } else { 0 });
+    }
     let mut s = Session::connect(&endpoint, Duration::from_millis(cli.deadline_ms))?;
     match cli.command {
         Command::Banner { verbose, limit } => {

@@ -130,6 +130,12 @@ pub enum MemoryError {
         /// Which backend.
         backend: &'static str,
     },
+    /// A list walk outside the agent's bounds.
+    #[error("a list walk outside the agent's bounds: {problem}")]
+    BadWalk {
+        /// Which bound.
+        problem: &'static str,
+    },
     /// A CPU index beyond the CPUs the backend knows.
     #[error("CPU {cpu} does not exist: the guest has {count} CPUs")]
     NoSuchCpu {
@@ -213,7 +219,8 @@ impl WalkResult {
                         .map(|(i, f)| {
                             let b = &e.fields[at..at + f.len as usize];
                             at += f.len as usize;
-                            (e.faults & (1 << i) == 0).then(|| b.to_vec())
+                            (e.faults.checked_shr(i as u32).unwrap_or(0) & 1 == 0)
+                                .then(|| b.to_vec())
                         })
                         .collect(),
                 }
@@ -263,6 +270,18 @@ impl<M: GuestMemory + ?Sized> WalkReader for BatchReader<'_, M> {
     }
 }
 
+/// The agent's bounds ([`WalkSpec::check`]), checked on every backend.
+fn check_walk(lw: &ListWalk) -> Result<(), MemoryError> {
+    WalkSpec {
+        head: lw.head,
+        link_offset: lw.link_offset,
+        max_entries: lw.max_entries,
+        fields: &lw.fields,
+    }
+    .check()
+    .map_err(|problem| MemoryError::BadWalk { problem })
+}
+
 /// Runs `walks` with the backend's own reads, following each pointer as
 /// the agent would ([`walk::walk`]): the fallback of backends without a
 /// list-walk op.
@@ -273,6 +292,7 @@ pub fn walk_lists_by_reads<M: GuestMemory + ?Sized>(
     walks
         .iter()
         .map(|lw| {
+            check_walk(lw)?;
             let mut out = vec![0u8; lw.max_entries as usize * walk::entry_len(&lw.fields)];
             let spec = WalkSpec {
                 head: lw.head,
@@ -325,6 +345,13 @@ pub trait GuestMemory {
     /// follows the pointers with [`GuestMemory::read_batch`].
     fn walk_lists(&mut self, walks: &[ListWalk]) -> Result<Vec<WalkResult>, MemoryError> {
         walk_lists_by_reads(self, walks)
+    }
+
+    /// True if [`GuestMemory::walk_lists`] is served by the agent in one
+    /// request (else it costs a read per pointer: callers with a batched
+    /// alternative should take it).
+    fn walks_in_agent(&mut self) -> Result<bool, MemoryError> {
+        Ok(false)
     }
 
     /// Reads `len` bytes that must all be there; reads longer than
@@ -454,9 +481,16 @@ impl GuestMemory for Session {
         self.memory_stats()
     }
 
+    fn walks_in_agent(&mut self) -> Result<bool, MemoryError> {
+        Ok(self.cached_info()?.header.agent_version >= walk::WALK_LIST_AGENT_VERSION)
+    }
+
     fn walk_lists(&mut self, walks: &[ListWalk]) -> Result<Vec<WalkResult>, MemoryError> {
-        if self.cached_info()?.header.agent_version < WALK_LIST_VERSION {
+        if !self.walks_in_agent()? {
             return walk_lists_by_reads(self, walks);
+        }
+        for w in walks {
+            check_walk(w)?;
         }
         let mut out: Vec<Option<WalkResult>> = vec![None; walks.len()];
         // As many walks per request as the op limit allows; a walk the
@@ -489,14 +523,27 @@ impl GuestMemory for Session {
                 let w = &walks[i];
                 let r = results.get(at);
                 at += 1 + w.fields.len();
-                let full = match r {
-                    None => false,
-                    Some(r) => {
-                        r.status != Status::TooLarge || r.aux >= u64::from(w.max_entries) || alone
-                    }
+                // Cut short by what it shared the request with (the reply's
+                // room or the work budget): asked again, alone.
+                let shared_cut = |r: &OwnedResult| {
+                    !alone
+                        && (r.status == Status::WorkLimit
+                            || (r.status == Status::TooLarge && r.aux < u64::from(w.max_entries)))
                 };
                 match r {
-                    Some(r) if full => {
+                    Some(r) if !shared_cut(r) => {
+                        if r.kind != smmvmi_mailbox::wire::OpKind::WalkList as u8
+                            || r.data.len() as u64
+                                != r.aux.saturating_mul(walk::entry_len(&w.fields) as u64)
+                        {
+                            return Err(SessionError::Malformed(format!(
+                                "WALK_LIST result: kind {}, {} bytes for {} entries",
+                                r.kind,
+                                r.data.len(),
+                                r.aux
+                            ))
+                            .into());
+                        }
                         out[i] = Some(WalkResult::parse(
                             &r.data, &w.fields, r.status, r.level, r.aux,
                         ))
@@ -516,9 +563,6 @@ impl GuestMemory for Session {
             .collect())
     }
 }
-
-/// The first agent version with WALK_LIST (INFO `agent_version`).
-pub const WALK_LIST_VERSION: u32 = 1 << 16 | 2;
 
 fn op_of(r: &Read, len: usize) -> Op {
     match r.space {
@@ -748,6 +792,9 @@ impl<T: GuestMemory + ?Sized> GuestMemory for &mut T {
     fn walk_lists(&mut self, walks: &[ListWalk]) -> Result<Vec<WalkResult>, MemoryError> {
         (**self).walk_lists(walks)
     }
+    fn walks_in_agent(&mut self) -> Result<bool, MemoryError> {
+        (**self).walks_in_agent()
+    }
 }
 
 /// A boxed backend is a backend (the CLI picks one at run time).
@@ -776,5 +823,8 @@ impl<T: GuestMemory + ?Sized> GuestMemory for Box<T> {
     }
     fn walk_lists(&mut self, walks: &[ListWalk]) -> Result<Vec<WalkResult>, MemoryError> {
         (**self).walk_lists(walks)
+    }
+    fn walks_in_agent(&mut self) -> Result<bool, MemoryError> {
+        (**self).walks_in_agent()
     }
 }

@@ -426,6 +426,12 @@ impl Session {
         Ok(info)
     }
 
+    /// The agent's per-boot session salt this session's keys derive from
+    /// (a new one after every guest boot).
+    pub fn salt(&self) -> [u8; SESSION_SALT_LEN] {
+        self.salt
+    }
+
     /// The INFO of this session's last `info()`, if any.
     pub fn info_cache(&self) -> Option<&AgentInfo> {
         self.info.as_ref()

@@ -18,12 +18,13 @@
 //! | 0x02 | 1 | level (paging level for NotPresent / refused table reads, else 0) |
 //! | 0x03 | 1 | reserved |
 //! | 0x04 | 4 | data length `d` |
-//! | 0x08 | 8 | aux: READ_*: address where the read stopped; TRANSLATE: physical address |
+//! | 0x08 | 8 | aux: READ_*: address where the read stopped; TRANSLATE: physical address; WALK_LIST: entries |
 //! | 0x10 | d | data, then zero padding to a multiple of 8 |
 //!
 //! Data: READ_* raw bytes (the prefix read before a failure), TRANSLATE a
 //! `WalkRecord`, CPU_STATE a `CpuState`, INFO an `Info` record
-//! ([`crate::records`]).
+//! ([`crate::records`]), WALK_LIST its entries ([`crate::walk`]), FIELD
+//! nothing.
 
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
@@ -98,6 +99,10 @@ pub enum Status {
     /// The named CPU did not reach SMM for this batch (the rendezvous timed
     /// out), so its registers are unknown: retry the request.
     CpuNotInSmm = 8,
+    /// The request spent the agent's work budget (page-table and memory
+    /// reads per SMI, [`crate::walk::WORK_BUDGET`]) before this op was
+    /// done: what was read is returned; ask for the rest in another request.
+    WorkLimit = 9,
 }
 
 impl Status {
@@ -113,6 +118,7 @@ impl Status {
             6 => Self::Unsupported,
             7 => Self::NonCanonical,
             8 => Self::CpuNotInSmm,
+            9 => Self::WorkLimit,
             _ => return None,
         })
     }
@@ -308,6 +314,39 @@ impl<'a> ReplyWriter<'a> {
         // Zero the padding (and anything `fill` wrote past `used`).
         // `padded <= data_room()` because the room is a multiple of 8.
         self.buf[data_start + used..data_start + room.max(padded)].fill(0);
+        let h = ResultHeaderLe {
+            kind,
+            status: status as u8,
+            level,
+            reserved: 0,
+            data_len: (used as u32).into(),
+            aux: aux.into(),
+        };
+        self.buf[start..data_start].copy_from_slice(h.as_bytes());
+        self.len = data_start + padded;
+        self.count += 1;
+        true
+    }
+
+    /// Like [`ReplyWriter::push`] for a `fill` that writes every byte it
+    /// reports as used: the offered slice is not zeroed first (a large
+    /// offer costs nothing), only the padding after `used` is.
+    pub fn push_written(
+        &mut self,
+        kind: u8,
+        max_data: usize,
+        fill: impl FnOnce(&mut [u8]) -> (Status, u8, u64, usize),
+    ) -> bool {
+        if self.is_full() {
+            return false;
+        }
+        let room = max_data.min(self.data_room());
+        let start = self.len;
+        let data_start = start + RESULT_HEADER_LEN;
+        let (status, level, aux, used) = fill(&mut self.buf[data_start..data_start + room]);
+        let used = used.min(room);
+        let padded = used.div_ceil(8) * 8;
+        self.buf[data_start + used..data_start + padded].fill(0);
         let h = ResultHeaderLe {
             kind,
             status: status as u8,

@@ -42,6 +42,16 @@ pub const MAX_WALK_FIELDS: usize = 16;
 pub const MAX_FIELD_LEN: u32 = 256;
 /// Bytes of an entry before its fields (container address, fault mask).
 pub const WALK_ENTRY_HEADER_LEN: usize = 16;
+/// The agent's work budget per request (per SMI), in units of one
+/// page-table entry or one memory chunk (at most a page) read, shared by
+/// every op of the request: it bounds the time in SMM whatever the guest's
+/// pointers say (a full 1 MiB READ_VIRT costs about 1,300 units; a task
+/// list of 1,000 tasks with scattered fields about 30,000). An op that
+/// meets it ends with `Status::WorkLimit`.
+pub const WORK_BUDGET: u32 = 65_536;
+/// The first agent version (INFO `agent_version`, major << 16 | minor)
+/// with WALK_LIST, FIELD and `Status::WorkLimit`.
+pub const WALK_LIST_AGENT_VERSION: u32 = 1 << 16 | 2;
 
 /// One field copied from each container.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -67,6 +77,29 @@ pub struct WalkSpec<'a> {
     pub max_entries: u32,
     /// The fields copied from each container.
     pub fields: &'a [Field],
+}
+
+impl WalkSpec<'_> {
+    /// Checks the bounds the agent enforces (the decoder refuses ops out of
+    /// them): 1..=[`MAX_WALK_ENTRIES`] entries, at most [`MAX_WALK_FIELDS`]
+    /// fields of 1..=[`MAX_FIELD_LEN`] bytes. Backends that walk with their
+    /// own reads check the same.
+    pub fn check(&self) -> Result<(), &'static str> {
+        if !(1..=MAX_WALK_ENTRIES).contains(&self.max_entries) {
+            return Err("max_entries must be 1..=MAX_WALK_ENTRIES");
+        }
+        if self.fields.len() > MAX_WALK_FIELDS {
+            return Err("at most MAX_WALK_FIELDS fields");
+        }
+        if self
+            .fields
+            .iter()
+            .any(|f| !(1..=MAX_FIELD_LEN).contains(&f.len))
+        {
+            return Err("field lengths must be 1..=MAX_FIELD_LEN");
+        }
+        Ok(())
+    }
 }
 
 /// Bytes of one entry of a walk with `fields` (header, fields, padding).
@@ -101,10 +134,19 @@ fn read_u64<R: WalkReader>(r: &mut R, addr: u64) -> Result<u64, (Status, u8)> {
     Ok(u64::from_le_bytes(b))
 }
 
-/// Walks the list of `spec` with `r`, writing entries into `out`. Never
-/// reads more than `max_entries` × (1 + 2 × fields) times; `out` bounds the
-/// entries too.
+/// Walks the list of `spec` with `r`, writing entries into `out` (every
+/// byte of the entries written; the rest of `out` untouched). Makes at most
+/// 1 + `max_entries` × (1 + 2 × fields) reads; `out` bounds the entries
+/// too. A spec that fails [`WalkSpec::check`] is answered `BadRequest`.
 pub fn walk<R: WalkReader>(r: &mut R, spec: &WalkSpec<'_>, out: &mut [u8]) -> WalkOutcome {
+    if spec.check().is_err() {
+        return WalkOutcome {
+            status: Status::BadRequest,
+            level: 0,
+            entries: 0,
+            used: 0,
+        };
+    }
     let elen = entry_len(spec.fields);
     let mut entries = 0u32;
     let stop = |status: Status, level: u8, entries: u32| WalkOutcome {
@@ -139,9 +181,14 @@ pub fn walk<R: WalkReader>(r: &mut R, spec: &WalkSpec<'_>, out: &mut [u8]) -> Wa
                 None => r.read(at, dst),
                 Some(d) => read_u64(r, at).and_then(|p| r.read(p.wrapping_add(u64::from(d)), dst)),
             };
-            if res.is_err() {
-                dst.fill(0);
-                faults |= 1 << i;
+            match res {
+                Ok(()) => {}
+                // The request's budget is spent: this entry is not whole.
+                Err((Status::WorkLimit, _)) => return stop(Status::WorkLimit, 0, entries),
+                Err(_) => {
+                    dst.fill(0);
+                    faults |= 1 << i;
+                }
             }
             pos += len;
         }
@@ -333,6 +380,54 @@ mod tests {
         };
         let o = walk(&mut m, &s, &mut out);
         assert_eq!((o.status, o.level, o.entries), (Status::NotPresent, 1, 0));
+    }
+
+    /// A reader that spends a budget of reads, like the agent's.
+    struct Metered(Mem, u32);
+    impl WalkReader for Metered {
+        fn read(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), (Status, u8)> {
+            if self.1 == 0 {
+                return Err((Status::WorkLimit, 0));
+            }
+            self.1 -= 1;
+            self.0.read(addr, buf)
+        }
+    }
+
+    #[test]
+    fn the_work_limit_ends_the_walk_before_a_partial_entry() {
+        // 1 head read, then 4 per entry (a field, a pointer, the value it
+        // points to, the next): 10 reads make 2 whole entries and part of
+        // a third, which is not returned.
+        let mut m = Metered(list(10), 10);
+        let mut out = vec![0u8; 4096];
+        let o = walk(&mut m, &spec(100), &mut out);
+        assert_eq!(o.status, Status::WorkLimit);
+        assert_eq!(o.entries, 2);
+        assert_eq!(o.used, 2 * entry_len(&FIELDS));
+    }
+
+    #[test]
+    fn specs_out_of_bounds_are_refused_without_reading() {
+        let mut m = list(3);
+        let mut out = vec![0u8; 4096];
+        for bad in [
+            spec(0),
+            spec(MAX_WALK_ENTRIES + 1),
+            WalkSpec {
+                fields: &[Field {
+                    offset: 0,
+                    len: 0,
+                    deref: None,
+                }],
+                ..spec(5)
+            },
+        ] {
+            assert!(bad.check().is_err());
+            let o = walk(&mut m, &bad, &mut out);
+            assert_eq!((o.status, o.entries), (Status::BadRequest, 0));
+        }
+        assert!(spec(5).check().is_ok());
     }
 
     #[test]

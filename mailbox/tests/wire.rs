@@ -266,6 +266,28 @@ fn encodings_are_byte_identical_to_layout_v1() {
         "010500000300000000c0ab0000000000785634120080ffff0004000000000000",
         "op"
     );
+    let walk = Op::WalkList {
+        space: AddressSpace::kernel_of(1),
+        head: 0xffff_ffff_82a1_b2c0,
+        link_offset: 0x998,
+        max_entries: 0x2000,
+        field_count: 13,
+    };
+    assert_eq!(
+        hex(&walk.encode()),
+        "06029809010000000000000000000000c0b2a182ffffffff002000000d000000",
+        "WALK_LIST: link offset at 0x02, field count at 0x1c"
+    );
+    let field = Op::Field(walk::Field {
+        offset: 0x7d8,
+        len: 4,
+        deref: Some(0x18),
+    });
+    assert_eq!(
+        hex(&field.encode()),
+        "07010000000000001800000000000000d8070000000000000400000000000000",
+        "FIELD through a pointer: pointer offset at 0x08"
+    );
     let mut body = [0u8; 24 + 64];
     let n = encode_request_body(&[9; 16], &[op, Op::Info], &mut body).unwrap();
     assert_eq!(

@@ -69,6 +69,12 @@ pub const PACKAGES: &[Package] = &[
         name: "binutils",
         probe: "/usr/bin/objcopy",
     },
+    // Kbuild for the attack-simulation modules (tests/attacks/); the
+    // kernel headers themselves are installed per guest kernel.
+    Package {
+        name: "make",
+        probe: "/usr/bin/make",
+    },
     // tests/tests/libvirt.rs: libvirtd (started by the test itself, no
     // systemd) and virsh, which the daemon also uses for libvirt domains.
     Package {

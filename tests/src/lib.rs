@@ -18,6 +18,7 @@
 //! [`e820`] (parsing the guest's memory map), [`workload`] (the host-side
 //! twin of the guest's `cpuburn`).
 
+pub mod attack;
 pub mod command_channel;
 pub mod cpio;
 pub mod daemon;

@@ -125,6 +125,31 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
 
+    // The attack-simulation module for both test kernels (installs their
+    // linux-headers; cached), before the tests that load it run in parallel.
+    if !args.no_e2e {
+        crate::step("attack-simulation modules (tests/attacks/)");
+        let t = Instant::now();
+        let mut releases = vec![image.kernel_release.clone()];
+        if let Ok(smmvmi_tests::guest_image::KernelDeb::Package(p)) =
+            smmvmi_tests::guest_image::resolve_lts_612()
+            && let Some(r) = smmvmi_tests::attack::release_of_package(&p)
+        {
+            releases.push(r.to_string());
+        }
+        let built: Result<Vec<_>, _> = releases
+            .iter()
+            .map(|r| smmvmi_tests::attack::build(r))
+            .collect();
+        match built {
+            Ok(_) => record("attack modules", true, t, releases.join(", ")),
+            Err(e) => {
+                eprintln!("    attack module build failed: {e}");
+                record("attack modules", false, t, e.to_string());
+            }
+        }
+    }
+
     if !args.no_unit {
         crate::step("unit tests (cargo test --workspace)");
         let t = Instant::now();

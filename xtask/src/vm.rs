@@ -1,6 +1,6 @@
-//! `cargo xtask vm up|exec|down|list|xml`: VMs that outlive the command, for
-//! people and scripts (tests use the harness library directly), and the
-//! libvirt domain XML of a monitored VM.
+//! `cargo xtask vm up|exec|down|list|attack|xml`: VMs that outlive the
+//! command, for people and scripts (tests use the harness library
+//! directly), and the libvirt domain XML of a monitored VM.
 
 use std::time::Duration;
 
@@ -23,6 +23,21 @@ pub enum Command {
     },
     /// List VMs that have a state directory, and whether they run.
     List,
+    /// Load a rootkit technique into a running VM to rehearse detection
+    /// (`ids check`): a kernel module built against Debian's headers for
+    /// the guest's kernel (test code, tests/attacks/). KIND: hook-syscall
+    /// NR, patch-dispatch NR, hook-idt VECTOR, lstar CPU, hide-pid PID,
+    /// hide-module (permanent), ftrace-hook SYSCALL_NAME; `remove` undoes
+    /// the others.
+    Attack {
+        /// VM name.
+        name: String,
+        /// hook-syscall, patch-dispatch, hook-idt, lstar, hide-pid,
+        /// hide-module, or remove.
+        kind: String,
+        /// The target: syscall number, IDT vector (32..=255), CPU or PID.
+        arg: Option<String>,
+    },
     /// Print the libvirt domain XML of a monitored VM (`virsh define` it,
     /// register the domain with the daemon, `virsh start` it).
     Xml(XmlArgs),
@@ -124,6 +139,24 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             print!("{}", out.stdout);
             eprint!("{}", out.stderr);
             std::process::exit(out.status);
+        }
+        Command::Attack { name, kind, arg } => {
+            let vm = Vm::attach(&name)?;
+            if kind == "remove" {
+                smmvmi_tests::attack::unload(&vm)?;
+                crate::step(&format!("attack module removed from {name}"));
+                return Ok(());
+            }
+            let attack =
+                smmvmi_tests::attack::Attack::parse(&kind, arg.as_deref().unwrap_or_default())?;
+            crate::step(&format!(
+                "loading {attack:?} into {name} (builds the module for its kernel on first use)"
+            ));
+            smmvmi_tests::attack::load(&vm, &attack)?;
+            crate::step(&format!(
+                "{kind} active in {name}; `cargo xtask vm attack {name} remove` undoes it"
+            ));
+            Ok(())
         }
         Command::Down { name } => {
             let vm = Vm::attach(&name)?;

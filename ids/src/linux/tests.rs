@@ -3,7 +3,6 @@
 //! walkers read it back, and corrupt lists end in errors.
 
 use super::*;
-use crate::btf::Field;
 use crate::fake::FakeMemory;
 use crate::kallsyms::{Encoding, Layout, Symbol};
 
@@ -13,37 +12,7 @@ const HEAP: u64 = 0xffff_8880_0100_0000;
 const PID_NS: u64 = 0xffff_ffff_8220_0000;
 
 fn offsets(thread_node: bool) -> Offsets {
-    Offsets {
-        task_size: 0x600,
-        task_tasks: 0x100,
-        task_pid: 0x120,
-        task_tgid: 0x124,
-        task_comm: 0x200,
-        task_real_parent: 0x140,
-        task_cred: 0x148,
-        task_state: 0x18,
-        task_exit_state: 0x150,
-        task_flags: 0x2c,
-        task_start: 0x160,
-        task_mm: 0x168,
-        task_signal: 0x170,
-        task_thread_node: thread_node.then_some(0x180),
-        signal_thread_head: thread_node.then_some(0x10),
-        task_thread_group: (!thread_node).then_some(0x190),
-        signal_nr_threads: Some(0x4),
-        cred_uid: 4,
-        cred_gid: 8,
-        module_list: 8,
-        module_name: Field {
-            offset: 0x18,
-            size: 56,
-        },
-        module_state: 0,
-        module_refcnt: Some(0x60),
-        module_mem: Some((0x100, 0x40, 7, 0, 8)),
-        module_core_layout: None,
-        pid_idr: None,
-    }
+    crate::fake::offsets(thread_node)
 }
 
 fn kernel(o: Offsets) -> Kernel {
@@ -466,4 +435,34 @@ fn pstree_places_every_task_once() {
         .collect();
     seen.sort();
     assert_eq!(seen, [1, 2, 3, 40, 50, 60]);
+}
+
+#[test]
+fn pstree_of_a_very_long_ppid_chain_is_shallow() {
+    let chain: Vec<Task> = (1..=20_000u32)
+        .map(|pid| Task {
+            pid,
+            tgid: pid,
+            ppid: pid - 1,
+            uid: 0,
+            gid: 0,
+            state: 'S',
+            comm: "sh".into(),
+            kthread: false,
+            start_ns: 0,
+            addr: u64::from(pid) * 0x1000,
+        })
+        .collect();
+    let roots = pstree(&chain);
+    let total: usize = roots.iter().map(|r| r.lines().len()).sum();
+    assert_eq!(total, chain.len(), "nothing lost");
+    assert!(
+        roots
+            .iter()
+            .all(|r| r.lines().iter().all(|(d, _)| *d < MAX_TREE_DEPTH))
+    );
+    assert_eq!(roots.len(), 20_000usize.div_ceil(MAX_TREE_DEPTH));
+    // Serializing and dropping do not recurse deeper than that.
+    let json = serde_json::to_string(&roots).unwrap();
+    assert!(json.len() > 100_000);
 }

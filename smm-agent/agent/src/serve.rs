@@ -1,12 +1,13 @@
 //! Serving one mailbox request: copy in, open, run the ops, seal, copy out.
 
+use core::cell::Cell;
 use core::sync::atomic::{Ordering, compiler_fence};
 
 use smmvmi_mailbox::crypto::{self, SHARED_KEY_LEN, SessionKeys};
 use smmvmi_mailbox::frame::FLAG_NO_SNAPSHOT;
 use smmvmi_mailbox::layout::{self, Areas, SESSION_SALT_LEN, ServeStatus};
 use smmvmi_mailbox::shared::SharedMemory;
-use smmvmi_mailbox::walk::{self, Field, MAX_WALK_FIELDS, WalkReader, WalkSpec};
+use smmvmi_mailbox::walk::{self, Field, MAX_WALK_FIELDS, WORK_BUDGET, WalkReader, WalkSpec};
 use smmvmi_mailbox::wire::{
     AddressSpace, CpuState, Direction, FRAME_HEADER_LEN, FRAME_OVERHEAD, FrameHeader, InfoCpu,
     InfoHeader, Op, OpKind, REPLY_FLAG_UNAUTHENTICATED, RamRange, ReplyWriter, RequestBody,
@@ -304,6 +305,7 @@ fn answer<S: SharedMemory, M: PhysMemory>(
     };
     let max_read = body_cap;
     let guard = Guard::new(ctx.ram, ctx.smram, max_read);
+    let budget = Budget::new(WORK_BUDGET);
     let mut ops = body.ops();
     while let Some((kind, op)) = ops.next() {
         let pushed = match op {
@@ -315,32 +317,44 @@ fn answer<S: SharedMemory, M: PhysMemory>(
                 max_entries,
                 field_count,
             }) => {
-                // The walk's FIELD ops are consumed with it.
+                // The walk's FIELD ops are consumed with it; each consumed
+                // op gets one result of its own kind.
                 let mut fields = [Field::default(); MAX_WALK_FIELDS];
+                let mut consumed = [0u8; MAX_WALK_FIELDS];
+                let mut taken = 0usize;
                 let mut valid = true;
-                for f in fields.iter_mut().take(field_count as usize) {
+                for (f, k) in fields
+                    .iter_mut()
+                    .zip(consumed.iter_mut())
+                    .take(field_count as usize)
+                {
                     match ops.next() {
-                        Some((_, Ok(Op::Field(field)))) => *f = field,
-                        _ => valid = false,
+                        Some((raw, Ok(Op::Field(field)))) => (*f, *k) = (field, raw),
+                        Some((raw, _)) => (*k, valid) = (raw, false),
+                        None => {
+                            valid = false;
+                            break;
+                        }
                     }
+                    taken += 1;
                 }
                 let spec = WalkSpec {
                     head,
                     link_offset,
                     max_entries,
-                    fields: &fields[..field_count as usize],
+                    fields: &fields[..taken],
                 };
-                run_walk(&mut w, &space, &spec, valid, ctx, &guard, mem)
-                    && (0..field_count).all(|_| {
-                        let st = if valid {
-                            Status::Ok
-                        } else {
-                            Status::BadRequest
-                        };
-                        w.push(OpKind::Field as u8, 0, |_| (st, 0, 0, 0))
-                    })
+                let st = if valid {
+                    Status::Ok
+                } else {
+                    Status::BadRequest
+                };
+                run_walk(&mut w, &space, &spec, valid, ctx, &guard, mem, &budget)
+                    && consumed[..taken]
+                        .iter()
+                        .all(|&k| w.push(k, 0, |_| (st, 0, 0, 0)))
             }
-            Ok(op) => run_op(&mut w, &op, ctx, &guard, mem, reply_cap),
+            Ok(op) => run_op(&mut w, &op, ctx, &guard, mem, reply_cap, &budget),
         };
         if !pushed {
             // Out of room even for a result header: the remaining ops get no
@@ -409,6 +423,7 @@ fn run_op<M: PhysMemory>(
     guard: &Guard<'_>,
     mem: &M,
     reply_cap: usize,
+    budget: &Budget,
 ) -> bool {
     let kind = op.kind() as u8;
     match *op {
@@ -418,7 +433,7 @@ fn run_op<M: PhysMemory>(
                 return w.push(kind, 0, |_| (Status::TooLarge, 0, addr, 0));
             }
             w.push(kind, len, |buf| {
-                let (st, level, done) = read_phys(mem, guard, addr, buf);
+                let (st, level, done) = read_phys(mem, guard, addr, buf, budget);
                 (st, level, addr.wrapping_add(done as u64), done)
             })
         }
@@ -432,7 +447,8 @@ fn run_op<M: PhysMemory>(
                 Err(st) => return w.push(kind, 0, |_| (st, 0, addr, 0)),
             };
             w.push(kind, len, |buf| {
-                let (st, level, done) = read_virt(mem, guard, root, mode, addr, buf);
+                let (st, level, done) =
+                    VirtReader::new(mem, guard, root, mode, budget).read_prefix(addr, buf);
                 (st, level, addr.wrapping_add(done as u64), done)
             })
         }
@@ -441,6 +457,9 @@ fn run_op<M: PhysMemory>(
                 Ok(v) => v,
                 Err(st) => return w.push(kind, 0, |_| (st, 0, 0, 0)),
             };
+            if !budget.take(u32::from(mode.levels)) {
+                return w.push(kind, 0, |_| (Status::WorkLimit, 0, 0, 0));
+            }
             let (rec, res) = paging::walk(mem, guard, root, mode, addr);
             let (st, level, pa) = match res {
                 Ok(t) => (Status::Ok, 0, t.pa),
@@ -515,9 +534,13 @@ fn read_phys<M: PhysMemory>(
     guard: &Guard<'_>,
     addr: u64,
     buf: &mut [u8],
+    budget: &Budget,
 ) -> (Status, u8, usize) {
     let mut done = 0usize;
     while done < buf.len() {
+        if !budget.take(1) {
+            return (Status::WorkLimit, 0, done);
+        }
         let Some(pa) = addr.checked_add(done as u64) else {
             return (Status::RefusedNotRam, 0, done);
         };
@@ -532,8 +555,9 @@ fn read_phys<M: PhysMemory>(
 }
 
 /// Runs one WALK_LIST (`valid` false: its FIELD ops were missing or
-/// malformed, so it is refused). Returns false if not even its result
-/// header fits.
+/// malformed, so it is refused). Leaves room for the FIELD results that
+/// follow it. Returns false if not even its result header fits.
+#[allow(clippy::too_many_arguments)]
 fn run_walk<M: PhysMemory>(
     w: &mut ReplyWriter<'_>,
     space: &AddressSpace,
@@ -542,6 +566,7 @@ fn run_walk<M: PhysMemory>(
     ctx: &ServeContext<'_>,
     guard: &Guard<'_>,
     mem: &M,
+    budget: &Budget,
 ) -> bool {
     let kind = OpKind::WalkList as u8;
     if !valid {
@@ -551,13 +576,39 @@ fn run_walk<M: PhysMemory>(
         Ok(v) => v,
         Err(st) => return w.push(kind, 0, |_| (st, 0, 0, 0)),
     };
-    let mut reader = VirtReader::new(mem, guard, root, mode);
-    // The writer zero-fills what it offers: offer no more than the walk can use.
-    let most = (spec.max_entries as usize).saturating_mul(walk::entry_len(spec.fields));
-    w.push(kind, most, |buf| {
+    let mut reader = VirtReader::new(mem, guard, root, mode, budget);
+    let most = (spec.max_entries as usize)
+        .saturating_mul(walk::entry_len(spec.fields))
+        .min(
+            w.data_room()
+                .saturating_sub(spec.fields.len() * smmvmi_mailbox::wire::RESULT_HEADER_LEN),
+        );
+    // The walk writes every byte of its entries: no zero-fill of the offer.
+    w.push_written(kind, most, |buf| {
         let o = walk::walk(&mut reader, spec, buf);
         (o.status, o.level, u64::from(o.entries), o.used)
     })
+}
+
+/// The work a request may still do in SMM ([`WORK_BUDGET`] units: one
+/// page-table entry or one memory chunk read each), shared by its ops.
+struct Budget(Cell<u32>);
+
+impl Budget {
+    fn new(units: u32) -> Self {
+        Self(Cell::new(units))
+    }
+
+    /// Spends `n` units; false (and nothing spent) if fewer are left.
+    fn take(&self, n: u32) -> bool {
+        match self.0.get().checked_sub(n) {
+            Some(left) => {
+                self.0.set(left);
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 /// Entries of [`VirtReader`]'s translation cache.
@@ -572,18 +623,26 @@ struct VirtReader<'a, 'g, M> {
     guard: &'a Guard<'g>,
     root: u64,
     mode: PagingMode,
+    budget: &'a Budget,
     /// (virtual page base, page size, physical page base); size 0 = empty.
     tlb: [(u64, u64, u64); TLB_ENTRIES],
     victim: usize,
 }
 
 impl<'a, 'g, M: PhysMemory> VirtReader<'a, 'g, M> {
-    fn new(mem: &'a M, guard: &'a Guard<'g>, root: u64, mode: PagingMode) -> Self {
+    fn new(
+        mem: &'a M,
+        guard: &'a Guard<'g>,
+        root: u64,
+        mode: PagingMode,
+        budget: &'a Budget,
+    ) -> Self {
         Self {
             mem,
             guard,
             root,
             mode,
+            budget,
             tlb: [(0, 0, 0); TLB_ENTRIES],
             victim: 0,
         }
@@ -596,6 +655,9 @@ impl<'a, 'g, M: PhysMemory> VirtReader<'a, 'g, M> {
             .find(|(vbase, size, _)| va.wrapping_sub(*vbase) < *size)
         {
             return Ok(pbase + (va - vbase));
+        }
+        if !self.budget.take(u32::from(self.mode.levels)) {
+            return Err((Status::WorkLimit, 0));
         }
         match paging::walk(self.mem, self.guard, self.root, self.mode, va).1 {
             Ok(Translation { pa, page_shift }) => {
@@ -620,6 +682,9 @@ impl<'a, 'g, M: PhysMemory> VirtReader<'a, 'g, M> {
                 Err((st, level)) => return (st, level, done),
             };
             let chunk = ((PAGE - (va & (PAGE - 1))) as usize).min(buf.len() - done);
+            if !self.budget.take(1) {
+                return (Status::WorkLimit, 0, done);
+            }
             match self.guard.check(Alleged::new(pa, chunk as u64)) {
                 Ok(c) => self.mem.read(c, &mut buf[done..done + chunk]),
                 Err(r) => return (refusal_status(r), 0, done),
@@ -637,18 +702,6 @@ impl<M: PhysMemory> WalkReader for VirtReader<'_, '_, M> {
             (st, level, _) => Err((st, level)),
         }
     }
-}
-
-/// Reads virtual memory page by page; returns (status, level, done).
-fn read_virt<M: PhysMemory>(
-    mem: &M,
-    guard: &Guard<'_>,
-    root: u64,
-    mode: PagingMode,
-    addr: u64,
-    buf: &mut [u8],
-) -> (Status, u8, usize) {
-    VirtReader::new(mem, guard, root, mode).read_prefix(addr, buf)
 }
 
 fn write_info(buf: &mut [u8], ctx: &ServeContext<'_>, reply_cap: usize) -> Option<usize> {

@@ -754,3 +754,109 @@ fn walk_list_without_its_fields_and_orphan_fields_are_refused() {
         );
     });
 }
+
+#[test]
+fn walk_list_consumes_only_the_ops_there_are_and_answers_each_once() {
+    let mut w = World::new(4, 0);
+    build_list(&mut w, [BANNER_VA; 3], LIST_VA);
+    with_agent(&mut w, Some(&KEY), |h| {
+        let mut c = client();
+        // Claims 16 FIELDs, has 1.
+        let mut ops = walk_ops(10);
+        if let Op::WalkList { field_count, .. } = &mut ops[0] {
+            *field_count = 16;
+        }
+        ops.truncate(2);
+        let frame = c.seal_request_vec(&ops, [5; 16]).unwrap();
+        let (_, mut reply) = h.roundtrip(&frame, 1);
+        let body = c.open_reply(&mut reply).unwrap();
+        let r: Vec<_> = body.results().map(|r| (r.kind, r.status)).collect();
+        assert_eq!(
+            r,
+            [
+                (OpKind::WalkList as u8, Status::BadRequest),
+                (OpKind::Field as u8, Status::BadRequest)
+            ]
+        );
+    });
+}
+
+/// A list whose last entry links back to its first (it never returns to
+/// the head), with `fields`.
+fn looping_list(w: &mut World, fields: &[smmvmi_mailbox::walk::Field], max: u32) -> Vec<Op> {
+    build_list(w, [BANNER_VA; 3], LIST_VA + 0x110);
+    let mut ops = vec![Op::WalkList {
+        space: AddressSpace::kernel_of(0),
+        head: LIST_VA,
+        link_offset: 0x10,
+        max_entries: max,
+        field_count: fields.len() as u32,
+    }];
+    ops.extend(fields.iter().map(|f| Op::Field(*f)));
+    ops
+}
+
+#[test]
+fn a_walk_cut_by_the_reply_room_still_answers_its_fields() {
+    use smmvmi_mailbox::walk::{Field, MAX_FIELD_LEN, MAX_WALK_ENTRIES, MAX_WALK_FIELDS};
+    let mut w = World::new(4, 0);
+    let big = Field {
+        offset: 0,
+        len: MAX_FIELD_LEN,
+        deref: None,
+    };
+    let ops = looping_list(&mut w, &[big; MAX_WALK_FIELDS], MAX_WALK_ENTRIES);
+    with_agent(&mut w, Some(&KEY), |h| {
+        let mut c = client();
+        let frame = c.seal_request_vec(&ops, [6; 16]).unwrap();
+        let (poll, mut reply) = h.roundtrip(&frame, 1);
+        assert_eq!(poll.status(), Some(ServeStatus::Ok));
+        let body = c.open_reply(&mut reply).unwrap();
+        let r: Vec<_> = body.results().collect();
+        assert_eq!(r.len(), ops.len(), "one result per op");
+        assert_eq!(r[0].status, Status::TooLarge);
+        assert!(r[0].aux > 10 && r[0].aux < u64::from(MAX_WALK_ENTRIES));
+    });
+}
+
+#[test]
+fn a_walk_that_thrashes_the_tlb_stops_at_the_work_budget() {
+    use smmvmi_mailbox::walk::{Field, MAX_WALK_ENTRIES, MAX_WALK_FIELDS, WORK_BUDGET};
+    let mut w = World::new(5, 0);
+    // 16 pointers per container, each to its own 4 KiB page: with 16
+    // fields through pointers plus the list page the 16-entry TLB misses
+    // on every read.
+    let fields: Vec<Field> = (0..MAX_WALK_FIELDS as u32)
+        .map(|i| Field {
+            offset: 0x40 + 8 * i,
+            len: 1,
+            deref: Some(0),
+        })
+        .collect();
+    let ops = looping_list(&mut w, &fields, MAX_WALK_ENTRIES);
+    for i in 0..MAX_WALK_FIELDS as u64 {
+        let va = 0xFFFF_C900_0100_0000 + 0x1000 * i;
+        w.pt.map(va, 0x0310_0000 + 0x1000 * i, 12);
+        for c in 1..=3u64 {
+            w.pt.mem
+                .write(LIST_PA + 0x100 * c + 0x40 + 8 * i, &va.to_le_bytes());
+        }
+    }
+    with_agent(&mut w, Some(&KEY), |h| {
+        let mut c = client();
+        let frame = c.seal_request_vec(&ops, [7; 16]).unwrap();
+        let (_, mut reply) = h.roundtrip(&frame, 1);
+        let body = c.open_reply(&mut reply).unwrap();
+        let r: Vec<_> = body.results().collect();
+        assert_eq!(r.len(), ops.len());
+        assert_eq!(r[0].status, Status::WorkLimit);
+        // Each entry costs at least 16 table walks of 5 reads.
+        let most = u64::from(WORK_BUDGET) / (16 * 5);
+        assert!(r[0].aux > 10 && r[0].aux <= most, "{} entries", r[0].aux);
+        let reads = h.w.pt.mem.reads.borrow().len();
+        assert!(
+            reads <= 2 * WORK_BUDGET as usize,
+            "{reads} physical reads for a budget of {WORK_BUDGET}"
+        );
+    });
+}

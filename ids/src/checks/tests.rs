@@ -1,0 +1,228 @@
+//! The checks on a fake kernel: clean, then each kind of hook.
+
+use super::*;
+use crate::fake::FakeMemory;
+use crate::kallsyms::{Encoding, Kallsyms, Layout, Symbol};
+use crate::linux::{CACHE_VERSION, kernel_half};
+
+const TEXT: u64 = 0xffff_ffff_8100_0000;
+const ENTRY: u64 = 0xffff_ffff_8200_0000;
+const ETEXT: u64 = 0xffff_ffff_8210_0000;
+const TABLE: u64 = 0xffff_ffff_8300_0000;
+const IDT: u64 = 0xffff_fe00_0000_0000;
+const MODULE: u64 = 0xffff_ffff_c000_0000;
+const NR: u64 = 4;
+/// Init text: the early IDT handlers (9 bytes each).
+const EARLY: u64 = 0xffff_ffff_8400_0000;
+
+fn sym(addr: u64, kind: char, name: &str) -> Symbol {
+    Symbol {
+        addr,
+        kind,
+        name: name.into(),
+    }
+}
+
+fn kernel() -> Kernel {
+    let mut syms = vec![
+        sym(TEXT, 'T', "_stext"),
+        sym(TEXT + 0x100, 'T', "__x64_sys_read"),
+        sym(TEXT + 0x200, 'T', "__x64_sys_write"),
+        sym(TEXT + 0x300, 'T', "__x64_sys_ni_syscall"),
+        sym(TEXT + 0x400, 'T', "x64_sys_call"),
+        sym(TEXT + 0x500, 'T', "helper_after_dispatch"),
+        sym(ENTRY, 'T', "__entry_text_start"),
+        sym(ENTRY + 0x40, 'T', "entry_SYSCALL_64"),
+        sym(ENTRY + 0x80, 'T', "entry_SYSCALL_compat"),
+        sym(ENTRY + 0xc0, 'T', "entry_SYSENTER_compat"),
+        sym(ENTRY + 0x100, 'T', "asm_exc_divide_error"),
+        sym(ENTRY + 0x1000, 'T', "__entry_text_end"),
+        sym(ETEXT, 'T', "_etext"),
+        sym(TABLE, 'D', "sys_call_table"),
+        // Two slots of padding after the table's NR entries.
+        sym(TABLE + 8 * (NR + 2), 'D', "after_table"),
+        sym(EARLY, 'T', "early_idt_handler_array"),
+        sym(EARLY + 32 * 9, 't', "early_idt_handler_common"),
+    ];
+    syms.sort_by_key(|s| s.addr);
+    let layout = Layout {
+        encoding: Encoding::PlaceRelative,
+        names_first: true,
+        uleb_lengths: true,
+        seqs_of_names: None,
+        num_syms_at: 0,
+        names: 0,
+        markers: 0,
+        token_table: 0,
+        token_index: 0,
+        addresses: 0,
+        relative_base: None,
+    };
+    let offsets = crate::fake::offsets(true);
+    Kernel {
+        version: CACHE_VERSION,
+        banner: "Linux version test\n".into(),
+        banner_from_lstar: 0,
+        lstar: ENTRY + 0x40,
+        kallsyms: Kallsyms::new(syms, layout),
+        offsets,
+        btf_bytes: 0,
+        from_cache: false,
+        kernel_half: kernel_half(4),
+    }
+}
+
+fn gate(target: u64) -> [u8; 16] {
+    let mut g = [0u8; 16];
+    g[0..2].copy_from_slice(&(target as u16).to_le_bytes());
+    g[2..4].copy_from_slice(&0x10u16.to_le_bytes());
+    g[5] = 0x8e;
+    g[6..8].copy_from_slice(&((target >> 16) as u16).to_le_bytes());
+    g[8..12].copy_from_slice(&((target >> 32) as u32).to_le_bytes());
+    g
+}
+
+/// A clean guest: the table points at syscall functions, the dispatcher
+/// calls them, every CPU's IDT gates point into entry text.
+fn guest() -> FakeMemory {
+    let mut m = FakeMemory::new(2);
+    let targets = [TEXT + 0x100, TEXT + 0x200, TEXT + 0x300, TEXT + 0x300];
+    for (i, t) in targets.iter().enumerate() {
+        m.put_u64(TABLE + 8 * i as u64, *t);
+    }
+    // x64_sys_call: call __x64_sys_read; call __x64_sys_write; ret.
+    let at = TEXT + 0x400;
+    let mut code = Vec::new();
+    for target in [TEXT + 0x100, TEXT + 0x200] {
+        let ip = at + code.len() as u64 + 5;
+        code.push(0xe8);
+        code.extend_from_slice(&((target.wrapping_sub(ip)) as i32).to_le_bytes());
+    }
+    code.push(0xc3);
+    code.resize(0x100, 0xcc);
+    m.write_virt(at, &code);
+    for v in 0..256u64 {
+        let g = if v == 7 {
+            [0u8; 16]
+        } else {
+            gate(ENTRY + 0x100)
+        };
+        m.write_virt(IDT + 16 * v, &g);
+    }
+    for c in &mut m.cpus {
+        c.idtr_base = IDT;
+        c.idtr_limit = 0xfff;
+        c.msr_lstar = ENTRY + 0x40;
+        c.msr_cstar = ENTRY + 0x80;
+        c.msr_sysenter_eip = ENTRY + 0xc0;
+    }
+    m
+}
+
+fn rootkit() -> Vec<Module> {
+    vec![Module {
+        name: "rootkit".into(),
+        size: 0x2000,
+        refcount: 0,
+        state: "Live".into(),
+        base: MODULE,
+        addr: MODULE + 0x3000,
+        regions: vec![(MODULE, 0x2000)],
+    }]
+}
+
+#[test]
+fn a_clean_kernel_has_no_findings() {
+    let k = kernel();
+    let mut c = SnapshotCache::new(guest());
+    let r = check_syscalls(&mut c, &k, 0, &[]).unwrap();
+    assert!(r.findings.is_empty(), "{:#?}", r.findings);
+    assert_eq!(
+        r.checked,
+        NR as usize + 2,
+        "4 entries and 2 dispatcher calls"
+    );
+    let r = check_idt(&mut c, &k, &[]).unwrap();
+    assert!(r.findings.is_empty(), "{:#?}", r.findings);
+    assert_eq!(r.checked, 2 * (3 + 1 + 255));
+}
+
+#[test]
+fn a_hooked_table_entry_names_its_module() {
+    let k = kernel();
+    let mut m = guest();
+    m.put_u64(TABLE + 8, MODULE + 0x10);
+    // Another entry swapped for a kernel function that is no syscall.
+    m.put_u64(TABLE + 16, TEXT + 0x500);
+    let mut c = SnapshotCache::new(m);
+    let r = check_syscalls(&mut c, &k, 0, &rootkit()).unwrap();
+    assert_eq!(r.findings.len(), 2, "{:#?}", r.findings);
+    assert_eq!(r.findings[0].what, "sys_call_table[1]");
+    assert_eq!(r.findings[0].owner.as_deref(), Some("rootkit"));
+    assert!(r.findings[0].found.contains("module rootkit"));
+    assert_eq!(r.findings[1].what, "sys_call_table[2]");
+    assert!(r.findings[1].found.contains("helper_after_dispatch"));
+}
+
+#[test]
+fn a_patched_dispatcher_is_found() {
+    let k = kernel();
+    let mut m = guest();
+    // The second call now goes to the module.
+    let at = TEXT + 0x400 + 5;
+    m.write_virt(at, &[0xe8]);
+    m.write_virt(
+        at + 1,
+        &((MODULE + 0x40).wrapping_sub(at + 5) as i32).to_le_bytes(),
+    );
+    let mut c = SnapshotCache::new(m);
+    let r = check_syscalls(&mut c, &k, 0, &rootkit()).unwrap();
+    assert_eq!(r.findings.len(), 1, "{:#?}", r.findings);
+    assert_eq!(r.findings[0].what, "x64_sys_call+0x5 (call)");
+    assert_eq!(r.findings[0].owner.as_deref(), Some("rootkit"));
+}
+
+#[test]
+fn idt_gates_and_entry_msrs_are_checked_per_cpu() {
+    let k = kernel();
+    let mut m = guest();
+    m.write_virt(IDT + 16 * 0x80, &gate(MODULE + 0x80));
+    m.cpus[1].msr_lstar = MODULE + 0x100;
+    m.cpus[1].msr_sysenter_eip = TEXT + 0x100;
+    let mut c = SnapshotCache::new(m);
+    let r = check_idt(&mut c, &k, &rootkit()).unwrap();
+    let whats: Vec<&str> = r.findings.iter().map(|f| f.what.as_str()).collect();
+    assert_eq!(
+        whats,
+        [
+            "cpu 0 IDT vector 0x80",
+            "cpu 1 LSTAR",
+            "cpu 1 SYSENTER_EIP",
+            "cpu 1 IDT vector 0x80"
+        ]
+    );
+    assert_eq!(r.findings[1].owner.as_deref(), Some("rootkit"));
+}
+
+#[test]
+fn an_early_handler_is_accepted_only_in_its_own_slot() {
+    let k = kernel();
+    let mut m = guest();
+    m.write_virt(IDT + 16 * 21, &gate(EARLY + 9 * 20));
+    let mut c = SnapshotCache::new(m);
+    let r = check_idt(&mut c, &k, &[]).unwrap();
+    let whats: Vec<&str> = r.findings.iter().map(|f| f.what.as_str()).collect();
+    assert_eq!(whats, ["cpu 0 IDT vector 0x15", "cpu 1 IDT vector 0x15"]);
+}
+
+#[test]
+fn a_cpu_with_its_own_idt_is_found() {
+    let k = kernel();
+    let mut m = guest();
+    m.cpus[1].idtr_base = IDT + 0x10_0000;
+    m.cpus[1].idtr_limit = 0;
+    let mut c = SnapshotCache::new(m);
+    let r = check_idt(&mut c, &k, &[]).unwrap();
+    assert_eq!(r.findings.len(), 1, "{:#?}", r.findings);
+    assert_eq!(r.findings[0].what, "cpu 1 IDTR");
+}
