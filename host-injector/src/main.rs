@@ -257,6 +257,28 @@ fn print_status(out: &mut dyn Write, s: &serde_json::Value) -> std::io::Result<(
         };
         writeln!(out, "VM {}: {qemu}", vm["name"].as_str().unwrap_or("?"))?;
         writeln!(out, "  served: {}", vm["serving"].as_str().unwrap_or("?"))?;
+        let lv = &vm["libvirt"];
+        if !lv.is_null() {
+            writeln!(
+                out,
+                "  libvirt domain {} ({}): {}; events {}{}",
+                lv["domain"].as_str().unwrap_or("?"),
+                lv["uri"].as_str().unwrap_or("?"),
+                lv["state"].as_str().unwrap_or("?"),
+                if lv["events_connected"] == true {
+                    "followed"
+                } else {
+                    "NOT followed (libvirtd down?)"
+                },
+                lv["last_event"]
+                    .as_str()
+                    .map(|e| format!("; last event: {e}"))
+                    .unwrap_or_default()
+            )?;
+            if let Some(p) = lv["problem"].as_str() {
+                writeln!(out, "  libvirt problem: {p}")?;
+            }
+        }
         writeln!(
             out,
             "  qmp {}  in flight {}",

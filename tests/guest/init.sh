@@ -17,6 +17,18 @@ for m in @MODULES@; do
     fi
 done
 
+# ACPI power button (libvirt's `virsh shutdown` and `virsh reboot` press
+# it): with @ACPI_FLAG@ on the command line, busybox acpid powers off.
+if grep -qw @ACPI_FLAG@ /proc/cmdline; then
+    for m in @ACPI_MODULES@; do
+        insmod "/lib/modules/$m.ko" || echo "smmvmi-init: insmod $m failed (continuing)"
+    done
+    mkdir -p /etc/acpi/PWRF
+    printf '#!/bin/sh\necho "smmvmi-init: ACPI power button: powering off" >/dev/console\nsync\npoweroff -f\n' >/etc/acpi/PWRF/00000080
+    chmod 755 /etc/acpi/PWRF/00000080
+    acpid -c /etc/acpi -l /tmp/acpid.log
+fi
+
 hostname smmvmi-guest
 echo "smmvmi-init: $(nproc) cpus, $(grep MemTotal /proc/meminfo)"
 

@@ -44,6 +44,17 @@ pub const MODULES: &[&str] = &[
     "virtio_net",
 ];
 
+/// Modules packed into the image but loaded only when the kernel command
+/// line says `smmvmi.acpi` ([`ACPI_CMDLINE_FLAG`]): the ACPI power button
+/// and the input events busybox `acpid` reads, so that the guest powers off
+/// on an ACPI power-button press, as a distribution guest does (libvirt's
+/// `virsh shutdown` and `virsh reboot` press it).
+pub const ACPI_MODULES: &[&str] = &["evdev", "button"];
+
+/// Kernel command-line word that makes `/init` load [`ACPI_MODULES`] and
+/// start `acpid` (power button: `poweroff -f`).
+pub const ACPI_CMDLINE_FLAG: &str = "smmvmi.acpi";
+
 /// Flags for the guest programs (also used by host-side ground-truth tests).
 pub const GUEST_CFLAGS: &[&str] = &["-static", "-O2", "-Wall", "-ffp-contract=off"];
 
@@ -181,6 +192,7 @@ pub fn build(
         CMDD_SH,
         READY_MARKER,
         &MODULES.join(","),
+        &ACPI_MODULES.join(","),
         &GUEST_CFLAGS.join(" "),
     ] {
         h.update(text);
@@ -260,6 +272,8 @@ pub fn build(
     }
     let init = INIT_SH
         .replace("@MODULES@", &MODULES.join(" "))
+        .replace("@ACPI_MODULES@", &ACPI_MODULES.join(" "))
+        .replace("@ACPI_FLAG@", ACPI_CMDLINE_FLAG)
         .replace("@READY@", READY_MARKER);
     archive.file("init", 0o755, init.as_bytes());
     archive.file("usr/sbin/smmvmi-cmdd", 0o755, CMDD_SH.as_bytes());
@@ -284,7 +298,7 @@ pub fn build(
     let mut found = Vec::new();
     find_files(&modules_root, &mut found);
     let (mut included, mut missing) = (Vec::new(), Vec::new());
-    for m in MODULES {
+    for m in MODULES.iter().chain(ACPI_MODULES) {
         let want = format!("{m}.ko");
         // Debian ships 6.1's modules plain and 6.12's compressed; busybox
         // insmod takes plain ELF only, so compressed ones are unpacked here.
@@ -607,6 +621,8 @@ mod tests {
     fn init_script_placeholders_are_known() {
         let init = INIT_SH
             .replace("@MODULES@", "m")
+            .replace("@ACPI_MODULES@", "m")
+            .replace("@ACPI_FLAG@", ACPI_CMDLINE_FLAG)
             .replace("@READY@", READY_MARKER);
         assert!(!init.contains('@'), "unreplaced placeholder in init.sh");
         assert!(init.contains(READY_MARKER));

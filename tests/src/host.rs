@@ -75,6 +75,16 @@ pub const PACKAGES: &[Package] = &[
         name: "make",
         probe: "/usr/bin/make",
     },
+    // tests/tests/libvirt.rs: libvirtd (started by the test itself, no
+    // systemd) and virsh, which the daemon also uses for libvirt domains.
+    Package {
+        name: "libvirt-daemon-system",
+        probe: "/usr/sbin/libvirtd",
+    },
+    Package {
+        name: "libvirt-clients",
+        probe: "/usr/bin/virsh",
+    },
 ];
 
 /// Installs whichever of [`PACKAGES`] are missing. Logs through `log`.

@@ -25,6 +25,7 @@ pub mod daemon;
 pub mod e820;
 pub mod guest_image;
 pub mod host;
+pub mod libvirt;
 pub mod mailbox;
 pub mod qmp;
 pub mod vm;

@@ -1071,6 +1071,7 @@ fn mailbox_args(config: &VmConfig, info: &VmInfo) -> Result<Vec<String>, VmError
             vectors,
             mailbox_size: MailboxFile::SIZE as usize,
             mailbox_file: Some(info.mailbox.clone()),
+            libvirt: None,
         })
         .map_err(daemon_err)?;
     Ok(vec![
@@ -1105,7 +1106,7 @@ pub fn debug_device_args(debugcon: &Path) -> [String; 6] {
 }
 
 /// Writes 32 fresh random bytes (from /dev/urandom) to `path`, mode 0600.
-fn write_fresh_key(path: &Path) -> Result<(), VmError> {
+pub fn write_fresh_key(path: &Path) -> Result<(), VmError> {
     use std::io::{Read, Write};
     use std::os::unix::fs::OpenOptionsExt;
     let mut key = [0u8; 32];

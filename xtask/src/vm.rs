@@ -1,9 +1,9 @@
-//! `cargo xtask vm up|exec|down|list|rm|prune|attack`: VMs that outlive
-//! the command, for people and scripts (tests use the harness library
-//! directly). Every subcommand names the VM the same way (a position, or
-//! `--name`; `attack` by position); `down` of a stopped VM is done, not an
-//! error; `rm` and `prune` remove state directories; `list --json` is for
-//! scripts.
+//! `cargo xtask vm up|exec|down|list|rm|prune|attack|xml`: VMs that
+//! outlive the command, for people and scripts (tests use the harness
+//! library directly), and the libvirt domain XML of a monitored VM. Every
+//! subcommand names the VM the same way (a position, or `--name`; `attack`
+//! by position); `down` of a stopped VM is done, not an error; `rm` and
+//! `prune` remove state directories; `list --json` is for scripts.
 
 use std::time::Duration;
 
@@ -55,6 +55,45 @@ pub enum Command {
         /// The target: syscall number, IDT vector (32..=255), CPU or PID.
         arg: Option<String>,
     },
+    /// Print the libvirt domain XML of a monitored VM (`virsh define` it,
+    /// register the domain with the daemon, `virsh start` it).
+    Xml(XmlArgs),
+}
+
+#[derive(clap::Args)]
+pub struct XmlArgs {
+    /// Domain name.
+    pub name: String,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub mem_mib: u64,
+    /// Number of vCPUs (the mailbox device gets 1 + N MSI-X vectors).
+    #[arg(long, default_value_t = 2)]
+    pub smp: u32,
+    /// CPU model (default qemu64).
+    #[arg(long)]
+    pub cpu: Option<String>,
+    /// `qemu` (TCG) or `kvm` (needs KVM with SMM: `host-injector doctor`).
+    #[arg(long, default_value = "qemu")]
+    pub domain_type: String,
+    /// The daemon's ivshmem socket for this VM (default /run/smmvmi/NAME.ivshmem).
+    #[arg(long)]
+    pub ivshmem_socket: Option<std::path::PathBuf>,
+    /// The agent key file, 32 bytes (default /var/lib/smmvmi/NAME.key).
+    #[arg(long)]
+    pub key: Option<std::path::PathBuf>,
+    /// Serial console log file (default: a pty).
+    #[arg(long)]
+    pub serial_log: Option<std::path::PathBuf>,
+    /// Firmware debug console log file (default: none).
+    #[arg(long)]
+    pub debugcon_log: Option<std::path::PathBuf>,
+    /// Kernel package of the guest image (built and cached in .cache/guest).
+    #[arg(long, value_name = "NAME|PATH", default_value = guest_image::DEFAULT_KERNEL_DEB)]
+    pub kernel_deb: KernelDeb,
+    /// Extra kernel command line.
+    #[arg(long)]
+    pub append: Option<String>,
 }
 
 /// A VM's name, as a position or with --name.
@@ -160,6 +199,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             down(&name)?;
             Ok(())
         }
+        Command::Xml(args) => xml(args),
         Command::List { json } => list(json),
         Command::Rm { vm, force } => rm(&vm.get(), force),
         Command::Prune => {
@@ -308,5 +348,40 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         crate::step(&format!("guest ready after {:.2} s", t.as_secs_f64()));
     }
     println!("{}", vm.info().summary_json());
+    Ok(())
+}
+
+fn xml(args: XmlArgs) -> anyhow::Result<()> {
+    use smmvmi_tests::libvirt::DomainXml;
+    let image = crate::guest_image::build(&args.kernel_deb)?;
+    let firmware = match crate::FirmwareChoice::Ours.resolve()? {
+        smmvmi_tests::vm::Firmware::Ours(p) => p,
+        other => anyhow::bail!(
+            "expected the smmvmi firmware image, found {}",
+            other.label()
+        ),
+    };
+    let run = std::path::Path::new("/run/smmvmi");
+    let mut x = DomainXml::new(
+        &args.name,
+        firmware,
+        image.kernel,
+        image.initrd,
+        args.key
+            .unwrap_or_else(|| format!("/var/lib/smmvmi/{}.key", args.name).into()),
+        args.ivshmem_socket
+            .unwrap_or_else(|| run.join(format!("{}.ivshmem", args.name))),
+    );
+    x.mem_mib = args.mem_mib;
+    x.vcpus = args.smp;
+    x.cpu = args.cpu;
+    x.domain_type = args.domain_type;
+    x.serial_log = args.serial_log;
+    x.debugcon_log = args.debugcon_log;
+    if let Some(a) = args.append {
+        x.cmdline.push(' ');
+        x.cmdline.push_str(&a);
+    }
+    print!("{}", x.xml());
     Ok(())
 }

@@ -14,6 +14,11 @@
 //! vectors = 3                                  # ivshmem-doorbell vectors=N (1 + vCPUs)
 //! mailbox_size = 1048576
 //! # mailbox_file = "/var/lib/smmvmi/vm1.mailbox"  # file-backed instead of a memfd
+//!
+//! [[vm]]                                  # a libvirt domain: named, not described
+//! name = "mon1"
+//! libvirt = { domain = "mon1" }           # uri = "qemu:///system" by default
+//! # ivshmem_socket and vectors come from the domain's <shmem model='ivshmem-doorbell'>
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -31,6 +36,9 @@ pub struct VmConfig {
     /// Name clients use (`unix:PATH#NAME`).
     pub name: String,
     /// Where the daemon listens for this VM's QEMU (ivshmem server socket).
+    /// May be left out for a libvirt domain: the domain's
+    /// `<shmem><server path=.../>` says it.
+    #[serde(default)]
     pub ivshmem_socket: PathBuf,
     /// A QMP socket of this VM's QEMU reserved for the daemon (QEMU serves
     /// one client per QMP socket: give QEMU a second `-qmp` for people).
@@ -47,6 +55,33 @@ pub struct VmConfig {
     /// running VM is served again over QMP from the same file.
     #[serde(default)]
     pub mailbox_file: Option<PathBuf>,
+    /// The VM is a libvirt domain: libvirt owns its QMP monitor, so the
+    /// daemon never opens it and goes through libvirt instead
+    /// (`virsh qemu-monitor-command` / `qemu-monitor-event`), and follows
+    /// the domain's lifecycle events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt: Option<LibvirtDomain>,
+}
+
+/// A libvirt domain served by the daemon.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LibvirtDomain {
+    /// The domain's name (as `virsh list --all` shows it).
+    pub domain: String,
+    /// libvirt connection URI; `qemu:///system` when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+}
+
+/// The libvirt URI used when a [`LibvirtDomain`] names none.
+pub const DEFAULT_LIBVIRT_URI: &str = "qemu:///system";
+
+impl LibvirtDomain {
+    /// The connection URI.
+    pub fn uri(&self) -> &str {
+        self.uri.as_deref().unwrap_or(DEFAULT_LIBVIRT_URI)
+    }
 }
 
 fn default_vectors() -> u16 {
@@ -212,6 +247,26 @@ impl VmConfig {
                 self.vectors
             ));
         }
+        if let Some(l) = &self.libvirt {
+            if l.domain.is_empty() || l.domain.chars().any(|c| c.is_control()) {
+                return Err(format!(
+                    "VM {}: libvirt domain name {:?}: expected the name `virsh list --all` shows",
+                    self.name, l.domain
+                ));
+            }
+            if self.qmp.is_some() {
+                return Err(format!(
+                    "VM {}: libvirt owns domain {}'s QMP monitor; drop `qmp` from this VM's entry (the daemon reaches the monitor through libvirt: virsh qemu-monitor-command and qemu-monitor-event)",
+                    self.name, l.domain
+                ));
+            }
+        }
+        if self.ivshmem_socket.as_os_str().is_empty() && self.libvirt.is_none() {
+            return Err(format!(
+                "VM {}: ivshmem_socket is missing: give the path QEMU connects to (-chardev socket,path=...), or name a libvirt domain (libvirt = {{ domain = \"NAME\" }}) whose <shmem model='ivshmem-doorbell'> says it",
+                self.name
+            ));
+        }
         smmvmi_mailbox::layout::Areas::from_size(self.mailbox_size)
             .map_err(|e| format!("VM {}: {e}", self.name))?;
         if self.ivshmem_socket.as_os_str().len() > 107 {
@@ -251,6 +306,18 @@ mod tests {
                 .contains("[A-Za-z0-9._-]")
         );
         assert!(toml::from_str::<Config>("sockett = 1").is_err());
+        let lv: Config =
+            toml::from_str("[[vm]]\nname = \"mon1\"\nlibvirt = { domain = \"mon1\" }\n").unwrap();
+        lv.validate().unwrap();
+        assert_eq!(lv.vm[0].libvirt.as_ref().unwrap().uri(), "qemu:///system");
+        let both: Config =
+            toml::from_str("[[vm]]\nname = \"a\"\nqmp = \"/q\"\nlibvirt = { domain = \"a\" }\n")
+                .unwrap();
+        let e = both.validate().unwrap_err().to_string();
+        assert!(e.contains("libvirt owns"), "{e}");
+        let none: Config = toml::from_str("[[vm]]\nname = \"a\"\n").unwrap();
+        let e = none.validate().unwrap_err().to_string();
+        assert!(e.contains("ivshmem_socket is missing"), "{e}");
         assert_eq!(
             Config::default().socket,
             PathBuf::from("/run/smmvmi/injector.sock")

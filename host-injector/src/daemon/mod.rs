@@ -6,13 +6,17 @@
 //!
 //! Layers, importing only downward: [`protocol`] and [`config`] (plain
 //! data) ← [`request`] (a request's life as an I/O-free state machine) ←
-//! [`vm`] (per-VM ivshmem server, QMP, worker; one thread each) ←
+//! [`vm`] (per-VM ivshmem server, QMP, worker; one thread each; the
+//! monitor through its own QMP socket or, for a libvirt domain, through
+//! libvirt: [`monitor`], [`libvirt`]) ←
 //! [`server`] (listeners, registry, SIGTERM drain). [`client`] is the
 //! blocking client the IDS and `host-injector status` use.
 
 pub mod client;
 pub mod config;
+pub mod libvirt;
 pub mod metrics;
+pub mod monitor;
 pub mod protocol;
 pub mod qmp;
 pub mod request;

@@ -86,8 +86,14 @@ impl Daemon {
         }
     }
 
-    fn add(&self, vm: VmConfig) -> Result<(), DaemonError> {
+    fn add(&self, mut vm: VmConfig) -> Result<(), DaemonError> {
         let name = vm.name.clone();
+        // A libvirt domain is named, not described: its definition says
+        // the ivshmem socket and the vectors (one short virsh call).
+        super::libvirt::resolve(&mut vm).map_err(|problem| DaemonError::Register {
+            vm: name.clone(),
+            problem,
+        })?;
         vm.validate().map_err(|problem| DaemonError::Register {
             vm: name.clone(),
             problem,

@@ -20,7 +20,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::config::VmConfig;
+use super::libvirt::{self, DomainMonitor, DomainStatus, SharedStatus};
 use super::metrics::VmMetrics;
+use super::monitor::Monitor;
 use super::protocol::{DaemonError, HeaderView, SmiPath, TransactInfo, hex};
 use super::qmp::{AsyncQmp, Event};
 use super::request::{Facts, Path, Policy, Request, Step};
@@ -76,6 +78,8 @@ pub struct VmShared {
     pub in_flight: AtomicU64,
     /// When the daemon started serving it.
     pub started: SystemTime,
+    /// A libvirt domain's lifecycle as the daemon follows it.
+    pub libvirt: Option<SharedStatus>,
 }
 
 /// Free-text state for `status`.
@@ -149,6 +153,8 @@ impl VmShared {
                 (None, _, false) => "no: QEMU not connected",
             },
             "qmp_connected": self.qmp_connected.load(Ordering::Relaxed),
+            "monitor": if self.config.libvirt.is_some() { "libvirt" } else { "qmp-socket" },
+            "libvirt": self.libvirt.as_ref().map(|l| l.lock().expect("libvirt status lock").clone()),
             "monitor_smis_stopped": notes.gate,
             "last_error": notes.last_error,
             "in_flight": self.in_flight.load(Ordering::Relaxed),
@@ -273,6 +279,7 @@ pub fn start(
             source,
         })?;
     let (peer, _) = watch::channel(None);
+    let config_libvirt = config.libvirt.clone();
     let shared = Arc::new(VmShared {
         config,
         shm,
@@ -285,6 +292,14 @@ pub fn start(
         qmp_connected: AtomicBool::new(false),
         in_flight: AtomicU64::new(0),
         started: SystemTime::now(),
+        libvirt: config_libvirt.as_ref().map(|d| {
+            Arc::new(Mutex::new(DomainStatus {
+                domain: d.domain.clone(),
+                uri: d.uri().to_string(),
+                state: "unknown (not asked yet)".into(),
+                ..DomainStatus::default()
+            }))
+        }),
     });
     let (queue, jobs) = mpsc::channel(queue_depth);
     let (stop_tx, stop_rx) = oneshot::channel();
@@ -303,12 +318,23 @@ pub fn start(
                     listener,
                     ring.try_clone().expect("dup eventfd"),
                 ));
+                let follower = match (&s2.config.libvirt, &s2.libvirt) {
+                    (Some(d), Some(st)) => Some(tokio::spawn(libvirt::follow_lifecycle(
+                        d.clone(),
+                        s2.config.ivshmem_socket.clone(),
+                        st.clone(),
+                    ))),
+                    _ => None,
+                };
                 let worker = Worker::new(s2, ring, timing);
                 tokio::select! {
                     _ = worker.run(jobs) => {}
                     _ = stop_rx => {}
                 }
                 acceptor.abort();
+                if let Some(f) = follower {
+                    f.abort();
+                }
             });
         })
         .map_err(|source| VmStartError::Thread { vm, source })?;
@@ -385,17 +411,35 @@ async fn accept_qemu(shared: Arc<VmShared>, listener: UnixListener, ring: EventF
             let current = s2.peer.borrow().as_ref().map(|p| p.id);
             if current == Some(id) {
                 tracing::warn!(vm = %s2.config.name, peer = id, reason = %why, "QEMU disconnected");
-                s2.note(|n| {
-                    n.qemu_gone = Some(format!(
-                        "{why} at unix time {}; requests fail until QEMU is started again with -chardev socket,path={},id=ivs -device ivshmem-doorbell,chardev=ivs,vectors={}",
-                        unix(SystemTime::now()),
+                let again = match &s2.config.libvirt {
+                    Some(d) => format!(
+                        "the domain is started again (virsh -c {} start {})",
+                        d.uri(),
+                        d.domain
+                    ),
+                    None => format!(
+                        "QEMU is started again with -chardev socket,path={},id=ivs -device ivshmem-doorbell,chardev=ivs,vectors={}",
                         s2.config.ivshmem_socket.display(),
                         s2.config.vectors
+                    ),
+                };
+                s2.note(|n| {
+                    n.qemu_gone = Some(format!(
+                        "{why} at unix time {}; requests fail until {again}",
+                        unix(SystemTime::now()),
                     ))
                 });
                 s2.peer.send_replace(None);
             }
         });
+    }
+}
+
+/// The next QEMU event, or never when there is no monitor.
+async fn next_event(rx: &mut Option<mpsc::UnboundedReceiver<Event>>) -> Option<Event> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -413,7 +457,7 @@ struct Worker {
     shared: Arc<VmShared>,
     ring: AsyncFd<EventFd>,
     timing: Timing,
-    qmp: Option<AsyncQmp>,
+    qmp: Option<Monitor>,
     qmp_events: Option<mpsc::UnboundedReceiver<Event>>,
     qmp_next_try: Instant,
     gate: Gate,
@@ -469,6 +513,17 @@ impl Worker {
                     self.maintain_qmp().await;
                     self.drain_events();
                 }
+                // QEMU's events as they come: a RESET must close the gate
+                // while the mailbox still shows the old boot's salt (the new
+                // boot's firmware publishes its own within a fraction of a
+                // second; closing on that one would keep monitor SMIs
+                // stopped for the whole boot).
+                ev = next_event(&mut self.qmp_events) => {
+                    match ev {
+                        Some(ev) => self.apply_event(ev),
+                        None => self.qmp_events = None,
+                    }
+                }
             }
         }
     }
@@ -478,23 +533,45 @@ impl Worker {
         if let Some(q) = &mut self.qmp
             && q.is_closed()
         {
-            tracing::info!(vm = %self.name, "QMP connection closed by QEMU");
+            tracing::info!(vm = %self.name, monitor = q.label(), "monitor gone (QEMU closed QMP, or the libvirt domain stopped)");
             self.qmp = None;
             self.drain_events();
             self.qmp_events = None;
             self.shared.qmp_connected.store(false, Ordering::Relaxed);
         }
-        let Some(path) = self.shared.config.qmp.clone() else {
-            return;
-        };
         if self.qmp.is_some() || Instant::now() < self.qmp_next_try {
             return;
         }
-        self.qmp_next_try = Instant::now() + Duration::from_secs(1);
         let (tx, rx) = mpsc::unbounded_channel();
-        match AsyncQmp::connect(&path, self.timing.qmp_timeout, tx).await {
+        let connected =
+            if let (Some(d), Some(st)) = (&self.shared.config.libvirt, &self.shared.libvirt) {
+                // The lifecycle follower knows whether the domain runs: no
+                // virsh call per second for a domain that is shut off.
+                let known_stopped = {
+                    let s = st.lock().expect("libvirt status lock");
+                    s.events_connected && !s.running
+                };
+                if known_stopped {
+                    return;
+                }
+                self.qmp_next_try = Instant::now() + Duration::from_secs(1);
+                DomainMonitor::connect(d.clone(), libvirt::VIRSH_TIMEOUT, tx, st.clone())
+                    .await
+                    .map(Monitor::Libvirt)
+                    .map_err(|e| e.to_string())
+            } else {
+                let Some(path) = self.shared.config.qmp.clone() else {
+                    return;
+                };
+                self.qmp_next_try = Instant::now() + Duration::from_secs(1);
+                AsyncQmp::connect(&path, self.timing.qmp_timeout, tx)
+                    .await
+                    .map(Monitor::Qmp)
+                    .map_err(|e| e.to_string())
+            };
+        match connected {
             Ok(q) => {
-                tracing::info!(vm = %self.name, path = %path.display(), "QMP connected");
+                tracing::info!(vm = %self.name, monitor = q.label(), "monitor connected");
                 self.qmp = Some(q);
                 self.qmp_events = Some(rx);
                 self.inject_smi = None;
@@ -502,7 +579,7 @@ impl Worker {
                 self.shared.qmp_connected.store(true, Ordering::Relaxed);
             }
             Err(e) => {
-                tracing::debug!(vm = %self.name, error = %e, "QMP not connectable yet");
+                tracing::debug!(vm = %self.name, error = %e, "monitor not connectable yet");
             }
         }
     }
@@ -512,17 +589,26 @@ impl Worker {
         let Some(rx) = &mut self.qmp_events else {
             return;
         };
-        while let Ok(Event(name)) = rx.try_recv() {
-            if name == "RESET" || name == "SHUTDOWN" {
-                let salt = self.shared.header().map(|h| h.salt).unwrap_or_default();
-                let why = format!(
-                    "QMP event {name}: monitor SMIs stopped until the new boot's agent publishes Ready (QEMU 7.2 crashes on a monitor SMI before the firmware negotiates SMI broadcast)"
-                );
-                tracing::info!(vm = %self.name, event = %name, "monitor SMIs stopped");
-                self.shared.note(|n| n.gate = Some(why));
-                self.shared.metrics.resets.fetch_add(1, Ordering::Relaxed);
-                self.gate = Gate::Closed { salt };
-            }
+        let mut events = Vec::new();
+        while let Ok(ev) = rx.try_recv() {
+            events.push(ev);
+        }
+        for ev in events {
+            self.apply_event(ev);
+        }
+    }
+
+    /// RESET / SHUTDOWN stop monitor SMIs until a new boot's agent is Ready.
+    fn apply_event(&mut self, Event(name): Event) {
+        if name == "RESET" || name == "SHUTDOWN" {
+            let salt = self.shared.header().map(|h| h.salt).unwrap_or_default();
+            let why = format!(
+                "QMP event {name}: monitor SMIs stopped until the new boot's agent publishes Ready (QEMU 7.2 crashes on a monitor SMI before the firmware negotiates SMI broadcast)"
+            );
+            tracing::info!(vm = %self.name, event = %name, "monitor SMIs stopped");
+            self.shared.note(|n| n.gate = Some(why));
+            self.shared.metrics.resets.fetch_add(1, Ordering::Relaxed);
+            self.gate = Gate::Closed { salt };
         }
     }
 
@@ -624,6 +710,27 @@ impl Worker {
 
     fn err_gone(&self) -> DaemonError {
         let notes = self.shared.notes.lock().expect("notes").clone();
+        if let (Some(d), Some(st)) = (&self.shared.config.libvirt, &self.shared.libvirt) {
+            let s = st.lock().expect("libvirt status lock").clone();
+            if let Some(problem) = s.problem {
+                return DaemonError::QemuGone {
+                    vm: self.name.clone(),
+                    reason: format!("libvirt domain {}: {problem}", d.domain),
+                };
+            }
+            if !s.running {
+                return DaemonError::QemuGone {
+                    vm: self.name.clone(),
+                    reason: format!(
+                        "libvirt domain {} is {}; requests are served again once it runs (virsh -c {} start {})",
+                        d.domain,
+                        s.state,
+                        d.uri(),
+                        d.domain
+                    ),
+                };
+            }
+        }
         if !self.ever_peer && self.qmp.is_some() && self.shared.config.mailbox_file.is_none() {
             return DaemonError::QemuGone {
                 vm: self.name.clone(),
