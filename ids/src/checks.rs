@@ -1007,6 +1007,21 @@ pub fn check_text<M: GuestMemory>(
     base: &TextBaseline,
     modules: &[Module],
 ) -> Result<Report, LinuxError> {
+    check_text_slice(c, k, cpu, base, modules, 0, 1)
+}
+
+/// [`check_text`] over slice `slice` of `of` equal, page-aligned parts of
+/// each range (what `watch` checks per pass: a full cover every `of`
+/// passes).
+pub fn check_text_slice<M: GuestMemory>(
+    c: &mut SnapshotCache<M>,
+    k: &Kernel,
+    cpu: u32,
+    base: &TextBaseline,
+    modules: &[Module],
+    slice: usize,
+    of: usize,
+) -> Result<Report, LinuxError> {
     if base.banner != k.banner || base.lstar != k.lstar {
         return Err(LinuxError::NoSymbol(
             "a baseline of this boot (banner and KASLR offset differ): record one with `ids baseline`"
@@ -1018,12 +1033,25 @@ pub fn check_text<M: GuestMemory>(
         check: "text".into(),
         ..Report::default()
     };
+    let of = of.max(1);
     for (name, start, old) in &base.ranges {
-        let now = read_zeroed(c, k, cpu, *start, start + old.len() as u64)?;
-        r.checked += now.len();
+        let part = old.len().div_ceil(of).div_ceil(4096) * 4096;
+        let lo = (slice % of * part).min(old.len());
+        let hi = (lo + part).min(old.len());
+        // The range as it is now: read in this slice, as recorded elsewhere
+        // (context for decoding across the slice's edges).
+        let mut now = old.clone();
+        now[lo..hi].copy_from_slice(&read_zeroed(
+            c,
+            k,
+            cpu,
+            start + lo as u64,
+            start + hi as u64,
+        )?);
+        r.checked += hi - lo;
         // Changed byte runs (merged when closer than an instruction).
-        let mut i = 0usize;
-        while i < old.len() {
+        let mut i = lo;
+        while i < hi {
             if old[i] == now[i] {
                 i += 1;
                 continue;

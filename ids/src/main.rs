@@ -237,6 +237,10 @@ enum Command {
         /// `host.name` of the events (default: the endpoint's VM name).
         #[arg(long)]
         host_name: Option<String>,
+        /// Kernel text and rodata against a baseline the first pass
+        /// records, in this many slices (one per pass; 0: no text check).
+        #[arg(long, default_value_t = 16)]
+        text_slices: usize,
     },
     /// Rootkit checks that need no baseline (exit status 3 when something
     /// is found, 0 when clean).
@@ -675,6 +679,7 @@ fn run(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<Exit> {
         interval,
         count,
         host_name,
+        text_slices,
     } = &cli.command
     {
         let host = host_name.clone().unwrap_or_else(|| endpoint.vm_name());
@@ -686,6 +691,7 @@ fn run(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<Exit> {
             } else {
                 linux::cache_dir()
             },
+            text_slices: *text_slices,
         };
         let deadline = cli.deadline();
         let alerted = ids::watch::run(

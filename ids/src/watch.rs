@@ -195,6 +195,18 @@ pub struct Watcher {
     procs: Option<BTreeMap<(u32, u64), Task>>,
     mods: Option<BTreeMap<(String, u64), Module>>,
     findings: BTreeMap<(String, u64), Finding>,
+    /// Kernel text against a baseline recorded by the first pass, one
+    /// slice per pass ([`Watcher::with_text`]).
+    text: Option<TextWatch>,
+}
+
+#[derive(Debug)]
+struct TextWatch {
+    slices: usize,
+    next: usize,
+    base: Option<crate::checks::TextBaseline>,
+    /// The findings of each slice, as last checked.
+    found: Vec<Vec<Finding>>,
 }
 
 impl Watcher {
@@ -204,12 +216,31 @@ impl Watcher {
         Self::default()
     }
 
+    /// Also checks kernel text and read-only data against a baseline the
+    /// first pass records (about 22 MiB on Debian's 6.1: 2.8 s through the
+    /// agent under TCG), `1/slices` of it per pass: a change is found
+    /// within `slices` passes.
+    pub fn with_text(mut self, slices: usize) -> Self {
+        self.text = Some(TextWatch {
+            slices: slices.max(1),
+            next: 0,
+            base: None,
+            found: vec![Vec::new(); slices.max(1)],
+        });
+        self
+    }
+
     /// Forgets the lists (after a reboot: the new boot's processes are not
-    /// "started" events); findings are kept so a hook that survives the
-    /// reboot is not reported twice.
+    /// "started" events, and its text is relocated: a new baseline);
+    /// findings are kept so a hook that survives the reboot is not
+    /// reported twice.
     pub fn forget_lists(&mut self) {
         self.procs = None;
         self.mods = None;
+        if let Some(t) = &mut self.text {
+            t.base = None;
+            t.found.iter_mut().for_each(Vec::clear);
+        }
     }
 
     /// One pass: processes, modules and the checks in new snapshots.
@@ -231,6 +262,19 @@ impl Watcher {
         }
         if k.offsets.hook_views.is_some() {
             findings.extend(check_hooks(c, k, 0, &modules)?.findings);
+        }
+        if let Some(tw) = &mut self.text {
+            match &tw.base {
+                None => tw.base = Some(crate::checks::record_baseline(c, k, 0)?),
+                Some(base) => {
+                    let slice = tw.next;
+                    tw.found[slice] =
+                        crate::checks::check_text_slice(c, k, 0, base, &modules, slice, tw.slices)?
+                            .findings;
+                    tw.next = (slice + 1) % tw.slices;
+                }
+            }
+            findings.extend(tw.found.iter().flatten().cloned());
         }
         let mut out = Vec::new();
 
@@ -375,6 +419,9 @@ pub struct WatchOptions {
     pub count: Option<u64>,
     /// The kernel cache directory (None: no cache).
     pub cache: Option<std::path::PathBuf>,
+    /// Check kernel text and rodata against a baseline the first pass
+    /// records, this many slices per full cover (0: no text check).
+    pub text_slices: usize,
 }
 
 /// Watches a guest until `opts.count` passes are done: connects with
@@ -396,7 +443,11 @@ pub fn run(
     };
     let mut mem: Option<SnapshotCache<crate::Session>> = None;
     let mut kernel: Option<Kernel> = None;
-    let mut watcher = Watcher::new();
+    let mut watcher = if opts.text_slices > 0 {
+        Watcher::new().with_text(opts.text_slices)
+    } else {
+        Watcher::new()
+    };
     let mut down = false;
     let mut failures = 0u32;
     let mut salt: Option<[u8; 16]> = None;

@@ -288,8 +288,9 @@ fn watch_reports_processes_modules_hooks_and_reboots() {
     let (tx, rx) = mpsc::channel::<(Instant, serde_json::Value)>();
     let opts = ids::watch::WatchOptions {
         interval,
-        count: Some(60),
+        count: Some(70),
         cache: None,
+        text_slices: 4,
     };
     let watcher = std::thread::spawn(move || {
         ids::watch::run(
@@ -353,6 +354,16 @@ fn watch_reports_processes_modules_hooks_and_reboots() {
         &|e| e["event"]["action"] == "hook-gone",
         Duration::from_secs(20),
     );
+    // Text: the dispatcher patched is found within one cover of the text
+    // (4 slices, one per pass), by the text check and named by module.
+    attack::load(&vm, &Attack::PatchDispatch(NR_GETPID)).unwrap_or_else(|e| panic!("{e}"));
+    let (_, e) = wait_for(
+        "hook-found (text)",
+        &|e| e["event"]["action"] == "hook-found" && e["rule"]["name"] == "text",
+        Duration::from_secs(30),
+    );
+    assert_eq!(e["smmvmi"]["finding"]["owner"], MODULE);
+    attack::unload(&vm).unwrap_or_else(|e| panic!("{e}"));
     let _ = vm.exec_timeout("reboot -f", Duration::from_secs(3));
     let (_, _) = wait_for(
         "guest-rebooted",
@@ -406,6 +417,7 @@ fn a_clean_guest_with_churn_raises_no_alarm() {
                     interval: Duration::from_secs(1),
                     count: Some(10),
                     cache: Some(smmvmi_tests::cache_dir().join("churn-kernels")),
+                    text_slices: 8,
                 };
                 ids::watch::run(
                     || ids::Session::connect(&endpoint, Duration::from_secs(5)),
