@@ -29,8 +29,8 @@ use std::collections::BTreeMap;
 use iced_x86::{Decoder, DecoderOptions, FlowControl};
 use smmvmi_mailbox::wire::AddressSpace;
 
-use crate::linux::{Kernel, LinuxError, Module, Task};
-use crate::memory::{GuestMemory, SnapshotCache, Space};
+use crate::linux::{Kernel, LinuxError, Module, Task, kspace};
+use crate::memory::{GuestMemory, SnapshotCache};
 
 /// Most entries read from one syscall table (x86-64 has about 460).
 pub const MAX_SYSCALLS: usize = 1024;
@@ -171,10 +171,6 @@ fn whereis(t: &TextMap<'_>, modules: &[Module], a: u64) -> (String, Option<Strin
     }
 }
 
-fn kspace(cpu: u32) -> Space {
-    Space::Virt(AddressSpace::kernel_of(cpu))
-}
-
 /// One syscall table: (symbol, the name prefixes its entries may have).
 const TABLES: [(&str, &[&str]); 3] = [
     ("sys_call_table", &["__x64_sys_", "sys_ni_syscall"]),
@@ -187,6 +183,26 @@ const TABLES: [(&str, &[&str]); 3] = [
         &["__x64_sys_", "__x32_compat_sys_", "sys_ni_syscall"],
     ),
 ];
+
+/// The entries of the syscall table at `at`: up to the symbol after it, or
+/// the first zero (every slot below NR_syscalls holds a function,
+/// sys_ni_syscall for the unused; the next symbol may lie beyond alignment
+/// padding).
+fn syscall_table<M: GuestMemory>(
+    c: &mut SnapshotCache<M>,
+    k: &Kernel,
+    t: &TextMap<'_>,
+    cpu: u32,
+    at: u64,
+) -> Result<Vec<u64>, LinuxError> {
+    let end = t.next_after(k, at).unwrap_or(at + 8);
+    let n = (((end - at) / 8) as usize).clamp(1, MAX_SYSCALLS);
+    Ok(c.read(kspace(cpu), at, n * 8)?
+        .chunks_exact(8)
+        .map(|e| u64::from_le_bytes(e.try_into().expect("8 bytes")))
+        .take_while(|&a| a != 0)
+        .collect())
+}
 
 /// The dispatchers of kernels that no longer branch through the tables.
 const DISPATCHERS: [&str; 3] = ["x64_sys_call", "ia32_sys_call", "x32_sys_call"];
@@ -211,17 +227,7 @@ pub fn check_syscalls<M: GuestMemory>(
             continue;
         };
         found_table = true;
-        let end = t.next_after(k, at).unwrap_or(at + 8);
-        let n = (((end - at) / 8) as usize).clamp(1, MAX_SYSCALLS);
-        let bytes = c.read(kspace(cpu), at, n * 8)?;
-        for (nr, e) in bytes.chunks_exact(8).enumerate() {
-            let target = u64::from_le_bytes(e.try_into().expect("8"));
-            if target == 0 {
-                // The end of the table: every slot below NR_syscalls holds
-                // a function (sys_ni_syscall for the unused), and the
-                // symbol after it may lie beyond alignment padding.
-                break;
-            }
+        for (nr, target) in syscall_table(c, k, &t, cpu, at)?.into_iter().enumerate() {
             r.checked += 1;
             let name = t.exact(target);
             let ok = t.in_text(target)
@@ -439,10 +445,10 @@ pub fn check_modules<M: GuestMemory>(
     // The views are separate requests: a module loaded or unloaded between
     // them differs for a moment. A difference is read again, from a new
     // snapshot, and reported only if it stays.
-    let listed = module_list_addrs(c, k, cpu)?
-        .into_iter()
-        .chain(modules.iter().map(|m| m.addr));
-    let (checked, first) = modules_off_list(c, k, cpu, &v, listed)?;
+    // The given list leaves out unformed modules (as /proc/modules does):
+    // one that is still loading shows up here and is cleared by the
+    // confirmation, which reads the whole list.
+    let (checked, first) = modules_off_list(c, k, cpu, &v, modules.iter().map(|m| m.addr))?;
     r.checked = checked;
     if first.is_empty() {
         return Ok(r);
@@ -615,7 +621,7 @@ pub fn check_processes<M: GuestMemory>(
         check: "processes".into(),
         ..Report::default()
     };
-    let hidden = |c: &mut SnapshotCache<M>| -> Result<(usize, Hidden), LinuxError> {
+    let hidden = |c: &mut SnapshotCache<M>| -> Result<(Vec<Task>, usize, Hidden), LinuxError> {
         c.new_snapshot();
         let listed = crate::linux::ps_task_list(c, k, cpu, true)?;
         let on_list: std::collections::HashSet<u64> = listed.iter().map(|t| t.addr).collect();
@@ -650,14 +656,16 @@ pub fn check_processes<M: GuestMemory>(
                 out.insert(v.current, (format!("cpu {}'s current task", v.cpu), t));
             }
         }
-        Ok((listed.len() + by_idr.len(), out))
+        let idr_len = by_idr.len();
+        Ok((listed, idr_len, out))
     };
-    let (checked, first) = hidden(c)?;
-    r.checked = checked;
+    let (mut listed, idr_len, first) = hidden(c)?;
+    r.checked = listed.len() + idr_len;
     // A user process named like a kernel thread (`kworker/0:1`,
     // `ksoftirqd/1`, ...): the disguise of miners and backdoors (a write to
-    // /proc/PID/comm or prctl(PR_SET_NAME) is all it takes).
-    let listed = crate::linux::ps_task_list(c, k, cpu, false)?;
+    // /proc/PID/comm or prctl(PR_SET_NAME) is all it takes). Processes:
+    // the thread-group leaders of the listing.
+    listed.retain(|t| t.pid == t.tgid);
     let kthreads: std::collections::HashSet<&str> = listed
         .iter()
         .filter(|t| t.kthread)
@@ -684,7 +692,7 @@ pub fn check_processes<M: GuestMemory>(
         }
     }
     if !first.is_empty() {
-        let (_, again) = hidden(c)?;
+        let (_, _, again) = hidden(c)?;
         for (addr, (place, t)) in first {
             if again.contains_key(&addr) {
                 r.findings.push(Finding {
@@ -740,10 +748,7 @@ pub fn check_hooks<M: GuestMemory>(
     // The syscall functions.
     let mut targets: BTreeMap<u64, String> = BTreeMap::new();
     if let Some(at) = k.kallsyms.addr("sys_call_table") {
-        let end = t.next_after(k, at).unwrap_or(at + 8);
-        let n = (((end - at) / 8) as usize).clamp(1, MAX_SYSCALLS);
-        for e in c.read(kspace(cpu), at, n * 8)?.chunks_exact(8) {
-            let a = word(e);
+        for a in syscall_table(c, k, &t, cpu, at)? {
             if let Some(name) = t.exact(a).filter(|n| n.starts_with("__x64_sys_")) {
                 targets.insert(a, name.to_string());
             }
@@ -951,7 +956,7 @@ pub fn record_baseline<M: GuestMemory>(
 ) -> Result<TextBaseline, LinuxError> {
     let mut ranges = Vec::new();
     for (name, a, b) in text_ranges(k)? {
-        let bytes = read_zeroed(c, k, cpu, a, b)?;
+        let bytes = read_zeroed(c, cpu, a, b)?;
         ranges.push((name, a, bytes));
     }
     Ok(TextBaseline {
@@ -965,12 +970,10 @@ pub fn record_baseline<M: GuestMemory>(
 /// between sections), in batches the backend splits.
 fn read_zeroed<M: GuestMemory>(
     c: &mut SnapshotCache<M>,
-    k: &Kernel,
     cpu: u32,
     a: u64,
     b: u64,
 ) -> Result<Vec<u8>, LinuxError> {
-    let _ = k;
     let chunk = c.inner().max_read()?.clamp(4096, 1 << 20) as u64 & !0xfff;
     let mut out = Vec::with_capacity((b - a) as usize);
     let mut reads = Vec::new();
@@ -1038,36 +1041,39 @@ pub fn check_text_slice<M: GuestMemory>(
         let part = old.len().div_ceil(of).div_ceil(4096) * 4096;
         let lo = (slice % of * part).min(old.len());
         let hi = (lo + part).min(old.len());
-        // The range as it is now: read in this slice, as recorded elsewhere
-        // (context for decoding across the slice's edges).
-        let mut now = old.clone();
-        now[lo..hi].copy_from_slice(&read_zeroed(
+        // The slice as it is now, in a window of the recorded bytes (one
+        // page either side: context for decoding across the slice's edges).
+        let (wlo, whi) = (lo.saturating_sub(4096), (hi + 4096).min(old.len()));
+        let was = &old[wlo..whi];
+        let mut now = was.to_vec();
+        now[lo - wlo..hi - wlo].copy_from_slice(&read_zeroed(
             c,
-            k,
             cpu,
             start + lo as u64,
             start + hi as u64,
         )?);
+        let wstart = start + wlo as u64;
         r.checked += hi - lo;
-        // Changed byte runs (merged when closer than an instruction).
-        let mut i = lo;
-        while i < hi {
-            if old[i] == now[i] {
+        // Changed byte runs (merged when closer than an instruction), as
+        // offsets in the window.
+        let mut i = lo - wlo;
+        while i < hi - wlo {
+            if was[i] == now[i] {
                 i += 1;
                 continue;
             }
             let mut j = i + 1;
-            while j < old.len()
-                && (old[j] != now[j]
-                    || old[j..(j + 8).min(old.len())] != now[j..(j + 8).min(old.len())])
+            while j < now.len()
+                && (was[j] != now[j]
+                    || was[j..(j + 8).min(now.len())] != now[j..(j + 8).min(now.len())])
             {
                 j += 1;
             }
-            let (a, b) = (start + i as u64, start + j as u64);
+            let (a, b) = (wstart + i as u64, wstart + j as u64);
             if name == "text" {
-                text_change(&t, modules, *start, old, &now, a, b, &mut r);
+                text_change(&t, modules, wstart, was, &now, a, b, &mut r);
             } else {
-                let (found, owner) = whereis_data(&t, modules, &now, *start, a);
+                let (found, owner) = whereis_data(&t, modules, &now, wstart, a);
                 r.findings.push(Finding {
                     check: "text".into(),
                     what: format!("rodata {a:#x}..{b:#x} ({})", t.describe_any(k, a)),

@@ -217,6 +217,40 @@ pub fn offsets(thread_node: bool) -> crate::btf::Offsets {
     }
 }
 
+/// A fake kernel with these symbols and offsets (banner "Linux version
+/// test", 4-level paging, no BTF), for the Linux layer and the checks.
+pub fn kernel(
+    symbols: Vec<crate::kallsyms::Symbol>,
+    offsets: crate::btf::Offsets,
+    lstar: u64,
+) -> crate::linux::Kernel {
+    use crate::kallsyms::{Encoding, Kallsyms, Layout};
+    let layout = Layout {
+        encoding: Encoding::PlaceRelative,
+        names_first: true,
+        uleb_lengths: true,
+        seqs_of_names: None,
+        num_syms_at: 0,
+        names: 0,
+        markers: 0,
+        token_table: 0,
+        token_index: 0,
+        addresses: 0,
+        relative_base: None,
+    };
+    crate::linux::Kernel {
+        version: crate::linux::CACHE_VERSION,
+        banner: "Linux version test\n".into(),
+        banner_from_lstar: 0,
+        lstar,
+        kallsyms: Kallsyms::new(symbols, layout),
+        offsets,
+        btf_bytes: 0,
+        from_cache: false,
+        kernel_half: crate::linux::kernel_half(4),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

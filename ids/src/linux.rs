@@ -178,7 +178,8 @@ impl Default for Discovery {
     }
 }
 
-fn kspace(cpu: u32) -> Space {
+/// The kernel address space of `cpu` (PTI's kernel half).
+pub(crate) fn kspace(cpu: u32) -> Space {
     Space::Virt(AddressSpace::kernel_of(cpu))
 }
 

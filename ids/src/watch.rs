@@ -448,7 +448,7 @@ pub fn run(
     } else {
         Watcher::new()
     };
-    let mut down = false;
+    // Failed passes in a row.
     let mut failures = 0u32;
     let mut salt: Option<[u8; 16]> = None;
     // A reboot seen on reconnecting, reported with the first pass after it.
@@ -477,10 +477,9 @@ pub fn run(
             }
             watcher.pass(c, kernel.as_ref().expect("loaded above"))
         })();
-        let result_ok = result.is_ok();
         match result {
             Ok(events) => {
-                down = false;
+                failures = 0;
                 if std::mem::take(&mut rebooted) {
                     send(Event::GuestRebooted, &mut alerted);
                 }
@@ -501,10 +500,9 @@ pub fn run(
                 // One failed pass may be a moment's state (a vCPU between
                 // INIT and SIPI missing the SMI rendezvous, a list being
                 // changed): the next attempt comes at once; two in a row
-                // are an outage.
-                if failures >= 2 && !down {
+                // are an outage, reported once.
+                if failures == 2 {
                     send(Event::AgentUnreachable(e.to_string()), &mut alerted);
-                    down = true;
                 }
                 (mem, kernel) = (None, None);
                 if failures == 1 {
@@ -512,9 +510,6 @@ pub fn run(
                     continue;
                 }
             }
-        }
-        if result_ok {
-            failures = 0;
         }
         if opts.count.is_none_or(|n| passes < n) {
             std::thread::sleep(opts.interval.saturating_sub(started.elapsed()));

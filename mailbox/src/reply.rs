@@ -300,32 +300,7 @@ impl<'a> ReplyWriter<'a> {
         max_data: usize,
         fill: impl FnOnce(&mut [u8]) -> (Status, u8, u64, usize),
     ) -> bool {
-        if self.is_full() {
-            return false;
-        }
-        let room = max_data.min(self.data_room());
-        let start = self.len;
-        let data_start = start + RESULT_HEADER_LEN;
-        let data = &mut self.buf[data_start..data_start + room];
-        data.fill(0);
-        let (status, level, aux, used) = fill(data);
-        let used = used.min(room);
-        let padded = used.div_ceil(8) * 8;
-        // Zero the padding (and anything `fill` wrote past `used`).
-        // `padded <= data_room()` because the room is a multiple of 8.
-        self.buf[data_start + used..data_start + room.max(padded)].fill(0);
-        let h = ResultHeaderLe {
-            kind,
-            status: status as u8,
-            level,
-            reserved: 0,
-            data_len: (used as u32).into(),
-            aux: aux.into(),
-        };
-        self.buf[start..data_start].copy_from_slice(h.as_bytes());
-        self.len = data_start + padded;
-        self.count += 1;
-        true
+        self.push_result(kind, max_data, true, fill)
     }
 
     /// Like [`ReplyWriter::push`] for a `fill` that writes every byte it
@@ -337,16 +312,35 @@ impl<'a> ReplyWriter<'a> {
         max_data: usize,
         fill: impl FnOnce(&mut [u8]) -> (Status, u8, u64, usize),
     ) -> bool {
+        self.push_result(kind, max_data, false, fill)
+    }
+
+    /// Appends a result; `zero_offer`: zero the offered slice before
+    /// `fill` and everything of it after `used` (else only the padding).
+    fn push_result(
+        &mut self,
+        kind: u8,
+        max_data: usize,
+        zero_offer: bool,
+        fill: impl FnOnce(&mut [u8]) -> (Status, u8, u64, usize),
+    ) -> bool {
         if self.is_full() {
             return false;
         }
         let room = max_data.min(self.data_room());
         let start = self.len;
         let data_start = start + RESULT_HEADER_LEN;
-        let (status, level, aux, used) = fill(&mut self.buf[data_start..data_start + room]);
+        let data = &mut self.buf[data_start..data_start + room];
+        if zero_offer {
+            data.fill(0);
+        }
+        let (status, level, aux, used) = fill(data);
         let used = used.min(room);
         let padded = used.div_ceil(8) * 8;
-        self.buf[data_start + used..data_start + padded].fill(0);
+        // Zero the padding (and, for a zeroed offer, anything `fill` wrote
+        // past `used`). `padded <= data_room()`: the room is a multiple of 8.
+        let end = if zero_offer { room.max(padded) } else { padded };
+        self.buf[data_start + used..data_start + end].fill(0);
         let h = ResultHeaderLe {
             kind,
             status: status as u8,

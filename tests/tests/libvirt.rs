@@ -17,7 +17,9 @@
 //!   `virsh reboot` after it is followed; a redefinition that moves the
 //!   mailbox socket is reported; `virsh shutdown` (ACPI) stops it.
 
-use std::collections::{BTreeMap, BTreeSet};
+mod common;
+
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -144,22 +146,6 @@ fn guest_processes(vm: &LibvirtVm) -> BTreeMap<u32, (String, u32)> {
     m
 }
 
-/// Tasks of the command channel (the shell running our command and its
-/// children), which come and go between the two views.
-fn transient(cmdd: u32, ppid_of: &BTreeMap<u32, u32>) -> BTreeSet<u32> {
-    let mut out = BTreeSet::new();
-    let mut grew = true;
-    while grew {
-        grew = false;
-        for (&pid, &ppid) in ppid_of {
-            if (ppid == cmdd || out.contains(&ppid)) && out.insert(pid) {
-                grew = true;
-            }
-        }
-    }
-    out
-}
-
 /// Runs `f` again when the agent served while a vCPU was not in SMM: with
 /// one TCG thread per vCPU (libvirt's TCG domains) on busy host cores a
 /// vCPU thread may miss the 100 ms rendezvous, and ops on its state answer
@@ -197,19 +183,11 @@ fn check_banner_and_ps(vm: &LibvirtVm, s: &mut ids::Session) {
         .trim()
         .parse()
         .unwrap_or(0);
-    let mut ppid_of: BTreeMap<u32, u32> = truth.iter().map(|(&p, v)| (p, v.1)).collect();
-    ppid_of.extend(mine.iter().map(|t| (t.pid, t.ppid)));
-    let skip = transient(cmdd, &ppid_of);
-    let ids_pids: BTreeSet<u32> = mine
-        .iter()
-        .map(|t| t.pid)
-        .filter(|p| !skip.contains(p))
-        .collect();
-    let guest_pids: BTreeSet<u32> = truth
-        .keys()
-        .copied()
-        .filter(|p| !skip.contains(p))
-        .collect();
+    let (ids_pids, guest_pids, skip) = common::settled_pids(
+        mine.iter().map(|t| (t.pid, t.ppid)),
+        truth.iter().map(|(&p, v)| (p, v.1)),
+        cmdd,
+    );
     assert!(
         ids_pids.len() >= 40,
         "only {} processes seen by the IDS",
@@ -221,13 +199,7 @@ fn check_banner_and_ps(vm: &LibvirtVm, s: &mut ids::Session) {
     );
     for t in mine.iter().filter(|t| !skip.contains(&t.pid)) {
         let (comm, ppid) = &truth[&t.pid];
-        // /proc shows a workqueue worker's queue and a kernel thread's full
-        // name; the task's comm is the first 15 bytes.
-        let same_comm = *comm == t.comm
-            || (t.kthread
-                && (comm.starts_with(&format!("{}-", t.comm))
-                    || comm.starts_with(&format!("{}+", t.comm))
-                    || (t.comm.len() == 15 && comm.starts_with(&t.comm))));
+        let same_comm = common::same_comm(comm, t);
         assert!(
             same_comm && t.ppid == *ppid,
             "pid {}: IDS (comm, ppid) = {:?}, /proc says {:?}",

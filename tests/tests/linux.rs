@@ -113,23 +113,6 @@ fn check_ps_views(s: &mut ids::Session, k: &Kernel) {
     );
 }
 
-/// Pids that belong to the command channel's transient work: the shell
-/// running a request and its children (they come and go between the two
-/// views).
-fn transient(cmdd: u32, ppid_of: &BTreeMap<u32, u32>) -> BTreeSet<u32> {
-    let mut out = BTreeSet::new();
-    let mut grew = true;
-    while grew {
-        grew = false;
-        for (&pid, &ppid) in ppid_of {
-            if (ppid == cmdd || out.contains(&ppid)) && out.insert(pid) {
-                grew = true;
-            }
-        }
-    }
-    out
-}
-
 /// Starts the workload: a pthread program with 6 threads and a zombie, and
 /// two processes in a new PID namespace. Returns (threads pid, zombie pid).
 fn start_workload(vm: &Vm) -> (u32, u32) {
@@ -163,35 +146,18 @@ fn check_ps(vm: &Vm, s: &mut ids::Session, k: &Kernel) {
         mine.len()
     );
 
-    let mut ppid_of: BTreeMap<u32, u32> = truth.iter().map(|(&p, v)| (p, v.2)).collect();
-    ppid_of.extend(mine.iter().map(|t| (t.pid, t.ppid)));
-    let skip = transient(cmdd, &ppid_of);
-    let ids_pids: BTreeSet<u32> = mine
-        .iter()
-        .map(|t| t.pid)
-        .filter(|p| !skip.contains(p))
-        .collect();
-    let guest_pids: BTreeSet<u32> = truth
-        .keys()
-        .copied()
-        .filter(|p| !skip.contains(p))
-        .collect();
+    let (ids_pids, guest_pids, skip) = common::settled_pids(
+        mine.iter().map(|t| (t.pid, t.ppid)),
+        truth.iter().map(|(&p, v)| (p, v.2)),
+        cmdd,
+    );
     assert_eq!(
         ids_pids, guest_pids,
         "the IDS and the guest see different tasks (transient command-channel tasks {skip:?} left out)"
     );
     for t in mine.iter().filter(|t| !skip.contains(&t.pid)) {
         let (comm, state, ppid, tgid) = &truth[&t.pid];
-        // /proc appends a workqueue worker's current queue to its comm
-        // (`kworker/0:0-rcu_gp`, fs/proc/array.c proc_task_name): the
-        // task's own comm is the part before it.
-        // And since 6.1 it shows a kernel thread's full name (kthread's
-        // `full_name`) where `comm` keeps the first 15 bytes.
-        let same_comm = *comm == t.comm
-            || (t.kthread
-                && (comm.starts_with(&format!("{}-", t.comm))
-                    || comm.starts_with(&format!("{}+", t.comm))
-                    || (t.comm.len() == 15 && comm.starts_with(&t.comm))));
+        let same_comm = common::same_comm(comm, t);
         // A kernel thread, or the harness's command daemon (which is busy
         // answering our commands), may run (R) in one of the two moments and
         // not the other; every other task here sleeps, or is a zombie, in both.

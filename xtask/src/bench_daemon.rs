@@ -177,3 +177,45 @@ pub fn burn_while_polling(
         Ok((r?, count))
     })
 }
+
+/// How the guest is loaded while `cpuburn` runs.
+#[derive(Clone, Copy, Debug)]
+pub enum Load {
+    /// Nothing polls.
+    Alone,
+    /// One poll per period.
+    Every(Duration),
+    /// Polls back to back.
+    BackToBack,
+}
+
+/// `cpuburn n` under each of `settings`, interleaved round by round (the
+/// order rotates, so no setting always runs first). Per setting: the
+/// guest-clock seconds of each round and the polls that completed in it.
+pub fn burn_rounds(
+    vm: &Vm,
+    n: u64,
+    rounds: usize,
+    settings: &[(&str, Load)],
+    mut poll: impl FnMut() -> anyhow::Result<()> + Send,
+) -> anyhow::Result<Vec<(Vec<f64>, Vec<f64>)>> {
+    let mut out = vec![(Vec::new(), Vec::new()); settings.len()];
+    for round in 0..rounds {
+        for k in 0..settings.len() {
+            let which = (round + k) % settings.len();
+            let (label, load) = settings[which];
+            crate::step(&format!(
+                "cpuburn {n} round {}/{rounds}: {label}",
+                round + 1
+            ));
+            let (secs, polls) = match load {
+                Load::Alone => (burn_once(vm, n)?, 0),
+                Load::Every(p) => burn_while_polling(vm, n, Some(p), &mut poll)?,
+                Load::BackToBack => burn_while_polling(vm, n, None, &mut poll)?,
+            };
+            out[which].0.push(secs);
+            out[which].1.push(polls as f64);
+        }
+    }
+    Ok(out)
+}

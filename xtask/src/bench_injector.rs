@@ -42,8 +42,7 @@ use smmvmi_tests::vm::{Vm, VmConfig};
 use crate::FirmwareChoice;
 use crate::bench_agent::tsc_mhz;
 use crate::bench_daemon::{
-    Counters, DEADLINE, burn_once, burn_while_polling, calibrate_burn, daemon_session, quantile,
-    timed,
+    Counters, DEADLINE, Load, burn_rounds, calibrate_burn, daemon_session, quantile, timed,
 };
 
 const OP: Op = Op::CpuState { cpu: 0 };
@@ -385,32 +384,21 @@ fn throughput(clients: &mut [Session], window: Duration) -> anyhow::Result<f64> 
 /// one client goes, interleaved; the slowdown per request served meanwhile.
 fn stolen(vm: &Vm, client: &mut Session, args: &InjectorArgs) -> anyhow::Result<Value> {
     let n = calibrate_burn(vm, args.burn_s)?;
-    let (mut none, mut hz10, mut max) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut n10, mut nmax) = (Vec::new(), Vec::new());
-    for round in 0..args.burn_rounds {
-        for k in 0..3 {
-            let which = (round + k) % 3;
-            crate::step(&format!(
-                "cpuburn {n} round {}/{}: {}",
-                round + 1,
-                args.burn_rounds,
-                ["no polling", "10 Hz polling", "max-rate polling"][which]
-            ));
-            if which == 0 {
-                none.push(burn_once(vm, n)?);
-                continue;
-            }
-            let period = (which == 1).then(|| Duration::from_millis(100));
-            let (secs, count) = burn_while_polling(vm, n, period, || one(client).map(|_| ()))?;
-            if which == 1 {
-                hz10.push(secs);
-                n10.push(count as f64);
-            } else {
-                max.push(secs);
-                nmax.push(count as f64);
-            }
-        }
-    }
+    let mut r = burn_rounds(
+        vm,
+        n,
+        args.burn_rounds,
+        &[
+            ("no polling", Load::Alone),
+            ("10 Hz polling", Load::Every(Duration::from_millis(100))),
+            ("max-rate polling", Load::BackToBack),
+        ],
+        || one(client).map(|_| ()),
+    )?
+    .into_iter();
+    let (none, _) = r.next().expect("3 settings");
+    let (hz10, n10) = r.next().expect("3 settings");
+    let (max, nmax) = r.next().expect("3 settings");
     let med = crate::bench::median;
     let base = med(&none);
     let row = |times: &[f64], reqs: &[f64]| {

@@ -21,7 +21,7 @@ use serde_json::json;
 use smmvmi_tests::vm::{Vm, VmConfig};
 
 use crate::FirmwareChoice;
-use crate::bench_daemon::{burn_once, burn_while_polling, calibrate_burn, quantile};
+use crate::bench_daemon::{Load, burn_rounds, calibrate_burn, quantile};
 
 #[derive(clap::Args)]
 pub struct WatchArgs {
@@ -86,35 +86,24 @@ fn measure(vm: &Vm, args: &WatchArgs) -> anyhow::Result<()> {
     );
 
     let n = calibrate_burn(vm, args.burn_s)?;
-    let (mut none, mut s1, mut s01) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut p1, mut p01) = (Vec::new(), Vec::new());
-    for round in 0..args.rounds {
-        for k_ in 0..3 {
-            let which = (round + k_) % 3;
-            crate::step(&format!(
-                "cpuburn {n} round {}/{}: {}",
-                round + 1,
-                args.rounds,
-                ["no watch", "watch every 1 s", "watch every 0.1 s"][which]
-            ));
-            if which == 0 {
-                none.push(burn_once(vm, n)?);
-                continue;
-            }
-            let period = Duration::from_millis(if which == 1 { 1000 } else { 100 });
-            let (t, polls) = burn_while_polling(vm, n, Some(period), || {
-                w.pass(&mut c, &k)?;
-                Ok(())
-            })?;
-            if which == 1 {
-                s1.push(t);
-                p1.push(polls as f64);
-            } else {
-                s01.push(t);
-                p01.push(polls as f64);
-            }
-        }
-    }
+    let mut r = burn_rounds(
+        vm,
+        n,
+        args.rounds,
+        &[
+            ("no watch", Load::Alone),
+            ("watch every 1 s", Load::Every(Duration::from_secs(1))),
+            ("watch every 0.1 s", Load::Every(Duration::from_millis(100))),
+        ],
+        || {
+            w.pass(&mut c, &k)?;
+            Ok(())
+        },
+    )?
+    .into_iter();
+    let (none, _) = r.next().expect("3 settings");
+    let (s1, p1) = r.next().expect("3 settings");
+    let (s01, p01) = r.next().expect("3 settings");
     let med = |v: &[f64]| quantile(v, 0.5);
     let base_s = med(&none);
     let slow = |v: &[f64]| (med(v) - base_s) / base_s * 100.0;

@@ -2,8 +2,7 @@
 
 use super::*;
 use crate::fake::FakeMemory;
-use crate::kallsyms::{Encoding, Kallsyms, Layout, Symbol};
-use crate::linux::{CACHE_VERSION, kernel_half};
+use crate::kallsyms::Symbol;
 
 const TEXT: u64 = 0xffff_ffff_8100_0000;
 const ENTRY: u64 = 0xffff_ffff_8200_0000;
@@ -45,31 +44,7 @@ fn kernel() -> Kernel {
         sym(EARLY + 32 * 9, 't', "early_idt_handler_common"),
     ];
     syms.sort_by_key(|s| s.addr);
-    let layout = Layout {
-        encoding: Encoding::PlaceRelative,
-        names_first: true,
-        uleb_lengths: true,
-        seqs_of_names: None,
-        num_syms_at: 0,
-        names: 0,
-        markers: 0,
-        token_table: 0,
-        token_index: 0,
-        addresses: 0,
-        relative_base: None,
-    };
-    let offsets = crate::fake::offsets(true);
-    Kernel {
-        version: CACHE_VERSION,
-        banner: "Linux version test\n".into(),
-        banner_from_lstar: 0,
-        lstar: ENTRY + 0x40,
-        kallsyms: Kallsyms::new(syms, layout),
-        offsets,
-        btf_bytes: 0,
-        from_cache: false,
-        kernel_half: kernel_half(4),
-    }
+    crate::fake::kernel(syms, crate::fake::offsets(true), ENTRY + 0x40)
 }
 
 fn gate(target: u64) -> [u8; 16] {

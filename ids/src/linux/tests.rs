@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::fake::FakeMemory;
-use crate::kallsyms::{Encoding, Layout, Symbol};
+use crate::kallsyms::Symbol;
 
 const INIT: u64 = 0xffff_ffff_8200_0000;
 const MODULES: u64 = 0xffff_ffff_8210_0000;
@@ -21,38 +21,16 @@ fn kernel(o: Offsets) -> Kernel {
         kind: 'D',
         name: name.into(),
     };
-    let layout = Layout {
-        encoding: Encoding::PlaceRelative,
-        names_first: true,
-        uleb_lengths: true,
-        seqs_of_names: None,
-        num_syms_at: 0,
-        names: 0,
-        markers: 0,
-        token_table: 0,
-        token_index: 0,
-        addresses: 0,
-        relative_base: None,
-    };
-    Kernel {
-        version: CACHE_VERSION,
-        banner: "Linux version test\n".into(),
-        banner_from_lstar: 0,
-        lstar: INIT,
-        kallsyms: Kallsyms::new(
-            vec![
-                sym(0x2_0000, "current_task"),
-                sym(INIT, "init_task"),
-                sym(MODULES, "modules"),
-                sym(PID_NS, "init_pid_ns"),
-            ],
-            layout,
-        ),
-        offsets: o,
-        btf_bytes: 0,
-        from_cache: false,
-        kernel_half: kernel_half(4),
-    }
+    crate::fake::kernel(
+        vec![
+            sym(0x2_0000, "current_task"),
+            sym(INIT, "init_task"),
+            sym(MODULES, "modules"),
+            sym(PID_NS, "init_pid_ns"),
+        ],
+        o,
+        INIT,
+    )
 }
 
 struct FakeTask {
@@ -205,13 +183,19 @@ fn ps_is_one_request_and_threads_one_more() {
     }
 }
 
-#[test]
-fn the_task_list_and_the_pid_idr_agree() {
+/// The sample tasks laid out with the PID IDR over them.
+fn with_idr() -> (FakeMemory, Offsets) {
     let mut o = offsets(true);
     let mut m = FakeMemory::new(1);
     let tasks = sample();
     let addrs = lay_out(&mut m, &o, &tasks);
     add_idr(&mut m, &mut o, &addrs, &tasks);
+    (m, o)
+}
+
+#[test]
+fn the_task_list_and_the_pid_idr_agree() {
+    let (m, o) = with_idr();
     let mut c = SnapshotCache::new(m);
     let k = kernel(o);
     for threads in [false, true] {
@@ -362,11 +346,7 @@ fn add_idr(m: &mut FakeMemory, o: &mut Offsets, addrs: &[u64], tasks: &[FakeTask
 
 #[test]
 fn ps_through_the_pid_idr_in_few_batches() {
-    let mut o = offsets(true);
-    let mut m = FakeMemory::new(1);
-    let tasks = sample();
-    let addrs = lay_out(&mut m, &o, &tasks);
-    add_idr(&mut m, &mut o, &addrs, &tasks);
+    let (m, o) = with_idr();
     let mut c = SnapshotCache::new(m);
     let k = kernel(o);
     let all = ps_by_idr(&mut c, &k, 0, true).unwrap();
@@ -384,11 +364,7 @@ fn ps_through_the_pid_idr_in_few_batches() {
 
 #[test]
 fn a_pid_idr_that_loops_ends_in_an_error() {
-    let mut o = offsets(true);
-    let mut m = FakeMemory::new(1);
-    let tasks = sample();
-    let addrs = lay_out(&mut m, &o, &tasks);
-    add_idr(&mut m, &mut o, &addrs, &tasks);
+    let (mut m, o) = with_idr();
     let idr = o.pid_idr.unwrap();
     // The root points at itself: depth is bounded.
     let root = HEAP + 0x30_0000;

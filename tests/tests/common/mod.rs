@@ -244,3 +244,60 @@ pub fn assert_only_inject_smi(addr: &DaemonAddr, vm: &str, min: u64) {
         "expected only inject-smi SMIs (at least {min}): daemon counters {c}"
     );
 }
+
+/// Pids of the command channel's transient work: the shell running a
+/// request and its children (they come and go between two views).
+pub fn transient(
+    cmdd: u32,
+    ppid_of: &std::collections::BTreeMap<u32, u32>,
+) -> std::collections::BTreeSet<u32> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut grew = true;
+    while grew {
+        grew = false;
+        for (&pid, &ppid) in ppid_of {
+            if (ppid == cmdd || out.contains(&ppid)) && out.insert(pid) {
+                grew = true;
+            }
+        }
+    }
+    out
+}
+
+/// The pids the IDS and the guest each see, both without the command
+/// channel's transient tasks (`cmdd` is its daemon's pid); `mine` and
+/// `truth` are (pid, ppid). Returns (IDS pids, guest pids, left out).
+pub fn settled_pids(
+    mine: impl IntoIterator<Item = (u32, u32)>,
+    truth: impl IntoIterator<Item = (u32, u32)>,
+    cmdd: u32,
+) -> (
+    std::collections::BTreeSet<u32>,
+    std::collections::BTreeSet<u32>,
+    std::collections::BTreeSet<u32>,
+) {
+    let mine: Vec<(u32, u32)> = mine.into_iter().collect();
+    let truth: Vec<(u32, u32)> = truth.into_iter().collect();
+    let mut ppid_of: std::collections::BTreeMap<u32, u32> = truth.iter().copied().collect();
+    ppid_of.extend(mine.iter().copied());
+    let skip = transient(cmdd, &ppid_of);
+    let keep = |v: &[(u32, u32)]| {
+        v.iter()
+            .map(|&(p, _)| p)
+            .filter(|p| !skip.contains(p))
+            .collect()
+    };
+    (keep(&mine), keep(&truth), skip)
+}
+
+/// True if `/proc`'s comm of a task is the task's `comm` as the IDS reads
+/// it: /proc appends a workqueue worker's current queue (`kworker/0:0-rcu_gp`,
+/// fs/proc/array.c proc_task_name) and, since 6.1, shows a kernel thread's
+/// full name where `comm` keeps the first 15 bytes.
+pub fn same_comm(proc_comm: &str, t: &ids::linux::Task) -> bool {
+    proc_comm == t.comm
+        || (t.kthread
+            && (proc_comm.starts_with(&format!("{}-", t.comm))
+                || proc_comm.starts_with(&format!("{}+", t.comm))
+                || (t.comm.len() == 15 && proc_comm.starts_with(&t.comm))))
+}
