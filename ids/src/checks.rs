@@ -610,7 +610,10 @@ type Hidden = BTreeMap<u64, (String, Task)>;
 /// a CPU (each CPU's `current`) but are on no task list
 /// (`init_task.tasks` and the thread lists): a process unlinked to hide.
 /// The two views are separate snapshots, so a difference is read again
-/// and reported only if it stays. Also user processes named like a kernel
+/// and reported only if it stays. A CPU's current task that is exiting
+/// (`PF_EXITING`, kernel/exit.c) is off the lists legitimately and is not
+/// reported; a live task unlinked with `PF_EXITING` set to pass is still
+/// found through the PID allocator, which does not skip exiting tasks. Also user processes named like a kernel
 /// thread (the name of one, or of a family such as `kworker/…`).
 pub fn check_processes<M: GuestMemory>(
     c: &mut SnapshotCache<M>,
@@ -636,7 +639,8 @@ pub fn check_processes<M: GuestMemory>(
             }
         }
         for v in crate::linux::cpus(c, k)? {
-            if v.pid != 0 && v.current != 0 && !on_list.contains(&v.current) {
+            // An exiting task runs on after release_task() unlinked it.
+            if v.pid != 0 && v.current != 0 && !v.exiting && !on_list.contains(&v.current) {
                 let t = by_idr
                     .iter()
                     .find(|t| t.addr == v.current)

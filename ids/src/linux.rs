@@ -52,6 +52,9 @@ pub const MAX_MODULES: usize = 4096;
 pub const MAX_BTF: u64 = 64 << 20;
 /// `PF_KTHREAD` (include/linux/sched.h).
 pub const PF_KTHREAD: u32 = 0x0020_0000;
+/// `PF_EXITING` (include/linux/sched.h): set by `exit_signals()` early in
+/// `do_exit()`, before `release_task()` unlinks the task from the lists.
+pub const PF_EXITING: u32 = 0x0000_0004;
 /// `EXIT_ZOMBIE`.
 pub const EXIT_ZOMBIE: u32 = 0x20;
 /// Cache format version.
@@ -1235,6 +1238,10 @@ pub struct CpuView {
     pub pid: u32,
     /// comm.
     pub comm: String,
+    /// The task is exiting (`PF_EXITING` or an `exit_state`): an exiting
+    /// task still runs on its CPU after `release_task()` has taken it off
+    /// `init_task.tasks` (kernel/exit.c), until its last `schedule()`.
+    pub exiting: bool,
 }
 
 /// `current` of every CPU, through each CPU's kernel GS base.
@@ -1265,12 +1272,17 @@ pub fn cpus<M: GuestMemory>(
             .read(sp, gs.wrapping_add(cur_sym), 8)
             .map(|b| u64::from_le_bytes(b.try_into().expect("8")))
             .unwrap_or(0);
-        let (pid, comm) = match c.read(sp, current, k.offsets.task_comm as usize + 16) {
+        let o = &k.offsets;
+        let len = (o.task_comm + 16)
+            .max(o.task_flags + 4)
+            .max(o.task_exit_state + 4);
+        let (pid, comm, exiting) = match c.read(sp, current, len as usize) {
             Ok(b) => (
-                le32(&b, k.offsets.task_pid),
-                read_cstr(&b[k.offsets.task_comm as usize..]),
+                le32(&b, o.task_pid),
+                read_cstr(&b[o.task_comm as usize..]),
+                le32(&b, o.task_flags) & PF_EXITING != 0 || le32(&b, o.task_exit_state) != 0,
             ),
-            Err(_) => (0, String::new()),
+            Err(_) => (0, String::new(), false),
         };
         out.push(CpuView {
             cpu: i as u32,
@@ -1281,6 +1293,7 @@ pub fn cpus<M: GuestMemory>(
             current,
             pid,
             comm,
+            exiting,
         });
     }
     Ok(out)

@@ -442,3 +442,35 @@ fn pstree_of_a_very_long_ppid_chain_is_shallow() {
     let json = serde_json::to_string(&roots).unwrap();
     assert!(json.len() > 100_000);
 }
+
+/// A CPU's current task that is on no list: hidden if alive, legitimate if
+/// exiting (`release_task()` unlinks it before its last `schedule()`).
+#[test]
+fn a_current_task_off_the_lists_is_hidden_unless_exiting() {
+    for exiting in [false, true] {
+        let (mut m, o) = with_idr();
+        let gone = HEAP + 0x60_0000;
+        m.put_u32(gone + o.task_pid, 278);
+        m.put_u32(gone + o.task_tgid, 278);
+        m.write_virt(gone + o.task_comm, b"exe\0");
+        m.put_u32(gone + o.task_flags, if exiting { PF_EXITING } else { 0 });
+        let gs = 0xffff_8880_7fc0_0000u64;
+        m.put_u64(gs + 0x2_0000, gone);
+        m.cpus[0].msr_gs_base = gs;
+        let mut c = SnapshotCache::new(m);
+        let k = kernel(o);
+        assert_eq!(cpus(&mut c, &k).unwrap()[0].exiting, exiting);
+        let r = crate::checks::check_processes(&mut c, &k, 0).unwrap();
+        let found: Vec<&str> = r.findings.iter().map(|f| f.found.as_str()).collect();
+        if exiting {
+            assert!(found.is_empty(), "{found:?}");
+        } else {
+            assert_eq!(
+                found,
+                [format!(
+                    "task_struct at {gone:#x} only in cpu 0's current task"
+                )]
+            );
+        }
+    }
+}
