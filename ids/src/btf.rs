@@ -305,6 +305,12 @@ pub struct ModuleViews {
     pub rb_right: u64,
     /// `rb_node.rb_left`.
     pub rb_left: u64,
+    /// Where a `struct module` holds its `mod_tree_node`s, as (offset of the
+    /// first, stride, count): `mem[t].mtn` for each memory type (6.4+,
+    /// kernel/module/tree_lookup.c), else `core_layout.mtn` and
+    /// `init_layout.mtn`. Lets a check read a listed module's tree nodes
+    /// without walking the tree to them.
+    pub module_mtn: Option<(u64, u64, u64)>,
 }
 
 /// Offsets of the tracing hooks (include/linux/ftrace.h,
@@ -401,6 +407,16 @@ impl Offsets {
                 })
             })(),
             module_views: (|| {
+                let module_mtn = match (module_mem, f("module_memory", "mtn")) {
+                    (Some((mem, elem, n, _, _)), Ok(mtn)) => Some((mem + mtn, elem, n)),
+                    _ => match (
+                        f("module", "core_layout.mtn"),
+                        f("module", "init_layout.mtn"),
+                    ) {
+                        (Ok(c), Ok(i)) if i > c => Some((c, i - c, 2)),
+                        _ => None,
+                    },
+                };
                 Some(ModuleViews {
                     kset_list: f("kset", "list").ok()?,
                     mkobj_entry: f("module_kobject", "kobj.entry").ok()?,
@@ -410,6 +426,7 @@ impl Offsets {
                     mtn_node: f("mod_tree_node", "node.node").ok()?,
                     rb_right: f("rb_node", "rb_right").ok()?,
                     rb_left: f("rb_node", "rb_left").ok()?,
+                    module_mtn,
                 })
             })(),
             pid_idr: (|| {

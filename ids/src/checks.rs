@@ -195,13 +195,29 @@ fn syscall_table<M: GuestMemory>(
     cpu: u32,
     at: u64,
 ) -> Result<Vec<u64>, LinuxError> {
-    let end = t.next_after(k, at).unwrap_or(at + 8);
-    let n = (((end - at) / 8) as usize).clamp(1, MAX_SYSCALLS);
-    Ok(c.read(kspace(cpu), at, n * 8)?
+    let r = syscall_table_read(k, t, cpu, at);
+    Ok(c.read(r.space, r.addr, r.len)?
         .chunks_exact(8)
         .map(|e| u64::from_le_bytes(e.try_into().expect("8 bytes")))
         .take_while(|&a| a != 0)
         .collect())
+}
+
+/// The read of the syscall table at `at` ([`syscall_table`]'s bytes).
+fn syscall_table_read(k: &Kernel, t: &TextMap<'_>, cpu: u32, at: u64) -> crate::memory::Read {
+    let end = t.next_after(k, at).unwrap_or(at + 8);
+    let n = (((end - at) / 8) as usize).clamp(1, MAX_SYSCALLS);
+    crate::memory::Read::kernel(cpu, at, n * 8)
+}
+
+/// The code of dispatcher `d` at `at`: up to the next symbol, at most
+/// `MAX_DISPATCHER` bytes.
+fn dispatcher_read(k: &Kernel, t: &TextMap<'_>, cpu: u32, at: u64) -> crate::memory::Read {
+    let end = t
+        .next_after(k, at)
+        .unwrap_or(at + 1)
+        .min(at + MAX_DISPATCHER);
+    crate::memory::Read::kernel(cpu, at, (end - at) as usize)
 }
 
 /// The dispatchers of kernels that no longer branch through the tables.
@@ -221,6 +237,19 @@ pub fn check_syscalls<M: GuestMemory>(
         check: "syscalls".into(),
         ..Report::default()
     };
+    // Every table and dispatcher in one batch.
+    let reads: Vec<crate::memory::Read> = TABLES
+        .iter()
+        .filter_map(|(n, _)| k.kallsyms.addr(n))
+        .map(|at| syscall_table_read(k, &t, cpu, at))
+        .chain(
+            DISPATCHERS
+                .iter()
+                .filter_map(|n| k.kallsyms.addr(n))
+                .map(|at| dispatcher_read(k, &t, cpu, at)),
+        )
+        .collect();
+    c.prefetch(&reads)?;
     let mut found_table = false;
     for (table, prefixes) in TABLES {
         let Some(at) = k.kallsyms.addr(table) else {
@@ -255,11 +284,9 @@ pub fn check_syscalls<M: GuestMemory>(
         let Some(at) = k.kallsyms.addr(d) else {
             continue;
         };
-        let end = t
-            .next_after(k, at)
-            .unwrap_or(at + 1)
-            .min(at + MAX_DISPATCHER);
-        let code = c.read(kspace(cpu), at, (end - at) as usize)?;
+        let rd = dispatcher_read(k, &t, cpu, at);
+        let end = at + rd.len as u64;
+        let code = c.read(rd.space, at, rd.len)?;
         let mut dec = Decoder::with_ip(64, &code, at, DecoderOptions::NONE);
         while dec.can_decode() {
             let ins = dec.decode();
@@ -335,10 +362,21 @@ pub fn check_idt<M: GuestMemory>(
         let size = (t.next_after(k, a)? - a) / 32;
         (5..=32).contains(&size).then_some((a, size))
     });
-    let cpus = c.inner().cpu_count()?;
+    let states = c.cpu_states()?.to_vec();
+    // Every IDT in one batch.
+    let tables: Vec<crate::memory::Read> = states
+        .iter()
+        .enumerate()
+        .map(|(cpu, st)| {
+            let entries = ((st.idtr_limit as usize + 1) / GATE).min(256);
+            crate::memory::Read::kernel(cpu as u32, st.idtr_base, entries * GATE)
+        })
+        .filter(|r| r.len > 0)
+        .collect();
+    c.prefetch(&tables)?;
     let mut first_idtr: Option<(u64, u64)> = None;
-    for cpu in 0..cpus {
-        let st = c.inner().cpu_state(cpu)?;
+    for (cpu, st) in states.iter().enumerate() {
+        let cpu = cpu as u32;
         let mut push = |what: String, expected: String, a: u64| {
             let (found, owner) = whereis(&t, modules, a);
             r.findings.push(Finding {
@@ -517,6 +555,31 @@ fn modules_off_list<M: GuestMemory>(
     let listed: std::collections::HashSet<u64> = listed.into_iter().collect();
     let mut checked = 0usize;
     let mut elsewhere: BTreeMap<u64, Vec<&'static str>> = BTreeMap::new();
+    // One batch for what needs no pointer from this snapshot: the kset
+    // pointer, the tree's root, and the tree nodes of every listed module
+    // (so the walk of the tree below reads from the cache unless a node
+    // that no listed module holds turns up).
+    let sym = |n: &str| k.kallsyms.addr(n);
+    let mut first: Vec<crate::memory::Read> = [
+        sym("module_kset"),
+        sym("mod_tree").map(|a| a + v.mod_tree_roots),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|a| crate::memory::Read::kernel(cpu, a, 8))
+    .collect();
+    if let Some((off, stride, n)) = v.module_mtn {
+        for &m in &listed {
+            for i in 0..n {
+                let mtn = m + off + i * stride;
+                let node = mtn + v.mtn_node;
+                for a in [node + v.rb_right, node + v.rb_left, mtn + v.mtn_mod] {
+                    first.push(crate::memory::Read::kernel(cpu, a, 8));
+                }
+            }
+        }
+    }
+    c.prefetch(&first)?;
     // /sys/module: module_kset is a pointer to the kset.
     if let Some(sym) = k.kallsyms.addr("module_kset") {
         let kset = u64::from_le_bytes(c.read(kspace(cpu), sym, 8)?.try_into().expect("8 bytes"));
@@ -620,28 +683,48 @@ pub fn check_processes<M: GuestMemory>(
     k: &Kernel,
     cpu: u32,
 ) -> Result<Report, LinuxError> {
+    let listed = crate::linux::ps_task_list(c, k, cpu, true)?;
+    check_processes_of(c, k, cpu, listed)
+}
+
+/// [`check_processes`] with the first view's task list (threads
+/// included, [`crate::linux::ps_task_list`]) already read in the current
+/// snapshot, as a watch pass has it.
+pub fn check_processes_of<M: GuestMemory>(
+    c: &mut SnapshotCache<M>,
+    k: &Kernel,
+    cpu: u32,
+    listed: Vec<Task>,
+) -> Result<Report, LinuxError> {
     let mut r = Report {
         check: "processes".into(),
         ..Report::default()
     };
-    let hidden = |c: &mut SnapshotCache<M>| -> Result<(Vec<Task>, usize, Hidden), LinuxError> {
-        c.new_snapshot();
-        let listed = crate::linux::ps_task_list(c, k, cpu, true)?;
+    // The first look uses the caller's snapshot (a watch pass shares its
+    // pages); the confirmation takes a new one.
+    let hidden = |c: &mut SnapshotCache<M>,
+                  listed: Vec<Task>|
+     -> Result<(Vec<Task>, usize, Hidden), LinuxError> {
         let on_list: std::collections::HashSet<u64> = listed.iter().map(|t| t.addr).collect();
+        let by_idr = crate::linux::idr_task_addrs(c, k, cpu)?;
+        let idr_len = by_idr.len();
+        // Only the tasks missing from the list are read.
+        let off: Vec<u64> = by_idr
+            .into_iter()
+            .filter(|a| !on_list.contains(a))
+            .collect();
+        let off = crate::linux::describe_tasks(c, k, cpu, &off)?;
         let mut out = BTreeMap::new();
-        let by_idr = crate::linux::ps_by_idr(c, k, cpu, true)?;
-        for t in &by_idr {
-            if !on_list.contains(&t.addr) {
-                out.insert(
-                    t.addr,
-                    ("the PID allocator (init_pid_ns.idr)".to_string(), t.clone()),
-                );
-            }
+        for t in &off {
+            out.insert(
+                t.addr,
+                ("the PID allocator (init_pid_ns.idr)".to_string(), t.clone()),
+            );
         }
         for v in crate::linux::cpus(c, k)? {
             // An exiting task runs on after release_task() unlinked it.
             if v.pid != 0 && v.current != 0 && !v.exiting && !on_list.contains(&v.current) {
-                let t = by_idr
+                let t = off
                     .iter()
                     .find(|t| t.addr == v.current)
                     .cloned()
@@ -660,10 +743,9 @@ pub fn check_processes<M: GuestMemory>(
                 out.insert(v.current, (format!("cpu {}'s current task", v.cpu), t));
             }
         }
-        let idr_len = by_idr.len();
         Ok((listed, idr_len, out))
     };
-    let (mut listed, idr_len, first) = hidden(c)?;
+    let (mut listed, idr_len, first) = hidden(c, listed)?;
     r.checked = listed.len() + idr_len;
     // A user process named like a kernel thread (`kworker/0:1`,
     // `ksoftirqd/1`, ...): the disguise of miners and backdoors (a write to
@@ -696,7 +778,9 @@ pub fn check_processes<M: GuestMemory>(
         }
     }
     if !first.is_empty() {
-        let (_, _, again) = hidden(c)?;
+        c.new_snapshot();
+        let relisted = crate::linux::ps_task_list(c, k, cpu, true)?;
+        let (_, _, again) = hidden(c, relisted)?;
         for (addr, (place, t)) in first {
             if again.contains_key(&addr) {
                 r.findings.push(Finding {
@@ -749,6 +833,18 @@ pub fn check_hooks<M: GuestMemory>(
             .find(|m| m.contains(a))
             .map(|m| m.name.clone())
     };
+    // The syscall table, the kprobe buckets and the ftrace list's head in
+    // one batch.
+    let sym = |n: &str| k.kallsyms.addr(n);
+    let first: Vec<Read> = sym("sys_call_table")
+        .map(|at| syscall_table_read(k, &t, cpu, at))
+        .into_iter()
+        .chain(
+            sym("kprobe_table").map(|at| Read::kernel(cpu, at, (KPROBE_TABLE_SIZE * 8) as usize)),
+        )
+        .chain(sym("ftrace_ops_list").map(|at| Read::kernel(cpu, at, 8)))
+        .collect();
+    c.prefetch(&first)?;
     // The syscall functions.
     let mut targets: BTreeMap<u64, String> = BTreeMap::new();
     if let Some(at) = k.kallsyms.addr("sys_call_table") {

@@ -153,6 +153,12 @@ impl GuestMemory for FakeMemory {
             })
     }
 
+    /// Every CPU in one request, as the agent serves them.
+    fn cpu_states(&mut self) -> Result<Vec<CpuState>, MemoryError> {
+        self.stats.requests += 1;
+        Ok(self.cpus.clone())
+    }
+
     fn cpu_count(&mut self) -> Result<u32, MemoryError> {
         Ok(self.cpus.len() as u32)
     }

@@ -58,7 +58,7 @@ pub const PF_EXITING: u32 = 0x0000_0004;
 /// `EXIT_ZOMBIE`.
 pub const EXIT_ZOMBIE: u32 = 0x20;
 /// Cache format version.
-pub const CACHE_VERSION: u32 = 5;
+pub const CACHE_VERSION: u32 = 6;
 
 /// Errors of the Linux layer.
 #[derive(Debug, thiserror::Error)]
@@ -899,9 +899,28 @@ pub fn ps_by_idr<M: GuestMemory>(
     Ok(tasks)
 }
 
+/// The `task_struct` address of every task with a PID in `init_pid_ns`
+/// (threads included), through the PID allocator: [`ps_by_idr`] without
+/// reading the tasks themselves.
+pub fn idr_task_addrs<M: GuestMemory>(
+    c: &mut SnapshotCache<M>,
+    k: &Kernel,
+    cpu: u32,
+) -> Result<Vec<u64>, LinuxError> {
+    let idr = k.offsets.pid_idr.ok_or_else(|| {
+        LinuxError::NoSymbol("the PID IDR types (pid_namespace.idr, xa_node) in BTF".into())
+    })?;
+    let mut w = Walker {
+        c: &mut *c,
+        sp: kspace(cpu),
+        kernel_half: k.kernel_half,
+    };
+    tasks_by_idr(&mut w, k, &idr)
+}
+
 /// Reads each task of `all` (task structs in one batch, then parents and
 /// credentials in one).
-fn describe_tasks<M: GuestMemory>(
+pub(crate) fn describe_tasks<M: GuestMemory>(
     c: &mut SnapshotCache<M>,
     k: &Kernel,
     cpu: u32,
@@ -1254,11 +1273,7 @@ pub fn cpus<M: GuestMemory>(
         .addr("current_task")
         .or_else(|| k.kallsyms.addr("pcpu_hot"))
         .ok_or_else(|| LinuxError::NoSymbol("current_task or pcpu_hot".into()))?;
-    let n = c.inner().cpu_count()?;
-    let mut states: Vec<CpuState> = Vec::new();
-    for i in 0..n.min(64) {
-        states.push(c.inner().cpu_state(i)?);
-    }
+    let states: Vec<CpuState> = c.cpu_states()?.iter().take(64).copied().collect();
     let mut out = Vec::new();
     for (i, st) in states.iter().enumerate() {
         let user = st.cs_selector & 3 == 3;

@@ -239,7 +239,7 @@ enum Command {
         host_name: Option<String>,
         /// Kernel text and rodata against a baseline the first pass
         /// records, in this many slices (one per pass; 0: no text check).
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = ids::watch::DEFAULT_TEXT_SLICES)]
         text_slices: usize,
     },
     /// Rootkit checks that need no baseline (exit status 3 when something

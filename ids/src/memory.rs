@@ -335,6 +335,12 @@ pub trait GuestMemory {
     fn cpu_state(&mut self, cpu: u32) -> Result<CpuState, MemoryError>;
     /// Number of CPUs.
     fn cpu_count(&mut self) -> Result<u32, MemoryError>;
+    /// Registers and MSRs of every CPU (index = agent CPU index), in one
+    /// snapshot where the backend can (one SMI on the live agent); the
+    /// default asks [`GuestMemory::cpu_state`] CPU by CPU.
+    fn cpu_states(&mut self) -> Result<Vec<CpuState>, MemoryError> {
+        (0..self.cpu_count()?).map(|i| self.cpu_state(i)).collect()
+    }
     /// Largest read one batch can hold (bytes).
     fn max_read(&mut self) -> Result<usize, MemoryError>;
     /// Counters so far.
@@ -471,6 +477,32 @@ impl GuestMemory for Session {
 
     fn cpu_count(&mut self) -> Result<u32, MemoryError> {
         Ok(self.cached_info()?.header.cpu_count)
+    }
+
+    fn cpu_states(&mut self) -> Result<Vec<CpuState>, MemoryError> {
+        let n = self.cached_info()?.header.cpu_count;
+        let mut out = Vec::with_capacity(n as usize);
+        let ops: Vec<Op> = (0..n).map(|cpu| Op::CpuState { cpu }).collect();
+        for chunk in ops.chunks(MAX_BATCH_OPS) {
+            let results = self.request(chunk)?;
+            self.count(1, &[]);
+            for (op, r) in chunk.iter().zip(results) {
+                if r.status != Status::Ok {
+                    return Err(SessionError::Op {
+                        op: crate::session::describe(op),
+                        status: r.status,
+                        level: r.level,
+                        aux: r.aux,
+                    }
+                    .into());
+                }
+                out.push(
+                    CpuState::decode(&r.data)
+                        .map_err(|e| SessionError::Malformed(format!("CPU state: {e}")))?,
+                );
+            }
+        }
+        Ok(out)
     }
 
     fn max_read(&mut self) -> Result<usize, MemoryError> {
@@ -641,6 +673,7 @@ impl Session {
 pub struct SnapshotCache<M> {
     inner: M,
     pages: HashMap<(SpaceKey, u64), ReadResult>,
+    cpus: Option<Vec<CpuState>>,
     generation: u64,
     /// Most pages kept (a bound on memory, whatever the guest makes us read).
     pub max_pages: usize,
@@ -655,6 +688,7 @@ impl<M: GuestMemory> SnapshotCache<M> {
         Self {
             inner,
             pages: HashMap::new(),
+            cpus: None,
             generation: 0,
             max_pages: 64 * 1024,
         }
@@ -663,12 +697,22 @@ impl<M: GuestMemory> SnapshotCache<M> {
     /// Ends the snapshot: forgets every page.
     pub fn new_snapshot(&mut self) {
         self.pages.clear();
+        self.cpus = None;
         self.generation += 1;
     }
 
     /// Snapshots begun so far.
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// Every CPU's registers and MSRs, fetched once per snapshot
+    /// ([`GuestMemory::cpu_states`]: one request on the live agent).
+    pub fn cpu_states(&mut self) -> Result<&[CpuState], MemoryError> {
+        if self.cpus.is_none() {
+            self.cpus = Some(self.inner.cpu_states()?);
+        }
+        Ok(self.cpus.as_deref().expect("set above"))
     }
 
     /// The backend.
@@ -782,6 +826,9 @@ impl<T: GuestMemory + ?Sized> GuestMemory for &mut T {
     }
     fn cpu_count(&mut self) -> Result<u32, MemoryError> {
         (**self).cpu_count()
+    }
+    fn cpu_states(&mut self) -> Result<Vec<CpuState>, MemoryError> {
+        (**self).cpu_states()
     }
     fn max_read(&mut self) -> Result<usize, MemoryError> {
         (**self).max_read()

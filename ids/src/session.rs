@@ -222,7 +222,7 @@ fn fresh_nonce() -> [u8; IDS_NONCE_LEN] {
     random_bytes()
 }
 
-fn describe(op: &Op) -> String {
+pub(crate) fn describe(op: &Op) -> String {
     let through = |space: &AddressSpace| match space.cr3 {
         Some(cr3) => format!("page tables at CR3 {cr3:#x}"),
         None => format!("CPU {}'s page tables", space.cpu),

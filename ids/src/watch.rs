@@ -26,7 +26,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::{Value, json};
 
 use crate::checks::{
-    Finding, check_hooks, check_idt, check_modules, check_processes, check_syscalls,
+    Finding, check_hooks, check_idt, check_modules, check_processes, check_processes_of,
+    check_syscalls,
 };
 use crate::linux::{self, Kernel, LinuxError, Module, Task};
 use crate::memory::{GuestMemory, SnapshotCache};
@@ -200,6 +201,10 @@ pub struct Watcher {
     text: Option<TextWatch>,
 }
 
+/// Slices the kernel's text and rodata are cut into by default, one
+/// checked per pass (`ids watch --text-slices`).
+pub const DEFAULT_TEXT_SLICES: usize = 64;
+
 #[derive(Debug)]
 struct TextWatch {
     slices: usize,
@@ -250,15 +255,35 @@ impl Watcher {
         k: &Kernel,
     ) -> Result<Vec<Event>, LinuxError> {
         c.new_snapshot();
-        let tasks = linux::ps(c, k, 0, false)?;
+        // The task list with threads serves the process diff (its leaders)
+        // and the hidden-process check; a list that cannot be walked falls
+        // back to the PID allocator (`ps`), and the check then reports the
+        // walk's error.
+        let listed = match k.offsets.pid_idr {
+            Some(_) => linux::ps_task_list(c, k, 0, true).ok(),
+            None => None,
+        };
+        let tasks: Vec<Task> = match &listed {
+            Some(l) => l.iter().filter(|t| t.pid == t.tgid).cloned().collect(),
+            None => linux::ps(c, k, 0, false)?,
+        };
         let modules = linux::lsmod(c, k, 0)?;
-        let mut findings = check_syscalls(c, k, 0, &modules)?.findings;
+        // The process check first: it fetches every CPU's state, which the
+        // IDT check then shares.
+        let mut findings = Vec::new();
+        if k.offsets.pid_idr.is_some() {
+            findings.extend(
+                match listed {
+                    Some(l) => check_processes_of(c, k, 0, l),
+                    None => check_processes(c, k, 0),
+                }?
+                .findings,
+            );
+        }
+        findings.extend(check_syscalls(c, k, 0, &modules)?.findings);
         findings.extend(check_idt(c, k, &modules)?.findings);
         if k.offsets.module_views.is_some() {
             findings.extend(check_modules(c, k, 0, &modules)?.findings);
-        }
-        if k.offsets.pid_idr.is_some() {
-            findings.extend(check_processes(c, k, 0)?.findings);
         }
         if k.offsets.hook_views.is_some() {
             findings.extend(check_hooks(c, k, 0, &modules)?.findings);

@@ -117,6 +117,11 @@ fn a_clean_kernel_has_no_findings() {
         NR as usize + 2,
         "4 entries and 2 dispatcher calls"
     );
+    assert_eq!(
+        c.inner().stats().requests,
+        1,
+        "the tables and the dispatcher in one request"
+    );
     let r = check_idt(&mut c, &k, &[]).unwrap();
     assert!(r.findings.is_empty(), "{:#?}", r.findings);
     assert_eq!(r.checked, 2 * (3 + 1 + 255));
@@ -177,6 +182,13 @@ fn idt_gates_and_entry_msrs_are_checked_per_cpu() {
         ]
     );
     assert_eq!(r.findings[1].owner.as_deref(), Some("rootkit"));
+    assert_eq!(
+        c.inner().stats().requests,
+        2,
+        "every CPU's state in one request, every IDT in one more"
+    );
+    check_idt(&mut c, &k, &rootkit()).unwrap();
+    assert_eq!(c.inner().stats().requests, 2, "then from the snapshot");
 }
 
 #[test]
