@@ -1,27 +1,33 @@
 //! `cargo xtask bench watch`: a benchmark, not a test.
 //!
-//! One VM on our firmware (default kernel); the IDS's `watch` pass (the
-//! process and module lists and every baseline-free check: syscalls, IDT
-//! and MSRs, hidden modules and processes, hooks) timed and counted in
-//! requests (SMIs), median of N passes; a full `check text` against a
-//! baseline timed apart (it is not part of a watch pass: see the README);
-//! then the guest's `cpuburn` rate with no watch, with a watch pass every
-//! 1 s and every 0.1 s, interleaved round by round in the same VM, as the
-//! slowdown against no watch. Results go to stdout and
+//! One VM on our firmware (default kernel), booted through a
+//! host-injector daemon of the benchmark's own, and an IDS session through
+//! that daemon as `ids watch` has it (the doorbell SMI path). The watch as
+//! `ids watch` runs it by default (the process and module lists, every
+//! baseline-free check: syscalls, IDT and MSRs, hidden modules and
+//! processes, hooks; and one of `DEFAULT_TEXT_SLICES` slices of kernel text
+//! and rodata against the baseline its first pass records): a pass timed
+//! and counted in requests, median of N passes, with and without the text
+//! slice; a full `check text` timed apart; then the guest's `cpuburn` rate
+//! with no watch, with a pass every 1 s and every 0.1 s, interleaved round
+//! by round in the same VM, as the slowdown against no watch. The daemon's
+//! SMI counters say which path served. Results go to stdout and
 //! `.cache/bench/watch.json`.
 
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
+use host_injector::daemon::protocol::SmiPath;
 use ids::checks;
 use ids::linux::{Discovery, Kernel};
 use ids::memory::{GuestMemory, SnapshotCache};
-use ids::watch::Watcher;
-use ids::{Endpoint, Session};
+use ids::watch::{DEFAULT_TEXT_SLICES, Watcher};
 use serde_json::json;
+use smmvmi_tests::daemon::DaemonProcess;
 use smmvmi_tests::vm::{Vm, VmConfig};
 
 use crate::FirmwareChoice;
-use crate::bench_daemon::{Load, burn_rounds, calibrate_burn, quantile};
+use crate::bench_daemon::{Counters, Load, burn_rounds, calibrate_burn, daemon_session, quantile};
 
 #[derive(clap::Args)]
 pub struct WatchArgs {
@@ -43,34 +49,57 @@ pub fn run(args: WatchArgs) -> anyhow::Result<()> {
     );
     let image = crate::guest_image::build(&Default::default())?;
     let firmware = FirmwareChoice::Ours.resolve()?;
-    let mut config = VmConfig::new("bench-watch", firmware).smp(2).mem("1G");
+    let socket = crate::root().join(format!(".cache/bench/watch-{}.sock", std::process::id()));
+    crate::step("starting a host-injector daemon for the benchmark");
+    let daemon = DaemonProcess::spawn(&socket, &[], false)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .context("starting the benchmark's daemon")?;
+    let mut config = VmConfig::new("bench-watch", firmware)
+        .smp(2)
+        .mem("1G")
+        .through_daemon(&daemon.socket);
     config.guest = Some(image);
-    crate::step("booting the benchmark VM");
+    crate::step("booting the benchmark VM through the daemon");
     let vm = Vm::up(config)?;
-    let result = measure(&vm, &args);
+    let result = measure(&vm, &daemon, &args);
     let _ = vm.down();
+    drop(daemon);
+    let _ = std::fs::remove_file(&socket);
     result
 }
 
-fn measure(vm: &Vm, args: &WatchArgs) -> anyhow::Result<()> {
+fn measure(vm: &Vm, daemon: &DaemonProcess, args: &WatchArgs) -> anyhow::Result<()> {
     vm.wait_agent_ready(Duration::from_secs(30))?;
-    vm.release_qmp();
-    let ep = Endpoint::from_state_dir(vm.state_dir());
-    let connect = || Session::connect(&ep, Duration::from_secs(10));
-    let mut c = SnapshotCache::new(connect()?);
+    let addr = daemon.addr();
+    let mut c = SnapshotCache::new(daemon_session(vm, &addr, SmiPath::Auto)?);
     let k = Kernel::load(c.inner(), &Discovery::default(), None)?;
-    let mut w = Watcher::new();
-    w.pass(&mut c, &k)?;
+    // The first passes arm the doorbell (Linux cleared MSI-X enable; the
+    // agent re-arms it when it serves) and record the text baseline.
+    let mut w = Watcher::new().with_text(DEFAULT_TEXT_SLICES);
+    let mut checks_only = Watcher::new();
+    for _ in 0..2 {
+        w.pass(&mut c, &k)?;
+        checks_only.pass(&mut c, &k)?;
+    }
 
     crate::step(&format!("{} watch passes", args.passes));
+    let name = vm.name().to_string();
+    let before_smis = Counters::read(&addr, &name)?;
     let (mut secs, mut reqs) = (Vec::new(), Vec::new());
+    let (mut secs_checks, mut reqs_checks) = (Vec::new(), Vec::new());
     for _ in 0..args.passes {
         let before = c.inner().stats().requests;
         let t = Instant::now();
         w.pass(&mut c, &k)?;
         secs.push(t.elapsed().as_secs_f64());
         reqs.push((c.inner().stats().requests - before) as f64);
+        let before = c.inner().stats().requests;
+        let t = Instant::now();
+        checks_only.pass(&mut c, &k)?;
+        secs_checks.push(t.elapsed().as_secs_f64());
+        reqs_checks.push((c.inner().stats().requests - before) as f64);
     }
+    let smis = Counters::read(&addr, &name)?.since(before_smis);
     crate::step("a full check text (text and rodata against a baseline)");
     let base = checks::record_baseline(&mut c, &k, 0)?;
     let modules = ids::linux::lsmod(&mut c, &k, 0)?;
@@ -109,7 +138,7 @@ fn measure(vm: &Vm, args: &WatchArgs) -> anyhow::Result<()> {
     let slow = |v: &[f64]| (med(v) - base_s) / base_s * 100.0;
     println!();
     println!(
-        "watch benchmark (TCG, -smp 2, 1 GiB; {}; median of {} passes, {} cpuburn rounds)",
+        "watch benchmark (TCG, -smp 2, 1 GiB, through the daemon; {}; median of {} passes, {} cpuburn rounds)",
         k.banner
             .split_whitespace()
             .take(3)
@@ -119,10 +148,20 @@ fn measure(vm: &Vm, args: &WatchArgs) -> anyhow::Result<()> {
         args.rounds
     );
     println!(
-        "one watch pass: {:.3} s, {:.0} requests (SMIs); p90 {:.3} s",
+        "one watch pass ({DEFAULT_TEXT_SLICES} text slices): {:.3} s, {:.0} requests; p90 {:.3} s",
         med(&secs),
         med(&reqs),
         quantile(&secs, 0.9)
+    );
+    println!(
+        "the same without the text slice: {:.3} s, {:.0} requests; p90 {:.3} s",
+        med(&secs_checks),
+        med(&reqs_checks),
+        quantile(&secs_checks, 0.9)
+    );
+    println!(
+        "SMIs over those passes: {} doorbell, {} monitor (QMP), {} doorbell fallbacks",
+        smis.smis_doorbell, smis.smis_qmp, smis.fallbacks
     );
     println!(
         "a full check text ({} MiB): {:.3} s, {} requests",
@@ -142,7 +181,10 @@ fn measure(vm: &Vm, args: &WatchArgs) -> anyhow::Result<()> {
     );
     let out = json!({
         "banner": k.banner.trim_end(),
+        "text_slices": DEFAULT_TEXT_SLICES,
         "pass": {"secs": secs, "requests": reqs, "median_s": med(&secs), "median_requests": med(&reqs)},
+        "pass_without_text": {"secs": secs_checks, "requests": reqs_checks, "median_s": med(&secs_checks), "median_requests": med(&reqs_checks)},
+        "smis": smis.json(),
         "check_text": {"bytes": text.checked, "secs": text_secs, "requests": text_reqs},
         "cpuburn": {
             "iterations": n, "none_s": none, "every_1s_s": s1, "every_100ms_s": s01,
