@@ -282,6 +282,31 @@ pub struct Offsets {
     /// The PID IDR, for a batched walk: `pid_namespace.idr.idr_rt.xa_head`,
     /// `xa_node.shift`, `xa_node.slots`, `pid.tasks`, `task_struct.pid_links`.
     pub pid_idr: Option<PidIdr>,
+    /// The CFS run queues, for the hidden-process check.
+    pub run_queue: Option<RunQueue>,
+}
+
+/// Offsets of the CFS run queue (kernel/sched/sched.h,
+/// include/linux/sched.h): each CPU's `runqueues` (a per-CPU `struct rq`)
+/// holds `cfs.tasks_timeline`, a red-black tree of the runnable
+/// `sched_entity`s (the running one is not in it); with group scheduling
+/// an entity is a group whose own `cfs_rq` (`my_q`) holds more.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RunQueue {
+    /// `rq.cfs.tasks_timeline` (an `rb_root_cached`: `rb_root.rb_node` first).
+    pub rq_timeline: u64,
+    /// `cfs_rq.tasks_timeline`.
+    pub cfs_timeline: u64,
+    /// `sched_entity.run_node`.
+    pub se_run_node: u64,
+    /// `task_struct.se`.
+    pub task_se: u64,
+    /// `sched_entity.my_q` (only with CONFIG_FAIR_GROUP_SCHED).
+    pub se_my_q: Option<u64>,
+    /// `rb_node.rb_right`.
+    pub rb_right: u64,
+    /// `rb_node.rb_left`.
+    pub rb_left: u64,
 }
 
 /// Offsets of the other places a module is linked (include/linux/kobject.h,
@@ -437,6 +462,17 @@ impl Offsets {
                     node_slots: f("xa_node", "slots").ok()?,
                     pid_tasks: f("pid", "tasks").ok()?,
                     task_pid_links: f("task_struct", "pid_links").ok()?,
+                })
+            })(),
+            run_queue: (|| {
+                Some(RunQueue {
+                    rq_timeline: f("rq", "cfs.tasks_timeline").ok()?,
+                    cfs_timeline: f("cfs_rq", "tasks_timeline").ok()?,
+                    se_run_node: f("sched_entity", "run_node").ok()?,
+                    task_se: f("task_struct", "se").ok()?,
+                    se_my_q: opt("sched_entity", "my_q"),
+                    rb_right: f("rb_node", "rb_right").ok()?,
+                    rb_left: f("rb_node", "rb_left").ok()?,
                 })
             })(),
         })

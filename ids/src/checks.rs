@@ -669,15 +669,19 @@ fn modules_off_list<M: GuestMemory>(
 /// Tasks on no task list, by `task_struct` address: where each was seen.
 type Hidden = BTreeMap<u64, (String, Task)>;
 
-/// Tasks that have a PID (the PID allocator, `init_pid_ns.idr`) or run on
-/// a CPU (each CPU's `current`) but are on no task list
-/// (`init_task.tasks` and the thread lists): a process unlinked to hide.
-/// The two views are separate snapshots, so a difference is read again
-/// and reported only if it stays. A CPU's current task that is exiting
-/// (`PF_EXITING`, kernel/exit.c) is off the lists legitimately and is not
-/// reported; a live task unlinked with `PF_EXITING` set to pass is still
-/// found through the PID allocator, which does not skip exiting tasks. Also user processes named like a kernel
-/// thread (the name of one, or of a family such as `kworker/…`).
+/// Tasks that have a PID (the PID allocator, `init_pid_ns.idr`), wait on
+/// a CPU's CFS run queue (`runqueues`), or run on a CPU (each CPU's
+/// `current`) but are on no task list (`init_task.tasks` and the thread
+/// lists): a process unlinked to hide. The views are read one after
+/// another, so a difference is read again from a new snapshot and
+/// reported only if it stays. An exiting task (`PF_EXITING`,
+/// kernel/exit.c) still runs, or waits to run, after `release_task()`
+/// unlinked it: off the list legitimately, so not reported from the run
+/// queues or `current`; a live task unlinked with `PF_EXITING` set to pass
+/// is still found through the PID allocator, which does not skip exiting
+/// tasks. Real-time and deadline queues are not read. Also user processes
+/// named like a kernel thread (the name of one, or of a family such as
+/// `kworker/…`).
 pub fn check_processes<M: GuestMemory>(
     c: &mut SnapshotCache<M>,
     k: &Kernel,
@@ -707,21 +711,36 @@ pub fn check_processes_of<M: GuestMemory>(
      -> Result<(Vec<Task>, usize, Hidden), LinuxError> {
         let on_list: std::collections::HashSet<u64> = listed.iter().map(|t| t.addr).collect();
         let by_idr = crate::linux::idr_task_addrs(c, k, cpu)?;
-        let idr_len = by_idr.len();
-        // Only the tasks missing from the list are read.
-        let off: Vec<u64> = by_idr
-            .into_iter()
-            .filter(|a| !on_list.contains(a))
-            .collect();
-        let off = crate::linux::describe_tasks(c, k, cpu, &off)?;
+        let views = crate::linux::cpus(c, k)?;
+        let queued = match k.offsets.run_queue {
+            Some(_) => crate::linux::runqueue_tasks(c, k, &views)?,
+            None => Vec::new(),
+        };
+        let seen_elsewhere = by_idr.len() + queued.len();
+        // Where each task off the list was seen; only those are read.
+        let mut places: BTreeMap<u64, String> = BTreeMap::new();
+        for a in by_idr.into_iter().filter(|a| !on_list.contains(a)) {
+            places.insert(a, "the PID allocator (init_pid_ns.idr)".into());
+        }
+        let mut from_queue = std::collections::HashSet::new();
+        for (q, a) in queued.into_iter().filter(|(_, a)| !on_list.contains(a)) {
+            if let std::collections::btree_map::Entry::Vacant(e) = places.entry(a) {
+                e.insert(format!("cpu {q}'s run queue (CFS)"));
+                from_queue.insert(a);
+            }
+        }
+        let addrs: Vec<u64> = places.keys().copied().collect();
+        let off = crate::linux::describe_tasks(c, k, cpu, &addrs)?;
         let mut out = BTreeMap::new();
         for t in &off {
-            out.insert(
-                t.addr,
-                ("the PID allocator (init_pid_ns.idr)".to_string(), t.clone()),
-            );
+            // A task preempted after release_task() unlinked it, on its
+            // way out, waits on a run queue.
+            if from_queue.contains(&t.addr) && crate::linux::task_exiting(c, k, cpu, t.addr) {
+                continue;
+            }
+            out.insert(t.addr, (places[&t.addr].clone(), t.clone()));
         }
-        for v in crate::linux::cpus(c, k)? {
+        for v in views {
             // An exiting task runs on after release_task() unlinked it.
             if v.pid != 0 && v.current != 0 && !v.exiting && !on_list.contains(&v.current) {
                 let t = off
@@ -743,10 +762,10 @@ pub fn check_processes_of<M: GuestMemory>(
                 out.insert(v.current, (format!("cpu {}'s current task", v.cpu), t));
             }
         }
-        Ok((listed, idr_len, out))
+        Ok((listed, seen_elsewhere, out))
     };
-    let (mut listed, idr_len, first) = hidden(c, listed)?;
-    r.checked = listed.len() + idr_len;
+    let (mut listed, seen_elsewhere, first) = hidden(c, listed)?;
+    r.checked = listed.len() + seen_elsewhere;
     // A user process named like a kernel thread (`kworker/0:1`,
     // `ksoftirqd/1`, ...): the disguise of miners and backdoors (a write to
     // /proc/PID/comm or prctl(PR_SET_NAME) is all it takes). Processes:

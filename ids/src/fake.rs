@@ -220,6 +220,7 @@ pub fn offsets(thread_node: bool) -> crate::btf::Offsets {
         module_views: None,
         hook_views: None,
         pid_idr: None,
+        run_queue: None,
     }
 }
 

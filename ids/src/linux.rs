@@ -58,7 +58,7 @@ pub const PF_EXITING: u32 = 0x0000_0004;
 /// `EXIT_ZOMBIE`.
 pub const EXIT_ZOMBIE: u32 = 0x20;
 /// Cache format version.
-pub const CACHE_VERSION: u32 = 6;
+pub const CACHE_VERSION: u32 = 7;
 
 /// Errors of the Linux layer.
 #[derive(Debug, thiserror::Error)]
@@ -1274,24 +1274,52 @@ pub fn cpus<M: GuestMemory>(
         .or_else(|| k.kallsyms.addr("pcpu_hot"))
         .ok_or_else(|| LinuxError::NoSymbol("current_task or pcpu_hot".into()))?;
     let states: Vec<CpuState> = c.cpu_states()?.iter().take(64).copied().collect();
+    // The kernel's GS base: MSR_GS_BASE in the kernel, MSR_KERNEL_GS_BASE
+    // (swapped by SWAPGS) in user mode.
+    let gs: Vec<(bool, u64)> = states
+        .iter()
+        .map(|st| {
+            let user = st.cs_selector & 3 == 3;
+            (
+                user,
+                if user {
+                    st.msr_kernel_gs_base
+                } else {
+                    st.msr_gs_base
+                },
+            )
+        })
+        .collect();
+    // Every CPU's `current` in one batch, then every task in one more.
+    let at = |i: usize| gs[i].1.wrapping_add(cur_sym);
+    let reads: Vec<Read> = (0..gs.len())
+        .map(|i| Read::kernel(i as u32, at(i), 8))
+        .collect();
+    c.prefetch(&reads)?;
+    let currents: Vec<u64> = (0..gs.len())
+        .map(|i| {
+            c.read(kspace(i as u32), at(i), 8)
+                .map(|b| le64(&b, 0))
+                .unwrap_or(0)
+        })
+        .collect();
+    let o = &k.offsets;
+    let len = (o.task_comm + 16)
+        .max(o.task_flags + 4)
+        .max(o.task_exit_state + 4) as usize;
+    let reads: Vec<Read> = currents
+        .iter()
+        .enumerate()
+        .filter(|&(_, &cur)| cur >= k.kernel_half)
+        .map(|(i, &cur)| Read::kernel(i as u32, cur, len))
+        .collect();
+    c.prefetch(&reads)?;
     let mut out = Vec::new();
     for (i, st) in states.iter().enumerate() {
-        let user = st.cs_selector & 3 == 3;
-        let gs = if user {
-            st.msr_kernel_gs_base
-        } else {
-            st.msr_gs_base
-        };
+        let (user, gs) = gs[i];
         let sp = kspace(i as u32);
-        let current = c
-            .read(sp, gs.wrapping_add(cur_sym), 8)
-            .map(|b| u64::from_le_bytes(b.try_into().expect("8")))
-            .unwrap_or(0);
-        let o = &k.offsets;
-        let len = (o.task_comm + 16)
-            .max(o.task_flags + 4)
-            .max(o.task_exit_state + 4);
-        let (pid, comm, exiting) = match c.read(sp, current, len as usize) {
+        let current = currents[i];
+        let (pid, comm, exiting) = match c.read(sp, current, len) {
             Ok(b) => (
                 le32(&b, o.task_pid),
                 read_cstr(&b[o.task_comm as usize..]),
@@ -1310,6 +1338,121 @@ pub fn cpus<M: GuestMemory>(
             comm,
             exiting,
         });
+    }
+    Ok(out)
+}
+
+/// True if the task at `addr` is exiting (`PF_EXITING` or an
+/// `exit_state`); false if it cannot be read.
+pub(crate) fn task_exiting<M: GuestMemory>(
+    c: &mut SnapshotCache<M>,
+    k: &Kernel,
+    cpu: u32,
+    addr: u64,
+) -> bool {
+    let o = &k.offsets;
+    let word = |c: &mut SnapshotCache<M>, off: u64| {
+        c.read(kspace(cpu), addr + off, 4)
+            .map(|b| le32(&b, 0))
+            .unwrap_or(0)
+    };
+    word(c, o.task_flags) & PF_EXITING != 0 || word(c, o.task_exit_state) != 0
+}
+
+/// Most run-queue entities visited over all CPUs.
+const MAX_RUNQUEUE_NODES: usize = 1 << 14;
+
+/// The runnable tasks on every CPU's CFS run queue, as (CPU, `task_struct`
+/// address): `runqueues` through each CPU's kernel GS base (from `cpus`),
+/// its `cfs.tasks_timeline` tree walked one batch per level, group
+/// entities (`my_q`) followed into their own queue. The running task is
+/// not on its queue (it is the CPU's `current`). Needs
+/// [`crate::btf::RunQueue`].
+pub fn runqueue_tasks<M: GuestMemory>(
+    c: &mut SnapshotCache<M>,
+    k: &Kernel,
+    cpus: &[CpuView],
+) -> Result<Vec<(u32, u64)>, LinuxError> {
+    let rq = k
+        .offsets
+        .run_queue
+        .ok_or_else(|| LinuxError::NoSymbol("the run queue types (rq, cfs_rq) in BTF".into()))?;
+    let runqueues = k
+        .kallsyms
+        .addr("runqueues")
+        .ok_or_else(|| LinuxError::NoSymbol("runqueues".into()))?;
+    let word = |r: &crate::memory::ReadResult| r.as_ref().ok().map_or(0, |b| le64(b, 0));
+    let canonical = |a: u64| a >= k.kernel_half;
+    // (CPU, address of an rb_root's rb_node pointer).
+    let roots: Vec<(u32, u64)> = cpus
+        .iter()
+        .filter(|v| canonical(v.gs_base))
+        .map(|v| (v.cpu, v.gs_base.wrapping_add(runqueues) + rq.rq_timeline))
+        .collect();
+    let got = c.read_many(
+        &roots
+            .iter()
+            .map(|&(cpu, a)| Read::kernel(cpu, a, 8))
+            .collect::<Vec<_>>(),
+    )?;
+    let mut level: Vec<(u32, u64)> = roots
+        .iter()
+        .zip(&got)
+        .map(|(&(cpu, _), r)| (cpu, word(r)))
+        .filter(|&(_, n)| canonical(n))
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    while !level.is_empty() && seen.len() < MAX_RUNQUEUE_NODES {
+        level.retain(|&(_, n)| seen.insert(n));
+        let reads: Vec<Read> = level
+            .iter()
+            .flat_map(|&(cpu, n)| {
+                let se = n.wrapping_sub(rq.se_run_node);
+                [
+                    Read::kernel(cpu, n + rq.rb_right, 8),
+                    Read::kernel(cpu, n + rq.rb_left, 8),
+                    Read::kernel(cpu, se + rq.se_my_q.unwrap_or(0), 8),
+                ]
+            })
+            .collect();
+        let got = c.read_many(&reads)?;
+        let mut next = Vec::new();
+        let mut group_roots = Vec::new();
+        for (i, &(cpu, n)) in level.iter().enumerate() {
+            for child in [word(&got[3 * i]), word(&got[3 * i + 1])] {
+                if canonical(child) {
+                    next.push((cpu, child));
+                }
+            }
+            let my_q = if rq.se_my_q.is_some() {
+                word(&got[3 * i + 2])
+            } else {
+                0
+            };
+            if canonical(my_q) {
+                group_roots.push((cpu, my_q + rq.cfs_timeline));
+            } else {
+                let se = n.wrapping_sub(rq.se_run_node);
+                out.push((cpu, se.wrapping_sub(rq.task_se)));
+            }
+        }
+        if !group_roots.is_empty() {
+            let got = c.read_many(
+                &group_roots
+                    .iter()
+                    .map(|&(cpu, a)| Read::kernel(cpu, a, 8))
+                    .collect::<Vec<_>>(),
+            )?;
+            next.extend(
+                group_roots
+                    .iter()
+                    .zip(&got)
+                    .map(|(&(cpu, _), r)| (cpu, word(r)))
+                    .filter(|&(_, n)| canonical(n)),
+            );
+        }
+        level = next;
     }
     Ok(out)
 }

@@ -27,6 +27,7 @@ fn kernel(o: Offsets) -> Kernel {
             sym(INIT, "init_task"),
             sym(MODULES, "modules"),
             sym(PID_NS, "init_pid_ns"),
+            sym(0x3_0000, "runqueues"),
         ],
         o,
         INIT,
@@ -473,4 +474,66 @@ fn a_current_task_off_the_lists_is_hidden_unless_exiting() {
             );
         }
     }
+}
+
+/// CPU 0's CFS run queue holds a listed task, a group whose own queue
+/// holds a task on no list (hidden), and an exiting task on no list (on
+/// its way out): only the hidden one is reported.
+#[test]
+fn a_queued_task_off_the_lists_is_hidden_unless_exiting() {
+    let (mut m, mut o) = with_idr();
+    let q = crate::btf::RunQueue {
+        rq_timeline: 0x80,
+        cfs_timeline: 0x40,
+        se_run_node: 0x10,
+        task_se: 0x300,
+        se_my_q: Some(0x80),
+        rb_right: 8,
+        rb_left: 16,
+    };
+    o.run_queue = Some(q);
+    let node = |task: u64| task + q.task_se + q.se_run_node;
+    let listed = HEAP + 4 * 0x1000; // pid 40
+    let hidden = HEAP + 0x60_0000;
+    let exiting = HEAP + 0x61_0000;
+    for (t, pid, flags) in [(hidden, 4242, 0), (exiting, 4343, PF_EXITING)] {
+        m.put_u32(t + o.task_pid, pid);
+        m.put_u32(t + o.task_tgid, pid);
+        m.write_virt(t + o.task_comm, b"queued\0");
+        m.put_u32(t + o.task_flags, flags);
+    }
+    // The group entity and its queue.
+    let group = HEAP + 0x70_0000;
+    let cfs = HEAP + 0x71_0000;
+    m.put_u64(group + 0x80, cfs);
+    m.put_u64(cfs + q.cfs_timeline, node(hidden));
+    // CPU 0's tree: the listed task at the root, the group on the left,
+    // the exiting task on the right.
+    let gs = 0xffff_8880_7fc0_0000u64;
+    m.cpus[0].msr_gs_base = gs;
+    m.put_u64(gs + 0x2_0000, INIT);
+    m.put_u64(gs + 0x3_0000 + q.rq_timeline, node(listed));
+    m.put_u64(node(listed) + q.rb_left, group + q.se_run_node);
+    m.put_u64(node(listed) + q.rb_right, node(exiting));
+    let mut c = SnapshotCache::new(m);
+    let k = kernel(o);
+    let views = cpus(&mut c, &k).unwrap();
+    let mut queued = runqueue_tasks(&mut c, &k, &views).unwrap();
+    queued.sort();
+    let mut want = vec![(0, listed), (0, hidden), (0, exiting)];
+    want.sort();
+    assert_eq!(queued, want);
+    let r = crate::checks::check_processes(&mut c, &k, 0).unwrap();
+    let found: Vec<(&str, &str)> = r
+        .findings
+        .iter()
+        .map(|f| (f.what.as_str(), f.found.as_str()))
+        .collect();
+    assert_eq!(
+        found,
+        [(
+            "pid 4242 (queued)",
+            format!("task_struct at {hidden:#x} only in cpu 0's run queue (CFS)").as_str()
+        )]
+    );
 }
