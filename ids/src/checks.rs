@@ -500,12 +500,12 @@ pub fn check_modules<M: GuestMemory>(
             continue;
         }
         let module_name = c
-            .read(kspace(cpu), m + name.offset, name.size.min(64) as usize)
+            .read_opt(kspace(cpu), m + name.offset, name.size.min(64) as usize)?
             .map(|b| {
                 let end = b.iter().position(|&x| x == 0).unwrap_or(b.len());
                 String::from_utf8_lossy(&b[..end]).into_owned()
             })
-            .unwrap_or_else(|_| "?".into());
+            .unwrap_or_else(|| "?".into());
         r.findings.push(Finding {
             check: "modules".into(),
             what: format!("module {module_name} (struct module at {m:#x})"),
@@ -735,7 +735,7 @@ pub fn check_processes_of<M: GuestMemory>(
         for t in &off {
             // A task preempted after release_task() unlinked it, on its
             // way out, waits on a run queue.
-            if from_queue.contains(&t.addr) && crate::linux::task_exiting(c, k, cpu, t.addr) {
+            if from_queue.contains(&t.addr) && crate::linux::task_exiting(c, k, cpu, t.addr)? {
                 continue;
             }
             out.insert(t.addr, (places[&t.addr].clone(), t.clone()));

@@ -1296,13 +1296,11 @@ pub fn cpus<M: GuestMemory>(
         .map(|i| Read::kernel(i as u32, at(i), 8))
         .collect();
     c.prefetch(&reads)?;
-    let currents: Vec<u64> = (0..gs.len())
-        .map(|i| {
-            c.read(kspace(i as u32), at(i), 8)
-                .map(|b| le64(&b, 0))
-                .unwrap_or(0)
-        })
-        .collect();
+    let mut currents: Vec<u64> = Vec::with_capacity(gs.len());
+    for i in 0..gs.len() {
+        let b = c.read_opt(kspace(i as u32), at(i), 8)?;
+        currents.push(b.map_or(0, |b| le64(&b, 0)));
+    }
     let o = &k.offsets;
     let len = (o.task_comm + 16)
         .max(o.task_flags + 4)
@@ -1319,13 +1317,18 @@ pub fn cpus<M: GuestMemory>(
         let (user, gs) = gs[i];
         let sp = kspace(i as u32);
         let current = currents[i];
-        let (pid, comm, exiting) = match c.read(sp, current, len) {
-            Ok(b) => (
+        let task = if current >= k.kernel_half {
+            c.read_opt(sp, current, len)?
+        } else {
+            None
+        };
+        let (pid, comm, exiting) = match task {
+            Some(b) => (
                 le32(&b, o.task_pid),
                 read_cstr(&b[o.task_comm as usize..]),
                 le32(&b, o.task_flags) & PF_EXITING != 0 || le32(&b, o.task_exit_state) != 0,
             ),
-            Err(_) => (0, String::new(), false),
+            None => (0, String::new(), false),
         };
         out.push(CpuView {
             cpu: i as u32,
@@ -1343,20 +1346,19 @@ pub fn cpus<M: GuestMemory>(
 }
 
 /// True if the task at `addr` is exiting (`PF_EXITING` or an
-/// `exit_state`); false if it cannot be read.
+/// `exit_state`); false if it cannot be read (a fault).
 pub(crate) fn task_exiting<M: GuestMemory>(
     c: &mut SnapshotCache<M>,
     k: &Kernel,
     cpu: u32,
     addr: u64,
-) -> bool {
+) -> Result<bool, LinuxError> {
     let o = &k.offsets;
-    let word = |c: &mut SnapshotCache<M>, off: u64| {
-        c.read(kspace(cpu), addr + off, 4)
-            .map(|b| le32(&b, 0))
-            .unwrap_or(0)
+    let mut word = |off: u64| -> Result<u32, LinuxError> {
+        Ok(c.read_opt(kspace(cpu), addr + off, 4)?
+            .map_or(0, |b| le32(&b, 0)))
     };
-    word(c, o.task_flags) & PF_EXITING != 0 || word(c, o.task_exit_state) != 0
+    Ok(word(o.task_flags)? & PF_EXITING != 0 || word(o.task_exit_state)? != 0)
 }
 
 /// Most run-queue entities visited over all CPUs.

@@ -785,6 +785,20 @@ impl<M: GuestMemory> SnapshotCache<M> {
             })
     }
 
+    /// [`SnapshotCache::read`], with a guest fault as `None`: the session's
+    /// own failures (a rejected reply, an outage) stay errors, so a caller
+    /// that tolerates unmapped memory does not also swallow tampering.
+    pub fn read_opt(
+        &mut self,
+        space: Space,
+        addr: u64,
+        len: usize,
+    ) -> Result<Option<Vec<u8>>, MemoryError> {
+        let r = Read { space, addr, len };
+        self.prefetch(&[r])?;
+        Ok(self.served_from_pages(&r).ok())
+    }
+
     fn served_from_pages(&self, r: &Read) -> ReadResult {
         let mut out = Vec::with_capacity(r.len);
         let mut a = r.addr;

@@ -260,7 +260,13 @@ impl Watcher {
         // back to the PID allocator (`ps`), and the check then reports the
         // walk's error.
         let listed = match k.offsets.pid_idr {
-            Some(_) => linux::ps_task_list(c, k, 0, true).ok(),
+            Some(_) => match linux::ps_task_list(c, k, 0, true) {
+                Ok(l) => Some(l),
+                // A corrupt list only; a rejected reply or an outage ends
+                // the pass.
+                Err(LinuxError::BadList { .. }) => None,
+                Err(e) => return Err(e),
+            },
             None => None,
         };
         let tasks: Vec<Task> = match &listed {

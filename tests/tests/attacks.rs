@@ -496,3 +496,143 @@ fn a_clean_guest_with_churn_raises_no_alarm() {
     assert!(count("module-loaded") >= 1, "the module reload was seen");
     finish(vm);
 }
+
+/// What the tampering proxy of
+/// [`watch_reports_replies_tampered_or_replayed_by_the_host`] does to the
+/// next sealed reply.
+const PASS: u8 = 0;
+const FLIP: u8 = 1;
+const REPLAY: u8 = 2;
+
+/// A host between the IDS and the daemon (the daemon, the host and the
+/// guest are untrusted): on a proxy socket, it forwards every frame and,
+/// when told, flips one bit of the next sealed reply or swaps it for the
+/// one before. The watch reports each as `reply-rejected` (an alert), and
+/// goes on: a process started afterwards is reported as usual.
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn watch_reports_replies_tampered_or_replayed_by_the_host() {
+    use host_injector::daemon::client::DaemonAddr;
+    use host_injector::daemon::protocol::{MAX_REPLY_BODY, read_frame, write_frame};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::sync::atomic::{AtomicU8, Ordering};
+    use std::sync::{Arc, mpsc};
+    use std::time::{Duration, Instant};
+
+    let daemon = common::test_daemon("tamper", &[]);
+    let vm = boot(config("tamper").through_daemon(&daemon.socket));
+    let proxy_path = common::daemon_socket_path("tamper-proxy");
+    let _ = std::fs::remove_file(&proxy_path);
+    let listener = UnixListener::bind(&proxy_path).unwrap_or_else(|e| panic!("{e}"));
+    let mode = Arc::new(AtomicU8::new(PASS));
+    {
+        let (mode, upstream) = (mode.clone(), daemon.socket.clone());
+        std::thread::spawn(move || {
+            // The last reply passed through unchanged, for a replay.
+            let previous = Arc::new(std::sync::Mutex::new(None::<Vec<u8>>));
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = UnixStream::connect(&upstream) else {
+                    continue;
+                };
+                let (mut c_in, mut s_out) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || std::io::copy(&mut c_in, &mut s_out));
+                let (mode, previous) = (mode.clone(), previous.clone());
+                std::thread::spawn(move || {
+                    let (mut s_in, mut c_out) = (server, client);
+                    while let Ok((head, mut payload)) =
+                        read_frame::<serde_json::Value>(&mut s_in, MAX_REPLY_BODY)
+                    {
+                        if head["reply"] == "transact" && !payload.is_empty() {
+                            let mut prev = previous.lock().unwrap();
+                            match mode.swap(PASS, Ordering::SeqCst) {
+                                // A bit of the ciphertext (after the
+                                // 32-byte frame header).
+                                FLIP => {
+                                    let at = 32.min(payload.len() - 1);
+                                    payload[at] ^= 0x01;
+                                }
+                                REPLAY if prev.is_some() => {
+                                    let old = prev.clone().expect("checked");
+                                    *prev = Some(std::mem::replace(&mut payload, old));
+                                }
+                                _ => *prev = Some(payload.clone()),
+                            }
+                        }
+                        if write_frame(&mut c_out, &head, &payload).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+    }
+    vm.wait_agent_ready(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let endpoint = ids::Endpoint::Daemon(ids::endpoint::DaemonEndpoint {
+        addr: DaemonAddr::Unix(proxy_path.clone()),
+        vm: vm.name().to_string(),
+        key: Some(vm.info().key.clone()),
+    });
+    let (tx, rx) = mpsc::channel::<serde_json::Value>();
+    let opts = ids::watch::WatchOptions {
+        interval: Duration::from_secs(1),
+        count: Some(25),
+        cache: None,
+        text_slices: 0,
+    };
+    let watcher = std::thread::spawn(move || {
+        ids::watch::run(
+            || ids::Session::connect(&endpoint, Duration::from_secs(5)),
+            &opts,
+            |e| {
+                let _ = tx.send(e.to_ecs("tamper", std::time::SystemTime::now()));
+            },
+        )
+    });
+    let wait_for = |what: &str, pred: &dyn Fn(&serde_json::Value) -> bool| {
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                Ok(e) if pred(&e) => return e,
+                Ok(e) => {
+                    assert_ne!(
+                        e["event"]["action"], "agent-unreachable",
+                        "a tampered reply is not an outage: {e}"
+                    );
+                    eprintln!("watch: {}", e["message"]);
+                }
+                Err(_) => panic!("no {what} event within 60 s"),
+            }
+        }
+    };
+    wait_for("baseline", &|e| e["event"]["action"] == "baseline");
+    for (n, (what, how)) in [("flipped", FLIP), ("replayed", REPLAY)]
+        .into_iter()
+        .enumerate()
+    {
+        mode.store(how, Ordering::SeqCst);
+        let e = wait_for(&format!("reply-rejected ({what})"), &|e| {
+            e["event"]["action"] == "reply-rejected"
+        });
+        eprintln!("{what}: {}", e["message"]);
+        assert_eq!(e["event"]["kind"], "alert", "{e}");
+        // The watch goes on: a process started now is seen.
+        let name = format!("busybox{n}{:06x}", std::process::id() & 0xff_ffff);
+        sh(
+            &vm,
+            &format!(
+                "cp /bin/busybox /tmp/{name}; /tmp/{name} sleep 600 >/dev/null 2>&1 </dev/null &"
+            ),
+        );
+        wait_for(&format!("process-started after the {what} reply"), &|e| {
+            e["event"]["action"] == "process-started" && e["process"]["name"] == name.as_str()
+        });
+    }
+    drop(rx);
+    let alerted = watcher.join().expect("watch thread");
+    assert!(alerted, "a rejected reply is an alert");
+    let _ = std::fs::remove_file(&proxy_path);
+    finish(vm);
+}
