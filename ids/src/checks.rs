@@ -1103,7 +1103,8 @@ fn read_zeroed<M: GuestMemory>(
         x += n;
     }
     for r in reads.chunks(16) {
-        for (rd, res) in r.iter().zip(c.inner().read_batch(r)?) {
+        // Text and rodata need no snapshot of the other vCPUs.
+        for (rd, res) in r.iter().zip(c.inner().read_batch_on_cpu(cpu, r)?) {
             match res {
                 Ok(d) => out.extend(d),
                 Err(_) => out.resize(out.len() + rd.len, 0),

@@ -346,6 +346,19 @@ pub trait GuestMemory {
     /// Counters so far.
     fn stats(&self) -> BatchStats;
 
+    /// [`GuestMemory::read_batch`] for memory no other vCPU's state bears
+    /// on (kernel text, read-only data): through the daemon the agent
+    /// serves it from an SMI on vCPU `cpu` alone, the others running on
+    /// (`FLAG_NO_SNAPSHOT`); elsewhere it is `read_batch`.
+    fn read_batch_on_cpu(
+        &mut self,
+        cpu: u32,
+        reads: &[Read],
+    ) -> Result<Vec<ReadResult>, MemoryError> {
+        let _ = cpu;
+        self.read_batch(reads)
+    }
+
     /// Walks every list of `walks` in one snapshot where the backend can
     /// (one SMI on an agent with WALK_LIST, version 1.2+); the default
     /// follows the pointers with [`GuestMemory::read_batch`].
@@ -408,46 +421,15 @@ pub trait GuestMemory {
 /// reply, else as few requests as hold it.
 impl GuestMemory for Session {
     fn read_batch(&mut self, reads: &[Read]) -> Result<Vec<ReadResult>, MemoryError> {
-        let max = Session::max_read(self)?;
-        let mut out = Vec::with_capacity(reads.len());
-        let mut start = 0;
-        while start < reads.len() {
-            // Greedy split by the reply budget and the op limit; a read longer
-            // than one reply is cut into pieces that are joined again.
-            let mut ops: Vec<Op> = Vec::new();
-            let mut owners: Vec<usize> = Vec::new();
-            let mut budget = max + RESULT_HEADER_LEN;
-            let mut i = start;
-            let mut partial: Option<(usize, usize)> = None;
-            while i < reads.len() && ops.len() < MAX_BATCH_OPS {
-                let r = reads[i];
-                let cost = RESULT_HEADER_LEN + r.len.div_ceil(8) * 8;
-                if cost > budget {
-                    if ops.is_empty() {
-                        // One read larger than a reply: its first piece now.
-                        partial = Some((i, max));
-                    }
-                    break;
-                }
-                budget -= cost;
-                ops.push(op_of(&r, r.len));
-                owners.push(i);
-                i += 1;
-            }
-            if let Some((idx, _)) = partial {
-                out.push(read_long(self, reads[idx], max)?);
-                start = idx + 1;
-                continue;
-            }
-            let results = self.request(&ops)?;
-            self.count(1, &results);
-            for (op_i, res) in results.into_iter().enumerate() {
-                out.push(result_of(res, reads[owners[op_i]].len));
-            }
-            start = i;
-        }
-        self.count_batch();
-        Ok(out)
+        read_batch_of(self, reads, None)
+    }
+
+    fn read_batch_on_cpu(
+        &mut self,
+        cpu: u32,
+        reads: &[Read],
+    ) -> Result<Vec<ReadResult>, MemoryError> {
+        read_batch_of(self, reads, Some(cpu))
     }
 
     fn translate(
@@ -823,10 +805,70 @@ impl<M: GuestMemory> SnapshotCache<M> {
     }
 }
 
+/// [`GuestMemory::read_batch`] on the live agent: greedy batches by the
+/// reply budget and the op limit; with `on_cpu`, requests that need no
+/// snapshot (an SMI on that vCPU alone through the daemon).
+fn read_batch_of(
+    s: &mut Session,
+    reads: &[Read],
+    on_cpu: Option<u32>,
+) -> Result<Vec<ReadResult>, MemoryError> {
+    let max = Session::max_read(s)?;
+    let mut out = Vec::with_capacity(reads.len());
+    let mut start = 0;
+    while start < reads.len() {
+        // Greedy split by the reply budget and the op limit; a read longer
+        // than one reply is cut into pieces that are joined again.
+        let mut ops: Vec<Op> = Vec::new();
+        let mut owners: Vec<usize> = Vec::new();
+        let mut budget = max + RESULT_HEADER_LEN;
+        let mut i = start;
+        let mut partial: Option<(usize, usize)> = None;
+        while i < reads.len() && ops.len() < MAX_BATCH_OPS {
+            let r = reads[i];
+            let cost = RESULT_HEADER_LEN + r.len.div_ceil(8) * 8;
+            if cost > budget {
+                if ops.is_empty() {
+                    // One read larger than a reply: its first piece now.
+                    partial = Some((i, max));
+                }
+                break;
+            }
+            budget -= cost;
+            ops.push(op_of(&r, r.len));
+            owners.push(i);
+            i += 1;
+        }
+        if let Some((idx, _)) = partial {
+            out.push(read_long(s, reads[idx], max)?);
+            start = idx + 1;
+            continue;
+        }
+        let results = match on_cpu {
+            Some(cpu) => s.request_on_cpu(cpu, &ops)?,
+            None => s.request(&ops)?,
+        };
+        s.count(1, &results);
+        for (op_i, res) in results.into_iter().enumerate() {
+            out.push(result_of(res, reads[owners[op_i]].len));
+        }
+        start = i;
+    }
+    s.count_batch();
+    Ok(out)
+}
+
 /// A borrowed backend is a backend (a cache over a session the caller keeps).
 impl<T: GuestMemory + ?Sized> GuestMemory for &mut T {
     fn read_batch(&mut self, reads: &[Read]) -> Result<Vec<ReadResult>, MemoryError> {
         (**self).read_batch(reads)
+    }
+    fn read_batch_on_cpu(
+        &mut self,
+        cpu: u32,
+        reads: &[Read],
+    ) -> Result<Vec<ReadResult>, MemoryError> {
+        (**self).read_batch_on_cpu(cpu, reads)
     }
     fn translate(
         &mut self,
