@@ -1145,6 +1145,36 @@ pub fn check_text_slice<M: GuestMemory>(
     slice: usize,
     of: usize,
 ) -> Result<Report, LinuxError> {
+    let first = text_slice_once(c, k, cpu, base, modules, slice, of)?;
+    if first.findings.is_empty() {
+        return Ok(first);
+    }
+    // A site the kernel is patching right now (a jump label flipped, the
+    // function tracer turned on) may be read mid-way: a change is read
+    // again, from a new snapshot, and reported only if it stays.
+    c.new_snapshot();
+    let mut again = text_slice_once(c, k, cpu, base, modules, slice, of)?;
+    let stayed: std::collections::HashSet<(String, u64)> = first
+        .findings
+        .iter()
+        .map(|f| (f.what.clone(), f.address))
+        .collect();
+    again
+        .findings
+        .retain(|f| stayed.contains(&(f.what.clone(), f.address)));
+    Ok(again)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn text_slice_once<M: GuestMemory>(
+    c: &mut SnapshotCache<M>,
+    k: &Kernel,
+    cpu: u32,
+    base: &TextBaseline,
+    modules: &[Module],
+    slice: usize,
+    of: usize,
+) -> Result<Report, LinuxError> {
     if base.banner != k.banner || base.lstar != k.lstar {
         return Err(LinuxError::NoSymbol(
             "a baseline of this boot (banner and KASLR offset differ): record one with `ids baseline`"
@@ -1274,6 +1304,18 @@ fn text_change(
         if !legit {
             bad = Some((ins, target));
             break;
+        }
+        // text_poke_bp() (arch/x86/kernel/alternative.c) writes an int3
+        // first, then the rest of the new instruction, then its first
+        // byte: a snapshot between the steps holds an int3 followed by
+        // part of the new bytes, which do not decode as what will run.
+        // Skip the rest of the site (5 bytes: a call, a jmp32 or a NOP5).
+        if ins.mnemonic() == iced_x86::Mnemonic::Int3 {
+            let resume = s + 5;
+            if dec.set_position((resume - from) as usize).is_err() {
+                break;
+            }
+            dec.set_ip(resume);
         }
     }
     if let Some((ins, target)) = bad {

@@ -362,7 +362,7 @@ fn watch_reports_processes_modules_hooks_and_reboots() {
         &|e| e["event"]["action"] == "hook-found" && e["rule"]["name"] == "text",
         Duration::from_secs(30),
     );
-    assert_eq!(e["smmvmi"]["finding"]["owner"], MODULE);
+    assert_eq!(e["smmvmi"]["finding"]["owner"], MODULE, "{e:#}");
     attack::unload(&vm).unwrap_or_else(|e| panic!("{e}"));
     let _ = vm.exec_timeout("reboot -f", Duration::from_secs(3));
     let (_, _) = wait_for(

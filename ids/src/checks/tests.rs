@@ -30,6 +30,8 @@ fn kernel() -> Kernel {
         sym(TEXT + 0x300, 'T', "__x64_sys_ni_syscall"),
         sym(TEXT + 0x400, 'T', "x64_sys_call"),
         sym(TEXT + 0x500, 'T', "helper_after_dispatch"),
+        sym(TEXT + 0x600, 'T', "with_a_jump_label"),
+        sym(TEXT + 0x700, 'T', "after_the_jump_label"),
         sym(ENTRY, 'T', "__entry_text_start"),
         sym(ENTRY + 0x40, 'T', "entry_SYSCALL_64"),
         sym(ENTRY + 0x80, 'T', "entry_SYSCALL_compat"),
@@ -38,6 +40,8 @@ fn kernel() -> Kernel {
         sym(ENTRY + 0x1000, 'T', "__entry_text_end"),
         sym(ETEXT, 'T', "_etext"),
         sym(TABLE, 'D', "sys_call_table"),
+        sym(TABLE, 'D', "__start_rodata"),
+        sym(TABLE + 0x1000, 'D', "__end_rodata"),
         // Two slots of padding after the table's NR entries.
         sym(TABLE + 8 * (NR + 2), 'D', "after_table"),
         sym(EARLY, 'T', "early_idt_handler_array"),
@@ -212,4 +216,54 @@ fn a_cpu_with_its_own_idt_is_found() {
     let r = check_idt(&mut c, &k, &[]).unwrap();
     assert_eq!(r.findings.len(), 1, "{:#?}", r.findings);
     assert_eq!(r.findings[0].what, "cpu 1 IDTR");
+}
+
+/// A jump label's NOP5 turned into a jump: done, it passes; read between
+/// text_poke_bp()'s steps (an int3, then the new tail, then the first
+/// byte), it passes too; a jump into a module's memory is found, named,
+/// and confirmed from a second snapshot.
+#[test]
+fn text_patching_in_progress_passes_and_a_module_jump_is_found() {
+    let k = kernel();
+    let site = TEXT + 0x600;
+    let jmp = |target: u64| {
+        let mut b = vec![0xe9];
+        b.extend_from_slice(&(target.wrapping_sub(site + 5) as i32).to_le_bytes());
+        b
+    };
+    let mut m = guest();
+    // Text and rodata mapped whole, as in a kernel (a read of an unmapped
+    // page fails whole and reads as zeros).
+    for (a, b) in [(TEXT, ETEXT), (TABLE, TABLE + 0x1000)] {
+        for p in (a..b).step_by(4096) {
+            if m.read_batch(&[crate::memory::Read::kernel(0, p, 1)])
+                .unwrap()[0]
+                .is_err()
+            {
+                m.write_virt(p, &[0u8; 4096]);
+            }
+        }
+    }
+    m.write_virt(site, &[0x0f, 0x1f, 0x44, 0x00, 0x00, 0xc3]);
+    let mut c = SnapshotCache::new(m);
+    let base = record_baseline(&mut c, &k, 0).unwrap();
+    let check = |c: &mut SnapshotCache<FakeMemory>| {
+        c.new_snapshot();
+        check_text(c, &k, 0, &base, &rootkit()).unwrap().findings
+    };
+    let done = jmp(TEXT + 0x100);
+    let mut mid = done.clone();
+    mid[0] = 0xcc;
+    for bytes in [mid, done] {
+        c.inner().write_virt(site, &bytes);
+        assert_eq!(check(&mut c), [], "{bytes:x?}");
+    }
+    c.inner().write_virt(site, &jmp(MODULE + 0x40));
+    let before = c.inner().stats().requests;
+    let f = check(&mut c);
+    assert_eq!(f.len(), 1, "{f:#?}");
+    assert_eq!(f[0].what, "text 0xffffffff81000600 (with_a_jump_label)");
+    assert_eq!(f[0].owner.as_deref(), Some("rootkit"));
+    let first_read = c.inner().stats().requests - before;
+    assert!(first_read >= 2, "read twice: {first_read} requests");
 }
