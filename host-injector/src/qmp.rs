@@ -1,6 +1,7 @@
 //! A small client for the QEMU Machine Protocol over a unix socket:
 //! greeting, `qmp_capabilities`, then `execute` commands one at a time.
-//! Asynchronous events are skipped. Every read has a deadline.
+//! Asynchronous events are kept by name for [`Qmp::take_events`]. Every
+//! read has a deadline.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -38,6 +39,8 @@ pub struct Qmp {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
     timeout: Duration,
+    /// Names of the events read since the last [`Qmp::take_events`].
+    events: Vec<String>,
 }
 
 impl Qmp {
@@ -52,6 +55,7 @@ impl Qmp {
             reader: BufReader::new(stream),
             writer,
             timeout,
+            events: Vec::new(),
         };
         let greeting = qmp.read_message()?;
         if greeting.get("QMP").is_none() {
@@ -73,7 +77,9 @@ impl Qmp {
         let deadline = Instant::now() + self.timeout;
         loop {
             let reply = self.read_message_until(deadline)?;
-            if reply.get("event").is_some() {
+            if let Some(name) = reply.get("event") {
+                self.events
+                    .push(name.as_str().unwrap_or_default().to_string());
                 continue;
             }
             return command_result(command, &reply);
@@ -87,6 +93,40 @@ impl Qmp {
             Some(json!({ "command-line": command_line })),
         )?;
         Ok(ret.as_str().unwrap_or_default().to_string())
+    }
+
+    /// The names of the events QEMU sent since the last call (`RESET`,
+    /// `SHUTDOWN`, ...), those already on the socket included: it reads
+    /// what is pending without waiting.
+    pub fn take_events(&mut self) -> Result<Vec<String>, QmpError> {
+        let stream = self.reader.get_ref();
+        stream.set_nonblocking(true)?;
+        let mut pending = Vec::new();
+        let read = loop {
+            let mut line = String::new();
+            match self.reader.read_line(&mut line) {
+                Ok(0) => break Err(QmpError::Closed),
+                Ok(_) => pending.push(line),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Ok(()),
+                Err(e) => break Err(e.into()),
+            }
+        };
+        self.reader.get_ref().set_nonblocking(false)?;
+        read?;
+        // A partial line left by the non-blocking read is completed now.
+        for mut line in pending {
+            if !line.ends_with('\n') {
+                self.reader.get_ref().set_read_timeout(Some(self.timeout))?;
+                self.reader.read_line(&mut line)?;
+            }
+            if let Ok(v) = serde_json::from_str::<Value>(line.trim())
+                && let Some(name) = v.get("event")
+            {
+                self.events
+                    .push(name.as_str().unwrap_or_default().to_string());
+            }
+        }
+        Ok(std::mem::take(&mut self.events))
     }
 
     fn read_message(&mut self) -> Result<Value, QmpError> {

@@ -68,6 +68,13 @@ pub trait SmiBackend {
     fn needs_broadcast(&self) -> bool {
         true
     }
+    /// True if the guest was reset or shut down since the last call (QMP
+    /// `RESET`/`SHUTDOWN`): QEMU then forgets the SMI broadcast the firmware
+    /// negotiated while the mailbox still says Ready, and a monitor SMI in
+    /// that window can crash QEMU 7.2. Backends that cannot tell say false.
+    fn reset_seen(&mut self) -> Result<bool, SmiError> {
+        Ok(false)
+    }
     /// Raises one SMI aimed at `target`. Backends that can only broadcast
     /// raise a broadcast for [`Target::All`] and refuse one vCPU.
     fn raise_to(&mut self, target: Target) -> Result<(), SmiError> {
@@ -114,5 +121,13 @@ impl SmiBackend for QmpSmi {
 
     fn name(&self) -> &'static str {
         "qmp-broadcast"
+    }
+
+    fn reset_seen(&mut self) -> Result<bool, SmiError> {
+        Ok(self
+            .qmp
+            .take_events()?
+            .iter()
+            .any(|e| e == "RESET" || e == "SHUTDOWN"))
     }
 }

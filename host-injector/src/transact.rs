@@ -92,6 +92,11 @@ pub struct Injector {
     smi: Box<dyn SmiBackend + Send>,
     reraise: Duration,
     last_doorbell: u64,
+    /// The salt of the last header that allowed an SMI.
+    last_salt: Option<[u8; 16]>,
+    /// Closed by a guest reset: no SMI until the header's salt differs
+    /// from this one (a new boot's agent published Ready).
+    reset_gate: Option<[u8; 16]>,
 }
 
 impl Injector {
@@ -105,6 +110,8 @@ impl Injector {
             smi,
             reraise: Self::DEFAULT_RERAISE,
             last_doorbell: 0,
+            last_salt: None,
+            reset_gate: None,
         }
     }
 
@@ -125,7 +132,15 @@ impl Injector {
     }
 
     /// Fails unless the header allows this backend to raise an SMI.
-    pub fn check_ready(&self) -> Result<Header, TransactError> {
+    /// After a guest reset (QMP `RESET`/`SHUTDOWN`, for backends that see
+    /// them) it fails until the new boot's agent publishes Ready with a new
+    /// salt: the mailbox still says Ready from the old boot while QEMU has
+    /// forgotten the SMI broadcast, and a monitor SMI then can crash QEMU
+    /// 7.2 (see the daemon's reset gate, which does the same).
+    pub fn check_ready(&mut self) -> Result<Header, TransactError> {
+        if self.smi.needs_broadcast() && self.smi.reset_seen()? {
+            self.reset_gate = Some(self.last_salt.unwrap_or_default());
+        }
         let h = self.mailbox.header()?;
         if self.smi.needs_broadcast() && !h.accepts_host_smi() {
             return Err(TransactError::NotReady {
@@ -134,11 +149,22 @@ impl Injector {
                 header: h.summary(),
             });
         }
+        if let Some(old) = self.reset_gate {
+            if h.salt == old {
+                return Err(TransactError::NotReady {
+                    backend: self.smi.name(),
+                    reason: "the guest was reset: waiting for the new boot's agent to publish Ready (a monitor SMI before the firmware negotiates SMI broadcast can crash QEMU)".into(),
+                    header: h.summary(),
+                });
+            }
+            self.reset_gate = None;
+        }
+        self.last_salt = Some(h.salt);
         Ok(h)
     }
 
     /// Waits up to `timeout` for the agent to allow host SMIs.
-    pub fn wait_ready(&self, timeout: Duration) -> Result<Header, TransactError> {
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<Header, TransactError> {
         let deadline = Instant::now() + timeout;
         loop {
             match self.check_ready() {
@@ -297,5 +323,76 @@ pub fn fresh_doorbell(previous: u64) -> u64 {
         previous.wrapping_add(1).max(1)
     } else {
         nanos
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smmvmi_mailbox::header;
+    use smmvmi_mailbox::layout::{self, AgentState};
+    use std::os::unix::fs::FileExt;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use zerocopy::IntoBytes;
+
+    /// A monitor-SMI backend that reports a reset when told to.
+    struct Fake {
+        reset: Arc<AtomicBool>,
+        raised: Arc<AtomicU32>,
+    }
+
+    impl SmiBackend for Fake {
+        fn raise(&mut self) -> Result<(), SmiError> {
+            self.raised.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn name(&self) -> &'static str {
+            "fake-monitor"
+        }
+        fn reset_seen(&mut self) -> Result<bool, SmiError> {
+            Ok(self.reset.swap(false, Ordering::SeqCst))
+        }
+    }
+
+    fn write_header(file: &std::fs::File, state: AgentState, salt: u8) {
+        let mut h = header::Header::zeroed();
+        h.magic = layout::MAGIC;
+        h.version = layout::VERSION.into();
+        h.state = (state as u32).into();
+        h.features = layout::FEATURE_SMI_BROADCAST.into();
+        h.size = (1u32 << 20).into();
+        h.session_salt = [salt; layout::SESSION_SALT_LEN];
+        file.write_all_at(h.as_bytes(), 0).unwrap();
+    }
+
+    /// After a guest reset the mailbox still says Ready (the old boot's
+    /// salt): no monitor SMI until the new boot's agent says Ready with a
+    /// new salt.
+    #[test]
+    fn a_reset_closes_monitor_smis_until_the_new_boot_is_ready() {
+        let p = std::env::temp_dir().join(format!("hi-gate-{}", std::process::id()));
+        let f = std::fs::File::create(&p).unwrap();
+        f.set_len(1 << 20).unwrap();
+        write_header(&f, AgentState::Ready, 1);
+        let reset = Arc::new(AtomicBool::new(false));
+        let raised = Arc::new(AtomicU32::new(0));
+        let mut inj = Injector::new(
+            MailboxFile::open(&p).unwrap(),
+            Box::new(Fake {
+                reset: reset.clone(),
+                raised: raised.clone(),
+            }),
+        );
+        inj.raise_smi().unwrap();
+        reset.store(true, Ordering::SeqCst);
+        let e = inj.raise_smi().unwrap_err().to_string();
+        assert!(e.contains("the guest was reset"), "{e}");
+        write_header(&f, AgentState::Booting, 2);
+        assert!(inj.raise_smi().is_err(), "booting");
+        write_header(&f, AgentState::Ready, 2);
+        inj.raise_smi().unwrap();
+        assert_eq!(raised.load(Ordering::SeqCst), 2, "only while open");
+        std::fs::remove_file(p).unwrap();
     }
 }

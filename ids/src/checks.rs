@@ -687,8 +687,7 @@ pub fn check_processes<M: GuestMemory>(
     k: &Kernel,
     cpu: u32,
 ) -> Result<Report, LinuxError> {
-    let listed = crate::linux::ps_task_list(c, k, cpu, true)?;
-    check_processes_of(c, k, cpu, listed)
+    check_processes_listed(c, k, cpu, None)
 }
 
 /// [`check_processes`] with the first view's task list (threads
@@ -700,22 +699,40 @@ pub fn check_processes_of<M: GuestMemory>(
     cpu: u32,
     listed: Vec<Task>,
 ) -> Result<Report, LinuxError> {
+    check_processes_listed(c, k, cpu, Some(listed))
+}
+
+fn check_processes_listed<M: GuestMemory>(
+    c: &mut SnapshotCache<M>,
+    k: &Kernel,
+    cpu: u32,
+    listed: Option<Vec<Task>>,
+) -> Result<Report, LinuxError> {
     let mut r = Report {
         check: "processes".into(),
         ..Report::default()
     };
     // The first look uses the caller's snapshot (a watch pass shares its
     // pages); the confirmation takes a new one.
+    // Without a listing, the other views are read first and the list
+    // last: a task is linked before it first runs or gets its PID's task
+    // link, so one seen in a view must be on a list read after it unless
+    // it has exited since (a list read before could miss a task forked in
+    // between, whose freed predecessor's task_struct it may reuse).
     let hidden = |c: &mut SnapshotCache<M>,
-                  listed: Vec<Task>|
+                  listed: Option<Vec<Task>>|
      -> Result<(Vec<Task>, usize, Hidden), LinuxError> {
-        let on_list: std::collections::HashSet<u64> = listed.iter().map(|t| t.addr).collect();
-        let by_idr = crate::linux::idr_task_addrs(c, k, cpu)?;
         let views = crate::linux::cpus(c, k)?;
         let queued = match k.offsets.run_queue {
             Some(_) => crate::linux::runqueue_tasks(c, k, &views)?,
             None => Vec::new(),
         };
+        let by_idr = crate::linux::idr_task_addrs(c, k, cpu)?;
+        let listed = match listed {
+            Some(l) => l,
+            None => crate::linux::ps_task_list(c, k, cpu, true)?,
+        };
+        let on_list: std::collections::HashSet<u64> = listed.iter().map(|t| t.addr).collect();
         let seen_elsewhere = by_idr.len() + queued.len();
         // Where each task off the list was seen; only those are read.
         let mut places: BTreeMap<u64, String> = BTreeMap::new();
@@ -756,6 +773,7 @@ pub fn check_processes_of<M: GuestMemory>(
                         state: 'R',
                         comm: v.comm.clone(),
                         kthread: false,
+                        has_mm: false,
                         start_ns: 0,
                         addr: v.current,
                     });
@@ -780,7 +798,13 @@ pub fn check_processes_of<M: GuestMemory>(
         .iter()
         .filter_map(|n| n.split_once('/').map(|(f, _)| f))
         .collect();
-    for t in listed.iter().filter(|t| !t.kthread) {
+    // A usermode helper runs under its kworker's name without PF_KTHREAD
+    // until it execs, but with no user address space yet; a dying task
+    // has dropped its own.
+    for t in listed
+        .iter()
+        .filter(|t| !t.kthread && t.has_mm && !matches!(t.state, 'Z' | 'X'))
+    {
         let family = t.comm.split_once('/').map(|(f, _)| f);
         if kthreads.contains(t.comm.as_str()) || family.is_some_and(|f| families.contains(f)) {
             r.findings.push(Finding {
@@ -798,10 +822,11 @@ pub fn check_processes_of<M: GuestMemory>(
     }
     if !first.is_empty() {
         c.new_snapshot();
-        let relisted = crate::linux::ps_task_list(c, k, cpu, true)?;
-        let (_, _, again) = hidden(c, relisted)?;
+        let (_, _, again) = hidden(c, None)?;
         for (addr, (place, t)) in first {
-            if again.contains_key(&addr) {
+            // The same task (its PID), not a new one in the freed
+            // task_struct of the first.
+            if again.get(&addr).is_some_and(|(_, t2)| t2.pid == t.pid) {
                 r.findings.push(Finding {
                     check: "processes".into(),
                     what: format!("pid {} ({})", t.pid, t.comm),

@@ -444,6 +444,11 @@ pub struct Task {
     pub comm: String,
     /// A kernel thread (`PF_KTHREAD`).
     pub kthread: bool,
+    /// Has a user address space (`mm` set): false for kernel threads, and
+    /// for a usermode helper (`call_usermodehelper`, e.g. `modprobe`) until
+    /// it execs, which runs without `PF_KTHREAD` under its kworker's name.
+    #[serde(default, skip_serializing)]
+    pub has_mm: bool,
     /// Start time, ns since boot (`start_boottime`).
     pub start_ns: u64,
     /// Address of the task_struct.
@@ -639,6 +644,7 @@ fn task_fields(o: &crate::btf::Offsets) -> Result<Vec<WalkField>, LinuxError> {
         through(o.task_real_parent, o.task_tgid, 4)?,
         through(o.task_cred, o.cred_uid, 4)?,
         through(o.task_cred, o.cred_gid, 4)?,
+        at(o.task_mm, 8)?,
         at(o.task_signal, 8)?,
     ];
     if let Some(nr) = o.signal_nr_threads {
@@ -658,8 +664,9 @@ const TF_PARENT: usize = 7;
 const TF_PARENT_TGID: usize = 8;
 const TF_UID: usize = 9;
 const TF_GID: usize = 10;
-const TF_SIGNAL: usize = 11;
-const TF_NR_THREADS: usize = 12;
+const TF_MM: usize = 11;
+const TF_SIGNAL: usize = 12;
+const TF_NR_THREADS: usize = 13;
 
 /// One task from a walk entry (`init` = init_task, whose children have
 /// ppid 0); `None` if its own pid or tgid could not be read (a task being
@@ -681,6 +688,7 @@ fn task_of(e: &WalkEntry, init: u64) -> Option<Task> {
         state: state_letter(u32f(TF_STATE), u32f(TF_EXIT_STATE)),
         comm: read_cstr(e.bytes(TF_COMM)),
         kthread: u32f(TF_FLAGS) & PF_KTHREAD != 0,
+        has_mm: e.uint(TF_MM).is_some_and(|m| m != 0),
         start_ns: e.uint(TF_START).unwrap_or(0),
         addr: e.container,
     })
@@ -942,6 +950,7 @@ pub(crate) fn describe_tasks<M: GuestMemory>(
         o.task_exit_state + 4,
         o.task_flags + 4,
         o.task_start + 8,
+        o.task_mm + 8,
     ]
     .into_iter()
     .max()
@@ -996,6 +1005,7 @@ pub(crate) fn describe_tasks<M: GuestMemory>(
             state: state_letter(le32(b, o.task_state), le32(b, o.task_exit_state)),
             comm: read_cstr(comm),
             kthread: le32(b, o.task_flags) & PF_KTHREAD != 0,
+            has_mm: le64(b, o.task_mm) != 0,
             start_ns: le64(b, o.task_start),
             addr: *t,
         });

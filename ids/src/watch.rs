@@ -393,6 +393,7 @@ mod tests {
             state: 'S',
             comm: comm.into(),
             kthread: false,
+            has_mm: true,
             start_ns: start,
             addr: 0xffff_8880_0000_0000 + u64::from(pid) * 0x1000,
         }

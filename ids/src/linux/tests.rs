@@ -72,6 +72,12 @@ fn lay_out(m: &mut FakeMemory, o: &Offsets, tasks: &[FakeTask]) -> Vec<u64> {
         m.put_u32(a + o.task_state, t.state);
         m.put_u32(a + o.task_exit_state, t.exit_state);
         m.put_u32(a + o.task_flags, if t.kthread { PF_KTHREAD } else { 0 });
+        let mm = if t.kthread {
+            0
+        } else {
+            HEAP + 0x50_0000 + i as u64 * 0x100
+        };
+        m.put_u64(a + o.task_mm, mm);
         m.put_u64(a + o.task_start, 1_000_000 * t.pid as u64);
         let leader = tasks.iter().position(|x| x.pid == t.tgid).unwrap_or(i);
         m.put_u64(a + o.task_signal, signal(leader));
@@ -426,6 +432,7 @@ fn pstree_of_a_very_long_ppid_chain_is_shallow() {
             state: 'S',
             comm: "sh".into(),
             kthread: false,
+            has_mm: true,
             start_ns: 0,
             addr: u64::from(pid) * 0x1000,
         })
@@ -536,4 +543,34 @@ fn a_queued_task_off_the_lists_is_hidden_unless_exiting() {
             format!("task_struct at {hidden:#x} only in cpu 0's run queue (CFS)").as_str()
         )]
     );
+}
+
+/// A user process named like a kernel thread is reported; a usermode
+/// helper (no PF_KTHREAD, no mm yet: `modprobe` before its exec, under its
+/// kworker's name) is not.
+#[test]
+fn a_user_process_named_like_a_kernel_thread_but_not_a_usermode_helper() {
+    let mut o = offsets(true);
+    let mut m = FakeMemory::new(1);
+    let mut tasks = sample();
+    let user = |pid, comm| FakeTask {
+        pid,
+        tgid: pid,
+        parent: 1,
+        comm,
+        state: 1,
+        exit_state: 0,
+        kthread: false,
+        uid: 0,
+    };
+    tasks.push(user(70, "kworker/9:9"));
+    tasks.push(user(71, "kworker/u4:1"));
+    let addrs = lay_out(&mut m, &o, &tasks);
+    add_idr(&mut m, &mut o, &addrs, &tasks);
+    // pid 71 has not exec'd yet: no user address space.
+    m.put_u64(addrs[tasks.len() - 1] + o.task_mm, 0);
+    let mut c = SnapshotCache::new(m);
+    let r = crate::checks::check_processes(&mut c, &kernel(o), 0).unwrap();
+    let whats: Vec<&str> = r.findings.iter().map(|f| f.what.as_str()).collect();
+    assert_eq!(whats, ["pid 70 (kworker/9:9)"]);
 }
