@@ -99,34 +99,29 @@ impl Qmp {
     /// `SHUTDOWN`, ...), those already on the socket included: it reads
     /// what is pending without waiting.
     pub fn take_events(&mut self) -> Result<Vec<String>, QmpError> {
-        let stream = self.reader.get_ref();
-        stream.set_nonblocking(true)?;
-        let mut pending = Vec::new();
-        let read = loop {
-            let mut line = String::new();
-            match self.reader.read_line(&mut line) {
-                Ok(0) => break Err(QmpError::Closed),
-                Ok(_) => pending.push(line),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Ok(()),
-                Err(e) => break Err(e.into()),
-            }
-        };
-        self.reader.get_ref().set_nonblocking(false)?;
-        read?;
-        // A partial line left by the non-blocking read is completed now.
-        for mut line in pending {
-            if !line.ends_with('\n') {
-                self.reader.get_ref().set_read_timeout(Some(self.timeout))?;
-                self.reader.read_line(&mut line)?;
-            }
-            if let Ok(v) = serde_json::from_str::<Value>(line.trim())
-                && let Some(name) = v.get("event")
-            {
+        // Whole lines only: QEMU writes a message and its newline at once,
+        // so once a byte is there (buffered, or readable on the socket) the
+        // line is read to its end, with the usual deadline.
+        while !self.reader.buffer().is_empty() || self.readable()? {
+            let msg = self.read_message()?;
+            if let Some(name) = msg.get("event") {
                 self.events
                     .push(name.as_str().unwrap_or_default().to_string());
             }
         }
         Ok(std::mem::take(&mut self.events))
+    }
+
+    /// True if the socket has bytes to read now (or was closed).
+    fn readable(&self) -> Result<bool, QmpError> {
+        use std::os::fd::AsFd;
+        let mut fds = [nix::poll::PollFd::new(
+            self.reader.get_ref().as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let n = nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO)
+            .map_err(|e| QmpError::Io(e.into()))?;
+        Ok(n > 0)
     }
 
     fn read_message(&mut self) -> Result<Value, QmpError> {
@@ -177,4 +172,51 @@ pub fn command_result(command: &str, reply: &Value) -> Result<Value, QmpError> {
         });
     }
     Err(QmpError::BadReply(reply.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// Events QEMU sends between commands are kept, and commands still get
+    /// their own replies.
+    #[test]
+    fn events_between_commands_are_kept() {
+        let path = std::env::temp_dir().join(format!("hi-qmp-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let (sent_tx, sent_rx) = std::sync::mpsc::channel::<()>();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut w = s;
+            let mut line = String::new();
+            w.write_all(b"{\"QMP\": {}}\n").unwrap();
+            r.read_line(&mut line).unwrap();
+            w.write_all(b"{\"return\": {}}\n").unwrap();
+            w.write_all(b"{\"event\": \"RESET\", \"data\": {\"guest\": true}}\n")
+                .unwrap();
+            sent_tx.send(()).unwrap();
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            w.write_all(b"{\"event\": \"SHUTDOWN\"}\n{\"return\": \"ok\"}\n")
+                .unwrap();
+            // Open until the client is done (a closed socket is QEMU gone).
+            done_rx.recv().unwrap();
+        });
+        let mut q = Qmp::connect(&path, Duration::from_secs(5)).unwrap();
+        sent_rx.recv().unwrap();
+        // The event is on the socket, unread: taking events reads it.
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(q.take_events().unwrap(), ["RESET"]);
+        assert!(q.take_events().unwrap().is_empty());
+        assert_eq!(q.execute("query-status", None).unwrap(), "ok");
+        assert_eq!(q.take_events().unwrap(), ["SHUTDOWN"]);
+        done_tx.send(()).unwrap();
+        server.join().unwrap();
+        assert!(matches!(q.take_events(), Err(QmpError::Closed)));
+        std::fs::remove_file(&path).unwrap();
+    }
 }

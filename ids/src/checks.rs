@@ -714,25 +714,26 @@ fn check_processes_listed<M: GuestMemory>(
     };
     // The first look uses the caller's snapshot (a watch pass shares its
     // pages); the confirmation takes a new one.
-    // Without a listing, the other views are read first and the list
-    // last: a task is linked before it first runs or gets its PID's task
-    // link, so one seen in a view must be on a list read after it unless
-    // it has exited since (a list read before could miss a task forked in
-    // between, whose freed predecessor's task_struct it may reuse).
+    // The task list is read first, the other views after it: a task
+    // released in between is gone from the PID allocator too (one lock
+    // unlinks both, kernel/exit.c __unhash_process), and a task forked in
+    // between shows in a later view only: the confirmation, whose list is
+    // read after that fork, clears it. A task_struct freed and reused by
+    // a new task between the two rounds is told apart by its PID.
     let hidden = |c: &mut SnapshotCache<M>,
                   listed: Option<Vec<Task>>|
      -> Result<(Vec<Task>, usize, Hidden), LinuxError> {
-        let views = crate::linux::cpus(c, k)?;
-        let queued = match k.offsets.run_queue {
-            Some(_) => crate::linux::runqueue_tasks(c, k, &views)?,
-            None => Vec::new(),
-        };
-        let by_idr = crate::linux::idr_task_addrs(c, k, cpu)?;
         let listed = match listed {
             Some(l) => l,
             None => crate::linux::ps_task_list(c, k, cpu, true)?,
         };
         let on_list: std::collections::HashSet<u64> = listed.iter().map(|t| t.addr).collect();
+        let by_idr = crate::linux::idr_task_addrs(c, k, cpu)?;
+        let views = crate::linux::cpus(c, k)?;
+        let queued = match k.offsets.run_queue {
+            Some(_) => crate::linux::runqueue_tasks(c, k, &views)?,
+            None => Vec::new(),
+        };
         let seen_elsewhere = by_idr.len() + queued.len();
         // Where each task off the list was seen; only those are read.
         let mut places: BTreeMap<u64, String> = BTreeMap::new();
