@@ -197,24 +197,6 @@ pub fn publish(mailbox: &Region) {
     }
 }
 
-fn sev_config() -> SevConfig {
-    // CPUID 0x8000001F: EAX bit 1 = SEV, EBX[5:0] = C-bit position.
-    let max_ext = core::arch::x86_64::__cpuid(0x8000_0000).eax;
-    if max_ext < 0x8000_001f {
-        return SevConfig::default();
-    }
-    let leaf = core::arch::x86_64::__cpuid(0x8000_001f);
-    if leaf.eax & 2 == 0 {
-        return SevConfig::default();
-    }
-    // SEV_STATUS MSR exists when CPUID says SEV is supported.
-    let status = rdmsr(0xc001_0131);
-    SevConfig {
-        active: status & 1 != 0,
-        c_bit: (leaf.ebx & 0x3f) as u8,
-    }
-}
-
 /// A fresh salt per boot. The salt is public (published in the mailbox);
 /// what matters is that it never repeats for the same key, because the
 /// agent's reply counter restarts at every boot. RDRAND is the source that
@@ -272,7 +254,7 @@ pub fn provision(fw: &mut FwCfg, handoff: &E820Map, tseg_base: u64, tseg_size: u
         }
     }
     agent.smram = PhysRange::new(tseg_base, tseg_size).unwrap_or(PhysRange::EMPTY);
-    agent.sev = sev_config();
+    agent.sev = crate::hw::cpu::sev_config();
 
     let mut key = [0u8; SHARED_KEY_LEN];
     let have_key = match fwc::find_file(fw, KEY_FILE) {
