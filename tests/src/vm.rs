@@ -274,6 +274,11 @@ pub struct VmConfig {
     pub daemon: Option<PathBuf>,
     /// The QEMU binary (see [`QEMU_ENV`]).
     pub qemu: PathBuf,
+    /// Hand the key over in fw_cfg `opt/smmvmi/key` instead of the SEV
+    /// launch secret area: INSECURE (fw_cfg stays guest-readable), for
+    /// firmware without the secret area (SeaBIOS/OVMF baselines) and tests
+    /// of that path only. Set by [`VmConfig::insecure_fw_cfg_key`].
+    pub insecure_fw_cfg_key: bool,
 }
 
 /// The default QEMU binary: `$SMMVMI_QEMU`, else the stock one from `$PATH`.
@@ -308,7 +313,15 @@ impl VmConfig {
             accel: TCG_ACCEL.into(),
             daemon: None,
             qemu: default_qemu(),
+            insecure_fw_cfg_key: false,
         }
+    }
+
+    /// Give the key in fw_cfg (guest-readable for the VM's life) instead of
+    /// the launch secret area. Test setups of that path only.
+    pub fn insecure_fw_cfg_key(mut self) -> Self {
+        self.insecure_fw_cfg_key = true;
+        self
     }
 
     /// Boot through the daemon at `socket` (see [`VmConfig::daemon`]).
@@ -591,14 +604,13 @@ impl Vm {
             ),
             "-serial".into(),
             "chardev:cmd".into(),
-            "-fw_cfg".into(),
-            format!("name={KEY_FW_CFG_NAME},file={}", s(&info.key)),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", s(&info.qmp)),
             "-pidfile".into(),
             s(&state_dir.join("qemu.pid")),
         ]);
         args.extend(debug_device_args(&info.debugcon_log));
+        args.extend(key_args(&config, &info, &state_dir)?);
         args.extend(mailbox_args(&config, &info)?);
         args.extend(config.extra_args.iter().cloned());
         std::fs::write(
@@ -1030,6 +1042,68 @@ impl Drop for Vm {
 /// The mailbox device: `ivshmem-plain` over the state dir's file, or
 /// `ivshmem-doorbell` through the daemon (registered here, before QEMU
 /// starts: QEMU connects to the ivshmem socket while it realizes the device).
+/// How the VM's key reaches the firmware. Our firmware: a secret table
+/// (`smmvmi_boot::sev`) loaded into the SEV launch secret area its image
+/// names, with QEMU's generic loader, where `sev-inject-launch-secret` puts
+/// it under SEV. Other firmware, or [`VmConfig::insecure_fw_cfg_key`]:
+/// fw_cfg `opt/smmvmi/key`.
+fn key_args(config: &VmConfig, info: &VmInfo, state_dir: &Path) -> Result<Vec<String>, VmError> {
+    let fw_cfg = || {
+        vec![
+            "-fw_cfg".to_string(),
+            format!("name={KEY_FW_CFG_NAME},file={}", info.key.display()),
+        ]
+    };
+    let Firmware::Ours(image) = &config.firmware else {
+        return Ok(fw_cfg());
+    };
+    if config.insecure_fw_cfg_key {
+        return Ok(fw_cfg());
+    }
+    let secret = crate::sev::areas(image)
+        .ok()
+        .and_then(|(secret, _)| secret)
+        .ok_or_else(|| VmError::Io {
+            what: format!(
+                "{}: no SEV secret area in its GUIDed table (rebuild the firmware, or use insecure_fw_cfg_key)",
+                image.display()
+            ),
+            source: std::io::Error::other("no secret area"),
+        })?;
+    let key = std::fs::read(&info.key).map_err(io(format!("read {}", info.key.display())))?;
+    let mut table = vec![0u8; 0x100];
+    let n = smmvmi_boot::sev::write_secret_table(
+        &[(smmvmi_boot::sev::AGENT_KEY_SECRET_GUID, &key)],
+        &mut table,
+    )
+    .map_err(|e| VmError::Io {
+        what: "build the secret table".into(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    table.truncate(n.next_multiple_of(16));
+    let file = state_dir.join("key-secret.bin");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::remove_file(&file);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&file)
+            .and_then(|mut f| f.write_all(&table))
+            .map_err(io(format!("write {}", file.display())))?;
+    }
+    Ok(vec![
+        "-device".into(),
+        format!(
+            "loader,file={},addr={:#x},force-raw=on",
+            file.display(),
+            secret.base
+        ),
+    ])
+}
+
 fn mailbox_args(config: &VmConfig, info: &VmInfo) -> Result<Vec<String>, VmError> {
     let s = |p: &Path| p.display().to_string();
     let Some(sock) = &config.daemon else {

@@ -320,3 +320,127 @@ pub fn build_padded(
 
 #[cfg(test)]
 mod tests;
+
+/// The secret table's header GUID: what a guest owner's launch secret
+/// starts with (Linux `EFI_SECRET_TABLE_HEADER_GUID`,
+/// `drivers/virt/coco/efi_secret/efi_secret.c`; OVMF passes the same table
+/// to the OS). Layout: `{ guid, u32 len }` (len = whole table), then
+/// entries `{ guid, u32 len, data }` (len includes the 20-byte header).
+pub const SECRET_TABLE_GUID: Guid = Guid::parse("1e74f542-71dd-4d66-963e-ef4287ff173b");
+/// The entry of the secret table that holds the agent's 32-byte key
+/// (smmvmi's own GUID).
+pub const AGENT_KEY_SECRET_GUID: Guid = Guid::parse("6d46d6e9-28e7-4d95-b98e-8c9ddacf3096");
+/// Header of the secret table and of each of its entries: GUID + u32.
+pub const SECRET_HEADER_LEN: usize = 20;
+
+/// Why the secret area was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum SecretError {
+    /// The table's length field is impossible.
+    #[error(
+        "SEV secret table length {len} is invalid: expected {SECRET_HEADER_LEN} to {area} (the area size); inject a well-formed secret table"
+    )]
+    BadLength {
+        /// Length field found.
+        len: usize,
+        /// Area size.
+        area: usize,
+    },
+    /// An entry's length is impossible.
+    #[error(
+        "SEV secret table entry at offset {offset} has length {len}, expected {SECRET_HEADER_LEN} to {left}; inject a well-formed secret table"
+    )]
+    BadEntry {
+        /// Offset of the entry.
+        offset: usize,
+        /// Length field found.
+        len: usize,
+        /// Bytes of the table left there.
+        left: usize,
+    },
+    /// The builder's buffer is too small.
+    #[error("SEV secret table needs {need} bytes, the buffer has {have}")]
+    TooLarge {
+        /// Bytes needed.
+        need: usize,
+        /// Buffer size.
+        have: usize,
+    },
+}
+
+/// Finds the data of entry `guid` in a secret area. `Ok(None)` when the
+/// area holds no secret table (nothing injected) or no such entry.
+///
+/// # Errors
+/// [`SecretError::BadLength`], [`SecretError::BadEntry`].
+pub fn find_secret<'a>(area: &'a [u8], guid: &Guid) -> Result<Option<&'a [u8]>, SecretError> {
+    if area.len() < SECRET_HEADER_LEN || area[..16] != SECRET_TABLE_GUID.0 {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes([area[16], area[17], area[18], area[19]]) as usize;
+    if !(SECRET_HEADER_LEN..=area.len()).contains(&len) {
+        return Err(SecretError::BadLength {
+            len,
+            area: area.len(),
+        });
+    }
+    let mut off = SECRET_HEADER_LEN;
+    while off < len {
+        let left = len - off;
+        let Some(h) = area
+            .get(off..off + SECRET_HEADER_LEN)
+            .filter(|_| left >= SECRET_HEADER_LEN)
+        else {
+            return Err(SecretError::BadEntry {
+                offset: off,
+                len: left,
+                left,
+            });
+        };
+        let elen = u32::from_le_bytes([h[16], h[17], h[18], h[19]]) as usize;
+        if !(SECRET_HEADER_LEN..=left).contains(&elen) {
+            return Err(SecretError::BadEntry {
+                offset: off,
+                len: elen,
+                left,
+            });
+        }
+        if h[..16] == guid.0 {
+            return Ok(Some(&area[off + SECRET_HEADER_LEN..off + elen]));
+        }
+        off += elen;
+    }
+    Ok(None)
+}
+
+/// Writes a secret table with `entries` at the start of `out` (the rest
+/// zeroed); returns its length. What a guest owner packages for
+/// `sev-inject-launch-secret`, and what the test harness loads.
+///
+/// # Errors
+/// [`SecretError::TooLarge`].
+pub fn write_secret_table(entries: &[(Guid, &[u8])], out: &mut [u8]) -> Result<usize, SecretError> {
+    let need = SECRET_HEADER_LEN
+        + entries
+            .iter()
+            .map(|(_, d)| SECRET_HEADER_LEN + d.len())
+            .sum::<usize>();
+    if need > out.len() || need > u32::MAX as usize {
+        return Err(SecretError::TooLarge {
+            need,
+            have: out.len(),
+        });
+    }
+    out.fill(0);
+    out[..16].copy_from_slice(SECRET_TABLE_GUID.bytes());
+    out[16..20].copy_from_slice(&(need as u32).to_le_bytes());
+    let mut off = SECRET_HEADER_LEN;
+    for (g, d) in entries {
+        out[off..off + 16].copy_from_slice(g.bytes());
+        out[off + 16..off + 20]
+            .copy_from_slice(&((SECRET_HEADER_LEN + d.len()) as u32).to_le_bytes());
+        out[off + 20..off + 20 + d.len()].copy_from_slice(d);
+        off += SECRET_HEADER_LEN + d.len();
+    }
+    Ok(need)
+}

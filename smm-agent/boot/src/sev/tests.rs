@@ -154,3 +154,59 @@ fn unknown_entries_are_skipped() {
     assert_eq!(t.digest(Blob::Cmdline), None);
     assert_eq!(t.digest(Blob::Kernel), Some(d(K)));
 }
+
+#[test]
+fn secret_table_round_trip_and_lookup() {
+    let key = [0x5Au8; 32];
+    let other = [1u8, 2, 3];
+    let mut area = [0xEEu8; 0x1000];
+    let n = write_secret_table(
+        &[(Guid([7; 16]), &other), (AGENT_KEY_SECRET_GUID, &key)],
+        &mut area,
+    )
+    .unwrap();
+    assert_eq!(n, 20 + 23 + 52);
+    assert_eq!(&area[..16], SECRET_TABLE_GUID.bytes());
+    assert_eq!(
+        find_secret(&area, &AGENT_KEY_SECRET_GUID),
+        Ok(Some(&key[..]))
+    );
+    assert_eq!(find_secret(&area, &Guid([7; 16])), Ok(Some(&other[..])));
+    assert_eq!(find_secret(&area, &Guid([8; 16])), Ok(None));
+    // Nothing injected: an all-zero area.
+    assert_eq!(
+        find_secret(&[0u8; 0x1000], &AGENT_KEY_SECRET_GUID),
+        Ok(None)
+    );
+}
+
+#[test]
+fn malformed_secret_tables_are_refused() {
+    let key = [0x5Au8; 32];
+    let mut area = [0u8; 0x100];
+    write_secret_table(&[(AGENT_KEY_SECRET_GUID, &key)], &mut area).unwrap();
+    let mut bad = area;
+    bad[16..20].copy_from_slice(&0x1000u32.to_le_bytes());
+    assert_eq!(
+        find_secret(&bad, &AGENT_KEY_SECRET_GUID),
+        Err(SecretError::BadLength {
+            len: 0x1000,
+            area: 0x100
+        })
+    );
+    let mut bad = area;
+    bad[36..40].copy_from_slice(&0u32.to_le_bytes());
+    assert_eq!(
+        find_secret(&bad, &AGENT_KEY_SECRET_GUID),
+        Err(SecretError::BadEntry {
+            offset: 20,
+            len: 0,
+            left: 52
+        })
+    );
+    let mut small = [0u8; 40];
+    assert_eq!(
+        write_secret_table(&[(AGENT_KEY_SECRET_GUID, &key)], &mut small),
+        Err(SecretError::TooLarge { need: 72, have: 40 })
+    );
+}

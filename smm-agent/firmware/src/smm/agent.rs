@@ -257,27 +257,9 @@ pub fn provision(fw: &mut FwCfg, handoff: &E820Map, tseg_base: u64, tseg_size: u
     agent.sev = crate::hw::cpu::sev_config();
 
     let mut key = [0u8; SHARED_KEY_LEN];
-    let have_key = match fwc::find_file(fw, KEY_FILE) {
-        Ok(Some(f)) if f.size as usize == SHARED_KEY_LEN => {
-            fw.select(f.select);
-            fw.read(&mut key);
-            true
-        }
-        Ok(Some(f)) => {
-            log!(
-                "error: fw_cfg {KEY_FILE} is {} bytes, expected {SHARED_KEY_LEN}: the agent stays unprovisioned (INFO only)",
-                f.size
-            );
-            false
-        }
-        Ok(None) => {
-            log!("no key in fw_cfg {KEY_FILE}: the agent is unprovisioned and serves INFO only");
-            false
-        }
-        Err(e) => {
-            log!("error: looking up {KEY_FILE}: {e}; the agent stays unprovisioned");
-            false
-        }
+    let have_key = match key_from_launch_secret(&mut key) {
+        true => true,
+        false => key_from_fw_cfg(fw, &mut key),
     };
     let tseg = tseg_base;
     // SAFETY: the SMRAM request/reply buffers (layout.rs), used only by
@@ -296,6 +278,79 @@ pub fn provision(fw: &mut FwCfg, handoff: &E820Map, tseg_base: u64, tseg_size: u
         reply,
     ));
     scrub(&mut key);
+}
+
+/// The key from the SEV launch secret area (`layout::SEV_SECRET_BASE`,
+/// named in the image's GUIDed table): a secret table
+/// (`smmvmi_boot::sev::find_secret`) with the agent-key entry. Under SEV
+/// the guest owner injects it with `sev-inject-launch-secret` after checking
+/// the launch measurement; test setups load it with `-device loader`. The
+/// whole area is zeroed afterwards, found or not, so no copy outlives boot.
+fn key_from_launch_secret(key: &mut [u8; SHARED_KEY_LEN]) -> bool {
+    use smmvmi_boot::sev::{AGENT_KEY_SECRET_GUID, find_secret};
+    // SAFETY: the secret area is low RAM reserved for it (layout.rs);
+    // nothing else uses it before Linux.
+    let area = unsafe { Region::new(layout::SEV_SECRET_BASE, layout::SEV_SECRET_SIZE) };
+    let mut copy = [0u8; layout::SEV_SECRET_SIZE as usize];
+    area.read(0, &mut copy);
+    let found = match find_secret(&copy, &AGENT_KEY_SECRET_GUID) {
+        Ok(Some(k)) if k.len() == SHARED_KEY_LEN => {
+            key.copy_from_slice(k);
+            log!(
+                "key: from the SEV launch secret area at {:#x}; area scrubbed",
+                layout::SEV_SECRET_BASE
+            );
+            true
+        }
+        Ok(Some(k)) => {
+            log!(
+                "error: the launch secret's agent key is {} bytes, expected {SHARED_KEY_LEN}; ignored",
+                k.len()
+            );
+            false
+        }
+        Ok(None) => false,
+        Err(e) => {
+            log!("error: {e}; no key from the launch secret");
+            false
+        }
+    };
+    area.write_volatile(0, &[0u8; layout::SEV_SECRET_SIZE as usize]);
+    scrub(&mut copy);
+    found
+}
+
+/// The key from fw_cfg `opt/smmvmi/key`: test setups only, and said so,
+/// because fw_cfg stays readable by the guest (ports 0x510/0x511, Linux's
+/// `qemu_fw_cfg`) for the VM's whole life.
+fn key_from_fw_cfg(fw: &mut FwCfg, key: &mut [u8; SHARED_KEY_LEN]) -> bool {
+    match fwc::find_file(fw, KEY_FILE) {
+        Ok(Some(f)) if f.size as usize == SHARED_KEY_LEN => {
+            fw.select(f.select);
+            fw.read(key);
+            log!(
+                "key: from fw_cfg {KEY_FILE} (INSECURE, test setups only: a guest can read fw_cfg for the VM's whole life; use the SEV launch secret)"
+            );
+            true
+        }
+        Ok(Some(f)) => {
+            log!(
+                "error: fw_cfg {KEY_FILE} is {} bytes, expected {SHARED_KEY_LEN}: the agent stays unprovisioned (INFO only)",
+                f.size
+            );
+            false
+        }
+        Ok(None) => {
+            log!(
+                "no key in the SEV launch secret area nor in fw_cfg {KEY_FILE}: the agent is unprovisioned and serves INFO only"
+            );
+            false
+        }
+        Err(e) => {
+            log!("error: looking up {KEY_FILE}: {e}; the agent stays unprovisioned");
+            false
+        }
+    }
 }
 
 /// Zeroes secret bytes so the compiler cannot drop the writes.
