@@ -22,8 +22,9 @@ use zeroize::Zeroize;
 
 /// Agent version reported by INFO (major << 16 | minor). 1.1: INFO carries
 /// `mem_flags` (RAM hot-plug tracked, virtio-mem refused). 1.2: WALK_LIST
-/// and FIELD ops ([`smmvmi_mailbox::walk`]).
-pub const AGENT_VERSION: u32 = 1 << 16 | 2;
+/// and FIELD ops ([`smmvmi_mailbox::walk`]). 1.3: INFO's `sev_flags` says
+/// where the key came from (`records::KEY_FROM_*`).
+pub const AGENT_VERSION: u32 = 1 << 16 | 3;
 
 /// SEV facts the firmware found at boot (CPUID 0x8000001F, SEV_STATUS MSR).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -99,6 +100,9 @@ pub struct ServeContext<'a> {
     /// What INFO says about memory outside the boot map
     /// (`records::MEM_DIMM_HOTPLUG`, `MEM_VIRTIO_MEM_REFUSED`).
     pub mem_flags: u32,
+    /// Where the key came from: `records::KEY_FROM_LAUNCH_SECRET` or
+    /// `KEY_FROM_FW_CFG` (0: no key), reported in INFO's `sev_flags`.
+    pub key_flags: u32,
     /// This SMI was served without waiting for the other CPUs, because the
     /// request posted with this doorbell value carried `FLAG_NO_SNAPSHOT`
     /// in its frame header (read once, before authentication). Only that
@@ -748,7 +752,7 @@ fn write_info(buf: &mut [u8], ctx: &ServeContext<'_>, reply_cap: usize) -> Optio
     let header = InfoHeader {
         agent_version: AGENT_VERSION,
         cpu_count: ctx.cpus.len() as u32,
-        sev_flags: if ctx.sev.active { SEV_ACTIVE } else { 0 },
+        sev_flags: if ctx.sev.active { SEV_ACTIVE } else { 0 } | ctx.key_flags,
         mem_flags: ctx.mem_flags,
         c_bit: u32::from(ctx.sev.c_bit),
         ram_range_count: ctx.ram.ranges().len() as u32,

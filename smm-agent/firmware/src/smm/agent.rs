@@ -14,6 +14,7 @@ use smmvmi_boot::e820::{self, E820Map};
 use smmvmi_boot::fw_cfg::{self as fwc, FwCfgIo};
 use smmvmi_mailbox::crypto::SHARED_KEY_LEN;
 use smmvmi_mailbox::layout as mb;
+use smmvmi_mailbox::records;
 
 use super::config::config;
 use crate::hw::fw_cfg::FwCfg;
@@ -55,6 +56,8 @@ pub struct Agent {
     pub ram: RamMap,
     pub smram: PhysRange,
     pub sev: SevConfig,
+    /// `records::KEY_FROM_*`: where `provision` found the key.
+    pub key_flags: u32,
     pub cpus: [CpuSnapshot; layout::MAX_CPUS as usize],
 }
 
@@ -71,6 +74,7 @@ pub static AGENT: SmmCell<Agent> = SmmCell::new(Agent {
         active: false,
         c_bit: 0,
     },
+    key_flags: 0,
     cpus: [ZERO_CPU; layout::MAX_CPUS as usize],
 });
 
@@ -160,6 +164,7 @@ pub fn serve(mailbox: &Region, held: super::smi::Held) -> Option<(Served, u64)> 
         cpus: &agent.cpus[..ncpus],
         sev: agent.sev,
         mem_flags: config().mem_flags,
+        key_flags: agent.key_flags,
         snapshot_skipped: held.snapshot_skipped,
     };
     // The mailbox BAR, verified in place by `smi::mailbox`, which the guest
@@ -257,10 +262,14 @@ pub fn provision(fw: &mut FwCfg, handoff: &E820Map, tseg_base: u64, tseg_size: u
     agent.sev = crate::hw::cpu::sev_config();
 
     let mut key = [0u8; SHARED_KEY_LEN];
-    let have_key = match key_from_launch_secret(&mut key) {
-        true => true,
-        false => key_from_fw_cfg(fw, &mut key),
+    agent.key_flags = if key_from_launch_secret(&mut key) {
+        records::KEY_FROM_LAUNCH_SECRET
+    } else if key_from_fw_cfg(fw, &mut key) {
+        records::KEY_FROM_FW_CFG
+    } else {
+        0
     };
+    let have_key = agent.key_flags != 0;
     let tseg = tseg_base;
     // SAFETY: the SMRAM request/reply buffers (layout.rs), used only by
     // the agent in SMM from now on; TSEG is open and identity mapped, and
