@@ -187,7 +187,7 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
 /// Which firmware the VM boots.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Firmware {
-    /// The smmvmi firmware image (`-bios PATH`).
+    /// The smmvmi firmware image (read-only pflash unit 0).
     Ours(PathBuf),
     /// SeaBIOS from Debian (no SMM agent; for harness checks and baselines).
     SeaBios,
@@ -218,7 +218,17 @@ impl Firmware {
                 if !path.is_file() {
                     return Err(VmError::FirmwareMissing(path.display().to_string()));
                 }
-                Ok(vec!["-bios".into(), path.display().to_string()])
+                // Read-only pflash, as SEV needs it: QEMU encrypts and
+                // measures the firmware only when it is pflash
+                // (`pc_system_flash_map`), and only then reads the GUIDed
+                // table. The image boots the same way as with -bios.
+                Ok(vec![
+                    "-drive".into(),
+                    format!(
+                        "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                        path.display()
+                    ),
+                ])
             }
             Self::SeaBios => Ok(vec!["-bios".into(), SEABIOS_IMAGE.into()]),
             Self::Ovmf => {
