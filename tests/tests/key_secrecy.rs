@@ -38,7 +38,15 @@ fn key_is_not_in_guest_ram() {
         log.contains("key: from the SEV launch secret area"),
         "the key must come from the launch secret area; debugcon:\n{log}"
     );
-    // Not through fw_cfg either: Linux's qemu_fw_cfg (if built) lists no key.
+    // Not through fw_cfg either: QEMU was given no fw_cfg key at all (so the
+    // raw ports cannot serve one), and Linux's qemu_fw_cfg, where the guest
+    // kernel has it, lists none.
+    let cmdline =
+        std::fs::read_to_string(vm.state_dir().join("qemu.cmdline")).expect("read qemu.cmdline");
+    assert!(
+        !cmdline.contains(smmvmi_mailbox::platform::KEY_FW_CFG_FILE),
+        "QEMU got a fw_cfg key: {cmdline}"
+    );
     let listed = sh(&vm, "ls /sys/firmware/qemu_fw_cfg/by_name/opt 2>&1; true");
     assert!(!listed.contains("smmvmi"), "fw_cfg lists {listed:?}");
 
