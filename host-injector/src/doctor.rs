@@ -58,6 +58,19 @@ pub fn run(qemu: &str) -> Vec<Check> {
             Err(_) => "kvm_amd not loaded (/sys/module/kvm_amd/parameters/sev missing): no SEV guests on this host".into(),
         },
     });
+    let missing = sev_missing();
+    out.push(Check {
+        name: "sev_guest",
+        ok: missing.is_empty(),
+        detail: if missing.is_empty() {
+            "an SEV guest with SMM can run here (cargo xtask vm up --sev)".into()
+        } else {
+            format!(
+                "no SEV guest with the SMM agent on this host: missing {}",
+                missing.join("; ")
+            )
+        },
+    });
     let vsock = std::path::Path::new("/dev/vhost-vsock").exists();
     out.push(Check {
         name: "vhost_vsock",
@@ -151,4 +164,66 @@ fn qemu_has_command(qemu: &str, command: &str) -> Result<bool, String> {
     let _ = child.wait();
     let line = r.map_err(|_| "no query-commands answer within 10 s".to_string())?;
     Ok(line.contains(&format!("\"{command}\"")))
+}
+
+/// What this host lacks to run an SEV guest with the smmvmi firmware, one
+/// sentence per missing piece (empty: nothing missing). Reads `/dev/kvm`
+/// (KVM_CAP_X86_SMM), `/dev/sev` and `/sys/module/kvm_amd/parameters/sev`.
+pub fn sev_missing() -> Vec<String> {
+    let sev_param = std::fs::read_to_string("/sys/module/kvm_amd/parameters/sev").ok();
+    sev_missing_from(
+        kvm_has_smm().map_err(|e| e.to_string()),
+        std::path::Path::new("/dev/sev").exists(),
+        sev_param.as_deref(),
+    )
+}
+
+/// [`sev_missing`] from the facts: `kvm_smm` is KVM_CAP_X86_SMM (or why
+/// /dev/kvm failed), `dev_sev` whether `/dev/sev` exists (the PSP driver,
+/// `ccp`), `kvm_amd_sev` the kvm_amd `sev` parameter (None: kvm_amd not
+/// loaded). SEV guests need KVM: QEMU's TCG has no SEV.
+pub fn sev_missing_from(
+    kvm_smm: Result<bool, String>,
+    dev_sev: bool,
+    kvm_amd_sev: Option<&str>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    match kvm_smm {
+        Ok(true) => {}
+        Ok(false) => out.push(
+            "KVM SMM (KVM_CAP_X86_SMM = 0: the agent lives in SMM, and SEV needs KVM; TCG cannot run SEV)"
+                .to_string(),
+        ),
+        Err(e) => out.push(format!("KVM ({e})")),
+    }
+    if !dev_sev {
+        out.push(
+            "/dev/sev (the AMD PSP driver, ccp; an AMD EPYC host with SEV enabled in the BIOS)"
+                .into(),
+        );
+    }
+    match kvm_amd_sev.map(str::trim) {
+        Some("Y" | "1") => {}
+        Some(v) => out.push(format!(
+            "kvm_amd sev=1 (it is {v}: modprobe kvm_amd sev=1)"
+        )),
+        None => out.push("kvm_amd with sev=1 (kvm_amd is not loaded: not an AMD host, or modprobe kvm_amd sev=1)".into()),
+    }
+    out
+}
+
+#[cfg(test)]
+mod sev_tests {
+    use super::sev_missing_from;
+
+    #[test]
+    fn names_each_missing_piece() {
+        assert!(sev_missing_from(Ok(true), true, Some("Y\n")).is_empty());
+        let m = sev_missing_from(Ok(false), false, None);
+        assert_eq!(m.len(), 3, "{m:?}");
+        assert!(m[0].contains("KVM SMM") && m[1].contains("/dev/sev") && m[2].contains("kvm_amd"));
+        let m = sev_missing_from(Err("no /dev/kvm".into()), true, Some("N"));
+        assert_eq!(m.len(), 2, "{m:?}");
+        assert!(m[1].contains("it is N"));
+    }
 }

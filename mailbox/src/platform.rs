@@ -83,6 +83,10 @@ pub enum ExitCode {
     Pci = 0x16,
     /// SMM bring-up failed (relocation, lock, self-test).
     SmmSetup = 0x17,
+    /// The kernel, initrd or command line loaded over fw_cfg does not match
+    /// the SEV hashes table (measured direct boot), the table is malformed,
+    /// or SEV is active without one.
+    Measurement = 0x18,
     /// A CPU exception in the firmware before Linux.
     Exception = 0x1e,
     /// A Rust panic in the firmware.
@@ -91,7 +95,7 @@ pub enum ExitCode {
 
 impl ExitCode {
     /// Every code, for decoding.
-    pub const ALL: [ExitCode; 10] = [
+    pub const ALL: [ExitCode; 11] = [
         Self::NoKernel,
         Self::BadKernel,
         Self::NoAcpi,
@@ -100,6 +104,7 @@ impl ExitCode {
         Self::FwCfg,
         Self::Pci,
         Self::SmmSetup,
+        Self::Measurement,
         Self::Exception,
         Self::Panic,
     ];

@@ -207,6 +207,14 @@ impl CpuState {
 
 /// SEV flag in [`Info::sev_flags`]: memory encryption is active.
 pub const SEV_ACTIVE: u32 = 1;
+/// Flag in [`Info::sev_flags`]: the agent's key came from the SEV launch
+/// secret area (injected after the launch measurement, or loaded there by a
+/// test harness). Agents before 1.3 set neither key flag.
+pub const KEY_FROM_LAUNCH_SECRET: u32 = 1 << 8;
+/// Flag in [`Info::sev_flags`]: the agent's key came from fw_cfg
+/// `opt/smmvmi/key`, which the guest can read for the VM's whole life
+/// (test setups only).
+pub const KEY_FROM_FW_CFG: u32 = 1 << 9;
 
 /// Memory flag in [`InfoHeader::mem_flags`]: the agent tracks DIMMs plugged
 /// after boot (QEMU's ACPI memory hot-plug controller); the RAM ranges

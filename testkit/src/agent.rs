@@ -89,6 +89,7 @@ impl<M: PhysMemory> SimAgent<M> {
             cpus: &self.cpus,
             sev: self.sev,
             mem_flags: 0,
+            key_flags: 0,
             snapshot_skipped: None,
         };
         let served = smmvmi_agent::serve(mailbox, &mut self.state, &ctx, &self.mem);

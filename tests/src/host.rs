@@ -85,6 +85,12 @@ pub const PACKAGES: &[Package] = &[
         name: "libvirt-clients",
         probe: "/usr/bin/virsh",
     },
+    // `python3 -m venv` for sev-snp-measure (crate::sev::sev_snp_measure),
+    // the independent check of `cargo xtask measure` (Debian 12: Python 3.11).
+    Package {
+        name: "python3-venv",
+        probe: "/usr/lib/python3.11/ensurepip/__init__.py",
+    },
 ];
 
 /// Installs whichever of [`PACKAGES`] are missing. Logs through `log`.

@@ -28,6 +28,7 @@ pub mod host;
 pub mod libvirt;
 pub mod mailbox;
 pub mod qmp;
+pub mod sev;
 pub mod vm;
 pub mod workload;
 

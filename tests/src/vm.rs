@@ -187,7 +187,7 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
 /// Which firmware the VM boots.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Firmware {
-    /// The smmvmi firmware image (`-bios PATH`).
+    /// The smmvmi firmware image (read-only pflash unit 0).
     Ours(PathBuf),
     /// SeaBIOS from Debian (no SMM agent; for harness checks and baselines).
     SeaBios,
@@ -218,7 +218,17 @@ impl Firmware {
                 if !path.is_file() {
                     return Err(VmError::FirmwareMissing(path.display().to_string()));
                 }
-                Ok(vec!["-bios".into(), path.display().to_string()])
+                // Read-only pflash, as SEV needs it: QEMU encrypts and
+                // measures the firmware only when it is pflash
+                // (`pc_system_flash_map`), and only then reads the GUIDed
+                // table. The image boots the same way as with -bios.
+                Ok(vec![
+                    "-drive".into(),
+                    format!(
+                        "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                        path.display()
+                    ),
+                ])
             }
             Self::SeaBios => Ok(vec!["-bios".into(), SEABIOS_IMAGE.into()]),
             Self::Ovmf => {
@@ -274,6 +284,11 @@ pub struct VmConfig {
     pub daemon: Option<PathBuf>,
     /// The QEMU binary (see [`QEMU_ENV`]).
     pub qemu: PathBuf,
+    /// Hand the key over in fw_cfg `opt/smmvmi/key` instead of the SEV
+    /// launch secret area: INSECURE (fw_cfg stays guest-readable), for
+    /// firmware without the secret area (SeaBIOS/OVMF baselines) and tests
+    /// of that path only. Set by [`VmConfig::insecure_fw_cfg_key`].
+    pub insecure_fw_cfg_key: bool,
 }
 
 /// The default QEMU binary: `$SMMVMI_QEMU`, else the stock one from `$PATH`.
@@ -308,7 +323,15 @@ impl VmConfig {
             accel: TCG_ACCEL.into(),
             daemon: None,
             qemu: default_qemu(),
+            insecure_fw_cfg_key: false,
         }
+    }
+
+    /// Give the key in fw_cfg (guest-readable for the VM's life) instead of
+    /// the launch secret area. Test setups of that path only.
+    pub fn insecure_fw_cfg_key(mut self) -> Self {
+        self.insecure_fw_cfg_key = true;
+        self
     }
 
     /// Boot through the daemon at `socket` (see [`VmConfig::daemon`]).
@@ -591,14 +614,13 @@ impl Vm {
             ),
             "-serial".into(),
             "chardev:cmd".into(),
-            "-fw_cfg".into(),
-            format!("name={KEY_FW_CFG_NAME},file={}", s(&info.key)),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", s(&info.qmp)),
             "-pidfile".into(),
             s(&state_dir.join("qemu.pid")),
         ]);
         args.extend(debug_device_args(&info.debugcon_log));
+        args.extend(key_args(&config, &info, &state_dir)?);
         args.extend(mailbox_args(&config, &info)?);
         args.extend(config.extra_args.iter().cloned());
         std::fs::write(
@@ -1030,6 +1052,67 @@ impl Drop for Vm {
 /// The mailbox device: `ivshmem-plain` over the state dir's file, or
 /// `ivshmem-doorbell` through the daemon (registered here, before QEMU
 /// starts: QEMU connects to the ivshmem socket while it realizes the device).
+/// How the VM's key reaches the firmware. Our firmware: a secret table
+/// (`smmvmi_boot::sev`) loaded into the SEV launch secret area its image
+/// names, with QEMU's generic loader, where `sev-inject-launch-secret` puts
+/// it under SEV. Other firmware, or [`VmConfig::insecure_fw_cfg_key`]:
+/// fw_cfg `opt/smmvmi/key`.
+fn key_args(config: &VmConfig, info: &VmInfo, state_dir: &Path) -> Result<Vec<String>, VmError> {
+    let fw_cfg = || {
+        vec![
+            "-fw_cfg".to_string(),
+            format!("name={KEY_FW_CFG_NAME},file={}", info.key.display()),
+        ]
+    };
+    let Firmware::Ours(image) = &config.firmware else {
+        return Ok(fw_cfg());
+    };
+    if config.insecure_fw_cfg_key {
+        return Ok(fw_cfg());
+    }
+    // An image that names no secret area (the harness's hand-made test
+    // ROMs, an old build) gets the key the old way, and the log says so.
+    let Some(secret) = crate::sev::areas(image).ok().and_then(|(secret, _)| secret) else {
+        eprintln!(
+            "[smmvmi] {} names no SEV secret area: the key goes to fw_cfg (insecure, test setups only)",
+            image.display()
+        );
+        return Ok(fw_cfg());
+    };
+    let key = std::fs::read(&info.key).map_err(io(format!("read {}", info.key.display())))?;
+    let mut table = vec![0u8; 0x100];
+    let n = smmvmi_boot::sev::write_secret_table(
+        &[(smmvmi_boot::sev::AGENT_KEY_SECRET_GUID, &key)],
+        &mut table,
+    )
+    .map_err(|e| VmError::Io {
+        what: "build the secret table".into(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    table.truncate(n.next_multiple_of(16));
+    let file = state_dir.join("key-secret.bin");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::remove_file(&file);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&file)
+            .and_then(|mut f| f.write_all(&table))
+            .map_err(io(format!("write {}", file.display())))?;
+    }
+    Ok(vec![
+        "-device".into(),
+        format!(
+            "loader,file={},addr={:#x},force-raw=on",
+            file.display(),
+            secret.base
+        ),
+    ])
+}
+
 fn mailbox_args(config: &VmConfig, info: &VmInfo) -> Result<Vec<String>, VmError> {
     let s = |p: &Path| p.display().to_string();
     let Some(sock) = &config.daemon else {

@@ -1,5 +1,7 @@
 //! The agent key never stays in guest-visible memory: the firmware copies it
-//! from fw_cfg into SMRAM and scrubs every other copy before Linux runs.
+//! from the SEV launch secret area (where the harness loads it, as
+//! `sev-inject-launch-secret` would under SEV) into SMRAM and scrubs the
+//! area and every other copy before Linux runs; fw_cfg holds no key.
 //!
 //! The host dumps all guest RAM below 4 GiB (QMP `pmemsave`, the non-SMM view
 //! in which TSEG reads as all ones) after boot and after serving requests,
@@ -31,6 +33,22 @@ fn key_is_not_in_guest_ram() {
     );
     let key = std::fs::read(&vm.info().key).expect("read the VM's key file");
     assert_eq!(key.len(), 32, "harness key length");
+    let log = vm.debugcon();
+    assert!(
+        log.contains("key: from the SEV launch secret area"),
+        "the key must come from the launch secret area; debugcon:\n{log}"
+    );
+    // Not through fw_cfg either: QEMU was given no fw_cfg key at all (so the
+    // raw ports cannot serve one), and Linux's qemu_fw_cfg, where the guest
+    // kernel has it, lists none.
+    let cmdline =
+        std::fs::read_to_string(vm.state_dir().join("qemu.cmdline")).expect("read qemu.cmdline");
+    assert!(
+        !cmdline.contains(smmvmi_mailbox::platform::KEY_FW_CFG_FILE),
+        "QEMU got a fw_cfg key: {cmdline}"
+    );
+    let listed = sh(&vm, "ls /sys/firmware/qemu_fw_cfg/by_name/opt 2>&1; true");
+    assert!(!listed.contains("smmvmi"), "fw_cfg lists {listed:?}");
 
     // Make the agent serve sealed requests first, so any copy made while
     // serving would show up too.
@@ -41,6 +59,13 @@ fn key_is_not_in_guest_ram() {
         banner.text.starts_with("Linux version"),
         "{:?}",
         banner.text
+    );
+    let info = session.info().unwrap_or_else(|e| panic!("{e}"));
+    assert_ne!(
+        info.header.sev_flags & smmvmi_mailbox::records::KEY_FROM_LAUNCH_SECRET,
+        0,
+        "INFO says where the key came from: {:#x}",
+        info.header.sev_flags
     );
     let client = session.client_id();
     // QEMU's QMP socket serves one client at a time: hang up first.

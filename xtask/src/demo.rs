@@ -88,7 +88,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// from outside, and the guest's own view is printed next to it.
 fn ids_demo(vm: &Vm) -> anyhow::Result<()> {
     crate::step(
-        "IDS: sealed session with the SMM agent through the host-injector daemon (AES-256-GCM, key from fw_cfg)",
+        "IDS: sealed session with the SMM agent through the host-injector daemon (AES-256-GCM, key from the launch secret area)",
     );
     let endpoint: Endpoint = vm
         .info()

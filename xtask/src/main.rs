@@ -17,6 +17,7 @@ mod demo;
 mod firmware;
 mod guest_image;
 mod lint;
+mod measure;
 mod qemu_patched;
 mod test;
 mod vm;
@@ -52,6 +53,8 @@ enum Task {
     Demo(demo::Args),
     /// cargo fmt --check and clippy -D warnings over the workspace.
     Lint,
+    /// Print the expected SEV launch digest of the firmware image (and kernel hashes).
+    Measure(measure::Args),
     /// Build (or find cached) QEMU 7.2 from Debian's source with patches-qemu/; print its path.
     QemuPatched(qemu_patched::Args),
 }
@@ -99,6 +102,7 @@ fn main() {
         Task::Bench(cmd) => bench::run(cmd),
         Task::Demo(args) => demo::run(args),
         Task::Lint => lint::run(),
+        Task::Measure(args) => measure::run(args),
         Task::QemuPatched(args) => qemu_patched::run(args),
     };
     if let Err(e) = result {

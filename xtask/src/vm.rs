@@ -151,6 +151,12 @@ pub struct UpArgs {
     /// .cache/injector/injector.sock) through `ivshmem-doorbell`.
     #[arg(long)]
     pub direct: bool,
+    /// Start an SEV guest (KVM, `sev-guest` with `kernel-hashes=on`, the
+    /// firmware as read-only pflash, the key as a launch secret). Checks the
+    /// host first and stops naming what is missing (KVM SMM, /dev/sev, the
+    /// kvm_amd sev parameter), with the QEMU arguments it would have used.
+    #[arg(long)]
+    pub sev: bool,
 }
 
 #[derive(clap::Args)]
@@ -303,8 +309,51 @@ fn list(json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The QEMU arguments of an SEV guest (plain SEV; QEMU 7.2
+/// `target/i386/sev.c`, `docs/system/i386/amd-memory-encryption.rst`): SEV
+/// encrypts and measures the firmware only as pflash (`pc_system_flash_map`
+/// calls `sev_encrypt_flash`), and `kernel-hashes=on` fills the hashes area
+/// the image names. `cbitpos`/`reduced-phys-bits` are host facts (CPUID
+/// 0x8000001F on the host); 51/1 are those of EPYC Milan/Genoa.
+fn sev_qemu_args(firmware: &std::path::Path) -> Vec<String> {
+    [
+        "-accel",
+        "kvm",
+        "-machine",
+        "q35,smm=on,confidential-guest-support=sev0",
+        "-object",
+        "sev-guest,id=sev0,policy=0x1,cbitpos=51,reduced-phys-bits=1,kernel-hashes=on",
+    ]
+    .into_iter()
+    .map(String::from)
+    .chain([
+        "-drive".into(),
+        format!(
+            "if=pflash,format=raw,unit=0,readonly=on,file={}",
+            firmware.display()
+        ),
+    ])
+    .collect()
+}
+
 fn up(args: UpArgs) -> anyhow::Result<()> {
     let name = args.vm.get();
+    if args.sev {
+        let missing = host_injector::doctor::sev_missing();
+        let fw = crate::firmware::build(&crate::root())?;
+        let qemu_args = sev_qemu_args(&fw).join(" ");
+        anyhow::ensure!(
+            missing.is_empty(),
+            "cannot start an SEV guest on this host: missing {}. \
+             (QEMU arguments it would use: {qemu_args}; provision the key with \
+             `cargo xtask measure`, query-sev-launch-measure, sev-inject-launch-secret)",
+            missing.join("; ")
+        );
+        anyhow::bail!(
+            "this host has what SEV needs, but `vm up --sev` is not implemented past the host check \
+             (never run on SEV hardware); QEMU arguments it would use: {qemu_args}"
+        );
+    }
     let image = crate::guest_image::build(&args.kernel_deb)?;
     crate::step(&format!("firmware: {:?}", args.firmware));
     let firmware = args.firmware.resolve()?;

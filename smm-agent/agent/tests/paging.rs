@@ -24,7 +24,7 @@ fn run(b: &PtBuilder, va: u64) -> (smmvmi_mailbox::wire::WalkRecord, Result<u64,
 #[test]
 fn every_mode_and_page_size() {
     for levels in [4u8, 5] {
-        for c_bit in [0, C_BIT] {
+        for c_bit in [0, C_BIT, 1 << 51] {
             let mut b = PtBuilder::new(levels, c_bit);
             let k4 = 0xFFFF_FFFF_8100_0000u64;
             b.map(k4, 0x0200_0000, 12);

@@ -103,6 +103,7 @@ impl Harness<'_, '_> {
             cpus: &self.w.cpus,
             sev: self.w.sev,
             mem_flags: 0,
+            key_flags: 0,
             snapshot_skipped: self.skipped,
         };
         let r = serve(&self.w.mailbox, &mut self.state, &ctx, &self.w.pt.mem);

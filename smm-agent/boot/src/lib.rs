@@ -1,8 +1,9 @@
 //! `smmvmi-boot` is the host-testable logic of the smmvmi firmware: reading
 //! QEMU's fw_cfg device, interpreting the ACPI `etc/table-loader` script,
 //! building the e820 map, assigning PCI BARs on bus 0, planning the Linux
-//! 64-bit boot (setup header, load addresses, zero page), and the q35
-//! SMRAM/SMI register values.
+//! 64-bit boot (setup header, load addresses, zero page), the q35
+//! SMRAM/SMI register values, the GUIDed table at the end of the flash
+//! image ([`ovmf_table`]) and the SEV kernel-hashes check ([`sev`]).
 //!
 //! What it trusts: only what the firmware binary hands it through the small
 //! traits in each module ([`fw_cfg::FwCfgIo`], [`table_loader::LoaderEnv`],
@@ -25,9 +26,12 @@ extern crate std;
 
 pub mod e820;
 pub mod fw_cfg;
+pub mod guid;
 pub mod linux;
 pub mod memhp;
 pub mod msix;
+pub mod ovmf_table;
 pub mod pci;
 pub mod q35;
+pub mod sev;
 pub mod table_loader;

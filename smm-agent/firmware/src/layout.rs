@@ -76,6 +76,34 @@ pub const SELFTEST_WORD: u64 = 0x20;
 /// Top of the real-mode stack the APs share (one at a time) in RELOC_DATA.
 pub const RELOC_AP_STACK_TOP: u64 = 0xff0;
 
+/// SEV launch secret area (4 KiB): named in the image's GUIDed table
+/// ([`OVMF_TABLE`]) so that QEMU's `sev-inject-launch-secret` (without
+/// `gpa`) writes there. Low RAM that nothing else uses before Linux: above
+/// the default SMBASE area (0x30000..0x50000), below the EBDA.
+pub const SEV_SECRET_BASE: u64 = 0x5_0000;
+pub const SEV_SECRET_SIZE: u64 = 0x1000;
+/// SEV kernel hashes area: QEMU (`sev-guest,kernel-hashes=on`) writes its
+/// table of kernel, initrd and command-line hashes here before the launch
+/// measurement; `boot::measured` checks what it loads against it. 1 KiB,
+/// as OVMF's `PcdQemuHashTableSize`; QEMU needs at least 176 bytes.
+pub const SEV_HASHES_BASE: u64 = SEV_SECRET_BASE + SEV_SECRET_SIZE;
+pub const SEV_HASHES_SIZE: u64 = 0x400;
+const _: () = assert!(
+    SEV_SECRET_BASE >= q35::DEFAULT_SMBASE + 0x2_0000
+        && SEV_SECRET_BASE >= CMDLINE + CMDLINE_MAX
+        && SEV_HASHES_BASE + SEV_HASHES_SIZE <= 0x9_F000
+        && SEV_HASHES_SIZE as usize >= smmvmi_boot::sev::PADDED_HASH_TABLE_LEN
+);
+
+/// The GUIDed table block at the end of the flash image (`link.ld` section
+/// `.ovmf_table`): it ends 32 bytes before the image end, where QEMU
+/// (`hw/i386/pc_sysfw_ovmf.c`) looks for the footer, and starts at
+/// `OVMF_TABLE_END - OVMF_TABLE_BLOCK` = 0xFFFFFF80, the address `link.ld`
+/// gives the section.
+pub const OVMF_TABLE_END: u64 = 0x1_0000_0000 - smmvmi_boot::ovmf_table::BYTES_AFTER_FOOTER as u64;
+pub const OVMF_TABLE_BLOCK: usize = 0x60;
+const _: () = assert!(OVMF_TABLE_END - OVMF_TABLE_BLOCK as u64 == 0xFFFF_FF80);
+
 /// Boot page tables (built by `asm/reset.s`): an identity map of 0..4 GiB
 /// with 2 MiB pages: PML4, PDPT, then four page directories.
 pub const BOOT_PML4: u64 = 0x10_0000;

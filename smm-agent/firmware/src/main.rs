@@ -193,7 +193,13 @@ fn boot() -> Result<linux::Prepared, BootError> {
     tseg::self_test()?;
     log!("SMM locked; SMI broadcast on");
 
-    linux::prepare(&mut fw, &handoff, acpi_base, rsdp)
+    linux::prepare(
+        &mut fw,
+        &handoff,
+        acpi_base,
+        rsdp,
+        hw::cpu::sev_config().active,
+    )
 }
 
 #[panic_handler]

@@ -8,6 +8,7 @@ use smmvmi_boot::fw_cfg::FwCfgError;
 use smmvmi_boot::linux::LinuxError;
 use smmvmi_boot::pci::PciError;
 use smmvmi_boot::q35;
+use smmvmi_boot::sev::HashesError;
 use smmvmi_boot::table_loader::LoaderError;
 use thiserror::Error;
 
@@ -134,6 +135,10 @@ pub enum BootError {
     KernelRead(FwCfgError),
     #[error("reading the initrd: {0}")]
     InitrdRead(FwCfgError),
+    /// Measured direct boot: a blob does not match the SEV hashes table,
+    /// the table is malformed, or SEV is on without one.
+    #[error("measured boot: {0}")]
+    Measurement(HashesError),
 }
 
 impl BootError {
@@ -170,6 +175,7 @@ impl BootError {
             | SelfTest => ExitCode::SmmSetup,
             NoKernel => ExitCode::NoKernel,
             SetupTooLarge { .. } | Kernel(_) => ExitCode::BadKernel,
+            Measurement(_) => ExitCode::Measurement,
         }
     }
 

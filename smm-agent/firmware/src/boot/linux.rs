@@ -6,7 +6,10 @@ use smmvmi_boot::e820::E820Map;
 use smmvmi_boot::fw_cfg::{self as fwc, FwCfgIo};
 use smmvmi_boot::linux::{self, BootParamsInput, SetupHeader};
 
+use smmvmi_boot::sev::Blob;
+
 use super::error::BootError;
+use super::measured::{self, Hasher};
 use crate::hw::fw_cfg::FwCfg;
 use crate::hw::memory::Region;
 use crate::layout::{BOOT_PARAMS, CMDLINE, CMDLINE_MAX};
@@ -20,14 +23,17 @@ pub struct Prepared {
     entry64: u64,
 }
 
-/// Loads kernel, initrd and command line, and writes the zero page.
-/// `low_ram_end`/`reserved_start`: usable low RAM is `[1 MiB, reserved_start)`.
+/// Loads kernel, initrd and command line, checks them against the SEV
+/// hashes table when there is one (`boot::measured`), and writes the zero
+/// page. Usable low RAM is `[1 MiB, reserved_start)`.
 pub fn prepare(
     fw: &mut FwCfg,
     e820: &E820Map,
     reserved_start: u64,
     rsdp: u64,
+    sev_active: bool,
 ) -> Result<Prepared, BootError> {
+    let measured = measured::hashes_table(sev_active)?;
     let kernel_size = u64::from(fwc::read_u32_le(fw, fwc::KERNEL_SIZE));
     let setup_size = fwc::read_u32_le(fw, fwc::SETUP_SIZE) as usize;
     if kernel_size == 0 || setup_size == 0 {
@@ -63,12 +69,26 @@ pub fn prepare(
     let kernel = unsafe { Region::new(layout.kernel_addr, kernel_size) };
     fw.read_to(fwc::KERNEL_DATA, &kernel)
         .map_err(BootError::KernelRead)?;
+    // QEMU hashes the setup blob followed by the kernel blob: the bzImage.
+    measured::check(&measured, Blob::Kernel, || {
+        let mut h = Hasher::new();
+        h.bytes(setup);
+        h.region(&kernel);
+        h.finish()
+    })?;
     if initrd_size != 0 {
         // SAFETY: as for the kernel; the planner keeps the initrd above the
         // kernel window and below the reserved area.
         let initrd = unsafe { Region::new(layout.initrd_addr, initrd_size) };
         fw.read_to(fwc::INITRD_DATA, &initrd)
             .map_err(BootError::InitrdRead)?;
+        measured::check(&measured, Blob::Initrd, || {
+            let mut h = Hasher::new();
+            h.region(&initrd);
+            h.finish()
+        })?;
+    } else {
+        measured::check(&measured, Blob::Initrd, || Hasher::new().finish())?;
     }
 
     // SAFETY: CMDLINE is a fixed low-memory buffer for the command line
@@ -88,6 +108,18 @@ pub fn prepare(
             cmdline.write(off, &chunk[..n]);
             off += n as u64;
         }
+    }
+    // QEMU hashes the command line with its NUL (fw_cfg CMDLINE_SIZE
+    // counts it); every byte of it was loaded above.
+    measured::check(&measured, Blob::Cmdline, || {
+        let mut h = Hasher::new();
+        if let Some(r) = cmdline.sub(0, len) {
+            h.region(&r);
+        }
+        h.finish()
+    })?;
+    if matches!(measured, smmvmi_boot::sev::Measured::Check(_)) {
+        log!("measured boot: kernel, initrd and command line match the SEV hashes table");
     }
 
     let params = linux::build_boot_params(&BootParamsInput {

@@ -13,6 +13,7 @@ pub mod acpi;
 pub mod e820;
 pub mod error;
 pub mod linux;
+pub mod measured;
 pub mod memhp;
 pub mod pci;
 pub mod platform;

@@ -40,3 +40,24 @@ pub fn has_nx() -> bool {
 pub fn initial_apic_id() -> u32 {
     core::arch::x86_64::__cpuid(1).ebx >> 24
 }
+
+/// This CPU's SEV facts (CPUID 0x8000001F, the SEV_STATUS MSR), decoded by
+/// the one definition the agent's walker uses
+/// ([`smmvmi_agent::serve::SevConfig::detect`]). The MSR is read only when
+/// CPUID says SEV is supported.
+pub fn sev_config() -> smmvmi_agent::serve::SevConfig {
+    use smmvmi_agent::serve::{CPUID_SEV_LEAF, MSR_SEV_STATUS, SevConfig};
+    let max_ext = core::arch::x86_64::__cpuid(0x8000_0000).eax;
+    let (eax, ebx) = if max_ext >= CPUID_SEV_LEAF {
+        let leaf = core::arch::x86_64::__cpuid(CPUID_SEV_LEAF);
+        (leaf.eax, leaf.ebx)
+    } else {
+        (0, 0)
+    };
+    SevConfig::detect(max_ext, eax, ebx, || {
+        // SAFETY: `detect` calls this only when CPUID 0x8000001F says SEV
+        // is supported, where SEV_STATUS exists (AMD APM vol. 2, 15.34.10);
+        // reading it has no side effects. Ring 0.
+        unsafe { x86_64::registers::model_specific::Msr::new(MSR_SEV_STATUS).read() }
+    })
+}

@@ -14,6 +14,7 @@ use smmvmi_boot::e820::{self, E820Map};
 use smmvmi_boot::fw_cfg::{self as fwc, FwCfgIo};
 use smmvmi_mailbox::crypto::SHARED_KEY_LEN;
 use smmvmi_mailbox::layout as mb;
+use smmvmi_mailbox::records;
 
 use super::config::config;
 use crate::hw::fw_cfg::FwCfg;
@@ -55,6 +56,8 @@ pub struct Agent {
     pub ram: RamMap,
     pub smram: PhysRange,
     pub sev: SevConfig,
+    /// `records::KEY_FROM_*`: where `provision` found the key.
+    pub key_flags: u32,
     pub cpus: [CpuSnapshot; layout::MAX_CPUS as usize],
 }
 
@@ -71,6 +74,7 @@ pub static AGENT: SmmCell<Agent> = SmmCell::new(Agent {
         active: false,
         c_bit: 0,
     },
+    key_flags: 0,
     cpus: [ZERO_CPU; layout::MAX_CPUS as usize],
 });
 
@@ -160,6 +164,7 @@ pub fn serve(mailbox: &Region, held: super::smi::Held) -> Option<(Served, u64)> 
         cpus: &agent.cpus[..ncpus],
         sev: agent.sev,
         mem_flags: config().mem_flags,
+        key_flags: agent.key_flags,
         snapshot_skipped: held.snapshot_skipped,
     };
     // The mailbox BAR, verified in place by `smi::mailbox`, which the guest
@@ -194,24 +199,6 @@ pub fn publish(mailbox: &Region) {
         // The mailbox BAR, through volatile accesses (see `serve`); a failed
         // store leaves the old salt, and requests then fail to open.
         let _ = state.publish(mailbox);
-    }
-}
-
-fn sev_config() -> SevConfig {
-    // CPUID 0x8000001F: EAX bit 1 = SEV, EBX[5:0] = C-bit position.
-    let max_ext = core::arch::x86_64::__cpuid(0x8000_0000).eax;
-    if max_ext < 0x8000_001f {
-        return SevConfig::default();
-    }
-    let leaf = core::arch::x86_64::__cpuid(0x8000_001f);
-    if leaf.eax & 2 == 0 {
-        return SevConfig::default();
-    }
-    // SEV_STATUS MSR exists when CPUID says SEV is supported.
-    let status = rdmsr(0xc001_0131);
-    SevConfig {
-        active: status & 1 != 0,
-        c_bit: (leaf.ebx & 0x3f) as u8,
     }
 }
 
@@ -272,31 +259,17 @@ pub fn provision(fw: &mut FwCfg, handoff: &E820Map, tseg_base: u64, tseg_size: u
         }
     }
     agent.smram = PhysRange::new(tseg_base, tseg_size).unwrap_or(PhysRange::EMPTY);
-    agent.sev = sev_config();
+    agent.sev = crate::hw::cpu::sev_config();
 
     let mut key = [0u8; SHARED_KEY_LEN];
-    let have_key = match fwc::find_file(fw, KEY_FILE) {
-        Ok(Some(f)) if f.size as usize == SHARED_KEY_LEN => {
-            fw.select(f.select);
-            fw.read(&mut key);
-            true
-        }
-        Ok(Some(f)) => {
-            log!(
-                "error: fw_cfg {KEY_FILE} is {} bytes, expected {SHARED_KEY_LEN}: the agent stays unprovisioned (INFO only)",
-                f.size
-            );
-            false
-        }
-        Ok(None) => {
-            log!("no key in fw_cfg {KEY_FILE}: the agent is unprovisioned and serves INFO only");
-            false
-        }
-        Err(e) => {
-            log!("error: looking up {KEY_FILE}: {e}; the agent stays unprovisioned");
-            false
-        }
+    agent.key_flags = if key_from_launch_secret(&mut key) {
+        records::KEY_FROM_LAUNCH_SECRET
+    } else if key_from_fw_cfg(fw, &mut key) {
+        records::KEY_FROM_FW_CFG
+    } else {
+        0
     };
+    let have_key = agent.key_flags != 0;
     let tseg = tseg_base;
     // SAFETY: the SMRAM request/reply buffers (layout.rs), used only by
     // the agent in SMM from now on; TSEG is open and identity mapped, and
@@ -314,6 +287,79 @@ pub fn provision(fw: &mut FwCfg, handoff: &E820Map, tseg_base: u64, tseg_size: u
         reply,
     ));
     scrub(&mut key);
+}
+
+/// The key from the SEV launch secret area (`layout::SEV_SECRET_BASE`,
+/// named in the image's GUIDed table): a secret table
+/// (`smmvmi_boot::sev::find_secret`) with the agent-key entry. Under SEV
+/// the guest owner injects it with `sev-inject-launch-secret` after checking
+/// the launch measurement; test setups load it with `-device loader`. The
+/// whole area is zeroed afterwards, found or not, so no copy outlives boot.
+fn key_from_launch_secret(key: &mut [u8; SHARED_KEY_LEN]) -> bool {
+    use smmvmi_boot::sev::{AGENT_KEY_SECRET_GUID, find_secret};
+    // SAFETY: the secret area is low RAM reserved for it (layout.rs);
+    // nothing else uses it before Linux.
+    let area = unsafe { Region::new(layout::SEV_SECRET_BASE, layout::SEV_SECRET_SIZE) };
+    let mut copy = [0u8; layout::SEV_SECRET_SIZE as usize];
+    area.read(0, &mut copy);
+    let found = match find_secret(&copy, &AGENT_KEY_SECRET_GUID) {
+        Ok(Some(k)) if k.len() == SHARED_KEY_LEN => {
+            key.copy_from_slice(k);
+            log!(
+                "key: from the SEV launch secret area at {:#x}; area scrubbed",
+                layout::SEV_SECRET_BASE
+            );
+            true
+        }
+        Ok(Some(k)) => {
+            log!(
+                "error: the launch secret's agent key is {} bytes, expected {SHARED_KEY_LEN}; ignored",
+                k.len()
+            );
+            false
+        }
+        Ok(None) => false,
+        Err(e) => {
+            log!("error: {e}; no key from the launch secret");
+            false
+        }
+    };
+    area.write_volatile(0, &[0u8; layout::SEV_SECRET_SIZE as usize]);
+    scrub(&mut copy);
+    found
+}
+
+/// The key from fw_cfg `opt/smmvmi/key`: test setups only, and said so,
+/// because fw_cfg stays readable by the guest (ports 0x510/0x511, Linux's
+/// `qemu_fw_cfg`) for the VM's whole life.
+fn key_from_fw_cfg(fw: &mut FwCfg, key: &mut [u8; SHARED_KEY_LEN]) -> bool {
+    match fwc::find_file(fw, KEY_FILE) {
+        Ok(Some(f)) if f.size as usize == SHARED_KEY_LEN => {
+            fw.select(f.select);
+            fw.read(key);
+            log!(
+                "key: from fw_cfg {KEY_FILE} (INSECURE, test setups only: a guest can read fw_cfg for the VM's whole life; use the SEV launch secret)"
+            );
+            true
+        }
+        Ok(Some(f)) => {
+            log!(
+                "error: fw_cfg {KEY_FILE} is {} bytes, expected {SHARED_KEY_LEN}: the agent stays unprovisioned (INFO only)",
+                f.size
+            );
+            false
+        }
+        Ok(None) => {
+            log!(
+                "no key in the SEV launch secret area nor in fw_cfg {KEY_FILE}: the agent is unprovisioned and serves INFO only"
+            );
+            false
+        }
+        Err(e) => {
+            log!("error: looking up {KEY_FILE}: {e}; the agent stays unprovisioned");
+            false
+        }
+    }
 }
 
 /// Zeroes secret bytes so the compiler cannot drop the writes.
