@@ -40,8 +40,9 @@ pub const ISF_FORMAT: &str = "6.2.0";
 pub const LINK_TEXT: u64 = 0xffff_ffff_8100_0000;
 
 /// Types of global variables (kernel BTF does not describe them): symbol,
-/// C type (`struct X`, `*struct X`, a base type name, or `[N]T`-free simple
-/// forms). Only those the symbol table has are used.
+/// C type: `struct X`, a base type name, `function`, `*T` (pointer),
+/// `[N]T` (array; `[]T`: as many as fit before the next symbol). Only
+/// those the symbol table has are used.
 pub const GLOBAL_TYPES: &[(&str, &str)] = &[
     ("init_task", "struct task_struct"),
     ("init_mm", "struct mm_struct"),
@@ -78,6 +79,7 @@ pub const GLOBAL_TYPES: &[(&str, &str)] = &[
     ("_einittext", "char"),
     ("__per_cpu_offset", "[]*void"),
     ("idt_table", "[256]struct gate_struct"),
+    ("taint_flags", "[]struct taint_flag"),
     ("sys_call_table", "[]*function"),
     ("ia32_sys_call_table", "[]*function"),
 ];
@@ -257,10 +259,26 @@ pub fn build(btf: &[u8], symbols: &[Symbol], banner: &str) -> Result<Value, BtfE
         }
         syms.insert(s.name.clone(), v);
     }
+    let mut addrs: Vec<u64> = syms
+        .values()
+        .filter_map(|v| v["address"].as_u64())
+        .collect();
+    addrs.sort_unstable();
+    addrs.dedup();
     for (name, spec) in GLOBAL_TYPES {
-        if let Some(v) = syms.get_mut(*name)
-            && let Some(t) = descriptor_of(spec, &user_types, &base_types)
-        {
+        let Some(v) = syms.get_mut(*name) else {
+            continue;
+        };
+        let at = v["address"].as_u64().unwrap_or(0);
+        // Bytes up to the next symbol: the size of an unsized array.
+        let room = addrs
+            .iter()
+            .find(|&&a| a > at)
+            .map_or(0, |&a| a - at);
+        if let Some(mut t) = descriptor_of(spec, room, &user_types, &base_types) {
+            if *name == "taint_flags" {
+                t["count"] = json!(taint_flags_count(banner));
+            }
             v["type"] = t;
         }
     }
@@ -284,6 +302,25 @@ pub fn build(btf: &[u8], symbols: &[Symbol], banner: &str) -> Result<Value, BtfE
     }))
 }
 
+/// `TAINT_FLAGS_COUNT` (include/linux/panic.h) of the kernel named in
+/// `banner`: 18 before 5.17 (`TAINT_TEST`), 19 before 6.15 (`TAINT_FWCTL`),
+/// 20 after; the array is followed by other rodata, so its symbol gap
+/// does not give its length.
+pub fn taint_flags_count(banner: &str) -> u32 {
+    let v: Vec<u32> = banner
+        .strip_prefix("Linux version ")
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit() && c != '.').next())
+        .unwrap_or("")
+        .split('.')
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    match (v.first().copied().unwrap_or(6), v.get(1).copied().unwrap_or(0)) {
+        (a, b) if (a, b) < (5, 17) => 18,
+        (a, b) if (a, b) < (6, 15) => 19,
+        _ => 20,
+    }
+}
+
 /// The C name of an integer of `size` bytes (DWARF's spelling).
 fn int_name(size: usize, signed: bool) -> &'static str {
     match (size, signed) {
@@ -299,19 +336,32 @@ fn int_name(size: usize, signed: bool) -> &'static str {
 }
 
 /// A descriptor from [`GLOBAL_TYPES`]'s small C forms, if its type exists.
+/// `room`: bytes from the symbol to the next one (for `[]T`).
 fn descriptor_of(
     spec: &str,
+    room: u64,
     user: &BTreeMap<String, Value>,
     base: &BTreeMap<String, Value>,
 ) -> Option<Value> {
     if let Some(rest) = spec.strip_prefix('[') {
         let (n, elem) = rest.split_once(']')?;
-        let count: u64 = if n.is_empty() { 1 } else { n.parse().ok()? };
-        let sub = descriptor_of(elem, user, base)?;
+        let elem_size = if elem.starts_with('*') {
+            8
+        } else if let Some(s) = elem.strip_prefix("struct ") {
+            user.get(s)?["size"].as_u64()?
+        } else {
+            base.get(elem)?["size"].as_u64()?
+        };
+        let count: u64 = if n.is_empty() {
+            (room / elem_size.max(1)).clamp(1, 1 << 16)
+        } else {
+            n.parse().ok()?
+        };
+        let sub = descriptor_of(elem, 0, user, base)?;
         return Some(json!({"kind": "array", "count": count, "subtype": sub}));
     }
     if let Some(rest) = spec.strip_prefix('*') {
-        let sub = descriptor_of(rest, user, base)?;
+        let sub = descriptor_of(rest, 0, user, base)?;
         return Some(json!({"kind": "pointer", "subtype": sub}));
     }
     if spec == "function" {
@@ -490,11 +540,18 @@ impl MemberType for btf_rs::Member {
     }
 }
 
-/// The cache file of a kernel's ISF: `DIR/isf/<hash of the banner>.json`.
+/// Revision of what [`build`] writes (part of the cache key: bump it when
+/// the output changes).
+pub const ISF_REVISION: u32 = 3;
+
+/// The cache file of a kernel's ISF: `DIR/isf/<hash of the banner and
+/// [`ISF_REVISION`]>.json` (the banner carries the build: version, compiler,
+/// build number and date).
 pub fn cache_path(dir: &std::path::Path, banner: &str) -> std::path::PathBuf {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     banner.hash(&mut h);
+    ISF_REVISION.hash(&mut h);
     dir.join("isf").join(format!("{:016x}.json", h.finish()))
 }
 
@@ -646,5 +703,8 @@ mod tests {
             b"Linux version 6.1.0 (x)\n\0"
         );
         assert_eq!(isf["metadata"]["format"], ISF_FORMAT);
+        assert_eq!(taint_flags_count("Linux version 6.1.0-57-cloud-amd64 (x)"), 19);
+        assert_eq!(taint_flags_count("Linux version 6.15.2 (x)"), 20);
+        assert_eq!(taint_flags_count("Linux version 5.10.0 (x)"), 18);
     }
 }
