@@ -271,10 +271,7 @@ pub fn build(btf: &[u8], symbols: &[Symbol], banner: &str) -> Result<Value, BtfE
         };
         let at = v["address"].as_u64().unwrap_or(0);
         // Bytes up to the next symbol: the size of an unsized array.
-        let room = addrs
-            .iter()
-            .find(|&&a| a > at)
-            .map_or(0, |&a| a - at);
+        let room = addrs.iter().find(|&&a| a > at).map_or(0, |&a| a - at);
         if let Some(mut t) = descriptor_of(spec, room, &user_types, &base_types) {
             if *name == "taint_flags" {
                 t["count"] = json!(taint_flags_count(banner));
@@ -314,7 +311,10 @@ pub fn taint_flags_count(banner: &str) -> u32 {
         .split('.')
         .filter_map(|x| x.parse().ok())
         .collect();
-    match (v.first().copied().unwrap_or(6), v.get(1).copied().unwrap_or(0)) {
+    match (
+        v.first().copied().unwrap_or(6),
+        v.get(1).copied().unwrap_or(0),
+    ) {
         (a, b) if (a, b) < (5, 17) => 18,
         (a, b) if (a, b) < (6, 15) => 19,
         _ => 20,
@@ -703,7 +703,10 @@ mod tests {
             b"Linux version 6.1.0 (x)\n\0"
         );
         assert_eq!(isf["metadata"]["format"], ISF_FORMAT);
-        assert_eq!(taint_flags_count("Linux version 6.1.0-57-cloud-amd64 (x)"), 19);
+        assert_eq!(
+            taint_flags_count("Linux version 6.1.0-57-cloud-amd64 (x)"),
+            19
+        );
         assert_eq!(taint_flags_count("Linux version 6.15.2 (x)"), 20);
         assert_eq!(taint_flags_count("Linux version 5.10.0 (x)"), 18);
     }

@@ -85,6 +85,11 @@ pub const PACKAGES: &[Package] = &[
         name: "libvirt-clients",
         probe: "/usr/bin/virsh",
     },
+    // The venv of Volatility 3 and drgn (tests/src/venv.rs).
+    Package {
+        name: "python3-venv",
+        probe: "/usr/share/doc/python3-venv",
+    },
 ];
 
 /// Installs whichever of [`PACKAGES`] are missing. Logs through `log`.
