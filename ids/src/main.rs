@@ -295,6 +295,17 @@ enum Command {
         #[arg(long)]
         resume: bool,
     },
+    /// Mounts the guest's physical memory read-only as DIR/mem (FUSE): a
+    /// raw image whose offset X is guest-physical X, every read through the
+    /// agent, zeros outside RAM; `vol -f DIR/mem` runs on the live guest.
+    /// Until Ctrl-C (or `umount DIR`).
+    #[command(
+        after_help = "Example: ids -c mon1 mount /mnt/g & vol -f /mnt/g/mem -s symbols linux.pslist"
+    )]
+    Mount {
+        /// An existing empty directory.
+        dir: PathBuf,
+    },
     /// Writes a Volatility 3 symbol table (ISF JSON) of the guest kernel,
     /// built from its own BTF (types) and kallsyms (symbols, at link-time
     /// addresses), with its banner: `vol -s DIR` then finds it.
@@ -777,6 +788,9 @@ fn run(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<Exit> {
         return Ok(if alerted { Exit::Findings } else { Exit::Ok });
     }
     let mut s = Session::connect(&endpoint, cli.deadline())?;
+    if let Command::Mount { dir } = &cli.command {
+        return mount_cmd(cli, s, dir, &stop_on_interrupt());
+    }
     match &cli.command {
         Command::Banner { verbose, limit } => {
             let pb = spinner(cli, "searching the kernel image for its banner");
@@ -858,8 +872,88 @@ fn run(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<Exit> {
                 .expect("clap requires one");
             dump_cmd(cli, out, &mut s, path, *format, *resume)
         }
-        _ => unreachable!("Linux commands return above"),
+        _ => unreachable!("Linux commands and mount return above"),
     }
+}
+
+/// A flag set by SIGINT or SIGTERM (`ids mount` unmounts then).
+fn stop_on_interrupt() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+    stop
+}
+
+/// `ids mount`: serves DIR/mem until `stop` (or until DIR is unmounted).
+fn mount_cmd(
+    cli: &Cli,
+    mut s: Session,
+    dir: &std::path::Path,
+    stop: &AtomicBool,
+) -> anyhow::Result<Exit> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(dir).map_err(|e| {
+        CliError::usage(
+            format!("cannot mount on {}: {e}", dir.display()),
+            "give an existing empty directory",
+        )
+    })?;
+    let info = s.info()?;
+    let ram: Vec<(u64, u64)> = info.ram.iter().map(|r| (r.base, r.len)).collect();
+    let max = s.max_read()? as u64;
+    let stats = Arc::new(std::sync::Mutex::new(cli::mount::MountStats::default()));
+    // The session moves into the file system's thread.
+    let fs = cli::mount::MemFs::new(s, ram, max, meta.uid(), meta.gid(), stats.clone());
+    let size = fs.size();
+    let opts = [
+        fuser::MountOption::RO,
+        fuser::MountOption::FSName("smmvmi".into()),
+        fuser::MountOption::Subtype("ids".into()),
+        fuser::MountOption::DefaultPermissions,
+    ];
+    let bg = fuser::spawn_mount2(fs, dir, &opts).map_err(|e| {
+        CliError::new(
+            Exit::Failure,
+            format!(
+                "mounting FUSE on {}: {e} (needs /dev/fuse and root, or fusermount3)",
+                dir.display()
+            ),
+        )
+    })?;
+    if !cli.quiet {
+        eprintln!(
+            "ids: guest memory ({size:#x} bytes) at {}; Ctrl-C or `umount {}` to end",
+            dir.join("mem").display(),
+            dir.display()
+        );
+    }
+    let mut mounted = true;
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(200));
+        if bg.guard.is_finished() {
+            mounted = false;
+            break;
+        }
+    }
+    if mounted {
+        drop(bg);
+    }
+    let st = *stats.lock().expect("stats");
+    if !cli.quiet {
+        eprintln!(
+            "ids: unmounted {}: {} reads, {} requests, {} bytes of RAM read{}",
+            dir.display(),
+            st.reads,
+            st.requests,
+            st.bytes,
+            if st.failed > 0 {
+                format!(", {} failed", st.failed)
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(Exit::Ok)
 }
 
 /// `ids dump`: plans the file (reading the guest's vmcoreinfo for an ELF
