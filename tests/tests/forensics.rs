@@ -8,7 +8,9 @@
 //! On the default kernel also: an ELF-core dump interrupted (SIGINT) and
 //! resumed equals the uninterrupted LiME dump and QEMU's own `pmemsave`
 //! over the kernel's text and rodata, and it opens in drgn with the
-//! guest's VMCOREINFO, whose page-table walk reads the same task list. On Debian's 6.12 LTS kernel: the Volatility checks.
+//! guest's VMCOREINFO, whose page-table walk reads the same task list.
+//! On Debian's 6.12 LTS kernel: the Volatility checks, and `ids mount`:
+//! Volatility's pslist on the live guest through FUSE.
 //!
 //! Run with `cargo xtask test` (these are `#[ignore]`d for plain `cargo test`).
 
@@ -168,22 +170,33 @@ fn lime_range(file: &Path, addr: u64, len: u64) -> Vec<u8> {
     );
 }
 
-/// The physical range of the kernel's text and rodata (`_text` ..
-/// `__end_rodata`, contiguous in physical memory), and the kernel.
-fn kernel_text(vm: &Vm) -> (u64, u64, Kernel) {
+/// The physical ranges (address, length) of the kernel's text (`_text` ..
+/// `_etext`) and rodata (`__start_rodata` .. `__end_rodata`; the image is
+/// physically contiguous), and the kernel. The gap between them is left
+/// out: the kernel frees it after boot ("Freeing unused kernel image
+/// (text/rodata gap) memory") and it is then ordinary, changing RAM.
+fn kernel_text(vm: &Vm) -> (Vec<(u64, u64)>, Kernel) {
     let mut s = common::ids_session(vm);
     let k = Kernel::load(&mut s, &Discovery::default(), None).unwrap_or_else(|e| panic!("{e}"));
-    let start = k.kallsyms.addr("_text").expect("_text");
-    let end = k.kallsyms.addr("__end_rodata").expect("__end_rodata");
+    let sym = |n: &str| k.kallsyms.addr(n).unwrap_or_else(|| panic!("no {n}"));
+    let text = sym("_text");
     let pa = s
-        .translate(AddressSpace::kernel_of(0), start)
+        .translate(AddressSpace::kernel_of(0), text)
         .unwrap()
         .unwrap_or_else(|f| panic!("translating _text: {f:?}"));
-    (pa, end - start, k)
+    let ranges = [("_text", "_etext"), ("__start_rodata", "__end_rodata")]
+        .iter()
+        .map(|(a, b)| (pa + sym(a) - text, sym(b) - sym(a)))
+        .collect();
+    (ranges, k)
 }
 
 struct Checked {
     dump_secs: f64,
+    /// The processes started under random names: (name, pid).
+    started: Vec<(String, u32)>,
+    /// The ISF directory.
+    symbols: PathBuf,
 }
 
 /// isf + LiME dump + the three plugins against ids and the guest.
@@ -332,7 +345,11 @@ fn volatility_checks(vm: &Vm, dir: &Path) -> Checked {
     assert_eq!(read["Handler Symbol"], "__x64_sys_read");
     let o = ids(vm, &cache, &["check", "syscalls"]);
     ok(o, "ids check syscalls (clean)");
-    Checked { dump_secs }
+    Checked {
+        dump_secs,
+        started,
+        symbols,
+    }
 }
 
 fn workdir(vm: &Vm) -> PathBuf {
@@ -399,41 +416,43 @@ fn forensics_default_kernel() {
     assert!(!state.exists(), "a completed dump leaves no state");
 
     // Kernel text and rodata: resumed ELF core == LiME == pmemsave.
-    let (pa, len, k) = kernel_text(&vm);
-    let r = st
-        .plan
-        .pieces
-        .iter()
-        .find_map(|p| match p {
-            ids::acquire::Piece::Ram {
-                offset,
-                base,
-                len: l,
-            } if pa >= *base && pa + len <= base + l => Some((*offset, *base)),
-            _ => None,
-        })
-        .expect("the kernel in one RAM range");
+    let (ranges, k) = kernel_text(&vm);
     let elf_bytes = std::fs::read(&elf).unwrap();
-    let at = (r.0 + pa - r.1) as usize;
-    let from_elf = &elf_bytes[at..at + len as usize];
-    let from_lime = lime_range(&dir.join("mem.lime"), pa, len);
-    let pmem = dir.join("text.pmemsave");
-    vm.qmp(
-        "pmemsave",
-        Some(serde_json::json!({"val": pa, "size": len, "filename": pmem})),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    vm.release_qmp();
-    let from_qemu = std::fs::read(&pmem).unwrap();
-    assert_eq!(from_qemu.len() as u64, len);
-    assert!(
-        from_elf == from_qemu.as_slice(),
-        "the resumed ELF core's kernel text+rodata ({len:#x} bytes at {pa:#x}) differs from pmemsave"
-    );
-    assert!(
-        from_lime == from_qemu,
-        "the LiME dump's kernel text+rodata differs from pmemsave"
-    );
+    for (i, &(pa, len)) in ranges.iter().enumerate() {
+        let r = st
+            .plan
+            .pieces
+            .iter()
+            .find_map(|p| match p {
+                ids::acquire::Piece::Ram {
+                    offset,
+                    base,
+                    len: l,
+                } if pa >= *base && pa + len <= base + l => Some((*offset, *base)),
+                _ => None,
+            })
+            .expect("the kernel in one RAM range");
+        let at = (r.0 + pa - r.1) as usize;
+        let from_elf = &elf_bytes[at..at + len as usize];
+        let from_lime = lime_range(&dir.join("mem.lime"), pa, len);
+        let pmem = dir.join(format!("kernel{i}.pmemsave"));
+        vm.qmp(
+            "pmemsave",
+            Some(serde_json::json!({"val": pa, "size": len, "filename": pmem})),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        vm.release_qmp();
+        let from_qemu = std::fs::read(&pmem).unwrap();
+        assert_eq!(from_qemu.len() as u64, len);
+        assert!(
+            from_elf == from_qemu.as_slice(),
+            "the resumed ELF core's kernel range {i} ({len:#x} bytes at {pa:#x}) differs from pmemsave"
+        );
+        assert!(
+            from_lime == from_qemu,
+            "the LiME dump's kernel range {i} ({len:#x} bytes at {pa:#x}) differs from pmemsave"
+        );
+    }
 
     // The resumed ELF core: drgn reads its VMCOREINFO and walks the task
     // list through the page tables it names.
@@ -526,7 +545,68 @@ fn forensics_6_12_kernel() {
     let cfg: VmConfig = config("forensics-612").kernel_deb(deb).mem(MEM);
     let vm = boot(cfg);
     let dir = workdir(&vm);
-    volatility_checks(&vm, &dir);
+    let c = volatility_checks(&vm, &dir);
+    live_mount(&vm, &dir, &c);
     let _ = std::fs::remove_dir_all(&dir);
     finish(vm);
+}
+
+/// `ids mount`: Volatility's pslist on the live guest's DIR/mem finds the
+/// processes started under random names, and a process started after the
+/// mount (each open of the file sees fresh memory); SIGINT unmounts.
+fn live_mount(vm: &Vm, dir: &Path, c: &Checked) {
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    vm.release_qmp();
+    let mut child = Command::new(ids_bin())
+        .arg("--connect")
+        .arg(vm.state_dir())
+        .arg("mount")
+        .arg(&mnt)
+        .env("XDG_CACHE_HOME", dir.join("cache"))
+        .spawn()
+        .expect("start ids mount");
+    let mem = mnt.join("mem");
+    let t = Instant::now();
+    while !mem.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no {} after 30 s",
+            mem.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let later = start_named(vm, 1);
+    let rows = vol(&mem, &c.symbols, "linux.pslist");
+    let live: BTreeMap<u32, String> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["PID"].as_u64().unwrap() as u32,
+                r["COMM"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    for (name, pid) in c.started.iter().chain(&later) {
+        assert_eq!(
+            live.get(pid),
+            Some(name),
+            "Volatility on the live mount shows {name} as pid {pid}"
+        );
+    }
+    let procs = guest_procs(vm);
+    let shared = live.keys().filter(|p| procs.contains_key(p)).count();
+    assert!(
+        shared * 10 >= procs.len() * 9,
+        "the live pslist and /proc share {shared} of {} processes",
+        procs.len()
+    );
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "ids mount ended with {status}");
+    assert!(!mem.exists(), "SIGINT unmounts {}", mnt.display());
 }
