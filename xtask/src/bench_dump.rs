@@ -10,6 +10,10 @@
 //!   reads through the agent, the second again — each open of `mem` drops
 //!   the page cache).
 //!
+//! - the smear: how many 4 KiB pages of the dump differ from QEMU's copy
+//!   taken right after it, on the idle guest and on a busy one (a loop
+//!   writing 16 MiB random files to tmpfs): memory that changed while the dump ran.
+//!
 //! Results go to stdout and `.cache/bench/dump.json`.
 
 use std::path::{Path, PathBuf};
@@ -97,6 +101,93 @@ fn vol(file: &Path, symbols: &Path) -> anyhow::Result<(f64, usize)> {
     Ok((t.elapsed().as_secs_f64(), rows))
 }
 
+/// A LiME dump through the agent, then QEMU's `pmemsave` of the same
+/// ranges right after it: how long each took and how many 4 KiB pages of
+/// the dump differ from QEMU's copy (the smear: pages that changed between
+/// the moment the agent read them and the end of the dump).
+struct Smear {
+    dump_s: f64,
+    pmem_s: f64,
+    pages: u64,
+    changed: u64,
+    report: serde_json::Value,
+}
+
+fn dump_and_snapshot(
+    vm: &Vm,
+    bin: &Path,
+    dir: &Path,
+    lime: &Path,
+    ram: &[(u64, u64)],
+) -> anyhow::Result<Smear> {
+    let out = ids(
+        vm,
+        bin,
+        dir,
+        &[
+            "--json",
+            "-q",
+            "dump",
+            "-o",
+            lime.to_str().unwrap(),
+            "--format",
+            "lime",
+        ],
+    )?;
+    let report: serde_json::Value = serde_json::from_str(out.trim())?;
+    let dump_s = report["seconds"].as_f64().unwrap_or(0.0);
+    let pm = dir.join("pmemsave.bin");
+    let piece: u64 = 64 << 20;
+    let mut pieces = Vec::new();
+    let t = Instant::now();
+    for &(base, len) in ram {
+        let mut at = base;
+        while at < base + len {
+            let n = piece.min(base + len - at);
+            let f = dir.join(format!("{}.{at:x}", pm.display()));
+            vm.qmp(
+                "pmemsave",
+                Some(json!({"val": at, "size": n, "filename": f})),
+            )?;
+            pieces.push((at, n, f));
+            at += n;
+        }
+    }
+    let pmem_s = t.elapsed().as_secs_f64();
+    vm.release_qmp();
+    // LiME: a 32-byte header before each range.
+    let data = std::fs::read(lime)?;
+    let mut file_off = Vec::new();
+    let mut off = 0u64;
+    for &(base, len) in ram {
+        file_off.push((base, len, off + 32));
+        off += 32 + len;
+    }
+    let (mut pages, mut changed) = (0u64, 0u64);
+    for (at, n, f) in pieces {
+        let q = std::fs::read(&f)?;
+        let _ = std::fs::remove_file(&f);
+        let (base, _, fo) = file_off
+            .iter()
+            .copied()
+            .find(|&(b, l, _)| at >= b && at < b + l)
+            .expect("a piece of a range");
+        let start = (fo + at - base) as usize;
+        let ours = &data[start..start + n as usize];
+        for (a, b) in ours.chunks(4096).zip(q.chunks(4096)) {
+            pages += 1;
+            changed += u64::from(a != b);
+        }
+    }
+    Ok(Smear {
+        dump_s,
+        pmem_s,
+        pages,
+        changed,
+        report,
+    })
+}
+
 fn measure(vm: &Vm, bin: &Path, dir: &Path, args: &DumpArgs) -> anyhow::Result<()> {
     vm.wait_agent_ready(Duration::from_secs(30))?;
     let info: serde_json::Value = serde_json::from_str(&ids(vm, bin, dir, &["--json", "info"])?)?;
@@ -113,43 +204,22 @@ fn measure(vm: &Vm, bin: &Path, dir: &Path, args: &DumpArgs) -> anyhow::Result<(
         .unwrap_or_default();
     let total: u64 = ram.iter().map(|r| r.1).sum();
 
-    crate::step("ids dump --format lime");
+    crate::step("ids dump --format lime, then QEMU pmemsave of the same ranges (idle guest)");
     let lime = dir.join("mem.lime");
-    let out = ids(
-        vm,
-        bin,
-        dir,
-        &[
-            "--json",
-            "-q",
-            "dump",
-            "-o",
-            lime.to_str().unwrap(),
-            "--format",
-            "lime",
-        ],
-    )?;
-    let d: serde_json::Value = serde_json::from_str(out.trim())?;
-    let dump_s = d["seconds"].as_f64().unwrap_or(0.0);
+    let idle = dump_and_snapshot(vm, bin, dir, &lime, &ram)?;
+    let d = &idle.report;
+    let dump_s = idle.dump_s;
+    let pmem_s = idle.pmem_s;
 
-    crate::step("QEMU pmemsave of the same ranges");
-    let pm = dir.join("pmemsave.bin");
-    let piece: u64 = 64 << 20;
-    let t = Instant::now();
-    for &(base, len) in &ram {
-        let mut at = base;
-        while at < base + len {
-            let n = piece.min(base + len - at);
-            vm.qmp(
-                "pmemsave",
-                Some(json!({"val": at, "size": n, "filename": pm})),
-            )?;
-            at += n;
-        }
-    }
-    let pmem_s = t.elapsed().as_secs_f64();
-    vm.release_qmp();
-    let _ = std::fs::remove_file(&pm);
+    crate::step("the same on a busy guest (a loop writing 16 MiB random files to tmpfs)");
+    vm.run_shell_command(
+        "(while :; do dd if=/dev/urandom of=/tmp/smear bs=1M count=16 2>/dev/null; rm -f /tmp/smear; done) </dev/null >/dev/null 2>&1 & echo $! > /tmp/smear.pid",
+    )?;
+    let busy_file = dir.join("busy.lime");
+    let busy = dump_and_snapshot(vm, bin, dir, &busy_file, &ram);
+    let _ = vm.run_shell_command("kill $(cat /tmp/smear.pid)");
+    let busy = busy?;
+    let _ = std::fs::remove_file(&busy_file);
 
     crate::step("Volatility 3 linux.pslist on the dump and on the live mount");
     let symbols = dir.join("symbols");
@@ -210,6 +280,18 @@ fn measure(vm: &Vm, bin: &Path, dir: &Path, args: &DumpArgs) -> anyhow::Result<(
     );
     println!("agent requests: {}", d["requests"]);
     println!();
+    println!("smear: 4 KiB pages of the dump that differ from pmemsave taken right after it");
+    for (what, sm) in [("idle guest", &idle), ("busy guest (tmpfs writer)", &busy)] {
+        println!(
+            "{:<44} {:>9} of {} ({:.2} %), dump {:.1} s",
+            what,
+            sm.changed,
+            sm.pages,
+            100.0 * sm.changed as f64 / sm.pages.max(1) as f64,
+            sm.dump_s
+        );
+    }
+    println!();
     println!(
         "{:<44} {:>9} {:>10}",
         "vol linux.pslist", "seconds", "processes"
@@ -230,6 +312,8 @@ fn measure(vm: &Vm, bin: &Path, dir: &Path, args: &DumpArgs) -> anyhow::Result<(
         "mem": args.mem, "ram_bytes": total, "ranges": ram.len(),
         "ids_dump_lime_s": dump_s, "ids_dump_requests": d["requests"],
         "pmemsave_s": pmem_s,
+        "smear_pages": {"total": idle.pages, "changed_idle": idle.changed,
+            "changed_busy": busy.changed, "busy_dump_s": busy.dump_s, "busy_pmemsave_s": busy.pmem_s},
         "vol_pslist_dump_s": vol_dump_s, "vol_pslist_live_s": [live1_s, live2_s],
         "pslist_rows": {"dump": rows_dump, "live": rows_live},
     });
