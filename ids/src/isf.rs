@@ -661,6 +661,8 @@ mod tests {
             sym("init_task", 0xffff_ffff_8260_0000 + slide),
             sym("linux_banner", 0xffff_ffff_8220_0000 + slide),
             sym("current_task", 0x2_1000),
+            sym("sys_call_table", 0xffff_ffff_8220_1000 + slide),
+            sym("after_the_table", 0xffff_ffff_8220_1040 + slide),
         ];
         let isf = build(&blob(), &syms, "Linux version 6.1.0 (x)\n").unwrap();
         let ts = &isf["user_types"]["task_struct"];
@@ -693,6 +695,13 @@ mod tests {
         );
         assert_eq!(isf["symbols"]["init_task"]["type"]["name"], "task_struct");
         assert_eq!(isf["symbols"]["current_task"]["address"], 0x2_1000);
+        // An unsized array is as long as the gap to the next symbol.
+        let t = &isf["symbols"]["sys_call_table"]["type"];
+        assert_eq!(
+            (t["kind"].as_str(), t["count"].as_u64()),
+            (Some("array"), Some(8))
+        );
+        assert_eq!(t["subtype"]["kind"], "pointer");
         let data = isf["symbols"]["linux_banner"]["constant_data"]
             .as_str()
             .unwrap();

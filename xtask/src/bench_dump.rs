@@ -12,7 +12,8 @@
 //!
 //! - the smear: how many 4 KiB pages of the dump differ from QEMU's copy
 //!   taken right after it, on the idle guest and on a busy one (a loop
-//!   writing 16 MiB random files to tmpfs): memory that changed while the dump ran.
+//!   writing 16 MiB random files to tmpfs): memory that changed while the
+//!   dump ran.
 //!
 //! Results go to stdout and `.cache/bench/dump.json`.
 
