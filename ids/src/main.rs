@@ -4,7 +4,10 @@
 //! `read-virt`, `read-phys`, `translate` and `cpu-state` read memory and
 //! registers; `ps`, `pstree`, `lsmod`, `kallsyms`, `cpus` and `kernel` read
 //! the Linux kernel with no profile (kallsyms and BTF from guest memory),
-//! from the live agent or from a dump (`--dump PATH`, written by `ids dump`).
+//! from the live agent or from a dump (`--dump PATH`, written by `ids dump`);
+//! `dump` acquires all RAM as raw, LiME or an ELF core (resumable), `isf`
+//! writes a Volatility 3 symbol table from the guest's BTF and kallsyms, and
+//! `mount` serves live physical memory as a read-only FUSE file.
 //!
 //! The command-line design (numbers, ranges, outputs, exit codes, errors)
 //! is in the README's "Command lines" section and in [`cli`].
