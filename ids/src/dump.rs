@@ -63,7 +63,8 @@ pub fn sidecar_path(image: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-fn cpu_to_words(c: &CpuState) -> Vec<u64> {
+/// A CPU state as the sidecar's words (wire order).
+pub fn cpu_to_words(c: &CpuState) -> Vec<u64> {
     let mut b = [0u8; CpuState::LEN];
     c.encode(&mut b);
     b.chunks_exact(8)

@@ -17,13 +17,17 @@
 //! Modules: [`endpoint`] (where the VM is), [`session`] (sealed requests over
 //! the host-injector library or daemon, [`transport`]), [`memory`] (the
 //! guest-memory trait, its batches and snapshot cache; backends:
-//! [`Session`], [`dump`], [`fake`]), [`kernel`] (kernel introspection).
+//! [`Session`], [`dump`], [`fake`]), [`kernel`] (kernel introspection),
+//! [`acquire`] (dump file formats: raw, LiME, ELF core; resume state),
+//! [`isf`] (a Volatility 3 symbol table from the guest's BTF and kallsyms).
 
+pub mod acquire;
 pub mod btf;
 pub mod checks;
 pub mod dump;
 pub mod endpoint;
 pub mod fake;
+pub mod isf;
 pub mod kallsyms;
 pub mod kernel;
 pub mod linux;

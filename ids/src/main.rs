@@ -4,7 +4,10 @@
 //! `read-virt`, `read-phys`, `translate` and `cpu-state` read memory and
 //! registers; `ps`, `pstree`, `lsmod`, `kallsyms`, `cpus` and `kernel` read
 //! the Linux kernel with no profile (kallsyms and BTF from guest memory),
-//! from the live agent or from a dump (`--dump PATH`, written by `ids dump`).
+//! from the live agent or from a dump (`--dump PATH`, written by `ids dump`);
+//! `dump` acquires all RAM as raw, LiME or an ELF core (resumable), `isf`
+//! writes a Volatility 3 symbol table from the guest's BTF and kallsyms, and
+//! `mount` serves live physical memory as a read-only FUSE file.
 //!
 //! The command-line design (numbers, ranges, outputs, exit codes, errors)
 //! is in the README's "Command lines" section and in [`cli`].
@@ -266,11 +269,54 @@ enum Command {
         #[arg(short, long, value_name = "DIR")]
         output: Option<std::path::PathBuf>,
     },
-    /// Writes a memory dump of all guest RAM plus CPU states (IMAGE and
-    /// IMAGE.json) for offline analysis with --dump.
+    /// Dumps all guest RAM (the ranges the agent reports) through the
+    /// agent: raw (plus IMAGE.json with the RAM map and CPU states, for
+    /// `--dump`), LiME (Volatility 3) or an ELF core with the guest's
+    /// VMCOREINFO note (crash, drgn). Each request is a snapshot; the dump
+    /// as a whole is not (the guest runs between requests). Ctrl-C or a
+    /// failed request keeps what was written: continue with --resume.
+    #[command(
+        after_help = "Examples: ids -c mon1 dump -o mem.lime --format lime\n          ids -c mon1 dump -o mem.lime --format lime --resume"
+    )]
     Dump {
-        /// Image path.
-        image: PathBuf,
+        /// Output file.
+        #[arg(
+            short = 'o',
+            long = "output",
+            value_name = "FILE",
+            required_unless_present = "image"
+        )]
+        output: Option<PathBuf>,
+        /// Output file (older spelling of -o, raw format).
+        #[arg(value_name = "IMAGE", conflicts_with = "output", hide = true)]
+        image: Option<PathBuf>,
+        /// File format.
+        #[arg(long, value_enum, default_value = "raw")]
+        format: ids::acquire::Format,
+        /// Continue an interrupted dump of FILE from its last checkpoint
+        /// (FILE.ids-dump.json).
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Mounts the guest's physical memory read-only as DIR/mem (FUSE): a
+    /// raw image whose offset X is guest-physical X, every read through the
+    /// agent, zeros outside RAM; `vol -f DIR/mem` runs on the live guest.
+    /// Until Ctrl-C (or `umount DIR`).
+    #[command(
+        after_help = "Example: ids -c mon1 mount /mnt/g & vol -f /mnt/g/mem -s symbols linux.pslist"
+    )]
+    Mount {
+        /// An existing empty directory.
+        dir: PathBuf,
+    },
+    /// Writes a Volatility 3 symbol table (ISF JSON) of the guest kernel,
+    /// built from its own BTF (types) and kallsyms (symbols, at link-time
+    /// addresses), with its banner: `vol -s DIR` then finds it.
+    #[command(after_help = "Example: ids -c mon1 isf -o symbols/linux/guest.json")]
+    Isf {
+        /// Output file (`.json`; `.json.xz` is not written).
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: PathBuf,
     },
 }
 
@@ -365,6 +411,7 @@ fn run_linux(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<Exit> {
                 | Command::Kernel
                 | Command::Check { .. }
                 | Command::Baseline { .. }
+                | Command::Isf { .. }
         ),
         ..Discovery::default()
     };
@@ -403,6 +450,40 @@ fn run_linux(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<Exit> {
                     )
                 },
             )?;
+        }
+        Command::Isf { output } => {
+            let cached = cache
+                .as_deref()
+                .map(|d| ids::isf::cache_path(d, &k.banner))
+                .filter(|p| p.exists());
+            let text = match cached {
+                Some(p) => std::fs::read(&p)?,
+                None => {
+                    let pb = spinner(cli, "reading the kernel's BTF");
+                    let btf = linux::read_btf(mem.inner(), &k.kallsyms, 0);
+                    pb.finish_and_clear();
+                    let isf = ids::isf::build(&btf?, &k.kallsyms.symbols, &k.banner)?;
+                    let text = serde_json::to_vec(&isf)?;
+                    if let Some(p) = cache.as_deref().map(|d| ids::isf::cache_path(d, &k.banner)) {
+                        // A cache that cannot be written only costs time.
+                        let _ = p.parent().map(std::fs::create_dir_all);
+                        let _ = std::fs::write(&p, &text);
+                    }
+                    text
+                }
+            };
+            if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::write(output, &text)?;
+            if !cli.quiet {
+                eprintln!(
+                    "ids: wrote {} ({} bytes) for {}",
+                    output.display(),
+                    text.len(),
+                    k.banner.trim_end()
+                );
+            }
         }
         Command::Pstree => {
             let tasks = linux::ps(&mut mem, &k, 0, false)?;
@@ -647,6 +728,7 @@ fn is_linux(c: &Command) -> bool {
             | Command::Kernel
             | Command::Check { .. }
             | Command::Baseline { .. }
+            | Command::Isf { .. }
     )
 }
 
@@ -709,6 +791,9 @@ fn run(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<Exit> {
         return Ok(if alerted { Exit::Findings } else { Exit::Ok });
     }
     let mut s = Session::connect(&endpoint, cli.deadline())?;
+    if let Command::Mount { dir } = &cli.command {
+        return mount_cmd(cli, s, dir, &stop_on_interrupt());
+    }
     match &cli.command {
         Command::Banner { verbose, limit } => {
             let pb = spinner(cli, "searching the kernel image for its banner");
@@ -778,48 +863,260 @@ fn run(cli: &Cli, out: &mut dyn Write) -> anyhow::Result<Exit> {
             translate(cli, out, &mut s, space, *addr)
         }
         Command::CpuState { cpu, no_symbols } => cpu_state(cli, out, &mut s, *cpu, *no_symbols),
-        Command::Dump { image } => {
-            let info = s.info()?;
-            let n = info.header.cpu_count;
-            let cpus = (0..n)
-                .map(|c| s.cpu_state(c))
-                .collect::<Result<Vec<_>, _>>()?;
-            let ram: Vec<(u64, u64)> = info.ram.iter().map(|r| (r.base, r.len)).collect();
-            let total = ram.iter().map(|r| r.1).sum();
-            let stop = interrupt_flag();
-            let pb = cli::output::progress(total, "dumping RAM", !cli.quiet);
-            let meta = DumpMemory::write(image, &ram, &cpus, info.header.c_bit as u8, |a, len| {
-                if stop.load(Ordering::SeqCst) {
-                    return Err(ids::memory::MemoryError::Dump {
-                        path: image.display().to_string(),
-                        problem: format!("interrupted at physical {a:#x}"),
-                    });
-                }
-                let r = s.read_phys(a, len)?;
-                pb.inc(len as u64);
-                Ok(r)
-            });
-            pb.finish_and_clear();
-            if stop.load(Ordering::SeqCst) {
-                eprintln!(
-                    "ids: interrupted: {} holds {:#x} of {total:#x} bytes and no sidecar; it cannot be opened with --dump",
-                    image.display(),
-                    pb.position()
-                );
-                return Ok(Exit::Interrupted);
-            }
-            let meta = meta?;
-            eprintln!(
-                "dumped {} bytes in {} ranges and {} CPUs to {}",
-                meta.ram.iter().map(|r| r.len).sum::<u64>(),
-                meta.ram.len(),
-                meta.cpus.len(),
-                image.display()
-            );
-            Ok(Exit::Ok)
+        Command::Dump {
+            output,
+            image,
+            format,
+            resume,
+        } => {
+            let path = output
+                .as_ref()
+                .or(image.as_ref())
+                .expect("clap requires one");
+            dump_cmd(cli, out, &mut s, path, *format, *resume)
         }
-        _ => unreachable!("Linux commands return above"),
+        _ => unreachable!("Linux commands and mount return above"),
     }
+}
+
+/// A flag set by SIGINT or SIGTERM (`ids mount` unmounts then).
+fn stop_on_interrupt() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+    stop
+}
+
+/// `ids mount`: serves DIR/mem until `stop` (or until DIR is unmounted).
+fn mount_cmd(
+    cli: &Cli,
+    mut s: Session,
+    dir: &std::path::Path,
+    stop: &AtomicBool,
+) -> anyhow::Result<Exit> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(dir).map_err(|e| {
+        CliError::usage(
+            format!("cannot mount on {}: {e}", dir.display()),
+            "give an existing empty directory",
+        )
+    })?;
+    let info = s.info()?;
+    let ram: Vec<(u64, u64)> = info.ram.iter().map(|r| (r.base, r.len)).collect();
+    let max = s.max_read()? as u64;
+    let stats = Arc::new(std::sync::Mutex::new(cli::mount::MountStats::default()));
+    // The session moves into the file system's thread.
+    let fs = cli::mount::MemFs::new(s, ram, max, meta.uid(), meta.gid(), stats.clone());
+    let size = fs.size();
+    let opts = [
+        fuser::MountOption::RO,
+        fuser::MountOption::FSName("smmvmi".into()),
+        fuser::MountOption::Subtype("ids".into()),
+        fuser::MountOption::DefaultPermissions,
+    ];
+    let bg = fuser::spawn_mount2(fs, dir, &opts).map_err(|e| {
+        CliError::new(
+            Exit::Failure,
+            format!(
+                "mounting FUSE on {}: {e} (needs /dev/fuse and root, or fusermount3)",
+                dir.display()
+            ),
+        )
+    })?;
+    if !cli.quiet {
+        eprintln!(
+            "ids: guest memory ({size:#x} bytes) at {}; Ctrl-C or `umount {}` to end",
+            dir.join("mem").display(),
+            dir.display()
+        );
+    }
+    let mut mounted = true;
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(200));
+        if bg.guard.is_finished() {
+            mounted = false;
+            break;
+        }
+    }
+    if mounted {
+        drop(bg);
+    }
+    let st = *stats.lock().expect("stats");
+    if !cli.quiet {
+        eprintln!(
+            "ids: unmounted {}: {} reads, {} requests, {} bytes of RAM read{}",
+            dir.display(),
+            st.reads,
+            st.requests,
+            st.bytes,
+            if st.failed > 0 {
+                format!(", {} failed", st.failed)
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(Exit::Ok)
+}
+
+/// `ids dump`: plans the file (reading the guest's vmcoreinfo for an ELF
+/// core), then writes it through [`cli::dump::run`].
+fn dump_cmd(
+    cli: &Cli,
+    out: &mut dyn Write,
+    s: &mut Session,
+    path: &std::path::Path,
+    format: ids::acquire::Format,
+    resume: bool,
+) -> anyhow::Result<Exit> {
+    use ids::acquire::{Format, Plan, State};
+    let started = std::time::Instant::now();
+    let info = s.info()?;
+    let ram: Vec<(u64, u64)> = info.ram.iter().map(|r| (r.base, r.len)).collect();
+    let cpus = (0..info.header.cpu_count)
+        .map(|c| s.cpu_state(c))
+        .collect::<Result<Vec<_>, _>>()?;
+    let state = if resume {
+        let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        Some(State::load_for_resume(path, format, &ram, len)?)
+    } else {
+        None
+    };
+    let plan = match (&state, format) {
+        (Some(st), _) => st.plan.clone(),
+        (None, Format::Elf) => {
+            let pb = spinner(cli, "reading the guest kernel's vmcoreinfo");
+            let cache = if cli.no_cache {
+                None
+            } else {
+                linux::cache_dir()
+            };
+            let note = Kernel::load(s, &Discovery::default(), cache.as_deref())
+                .and_then(|k| ids::acquire::read_vmcoreinfo(s, &k, 0));
+            pb.finish_and_clear();
+            match note {
+                Ok(n) => Plan::new(format, &ram, Some(&n)),
+                Err(e) => {
+                    eprintln!(
+                        "ids: warning: no VMCOREINFO note ({e}); the ELF core has the RAM only"
+                    );
+                    Plan::new(format, &ram, None)
+                }
+            }
+        }
+        (None, _) => Plan::new(format, &ram, None),
+    };
+    let total = plan.total();
+    let max = s.max_read()? as u64;
+    let space = Space::Phys {
+        ram: ram.clone(),
+        smram: (info.header.smram_base, info.header.smram_size),
+    };
+    let stop = interrupt_flag();
+    let pb = cli::output::progress(total, "dumping RAM", !cli.quiet);
+    if let Some(st) = &state {
+        pb.set_position(st.done);
+    }
+    let requests_before = s.client_requests();
+    let ran = cli::dump::run(
+        path,
+        plan,
+        state,
+        &space,
+        max,
+        &stop,
+        |a, n| Ok(s.request(&[Op::ReadPhys { addr: a, len: n }])?.remove(0)),
+        &|pos| pb.set_position(pos),
+    )?;
+    pb.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+    let requests = s.client_requests() - requests_before;
+    let st = &ran.state;
+    let holes: u64 = st.holes.iter().map(|h| h.1).sum();
+    if ran.interrupted || ran.failed.is_some() {
+        eprintln!(
+            "ids: {}: {:#x} of {total:#x} bytes written and kept (resume state {}); continue with `ids dump -o {} --format {} --resume`",
+            if ran.interrupted {
+                "interrupted"
+            } else {
+                "the dump stopped"
+            },
+            st.done,
+            ids::acquire::state_path(path).display(),
+            path.display(),
+            format!("{format:?}").to_lowercase()
+        );
+        if let Some(e) = ran.failed {
+            return Err(e.into());
+        }
+        return Ok(Exit::Interrupted);
+    }
+    if format == Format::Raw {
+        let meta = ids::dump::DumpMeta {
+            version: ids::dump::DUMP_VERSION,
+            ram: st
+                .plan
+                .pieces
+                .iter()
+                .filter_map(|p| match p {
+                    ids::acquire::Piece::Ram { offset, base, len } => Some(ids::dump::DumpRange {
+                        base: *base,
+                        len: *len,
+                        offset: *offset,
+                    }),
+                    ids::acquire::Piece::Bytes { .. } => None,
+                })
+                .collect(),
+            cpus: cpus.iter().map(ids::dump::cpu_to_words).collect(),
+            c_bit: info.header.c_bit as u8,
+        };
+        std::fs::write(
+            ids::dump::sidecar_path(path),
+            serde_json::to_string_pretty(&meta)?,
+        )?;
+    }
+    let mib_s = ran.read as f64 / (1 << 20) as f64 / secs.max(1e-9);
+    if cli.json || cli.jsonl {
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({
+                "file": path.display().to_string(),
+                "format": format,
+                "bytes": total,
+                "ram_bytes": st.plan.ram_bytes(),
+                "read": ran.read,
+                "holes": st.holes.iter().map(|h| serde_json::json!({
+                    "addr": format!("{:#x}", h.0), "len": h.1, "reason": h.2})).collect::<Vec<_>>(),
+                "requests": requests,
+                "seconds": secs,
+                "mib_per_s": mib_s,
+                "resumed": st.resumed,
+            })
+        )?;
+    } else if !cli.quiet {
+        eprintln!(
+            "ids: dumped {:#x} bytes of RAM in {} ranges ({format:?}, {total:#x} bytes) to {} in {secs:.1} s ({mib_s:.1} MiB/s, {requests} requests{}{})",
+            st.plan.ram_bytes(),
+            st.plan
+                .pieces
+                .iter()
+                .filter(|p| matches!(p, ids::acquire::Piece::Ram { .. }))
+                .count(),
+            path.display(),
+            if st.resumed > 0 {
+                format!(", resumed {} times", st.resumed)
+            } else {
+                String::new()
+            },
+            if holes > 0 {
+                format!(", {holes:#x} bytes unreadable and zero-filled")
+            } else {
+                String::new()
+            },
+        );
+    }
+    Ok(if holes > 0 { Exit::Partial } else { Exit::Ok })
 }
 
 fn info(cli: &Cli, out: &mut dyn Write, s: &mut Session) -> anyhow::Result<Exit> {

@@ -85,8 +85,8 @@ pub const PACKAGES: &[Package] = &[
         name: "libvirt-clients",
         probe: "/usr/bin/virsh",
     },
-    // `python3 -m venv` for sev-snp-measure (crate::sev::sev_snp_measure),
-    // the independent check of `cargo xtask measure` (Debian 12: Python 3.11).
+    // `python3 -m venv` for the project's venv (tests/src/venv.rs):
+    // Volatility 3, drgn and sev-snp-measure (Debian 12: Python 3.11).
     Package {
         name: "python3-venv",
         probe: "/usr/lib/python3.11/ensurepip/__init__.py",

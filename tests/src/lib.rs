@@ -16,7 +16,7 @@
 //! (QEMU machine protocol client), [`command_channel`] (guest shell over the
 //! second serial port), [`mailbox`] (host view of the mailbox file),
 //! [`e820`] (parsing the guest's memory map), [`workload`] (the host-side
-//! twin of the guest's `cpuburn`).
+//! twin of the guest's `cpuburn`), [`venv`] (Volatility 3 and drgn from PyPI).
 
 pub mod attack;
 pub mod command_channel;
@@ -29,6 +29,7 @@ pub mod libvirt;
 pub mod mailbox;
 pub mod qmp;
 pub mod sev;
+pub mod venv;
 pub mod vm;
 pub mod workload;
 

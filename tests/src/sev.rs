@@ -137,48 +137,15 @@ pub fn launch_digest(image: &Path, boot: Option<&DirectBoot>) -> Result<Digest, 
 /// The sev-snp-measure version the tests compare against.
 pub const SEV_SNP_MEASURE: &str = "sev-snp-measure==0.0.13";
 
-/// `.cache/venv/bin/sev-snp-measure`, creating the venv (`python3 -m venv`,
-/// Debian's python3-venv) and installing [`SEV_SNP_MEASURE`] from PyPI when
-/// missing.
+/// `.cache/venv/bin/sev-snp-measure`, from the project's venv
+/// ([`crate::venv::ensure`], which installs [`SEV_SNP_MEASURE`] with the
+/// other pinned tools).
 pub fn sev_snp_measure(log: &mut dyn FnMut(&str)) -> Result<PathBuf, SevError> {
-    let venv = crate::cache_dir().join("venv");
-    let tool = venv.join("bin/sev-snp-measure");
-    if tool.exists() {
-        return Ok(tool);
-    }
-    let run = |what: &str, cmd: &mut Command| -> Result<(), SevError> {
-        let out = cmd.output().map_err(|e| SevError::Tool {
-            what: what.into(),
-            detail: e.to_string(),
-        })?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(SevError::Tool {
-                what: what.into(),
-                detail: format!(
-                    "{}: {}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ),
-            })
-        }
-    };
-    if !venv.join("bin/python").exists() {
-        log(&format!("creating {}", venv.display()));
-        run(
-            "python3 -m venv (install python3-venv)",
-            Command::new("/usr/bin/python3")
-                .args(["-m", "venv"])
-                .arg(&venv),
-        )?;
-    }
-    log(&format!("installing {SEV_SNP_MEASURE} from PyPI"));
-    run(
-        "pip install sev-snp-measure",
-        Command::new(venv.join("bin/pip")).args(["install", "--quiet", SEV_SNP_MEASURE]),
-    )?;
-    Ok(tool)
+    crate::venv::ensure(log).map_err(|e| SevError::Tool {
+        what: "the project's Python venv".into(),
+        detail: e.to_string(),
+    })?;
+    Ok(crate::venv::bin("sev-snp-measure"))
 }
 
 /// sev-snp-measure's SEV launch digest for `image` (and `boot`).

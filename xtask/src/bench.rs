@@ -6,7 +6,8 @@
 //! SeaBIOS; then the host-raised SMI round trip on our firmware (write a ping
 //! request, `o /b 0xb2 0x10` over QMP, poll the mailbox until acknowledged),
 //! p50/p99. Results also go to `.cache/bench/boot.json`. The other benches
-//! (`agent`, `ids`, `injector`, `smi`) live in their own modules.
+//! (`agent`, `ids`, `injector`, `smi`, `watch`, `dump`) live in their own
+//! modules.
 
 use std::time::Duration;
 
@@ -33,6 +34,9 @@ pub enum Command {
     /// QMP (`inject-smi`), doorbell broadcast, doorbell targeted; latency
     /// and the guest's slowdown at 10 Hz polling.
     Smi(crate::bench_smi::SmiArgs),
+    /// Memory dumps: `ids dump` through the agent against QEMU's pmemsave
+    /// of the same RAM, and Volatility's pslist on the dump and live.
+    Dump(crate::bench_dump::DumpArgs),
     /// The IDS's watch: time and SMIs per pass, a full check text, and the
     /// guest's slowdown with a pass every 1 s and every 0.1 s.
     Watch(crate::bench_watch::WatchArgs),
@@ -59,6 +63,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Injector(args) => crate::bench_injector::run(args),
         Command::Smi(args) => crate::bench_smi::run(args),
         Command::Watch(args) => crate::bench_watch::run(args),
+        Command::Dump(args) => crate::bench_dump::run(args),
     }
 }
 

@@ -8,6 +8,7 @@
 mod bench;
 mod bench_agent;
 mod bench_daemon;
+mod bench_dump;
 mod bench_ids;
 mod bench_injector;
 mod bench_smi;

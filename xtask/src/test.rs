@@ -153,6 +153,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
 
+    // Volatility 3 and drgn (pinned, from PyPI) for tests/tests/forensics.rs.
+    if !args.no_e2e {
+        crate::step("Python venv (Volatility 3, drgn)");
+        let t = Instant::now();
+        match smmvmi_tests::venv::ensure(&mut |m| eprintln!("    {m}")) {
+            Ok(d) => record("venv", true, t, d.display().to_string()),
+            Err(e) => {
+                eprintln!("    {e}");
+                record("venv", false, t, e.to_string());
+            }
+        }
+    }
+
     if !args.no_unit {
         crate::step("unit tests (cargo test --workspace)");
         let t = Instant::now();
