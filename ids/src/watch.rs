@@ -203,7 +203,7 @@ pub struct Watcher {
 
 /// Slices the kernel's text and rodata are cut into by default, one
 /// checked per pass (`ids watch --text-slices`).
-pub const DEFAULT_TEXT_SLICES: usize = 64;
+pub const DEFAULT_TEXT_SLICES: usize = 256;
 
 #[derive(Debug)]
 struct TextWatch {
