@@ -86,8 +86,18 @@ fn ok(o: Output, what: &str) -> String {
 /// Runs `vol -r json -f FILE -s SYMDIR PLUGIN`: the rows.
 fn vol(file: &Path, symbols: &Path, plugin: &str) -> Vec<serde_json::Value> {
     let t = Instant::now();
+    // Volatility's own cache (symbol table identifiers) per test: two
+    // tests running at once corrupted a shared one ("symbol table
+    // requirement was not fulfilled").
+    let cache = symbols
+        .parent()
+        .unwrap_or(symbols)
+        .join("volatility3-cache");
+    std::fs::create_dir_all(&cache).expect("volatility3 cache directory");
     let o = Command::new(smmvmi_tests::venv::bin("vol"))
-        .args(["-q", "-r", "json", "-f"])
+        .args(["-q", "--offline", "-r", "json", "--cache-path"])
+        .arg(&cache)
+        .arg("-f")
         .arg(file)
         .arg("-s")
         .arg(symbols)
