@@ -891,15 +891,7 @@ pub fn ps_by_idr<M: GuestMemory>(
     cpu: u32,
     threads: bool,
 ) -> Result<Vec<Task>, LinuxError> {
-    let idr = k.offsets.pid_idr.ok_or_else(|| {
-        LinuxError::NoSymbol("the PID IDR types (pid_namespace.idr, xa_node) in BTF".into())
-    })?;
-    let mut w = Walker {
-        c: &mut *c,
-        sp: kspace(cpu),
-        kernel_half: k.kernel_half,
-    };
-    let all = tasks_by_idr(&mut w, k, &idr)?;
+    let all = idr_task_addrs(c, k, cpu)?;
     let mut tasks = describe_tasks(c, k, cpu, &all)?;
     if !threads {
         tasks.retain(|t| t.pid == t.tgid);
