@@ -121,7 +121,7 @@ impl Plan {
         let push_bytes = |pieces: &mut Vec<Piece>, at: &mut u64, b: &[u8]| {
             pieces.push(Piece::Bytes {
                 offset: *at,
-                hex: to_hex(b),
+                hex: host_injector::daemon::protocol::hex(b),
             });
             *at += b.len() as u64;
         };
@@ -261,20 +261,8 @@ fn elf_headers(ram: &[(u64, u64)], note: &[u8]) -> Vec<u8> {
     h
 }
 
-fn to_hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 /// Decodes lowercase hex (the state file's header bytes).
-pub fn from_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
+pub use host_injector::daemon::protocol::unhex as from_hex;
 
 /// State file format version.
 pub const STATE_VERSION: u32 = 1;

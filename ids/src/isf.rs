@@ -159,40 +159,26 @@ pub fn build(btf: &[u8], symbols: &[Symbol], banner: &str) -> Result<Value, BtfE
                 }
             }
             Type::Enum(e) => {
-                let consts: BTreeMap<String, Value> = e
-                    .members
-                    .iter()
-                    .map(|m| {
-                        let v = if e.is_signed() {
-                            json!(m.val() as i32)
-                        } else {
-                            json!(m.val())
-                        };
-                        (w.btf.resolve_name(m).unwrap_or_default(), v)
-                    })
-                    .collect();
-                let name = w.names[&id].clone();
-                enums.entry(name).or_insert(json!({
-                    "size": e.size(), "base": int_name(e.size(), e.is_signed()), "constants": consts
-                }));
+                let consts = e.members.iter().map(|m| {
+                    let v = if e.is_signed() {
+                        json!(m.val() as i32)
+                    } else {
+                        json!(m.val())
+                    };
+                    (w.btf.resolve_name(m).unwrap_or_default(), v)
+                });
+                enum_entry(&mut enums, &w.names[&id], e.size(), e.is_signed(), consts);
             }
             Type::Enum64(e) => {
-                let consts: BTreeMap<String, Value> = e
-                    .members
-                    .iter()
-                    .map(|m| {
-                        let v = if e.is_signed() {
-                            json!(m.val() as i64)
-                        } else {
-                            json!(m.val())
-                        };
-                        (w.btf.resolve_name(m).unwrap_or_default(), v)
-                    })
-                    .collect();
-                let name = w.names[&id].clone();
-                enums.entry(name).or_insert(json!({
-                    "size": e.size(), "base": int_name(e.size(), e.is_signed()), "constants": consts
-                }));
+                let consts = e.members.iter().map(|m| {
+                    let v = if e.is_signed() {
+                        json!(m.val() as i64)
+                    } else {
+                        json!(m.val())
+                    };
+                    (w.btf.resolve_name(m).unwrap_or_default(), v)
+                });
+                enum_entry(&mut enums, &w.names[&id], e.size(), e.is_signed(), consts);
             }
             Type::Fwd(f) => {
                 let name = w.name(t);
@@ -322,6 +308,20 @@ pub fn taint_flags_count(banner: &str) -> u32 {
 }
 
 /// The C name of an integer of `size` bytes (DWARF's spelling).
+/// One enum of the ISF (the first definition of a name wins).
+fn enum_entry(
+    enums: &mut BTreeMap<String, Value>,
+    name: &str,
+    size: usize,
+    signed: bool,
+    consts: impl Iterator<Item = (String, Value)>,
+) {
+    let consts: BTreeMap<String, Value> = consts.collect();
+    enums.entry(name.to_string()).or_insert(json!({
+        "size": size, "base": int_name(size, signed), "constants": consts
+    }));
+}
+
 fn int_name(size: usize, signed: bool) -> &'static str {
     match (size, signed) {
         (1, false) => "unsigned char",
