@@ -19,12 +19,14 @@
 //! twin of the guest's `cpuburn`), [`venv`] (Volatility 3 and drgn from PyPI).
 
 pub mod attack;
+pub mod baseline;
 pub mod command_channel;
 pub mod cpio;
 pub mod daemon;
 pub mod e820;
 pub mod guest_image;
 pub mod host;
+pub mod ids_vm;
 pub mod libvirt;
 pub mod mailbox;
 pub mod qmp;
