@@ -215,17 +215,45 @@ pub fn daemon_vsock_uds() -> PathBuf {
     crate::cache_dir().join("injector/vsock.sock")
 }
 
-/// A running vhost-device-vsock, killed on drop.
+/// A running vhost-device-vsock, killed on drop unless detached.
 pub struct VsockBackend {
-    child: Child,
+    child: Option<Child>,
     /// The vhost-user socket QEMU connects to.
     pub socket: PathBuf,
+}
+
+/// The pid file of a detached backend in `dir`.
+fn backend_pid_file(dir: &Path) -> PathBuf {
+    dir.join("vhost-device-vsock.pid")
+}
+
+/// The directory of IDS VM `name`'s overlay and vsock backend.
+pub fn ids_vm_dir(name: &str) -> PathBuf {
+    crate::cache_dir().join("ids-vm").join(name)
+}
+
+/// Stops the detached vsock backend of IDS VM `name`, if any (after its
+/// QEMU is down). Returns true if one was running.
+pub fn stop_detached_backend(name: &str) -> bool {
+    let file = backend_pid_file(&ids_vm_dir(name));
+    let pid = std::fs::read_to_string(&file)
+        .ok()
+        .and_then(|p| p.trim().parse::<i32>().ok());
+    let _ = std::fs::remove_file(&file);
+    let Some(pid) = pid else { return false };
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if !comm.starts_with("vhost-device-vs") {
+        return false;
+    }
+    // SAFETY: kill(2) on a pid whose comm was just checked; no memory is touched.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    true
 }
 
 impl VsockBackend {
     /// Starts a backend for guest CID [`IDS_GUEST_CID`] whose guest-initiated
     /// connections go to `<uds>_<port>`; its socket and log go in `dir`.
-    pub fn start(dir: &Path, uds: &Path) -> Result<Self, IdsVmError> {
+    pub fn start(dir: &Path, uds: &Path, detached: bool) -> Result<Self, IdsVmError> {
         let bin = vhost_device_vsock()?;
         std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
         let socket = dir.join("vhost-user-vsock.sock");
@@ -233,7 +261,11 @@ impl VsockBackend {
         let log = dir.join("vhost-device-vsock.log");
         let out = std::fs::File::create(&log).map_err(io(format!("create {}", log.display())))?;
         let err = out.try_clone().map_err(io("dup log"))?;
-        let child = Command::new(&bin)
+        let mut cmd = Command::new(&bin);
+        if detached {
+            crate::vm::new_session(&mut cmd);
+        }
+        let child = cmd
             .arg("--guest-cid")
             .arg(IDS_GUEST_CID.to_string())
             .arg("--socket")
@@ -245,11 +277,22 @@ impl VsockBackend {
             .stderr(err)
             .spawn()
             .map_err(io(format!("start {}", bin.display())))?;
-        let mut b = Self { child, socket };
+        if detached {
+            std::fs::write(backend_pid_file(dir), child.id().to_string())
+                .map_err(io("write the backend's pid file"))?;
+        }
+        let mut b = Self {
+            child: Some(child),
+            socket,
+        };
         let timeout = Duration::from_secs(10);
         let until = Instant::now() + timeout;
         while !b.socket.exists() {
-            if Instant::now() > until || matches!(b.child.try_wait(), Ok(Some(_))) {
+            let exited = b
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if Instant::now() > until || exited {
                 return Err(IdsVmError::BackendNotReady {
                     socket: b.socket.display().to_string(),
                     timeout,
@@ -262,10 +305,20 @@ impl VsockBackend {
     }
 }
 
+impl VsockBackend {
+    /// Leaves the backend running (its pid is in the IDS VM's directory;
+    /// [`stop_detached_backend`] stops it).
+    pub fn detach(mut self) {
+        self.child = None;
+    }
+}
+
 impl Drop for VsockBackend {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -280,13 +333,33 @@ pub struct IdsVmConfig {
     pub binaries: Vec<PathBuf>,
     /// A user-mode network card (the host is 10.0.2.2).
     pub network: bool,
+    /// Outlive this process (`cargo xtask vm up --role ids`).
+    pub detached: bool,
+    /// QEMU `-m`.
+    pub mem: String,
+}
+
+impl IdsVmConfig {
+    /// An IDS VM `name` for `monitored`, reaching the daemon at `daemon_uds`;
+    /// 1 GiB, no network, owned by this process.
+    pub fn new(name: impl Into<String>, monitored: Vec<VmInfo>, daemon_uds: PathBuf) -> Self {
+        Self {
+            name: name.into(),
+            monitored,
+            daemon_uds,
+            binaries: Vec::new(),
+            network: false,
+            detached: false,
+            mem: "1G".into(),
+        }
+    }
 }
 
 /// A running IDS VM and its vsock backend.
 pub struct IdsVm {
     // Field order: QEMU goes before its backend.
     vm: Vm,
-    _backend: VsockBackend,
+    backend: Option<VsockBackend>,
 }
 
 impl IdsVm {
@@ -302,7 +375,7 @@ impl IdsVm {
             )
             .map_err(VmError::from)?,
         };
-        let dir = crate::cache_dir().join("ids-vm").join(&config.name);
+        let dir = ids_vm_dir(&config.name);
         std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
         let ids = built_binary("ids", "ids")?;
         let mut binaries: Vec<&Path> = vec![&ids];
@@ -314,8 +387,8 @@ impl IdsVm {
         }
         let initrd = dir.join("initramfs.cpio.gz");
         overlay_initrd(&base.initrd, &binaries, &files, &initrd)?;
-        let backend = VsockBackend::start(&dir, &config.daemon_uds)?;
-        let mem = "1G";
+        let backend = VsockBackend::start(&dir, &config.daemon_uds, config.detached)?;
+        let mem = config.mem.as_str();
         let mut vm = VmConfig::new(&config.name, Firmware::SeaBios).mem(mem);
         vm.guest = Some(GuestImage {
             initrd,
@@ -340,14 +413,26 @@ impl IdsVm {
                 .extra_arg("-device")
                 .extra_arg("virtio-net-pci,netdev=net0");
         }
-        let vm = Vm::up(vm)?;
+        let vm = if config.detached {
+            Vm::up_detached(vm)?
+        } else {
+            Vm::up(vm)?
+        };
         if config.network {
             bring_up_network(&vm)?;
         }
         Ok(Self {
             vm,
-            _backend: backend,
+            backend: Some(backend),
         })
+    }
+
+    /// Leaves the VM and its backend running (see [`IdsVmConfig::detached`]).
+    pub fn detach(mut self) -> VmInfo {
+        if let Some(b) = self.backend.take() {
+            b.detach();
+        }
+        self.vm.info().clone()
     }
 
     /// The VM.

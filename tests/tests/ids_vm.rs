@@ -67,13 +67,11 @@ fn ids_in_its_own_vm_reads_the_monitored_vm_over_vsock() {
     let early_pid = start_named(&mon, &early);
 
     let started = Instant::now();
-    let idsvm = IdsVm::up(IdsVmConfig {
-        name: format!("t-idsvm-ids-{}", std::process::id()),
-        monitored: vec![mon.info().clone()],
-        daemon_uds: uds.clone(),
-        binaries: vec![],
-        network: false,
-    })
+    let idsvm = IdsVm::up(IdsVmConfig::new(
+        format!("t-idsvm-ids-{}", std::process::id()),
+        vec![mon.info().clone()],
+        uds.clone(),
+    ))
     .unwrap_or_else(|e| panic!("{e}"));
     eprintln!("IDS VM up in {:?}", started.elapsed());
     let ep = IdsVm::endpoint_of(mon.name());

@@ -12,6 +12,8 @@ mod bench_dump;
 mod bench_ids;
 mod bench_injector;
 mod bench_smi;
+mod bench_paper;
+mod bench_paper_chart;
 mod bench_watch;
 mod build;
 mod demo;

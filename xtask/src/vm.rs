@@ -157,6 +157,24 @@ pub struct UpArgs {
     /// kvm_amd sev parameter), with the QEMU arguments it would have used.
     #[arg(long)]
     pub sev: bool,
+    /// `monitored` (our firmware and agent) or `ids`: an IDS VM (SeaBIOS,
+    /// `ids` inside, the keys of the `--monitor` VMs under /etc/smmvmi/)
+    /// that reaches the daemon over virtio-vsock via vhost-device-vsock;
+    /// inside it, `ids --connect vsock:2:7070#VM,key=/etc/smmvmi/VM.key`.
+    #[arg(long, value_enum, default_value = "monitored")]
+    pub role: Role,
+    /// With `--role ids`: a monitored VM (started with `vm up`) it watches; repeatable.
+    #[arg(long = "monitor", value_name = "VM")]
+    pub monitor: Vec<String>,
+}
+
+/// What a VM started by `vm up` is.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Role {
+    /// A guest with the smmvmi firmware, served by the daemon.
+    Monitored,
+    /// The IDS's own VM.
+    Ids,
 }
 
 #[derive(clap::Args)]
@@ -237,6 +255,9 @@ fn down(name: &str) -> anyhow::Result<()> {
         }
         Err(VmError::NotRunning { .. }) => crate::step(&format!("VM {name} is not running")),
         Err(e) => return Err(e.into()),
+    }
+    if smmvmi_tests::ids_vm::stop_detached_backend(name) {
+        crate::step("its vhost-device-vsock stopped");
     }
     Ok(())
 }
@@ -338,6 +359,13 @@ fn sev_qemu_args(firmware: &std::path::Path) -> Vec<String> {
 
 fn up(args: UpArgs) -> anyhow::Result<()> {
     let name = args.vm.get();
+    if let Role::Ids = args.role {
+        return up_ids(&name, &args);
+    }
+    anyhow::ensure!(
+        args.monitor.is_empty(),
+        "--monitor goes with --role ids (an IDS VM names the VMs it watches)"
+    );
     if args.sev {
         let missing = host_injector::doctor::sev_missing();
         let fw = crate::firmware::build(&crate::root())?;
@@ -397,6 +425,57 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         crate::step(&format!("guest ready after {:.2} s", t.as_secs_f64()));
     }
     println!("{}", vm.info().summary_json());
+    Ok(())
+}
+
+/// `vm up --role ids`: an IDS VM for the `--monitor` VMs, through the
+/// per-checkout daemon's vhost-device-vsock socket.
+fn up_ids(name: &str, args: &UpArgs) -> anyhow::Result<()> {
+    use smmvmi_tests::ids_vm::{DAEMON_VSOCK_PORT, IdsVm, IdsVmConfig, daemon_vsock_uds};
+    anyhow::ensure!(
+        !args.monitor.is_empty(),
+        "--role ids needs at least one --monitor VM (start it first with `cargo xtask vm up NAME`)"
+    );
+    let mut monitored = Vec::new();
+    for m in &args.monitor {
+        let vm = Vm::attach(m).with_context(|| format!("--monitor {m}"))?;
+        anyhow::ensure!(
+            vm.info().daemon.is_some(),
+            "--monitor {m}: that VM was started with --direct; an IDS VM reaches VMs through the daemon only"
+        );
+        monitored.push(vm.info().clone());
+    }
+    let socket = smmvmi_tests::daemon::ensure_default()?;
+    let uds = daemon_vsock_uds();
+    let listener = format!("{}_{DAEMON_VSOCK_PORT}", uds.display());
+    anyhow::ensure!(
+        std::path::Path::new(&listener).exists(),
+        "the daemon on {} does not listen for vhost-device-vsock ({listener} is missing): it was started without --vhost-vsock-uds. Stop it (`pkill -f 'host-injector serve'`) and run this again: it is restarted with it",
+        socket.display()
+    );
+    crate::step(&format!(
+        "IDS VM {name} for {} (vsock to the daemon through {listener})",
+        args.monitor.join(", ")
+    ));
+    let mut config = IdsVmConfig::new(name, monitored, uds);
+    config.detached = true;
+    config.network = true;
+    config.mem = args.mem.clone();
+    let vm = IdsVm::up(config).with_context(|| format!("starting IDS VM {name}"))?;
+    let info = vm.detach();
+    let mut out = info.summary_json();
+    out["role"] = "ids".into();
+    out["endpoints"] = args
+        .monitor
+        .iter()
+        .map(|m| IdsVm::endpoint_of(m))
+        .collect::<Vec<_>>()
+        .into();
+    crate::step(&format!(
+        "inside it: cargo xtask vm exec {name} -- ids --connect '{}' ps",
+        IdsVm::endpoint_of(&args.monitor[0])
+    ));
+    println!("{out}");
     Ok(())
 }
 

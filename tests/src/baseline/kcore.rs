@@ -60,7 +60,10 @@ impl Kcore {
         let load = self
             .loads
             .iter()
-            .find(|l| l.vaddr <= addr && addr + buf.len() as u64 <= l.vaddr + l.size)
+            .find(|l| {
+                addr.checked_sub(l.vaddr)
+                    .is_some_and(|o| o.saturating_add(buf.len() as u64) <= l.size)
+            })
             .ok_or_else(|| format!("{addr:#x}: in no /proc/kcore segment"))?;
         self.file
             .read_exact_at(buf, load.offset + (addr - load.vaddr))
@@ -109,7 +112,11 @@ impl Kcore {
                 .ok_or_else(|| format!("/proc/kallsyms has no {n} (kptr_restrict? run as root)"))
         };
         let phys_base = self.read_u64(sym("phys_base")?)?;
-        let cr3 = sym("init_top_pgt")? - START_KERNEL_MAP + phys_base;
+        // __pa_symbol (arch/x86/include/asm/page_64.h): phys_base may be
+        // "negative" (a kernel loaded below its link address), so wrapping.
+        let cr3 = sym("init_top_pgt")?
+            .wrapping_sub(START_KERNEL_MAP)
+            .wrapping_add(phys_base);
         let l5 = match syms.get("__pgtable_l5_enabled") {
             Some(&a) => {
                 let mut b = [0u8; 4];
@@ -154,10 +161,13 @@ impl Kcore {
 impl PhysMemory for Kcore {
     fn read(&self, range: CheckedPhys, buf: &mut [u8]) {
         let n = buf.len().min(range.len());
-        let (addr, end) = (range.addr(), range.addr() + n as u64);
+        let addr = range.addr();
         let hit = self.loads.iter().find(|l| {
             l.vaddr < START_KERNEL_MAP
-                && l.paddr.is_some_and(|p| p <= addr && end <= p + l.size)
+                && l.paddr.is_some_and(|p| {
+                    addr.checked_sub(p)
+                        .is_some_and(|o| o.saturating_add(n as u64) <= l.size)
+                })
         });
         let ok = hit.is_some_and(|l| {
             let off = l.offset + (addr - l.paddr.unwrap_or(0));

@@ -1,10 +1,10 @@
 //! The published design's proxy, run inside the monitored VM: it writes
-//! the mailbox (the ivshmem shared-memory BAR, reached through `/dev/mem`)
-//! and raises the SMI by writing the APM control port (`/dev/port` at
-//! 0xB2), as a guest process can. The SMM agent serves as it always does.
+//! the mailbox (the ivshmem shared-memory BAR, mapped from sysfs)
+//! and raises the SMI by writing the APM control port 0xB2 (`ioperm`, then
+//! `out`; Debian's cloud kernel has no `/dev/port`), as a guest root
+//! process can. The SMM agent serves as it always does.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::fs::OpenOptions;
 use std::time::{Duration, Instant};
 
 use smmvmi_mailbox::client::{Poll, copy_reply, poll_reply, post_request};
@@ -17,24 +17,15 @@ use smmvmi_mailbox::shared::{AccessError, SharedMemory};
 
 use super::wire::Backend;
 
-/// The mailbox BAR through `/dev/mem` (pread/pwrite at its physical address).
-pub struct DevMemMailbox {
-    file: File,
-    base: u64,
+/// The mailbox BAR, mapped from its sysfs `resource2` file (as guest root
+/// can: `/dev/mem` reads of the BAR fail with EFAULT on Debian's kernel).
+pub struct BarMailbox {
+    map: memmap2::MmapRaw,
     size: usize,
 }
 
-/// Errors of [`DevMemMailbox`].
-#[derive(Debug, thiserror::Error)]
-pub enum DevMemError {
-    #[error(transparent)]
-    Access(#[from] AccessError),
-    #[error("/dev/mem: {0}")]
-    Io(#[from] std::io::Error),
-}
-
-impl DevMemMailbox {
-    /// Finds the ivshmem device in sysfs and opens its shared-memory BAR.
+impl BarMailbox {
+    /// Finds the ivshmem device in sysfs and maps its shared-memory BAR.
     pub fn find() -> Result<Self, String> {
         let dir = std::fs::read_dir("/sys/bus/pci/devices")
             .map_err(|e| format!("/sys/bus/pci/devices: {e}"))?;
@@ -47,97 +38,103 @@ impl DevMemMailbox {
             if id("vendor") != Some(IVSHMEM_VENDOR_ID) || id("device") != Some(IVSHMEM_DEVICE_ID) {
                 continue;
             }
-            let res = std::fs::read_to_string(dev.join("resource"))
-                .map_err(|e| format!("{}/resource: {e}", dev.display()))?;
-            let line = res
-                .lines()
-                .nth(usize::from(IVSHMEM_BAR_SHMEM))
-                .ok_or("ivshmem resource file has no BAR2 line")?;
-            let mut w = line
-                .split_whitespace()
-                .map(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16));
-            let (Some(Ok(start)), Some(Ok(end))) = (w.next(), w.next()) else {
-                return Err(format!("ivshmem BAR2 line {line:?}: expected start and end"));
-            };
-            if start == 0 || end <= start {
-                return Err(format!("ivshmem BAR2 not assigned: {line:?}"));
-            }
+            let path = dev.join(format!("resource{IVSHMEM_BAR_SHMEM}"));
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
-                .open("/dev/mem")
-                .map_err(|e| format!("open /dev/mem: {e}"))?;
-            return Ok(Self {
-                file,
-                base: start,
-                size: (end - start + 1) as usize,
-            });
+                .open(&path)
+                .map_err(|e| format!("open {}: {e}", path.display()))?;
+            let map = memmap2::MmapRaw::map_raw(&file)
+                .map_err(|e| format!("mmap {}: {e}", path.display()))?;
+            let size = map.len();
+            return Ok(Self { map, size });
         }
         Err("no ivshmem device (1af4:1110) in /sys/bus/pci/devices".into())
     }
 
-    fn pread<const N: usize>(&self, off: usize) -> Result<[u8; N], DevMemError> {
-        smmvmi_mailbox::shared::check_access(self.size, off, N, N)?;
-        let mut b = [0u8; N];
-        self.file.read_exact_at(&mut b, self.base + off as u64)?;
-        Ok(b)
+    fn ptr(&self, off: usize, len: usize, align: usize) -> Result<*mut u8, AccessError> {
+        smmvmi_mailbox::shared::check_access(self.size, off, len, align)?;
+        // In bounds: checked just above against the mapping's length.
+        Ok(self.map.as_mut_ptr().wrapping_add(off))
     }
 }
 
-impl SharedMemory for DevMemMailbox {
-    type Error = DevMemError;
+impl SharedMemory for BarMailbox {
+    type Error = AccessError;
     fn size(&self) -> usize {
         self.size
     }
-    fn load_u32(&self, off: usize) -> Result<u32, DevMemError> {
-        Ok(u32::from_le_bytes(self.pread(off)?))
+    fn load_u32(&self, off: usize) -> Result<u32, AccessError> {
+        let p = self.ptr(off, 4, 4)?.cast::<u32>();
+        // SAFETY: `p` is 4-byte aligned and inside the live mapping
+        // (checked); the agent writes the BAR concurrently, hence volatile.
+        Ok(u32::from_le(unsafe { p.read_volatile() }))
     }
-    fn load_u64(&self, off: usize) -> Result<u64, DevMemError> {
-        Ok(u64::from_le_bytes(self.pread(off)?))
+    fn load_u64(&self, off: usize) -> Result<u64, AccessError> {
+        let p = self.ptr(off, 8, 8)?.cast::<u64>();
+        // SAFETY: as in `load_u32`, 8-byte aligned.
+        Ok(u64::from_le(unsafe { p.read_volatile() }))
     }
-    fn store_u32(&self, off: usize, v: u32) -> Result<(), DevMemError> {
-        smmvmi_mailbox::shared::check_access(self.size, off, 4, 4)?;
-        Ok(self.file.write_all_at(&v.to_le_bytes(), self.base + off as u64)?)
+    fn store_u32(&self, off: usize, v: u32) -> Result<(), AccessError> {
+        let p = self.ptr(off, 4, 4)?.cast::<u32>();
+        // SAFETY: aligned, inside the live writable mapping (checked).
+        unsafe { p.write_volatile(v.to_le()) };
+        Ok(())
     }
-    fn store_u64(&self, off: usize, v: u64) -> Result<(), DevMemError> {
-        smmvmi_mailbox::shared::check_access(self.size, off, 8, 8)?;
-        Ok(self.file.write_all_at(&v.to_le_bytes(), self.base + off as u64)?)
+    fn store_u64(&self, off: usize, v: u64) -> Result<(), AccessError> {
+        let p = self.ptr(off, 8, 8)?.cast::<u64>();
+        // SAFETY: aligned, inside the live writable mapping (checked).
+        unsafe { p.write_volatile(v.to_le()) };
+        Ok(())
     }
-    fn copy_out(&self, off: usize, dst: &mut [u8]) -> Result<(), DevMemError> {
-        smmvmi_mailbox::shared::check_access(self.size, off, dst.len(), 1)?;
-        Ok(self.file.read_exact_at(dst, self.base + off as u64)?)
+    fn copy_out(&self, off: usize, dst: &mut [u8]) -> Result<(), AccessError> {
+        let p = self.ptr(off, dst.len(), 1)?;
+        for (i, d) in dst.iter_mut().enumerate() {
+            // SAFETY: `p + i` is inside the checked range of the mapping.
+            *d = unsafe { p.add(i).read_volatile() };
+        }
+        Ok(())
     }
-    fn copy_in(&self, off: usize, src: &[u8]) -> Result<(), DevMemError> {
-        smmvmi_mailbox::shared::check_access(self.size, off, src.len(), 1)?;
-        Ok(self.file.write_all_at(src, self.base + off as u64)?)
+    fn copy_in(&self, off: usize, src: &[u8]) -> Result<(), AccessError> {
+        let p = self.ptr(off, src.len(), 1)?;
+        for (i, s) in src.iter().enumerate() {
+            // SAFETY: `p + i` is inside the checked range of the mapping.
+            unsafe { p.add(i).write_volatile(*s) };
+        }
+        Ok(())
     }
 }
 
-/// The proxy: the mailbox plus `/dev/port` for the APM SMI.
+/// The proxy: the mailbox plus the APM control port for the SMI.
 pub struct SeedProxy {
-    mailbox: DevMemMailbox,
-    port: File,
+    mailbox: BarMailbox,
     doorbell: u64,
 }
 
 impl SeedProxy {
-    /// Opens the mailbox BAR and `/dev/port`.
+    /// Opens the mailbox BAR and gets access to the APM control port.
     pub fn open() -> Result<Self, String> {
-        let port = OpenOptions::new()
-            .write(true)
-            .open("/dev/port")
-            .map_err(|e| format!("open /dev/port: {e}"))?;
+        // SAFETY: ioperm(2) only changes this process's I/O permission
+        // bitmap (for the one APM control port); it touches no memory.
+        if unsafe { libc::ioperm(u64::from(APM_CNT_PORT), 1, 1) } != 0 {
+            return Err(format!(
+                "ioperm({APM_CNT_PORT:#x}): {} (run as root)",
+                std::io::Error::last_os_error()
+            ));
+        }
         Ok(Self {
-            mailbox: DevMemMailbox::find()?,
-            port,
+            mailbox: BarMailbox::find()?,
             doorbell: host_injector::transact::fresh_doorbell(0),
         })
     }
 
     fn raise(&self) -> Result<(), String> {
-        self.port
-            .write_all_at(&[APM_CMD_SERVE], u64::from(APM_CNT_PORT))
-            .map_err(|e| format!("/dev/port APM write: {e}"))
+        let mut port = x86_64::instructions::port::PortWriteOnly::<u8>::new(APM_CNT_PORT);
+        // SAFETY: `open` got this process access to the APM control port
+        // (ICH9 APM_CNT); writing it raises an SMI and has no other effect
+        // on this process's memory.
+        unsafe { port.write(APM_CMD_SERVE) };
+        Ok(())
     }
 }
 

@@ -94,8 +94,12 @@ enum Cmd {
         key: PathBuf,
         #[arg(long, default_value_t = 10.0)]
         hz: f64,
+        /// Longest run, seconds.
         #[arg(long)]
         secs: f64,
+        /// Stop as soon as this file exists.
+        #[arg(long)]
+        stop_file: Option<PathBuf>,
     },
 }
 
@@ -153,6 +157,7 @@ fn main() -> anyhow::Result<()> {
             key,
             hz,
             secs,
+            stop_file,
         } => {
             let mut s = session(&connect, &key)?;
             let banner = find_banner(&mut s, BannerSearch::default())?;
@@ -161,7 +166,8 @@ fn main() -> anyhow::Result<()> {
             let started = Instant::now();
             let (mut polls, mut errors) = (0u64, 0u64);
             let mut next = started;
-            while started.elapsed().as_secs_f64() < secs {
+            let stopped = || stop_file.as_ref().is_some_and(|f| f.exists());
+            while started.elapsed().as_secs_f64() < secs && !stopped() {
                 match s.read_virt_once(space, banner.addr, banner.text.len() as u32) {
                     Ok(r) if r.status == Status::Ok => polls += 1,
                     _ => errors += 1,
