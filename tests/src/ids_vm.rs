@@ -440,6 +440,14 @@ impl IdsVm {
         &self.vm
     }
 
+    /// The pid of its vhost-device-vsock.
+    pub fn backend_pid(&self) -> Option<u32> {
+        self.backend
+            .as_ref()
+            .and_then(|b| b.child.as_ref())
+            .map(Child::id)
+    }
+
     /// The `ids --connect` endpoint of monitored VM `name` from inside.
     pub fn endpoint_of(name: &str) -> String {
         format!("vsock:2:{DAEMON_VSOCK_PORT}#{name},key={KEYS_DIR}/{name}.key")

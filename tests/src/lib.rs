@@ -28,6 +28,7 @@ pub mod guest_image;
 pub mod host;
 pub mod ids_vm;
 pub mod libvirt;
+pub mod paper;
 pub mod mailbox;
 pub mod qmp;
 pub mod sev;

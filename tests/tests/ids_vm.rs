@@ -160,3 +160,49 @@ fn ids_in_its_own_vm_reads_the_monitored_vm_over_vsock() {
     finish(mon);
     let _ = std::fs::remove_file(format!("{}_7070", uds.display()));
 }
+
+/// The published comparison's designs (`cargo xtask bench paper`), each
+/// measured from the IDS VM, read the same guest: the version string the
+/// guest prints and about as many tasks as its /proc holds. A baseline
+/// that read the wrong memory (a bad page-table root, a wrong RAM-file
+/// offset, a stale mailbox) fails here, not in a benchmark table.
+#[test]
+#[ignore = "boots two QEMU VMs: run with `cargo xtask test`"]
+fn every_published_design_reads_the_guest_from_the_ids_vm() {
+    use smmvmi_tests::baseline::DESIGNS;
+    use smmvmi_tests::paper::Topology;
+
+    let firmware = smmvmi_tests::vm::Firmware::from_env().unwrap_or_else(|e| panic!("{e}"));
+    let base = smmvmi_tests::guest_image::GuestImage::from_env()
+        .expect("SMMVMI_KERNEL and SMMVMI_INITRD (run with `cargo xtask test`)");
+    let paper = smmvmi_tests::ids_vm::built_binary("smmvmi-tests", "smmvmi-paper")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let pid = std::process::id();
+    let dir = smmvmi_tests::repo_root().join(format!(".cache/ids-vm/t-paper-{pid}"));
+    let topo = Topology::up(&format!("t-paper-{pid}"), &dir, firmware, &base, &paper)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let version = sh(topo.mon(), "cat /proc/version");
+    let procs = guest_pids(topo.mon()).len() as i64;
+    for design in DESIGNS {
+        let v = topo
+            .client(design, 5, 1, 2)
+            .unwrap_or_else(|e| panic!("{e}"));
+        eprintln!("{v}");
+        assert_eq!(
+            v["banner"].as_str().map(str::trim),
+            Some(version.trim()),
+            "{design}: the version string it read is not the guest's /proc/version"
+        );
+        let tasks = v["tasks"].as_i64().unwrap_or(0);
+        assert!(
+            (tasks - procs).abs() <= 4,
+            "{design}: ps listed {tasks} tasks, the guest's /proc has {procs}"
+        );
+        assert!(
+            v["bulk_mb_s"].as_f64().is_some_and(|r| r > 0.0),
+            "{design}: no bulk figure: {v}"
+        );
+    }
+    topo.down().unwrap_or_else(|e| panic!("{e}"));
+    let _ = std::fs::remove_dir_all(dir);
+}

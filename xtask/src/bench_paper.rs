@@ -21,19 +21,16 @@
 //! at `--hz` (guest clock, rounds interleaved, medians). Output:
 //! `target/bench/paper.json` and `target/bench/paper.svg`.
 
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
-use base64::Engine;
+use anyhow::bail;
 use serde_json::{Value, json};
 use smmvmi_tests::baseline::DESIGNS;
-use smmvmi_tests::daemon::DaemonProcess;
 use smmvmi_tests::guest_image::GuestImage;
-use smmvmi_tests::ids_vm::{self, IdsVm, IdsVmConfig, KEYS_DIR};
-use smmvmi_tests::vm::{Vm, VmConfig};
+use smmvmi_tests::ids_vm;
+use smmvmi_tests::paper::Topology;
+use smmvmi_tests::vm::Vm;
 
 use crate::FirmwareChoice;
 use crate::bench_daemon::{burn_once, calibrate_burn};
@@ -60,34 +57,8 @@ pub struct PaperArgs {
     pub burn_s: f64,
 }
 
-/// Guest RAM of the monitored VM (all below 4 GiB on q35).
-const MON_MEM: &str = "1G";
-const MON_MEM_BYTES: u64 = 1 << 30;
-const SEED_PORT: u16 = 7001;
-const IN_OS_PORT: u16 = 7002;
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-struct KillOnDrop(Child);
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn sh(vm: &Vm, cmd: &str, timeout: Duration) -> anyhow::Result<String> {
-    let out = vm.exec_timeout(cmd, timeout)?;
-    anyhow::ensure!(
-        out.status == 0,
-        "`{cmd}` in {} exited {}: {}",
-        vm.name(),
-        out.status,
-        out.stderr.trim()
-    );
-    Ok(out.stdout.trim().to_string())
+    smmvmi_tests::paper::sh(vm, cmd, timeout).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 pub fn run(args: PaperArgs) -> anyhow::Result<()> {
@@ -110,129 +81,27 @@ fn run_in(
     base: &GuestImage,
     paper: &Path,
 ) -> anyhow::Result<()> {
-    let pid = std::process::id();
-    crate::step("starting a host-injector daemon (with a vhost-device-vsock listener)");
-    let uds = dir.join("vsock.sock");
-    let daemon = DaemonProcess::spawn(
-        &dir.join("injector.sock"),
-        &["--vhost-vsock-uds", &uds.to_string_lossy()],
-        false,
-    )?;
-
-    crate::step("booting the monitored VM (our firmware; RAM in a shared file; network)");
-    let (seed_host, in_os_host) = (free_port()?, free_port()?);
-    let overlay = dir.join("mon-initramfs.cpio.gz");
-    ids_vm::overlay_initrd(&base.initrd, &[paper], &[], &overlay)?;
-    let ram_file = dir.join("guest-ram");
-    let mut cfg = VmConfig::new(format!("bench-paper-mon-{pid}"), firmware)
-        .mem(MON_MEM)
-        .through_daemon(&daemon.socket);
-    cfg.guest = Some(GuestImage {
-        initrd: overlay,
-        ..base.clone()
-    });
-    for a in [
-        "-object".to_string(),
-        format!(
-            "memory-backend-file,id=ram0,size={MON_MEM},mem-path={},share=on",
-            ram_file.display()
-        ),
-        "-machine".into(),
-        "memory-backend=ram0".into(),
-        "-netdev".into(),
-        format!(
-            "user,id=net0,hostfwd=tcp:127.0.0.1:{seed_host}-:{SEED_PORT},hostfwd=tcp:127.0.0.1:{in_os_host}-:{IN_OS_PORT}"
-        ),
-        "-device".into(),
-        "virtio-net-pci,netdev=net0".into(),
-    ] {
-        cfg = cfg.extra_arg(a);
-    }
-    let mon = Vm::up(cfg).context("booting the monitored VM")?;
-    mon.wait_agent_ready(Duration::from_secs(30))?;
-    ids_vm::bring_up_network(&mon)?;
+    crate::step(
+        "starting the topology: daemon, monitored VM (RAM file, network, in-guest baselines), raw-host, IDS VM",
+    );
+    let topo = Topology::up(
+        &format!("bench-paper-{}", std::process::id()),
+        dir,
+        firmware,
+        base,
+        paper,
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (mon, ids) = (topo.mon(), topo.ids());
     let t = Duration::from_secs(30);
-    // The baselines in the monitored VM. The in-OS agent holds the key in
-    // guest memory: that is the design's weakness, not the harness's.
-    let key = std::fs::read(&mon.info().key)?;
-    let key_b64 = base64::engine::general_purpose::STANDARD.encode(&key);
-    sh(
-        &mon,
-        &format!(
-            "echo {key_b64} | base64 -d >/tmp/agent.key; \
-             smmvmi-paper seed-proxy --listen 0.0.0.0:{SEED_PORT} </dev/null >/tmp/seed.log 2>&1 & \
-             smmvmi-paper in-os-agent --listen 0.0.0.0:{IN_OS_PORT} --key /tmp/agent.key </dev/null >/tmp/in-os.log 2>&1 &"
-        ),
-        t,
-    )?;
-
-    crate::step("starting the raw-host baseline (the agent's logic over the RAM file)");
-    let raw_port = free_port()?;
-    let raw_log = std::fs::File::create(dir.join("raw-host.log"))?;
-    let _raw = KillOnDrop(
-        Command::new(paper)
-            .args(["raw-host", "--listen"])
-            .arg(format!("0.0.0.0:{raw_port}"))
-            .arg("--key")
-            .arg(&mon.info().key)
-            .arg("--ram-file")
-            .arg(&ram_file)
-            .arg("--low-mem")
-            .arg(MON_MEM_BYTES.to_string())
-            .arg("--cpus-from")
-            .arg(mon.info().endpoint())
-            .stdin(Stdio::null())
-            .stdout(raw_log.try_clone()?)
-            .stderr(raw_log)
-            .spawn()
-            .context("starting smmvmi-paper raw-host")?,
-    );
-
-    crate::step("booting the IDS VM (vsock to the daemon, network to the host)");
-    let mut ids_cfg = IdsVmConfig::new(
-        format!("bench-paper-ids-{pid}"),
-        vec![mon.info().clone()],
-        uds.clone(),
-    );
-    ids_cfg.binaries = vec![paper.to_path_buf()];
-    ids_cfg.network = true;
-    let idsvm = IdsVm::up(ids_cfg).context("booting the IDS VM")?;
-    let ids = idsvm.vm();
-    let key_in_ids = format!("{KEYS_DIR}/{}.key", mon.name());
-    let connect = |design: &str| -> String {
-        match design {
-            "proxyless" => IdsVm::endpoint_of(mon.name()),
-            "seed-proxy" => format!("tcp:10.0.2.2:{seed_host}"),
-            "in-os-agent" => format!("tcp:10.0.2.2:{in_os_host}"),
-            _ => format!("tcp:10.0.2.2:{raw_port}"),
-        }
-    };
+    let key_in_ids = topo.key_in_ids();
 
     let mut results = serde_json::Map::new();
     for design in DESIGNS {
         crate::step(&format!("{design}: version string, ps, bulk read"));
-        let out = sh(
-            ids,
-            &format!(
-                "smmvmi-paper client --design {design} --connect '{}' --key {key_in_ids} \
-                 --reads {} --ps-runs {} --bulk-mib {}",
-                connect(design),
-                args.reads,
-                args.ps_runs,
-                args.bulk_mib
-            ),
-            Duration::from_secs(900),
-        )
-        .with_context(|| {
-            let logs = sh(&mon, "tail -n 5 /tmp/seed.log /tmp/in-os.log; true", t)
-                .unwrap_or_default();
-            format!(
-                "measuring {design}; the monitored VM's baseline logs:\n{logs}\n(raw-host: {})",
-                dir.join("raw-host.log").display()
-            )
-        })?;
-        let v: Value = serde_json::from_str(out.lines().last().unwrap_or(""))
-            .with_context(|| format!("{design}: client printed {out:?}"))?;
+        let v = topo
+            .client(design, args.reads, args.ps_runs, args.bulk_mib)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         eprintln!("    {v}");
         results.insert(design.to_string(), v);
     }
@@ -241,7 +110,7 @@ fn run_in(
         "slowdown: cpuburn in the monitored VM, alone and with each design polled at {} Hz",
         args.hz
     ));
-    let n = calibrate_burn(&mon, args.burn_s)?;
+    let n = calibrate_burn(mon, args.burn_s)?;
     let settings: Vec<&str> = std::iter::once("none").chain(DESIGNS).collect();
     let mut burns: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
     let mut polls: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
@@ -249,7 +118,7 @@ fn run_in(
         for i in 0..settings.len() {
             let setting = settings[(i + round) % settings.len()];
             if setting == "none" {
-                burns.entry(setting).or_default().push(burn_once(&mon, n)?);
+                burns.entry(setting).or_default().push(burn_once(mon, n)?);
                 continue;
             }
             sh(
@@ -258,14 +127,14 @@ fn run_in(
                     "rm -f /tmp/stop /tmp/poll.json; smmvmi-paper poll --design {setting} \
                      --connect '{}' --key {key_in_ids} --hz {} --secs 600 --stop-file /tmp/stop \
                      </dev/null >/tmp/poll.json 2>/tmp/poll.err &",
-                    connect(setting),
+                    topo.connect(setting),
                     args.hz
                 ),
                 t,
             )?;
             // The poller connects and finds the banner before the burn starts.
             std::thread::sleep(Duration::from_secs(3));
-            let secs = burn_once(&mon, n)?;
+            let secs = burn_once(mon, n)?;
             sh(ids, "touch /tmp/stop", t)?;
             let until = Instant::now() + Duration::from_secs(30);
             let poll: Value = loop {
@@ -299,7 +168,7 @@ fn run_in(
         r["polls_per_s"] = json!(median(&polls[design]));
     }
 
-    let kernel = sh(&mon, "uname -r", t)?;
+    let kernel = sh(mon, "uname -r", t)?;
     let report = json!({
         "machine": machine_summary(),
         "guest_kernel": kernel,
@@ -312,8 +181,7 @@ fn run_in(
         "rounds": args.rounds,
         "designs": Value::Object(results.clone()),
     });
-    drop(idsvm);
-    mon.down()?;
+    topo.down().map_err(|e| anyhow::anyhow!("{e}"))?;
 
     let out_dir = crate::root().join("target/bench");
     std::fs::create_dir_all(&out_dir)?;
