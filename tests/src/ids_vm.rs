@@ -109,11 +109,23 @@ pub fn vhost_device_vsock() -> Result<PathBuf, IdsVmError> {
 
 /// A workspace binary, built if needed (debug profile): `(package, bin)`.
 pub fn built_binary(package: &str, bin: &str) -> Result<PathBuf, IdsVmError> {
+    build_binary(package, bin, false)
+}
+
+/// A workspace binary built with the release profile (benchmarks).
+pub fn built_release_binary(package: &str, bin: &str) -> Result<PathBuf, IdsVmError> {
+    build_binary(package, bin, true)
+}
+
+fn build_binary(package: &str, bin: &str, release: bool) -> Result<PathBuf, IdsVmError> {
     let root = crate::repo_root();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(&cargo);
     cmd.args(["build", "-q", "-p", package, "--bin", bin])
         .current_dir(&root);
+    if release {
+        cmd.arg("--release");
+    }
     let status = cmd.status().map_err(io(format!("run {cargo} build")))?;
     if !status.success() {
         return Err(IdsVmError::Build {
@@ -122,7 +134,8 @@ pub fn built_binary(package: &str, bin: &str) -> Result<PathBuf, IdsVmError> {
             what: bin.into(),
         });
     }
-    Ok(root.join("target/debug").join(bin))
+    let profile = if release { "release" } else { "debug" };
+    Ok(root.join("target").join(profile).join(bin))
 }
 
 /// The shared libraries (and the ELF interpreter) `binary` loads, as `ldd`

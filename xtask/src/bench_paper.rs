@@ -50,10 +50,10 @@ pub struct PaperArgs {
     #[arg(long, default_value_t = 10.0)]
     pub hz: f64,
     /// Slowdown rounds (each: one cpuburn alone and one per design).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     pub rounds: usize,
     /// Target length of one cpuburn run, seconds.
-    #[arg(long, default_value_t = 8.0)]
+    #[arg(long, default_value_t = 15.0)]
     pub burn_s: f64,
 }
 
@@ -65,7 +65,10 @@ pub fn run(args: PaperArgs) -> anyhow::Result<()> {
     let root = crate::root();
     let firmware = FirmwareChoice::Ours.resolve()?;
     let base = crate::guest_image::build(&Default::default())?;
-    let paper = ids_vm::built_binary("smmvmi-tests", "smmvmi-paper")?;
+    // Release build: every design's client and baseline code is optimized
+    // alike (the first build takes a few minutes).
+    crate::step("building smmvmi-paper (release)");
+    let paper = ids_vm::built_release_binary("smmvmi-tests", "smmvmi-paper")?;
     ids_vm::vhost_device_vsock()?;
     let dir = root.join(format!(".cache/bench/paper-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -124,16 +127,23 @@ fn run_in(
             sh(
                 ids,
                 &format!(
-                    "rm -f /tmp/stop /tmp/poll.json; smmvmi-paper poll --design {setting} \
+                    "rm -f /tmp/stop /tmp/ready /tmp/poll.json; smmvmi-paper poll --design {setting} \
                      --connect '{}' --key {key_in_ids} --hz {} --secs 600 --stop-file /tmp/stop \
-                     </dev/null >/tmp/poll.json 2>/tmp/poll.err &",
+                     --ready-file /tmp/ready </dev/null >/tmp/poll.json 2>/tmp/poll.err &",
                     topo.connect(setting),
                     args.hz
                 ),
                 t,
             )?;
             // The poller connects and finds the banner before the burn starts.
-            std::thread::sleep(Duration::from_secs(3));
+            let until = Instant::now() + Duration::from_secs(120);
+            while sh(ids, "cat /tmp/ready 2>/dev/null; true", t)?.is_empty() {
+                if Instant::now() > until {
+                    let err = sh(ids, "cat /tmp/poll.err; true", t)?;
+                    bail!("{setting}: the poller was not ready within 120 s ({err})");
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
             let secs = burn_once(mon, n)?;
             sh(ids, "touch /tmp/stop", t)?;
             let until = Instant::now() + Duration::from_secs(30);

@@ -44,7 +44,8 @@ pub fn draw(results: &serde_json::Map<String, Value>, out: &Path) -> anyhow::Res
                 .unwrap_or_default(),
             _ => String::new(),
         };
-        let x = (0..DESIGNS.len() as i32).into_segmented();
+        // `a..b` segmented has a segment per value of `a..=b`.
+        let x = (0..DESIGNS.len() as i32 - 1).into_segmented();
         if log {
             let lo = (min.max(1e-3) / 2.0).max(1e-3);
             let mut c = chart.build_cartesian_2d(x, (lo..max * 2.0).log_scale())?;
