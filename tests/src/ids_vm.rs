@@ -58,7 +58,9 @@ pub enum IdsVmError {
         timeout: Duration,
         log: String,
     },
-    #[error("`ldd {binary}` named no library path in {output:?}; expected a dynamically linked x86-64 ELF")]
+    #[error(
+        "`ldd {binary}` named no library path in {output:?}; expected a dynamically linked x86-64 ELF"
+    )]
     Ldd { binary: String, output: String },
     #[error(transparent)]
     Vm(#[from] VmError),
@@ -381,11 +383,9 @@ impl IdsVm {
     pub fn up(config: IdsVmConfig) -> Result<Self, IdsVmError> {
         let base = match GuestImage::from_env() {
             Some(g) => g,
-            None => crate::guest_image::build(
-                &crate::repo_root(),
-                &Default::default(),
-                &mut |m| eprintln!("[smmvmi] {m}"),
-            )
+            None => crate::guest_image::build(&crate::repo_root(), &Default::default(), &mut |m| {
+                eprintln!("[smmvmi] {m}")
+            })
             .map_err(VmError::from)?,
         };
         let dir = ids_vm_dir(&config.name);
@@ -403,10 +403,7 @@ impl IdsVm {
         let backend = VsockBackend::start(&dir, &config.daemon_uds, config.detached)?;
         let mem = config.mem.as_str();
         let mut vm = VmConfig::new(&config.name, Firmware::SeaBios).mem(mem);
-        vm.guest = Some(GuestImage {
-            initrd,
-            ..base
-        });
+        vm.guest = Some(GuestImage { initrd, ..base });
         for a in [
             "-object".to_string(),
             format!("memory-backend-memfd,id=ids-mem,size={mem},share=on"),

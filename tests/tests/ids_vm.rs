@@ -18,7 +18,10 @@ const IDS_TIMEOUT: Duration = Duration::from_secs(120);
 fn random_name() -> String {
     let mut b = [0u8; 5];
     getrandom::fill(&mut b).expect("random");
-    format!("v{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>())
+    format!(
+        "v{}",
+        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+    )
 }
 
 /// Starts a sleeping process whose comm is `name` (a script so named).
@@ -109,7 +112,11 @@ fn ids_in_its_own_vm_reads_the_monitored_vm_over_vsock() {
             .any(|t| t["pid"] == early_pid && t["comm"] == early.as_str()),
         "ids ps over vsock does not list {early} (pid {early_pid})"
     );
-    eprintln!("ids ps in the IDS VM: {} tasks, /proc had {}", seen.len(), stable.len());
+    eprintln!(
+        "ids ps in the IDS VM: {} tasks, /proc had {}",
+        seen.len(),
+        stable.len()
+    );
 
     // A short watch: its baseline, then a process started while it runs.
     sh(
@@ -146,9 +153,11 @@ fn ids_in_its_own_vm_reads_the_monitored_vm_over_vsock() {
         sh(vm, "cat /tmp/watch.err; true")
     );
     assert!(
-        events.iter().any(|e| e["event"]["action"] == "process-started"
-            && e["process"]["name"] == late.as_str()
-            && e["process"]["pid"] == late_pid),
+        events
+            .iter()
+            .any(|e| e["event"]["action"] == "process-started"
+                && e["process"]["name"] == late.as_str()
+                && e["process"]["pid"] == late_pid),
         "ids watch in the IDS VM did not report {late} (pid {late_pid}): {events:?}"
     );
     assert!(

@@ -19,7 +19,8 @@
 //! `--ps-runs`), a `--bulk-mib` physical read's throughput, and the
 //! monitored VM's `cpuburn` slowdown while the IDS polls the version string
 //! at `--hz` (guest clock, rounds interleaved, medians). Output:
-//! `target/bench/paper.json` and `target/bench/paper.svg`.
+//! `target/bench/paper.json` (one object per design), `paper-run.json`
+//! (machine, kernel, settings) and `paper.svg`.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -195,15 +196,17 @@ fn run_in(
 
     let out_dir = crate::root().join("target/bench");
     std::fs::create_dir_all(&out_dir)?;
-    // paper.json: one object per design, keyed by design name (the
-    // issue's shape), plus the run's context under "_run".
-    let mut file = results.clone();
-    let mut context = report.clone();
-    context.as_object_mut().expect("object").remove("designs");
-    file.insert("_run".into(), context);
+    // paper.json: one object per design, keyed by design name, nothing
+    // else; the run's context (machine, kernel, settings) beside it.
     std::fs::write(
         out_dir.join("paper.json"),
-        serde_json::to_string_pretty(&Value::Object(file))?,
+        serde_json::to_string_pretty(&Value::Object(results.clone()))?,
+    )?;
+    let mut context = report;
+    context.as_object_mut().expect("object").remove("designs");
+    std::fs::write(
+        out_dir.join("paper-run.json"),
+        serde_json::to_string_pretty(&context)?,
     )?;
     crate::bench_paper_chart::draw(&results, &out_dir.join("paper.svg"))?;
     print_table(&results, alone, &kernel);

@@ -74,7 +74,10 @@ pub fn draw(results: &serde_json::Map<String, Value>, out: &Path) -> anyhow::Res
             c.draw_series(vals.iter().enumerate().map(|(i, &v)| {
                 let i = i as i32;
                 Rectangle::new(
-                    [(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), v)],
+                    [
+                        (SegmentValue::Exact(i), 0.0),
+                        (SegmentValue::Exact(i + 1), v),
+                    ],
                     COLORS[i as usize % COLORS.len()].filled(),
                 )
             }))?;

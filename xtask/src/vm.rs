@@ -464,6 +464,12 @@ fn up_ids(name: &str, args: &UpArgs) -> anyhow::Result<()> {
     let vm = IdsVm::up(config).with_context(|| format!("starting IDS VM {name}"))?;
     let info = vm.detach();
     let mut out = info.summary_json();
+    // Its own mailbox endpoints mean nothing: the IDS VM has no agent.
+    if let Some(o) = out.as_object_mut() {
+        for k in ["endpoint", "direct_endpoint", "mailbox"] {
+            o.remove(k);
+        }
+    }
     out["role"] = "ids".into();
     out["endpoints"] = args
         .monitor

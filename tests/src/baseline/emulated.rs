@@ -4,6 +4,8 @@
 //! ([`crate::baseline::ramfile`]). Same ops, same bounds, same sealing; no
 //! SMI and no SMM.
 
+use std::time::{Duration, Instant};
+
 use smmvmi_agent::{CpuSnapshot, PhysMemory};
 use smmvmi_mailbox::client::{Poll, copy_reply, poll_reply, post_request};
 use smmvmi_mailbox::header::{SESSION_SALT_LEN, ServeStatus};
@@ -35,7 +37,9 @@ impl<M: PhysMemory> EmulatedAgent<M> {
         };
         let agent = SimAgent::new(mem, machine, Some(key), salt).with_cpus(cpus);
         let mailbox = BufferMailbox::from_bytes(&MailboxBuilder::ready().bytes());
-        agent.publish(&mailbox).expect("a buffer mailbox takes the salt");
+        agent
+            .publish(&mailbox)
+            .expect("a buffer mailbox takes the salt");
         Self {
             mailbox,
             agent,
@@ -50,7 +54,8 @@ impl<M: PhysMemory> Backend for EmulatedAgent<M> {
         Ok((h.state.get(), h.session_salt))
     }
 
-    fn transact(&mut self, frame: &[u8]) -> Result<(u32, u64, Vec<u8>), String> {
+    fn transact(&mut self, frame: &[u8]) -> Result<(u32, u64, Duration, Vec<u8>), String> {
+        let started = Instant::now();
         self.doorbell += 1;
         post_request(&self.mailbox, frame, self.doorbell).map_err(|e| e.to_string())?;
         self.agent.serve(&self.mailbox);
@@ -64,7 +69,7 @@ impl<M: PhysMemory> Backend for EmulatedAgent<M> {
                 }
                 let mut reply = vec![0u8; reply_len];
                 copy_reply(&self.mailbox, &mut reply).map_err(|e| e.to_string())?;
-                Ok((status, 0, reply))
+                Ok((status, 0, started.elapsed(), reply))
             }
             Poll::Pending => Err("the agent did not answer its doorbell".into()),
         }

@@ -163,7 +163,8 @@ impl Backend for SeedProxy {
         Ok((state, salt))
     }
 
-    fn transact(&mut self, frame: &[u8]) -> Result<(u32, u64, Vec<u8>), String> {
+    fn transact(&mut self, frame: &[u8]) -> Result<(u32, u64, Duration, Vec<u8>), String> {
+        let started = Instant::now();
         self.doorbell = host_injector::transact::fresh_doorbell(self.doorbell);
         post_request(&self.mailbox, frame, self.doorbell).map_err(|e| format!("{e:?}"))?;
         self.raise()?;
@@ -185,7 +186,7 @@ impl Backend for SeedProxy {
                     .mailbox
                     .load_u64(layout::OFF_SERVE_CYCLES)
                     .map_err(|e| e.to_string())?;
-                return Ok((status, cycles, reply));
+                return Ok((status, cycles, started.elapsed(), reply));
             }
             let now = Instant::now();
             if now >= end {

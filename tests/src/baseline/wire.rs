@@ -3,7 +3,8 @@
 //! ```text
 //! client: [kind u8][len u32 LE][payload]   kind 1 = header (len 0), 2 = transact (payload = sealed frame)
 //! server: [code u8][len u32 LE][payload]   code 0 = header: state u32 LE, salt
-//!                                          code 1 = reply: serve status u32 LE, SMM cycles u64 LE, reply frame
+//!                                          code 1 = reply: serve status u32 LE, SMM cycles u64 LE,
+//!                                                   serve time µs u64 LE (request posted to reply seen), reply frame
 //!                                          code 2 = error: UTF-8 text
 //! ```
 //! Every byte is untrusted on both sides: the IDS opens the reply with its
@@ -11,7 +12,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use host_injector::Transaction;
 use ids::SessionError;
@@ -30,8 +31,9 @@ pub const MAX_MESSAGE: usize = 4 << 20;
 pub trait Backend {
     /// The agent's state word and session salt.
     fn header(&mut self) -> Result<(u32, [u8; SESSION_SALT_LEN]), String>;
-    /// One sealed request: (serve status, SMM cycles, reply frame).
-    fn transact(&mut self, frame: &[u8]) -> Result<(u32, u64, Vec<u8>), String>;
+    /// One sealed request: (serve status, SMM cycles, serve time from
+    /// posting the request to seeing the reply, reply frame).
+    fn transact(&mut self, frame: &[u8]) -> Result<(u32, u64, Duration, Vec<u8>), String>;
 }
 
 fn read_message(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
@@ -86,15 +88,21 @@ fn serve_one(s: &mut TcpStream, backend: &mut dyn Backend) -> std::io::Result<()
                 Err(e) => write_message(s, CODE_ERROR, &[e.as_bytes()])?,
             },
             KIND_TRANSACT => match backend.transact(&payload) {
-                Ok((status, cycles, reply)) => write_message(
+                Ok((status, cycles, took, reply)) => write_message(
                     s,
                     CODE_REPLY,
-                    &[&status.to_le_bytes(), &cycles.to_le_bytes(), &reply],
+                    &[
+                        &status.to_le_bytes(),
+                        &cycles.to_le_bytes(),
+                        &(took.as_micros() as u64).to_le_bytes(),
+                        &reply,
+                    ],
                 )?,
                 Err(e) => write_message(s, CODE_ERROR, &[e.as_bytes()])?,
             },
             other => {
-                let e = format!("unknown message kind {other}: expected 1 (header) or 2 (transact)");
+                let e =
+                    format!("unknown message kind {other}: expected 1 (header) or 2 (transact)");
                 write_message(s, CODE_ERROR, &[e.as_bytes()])?;
             }
         }
@@ -118,11 +126,17 @@ impl TcpCarrier {
         })
     }
 
-    fn call(&mut self, kind: u8, payload: &[u8], deadline: Duration) -> Result<(u8, Vec<u8>), SessionError> {
-        let io = |e: std::io::Error| {
-            SessionError::Malformed(format!("baseline at {}: {e}", self.addr))
-        };
-        self.stream.set_read_timeout(Some(deadline.max(Duration::from_millis(1)))).map_err(io)?;
+    fn call(
+        &mut self,
+        kind: u8,
+        payload: &[u8],
+        deadline: Duration,
+    ) -> Result<(u8, Vec<u8>), SessionError> {
+        let io =
+            |e: std::io::Error| SessionError::Malformed(format!("baseline at {}: {e}", self.addr));
+        self.stream
+            .set_read_timeout(Some(deadline.max(Duration::from_millis(1))))
+            .map_err(io)?;
         write_message(&mut self.stream, kind, &[payload]).map_err(io)?;
         let (code, body) = read_message(&mut self.stream).map_err(io)?;
         if code == CODE_ERROR {
@@ -152,19 +166,22 @@ impl FrameCarrier for TcpCarrier {
         })
     }
 
+    /// The transaction's `elapsed` is the baseline's own serve time
+    /// (request posted to reply seen), as the daemon reports its own.
     fn transact(&mut self, frame: &[u8], deadline: Duration) -> Result<Transaction, SessionError> {
-        let started = Instant::now();
         let (code, body) = self.call(KIND_TRANSACT, frame, deadline)?;
-        if code != CODE_REPLY || body.len() < 12 {
+        if code != CODE_REPLY || body.len() < 20 {
             return Err(malformed("reply", &body));
         }
+        let word =
+            |r: std::ops::Range<usize>| u64::from_le_bytes(body[r].try_into().expect("8 bytes"));
         let status = u32::from_le_bytes(body[..4].try_into().expect("4 bytes"));
         Ok(Transaction {
             status: ServeStatus::from_raw(status).unwrap_or(ServeStatus::None),
-            serve_cycles: u64::from_le_bytes(body[4..12].try_into().expect("8 bytes")),
-            reply: body[12..].to_vec(),
+            serve_cycles: word(4..12),
+            elapsed: Duration::from_micros(word(12..20)),
+            reply: body[20..].to_vec(),
             smis: 0,
-            elapsed: started.elapsed(),
         })
     }
 }
