@@ -122,7 +122,9 @@ fn run_in(
         for i in 0..settings.len() {
             let setting = settings[(i + round) % settings.len()];
             if setting == "none" {
-                burns.entry(setting).or_default().push(burn_once(mon, n)?);
+                let secs = burn_once(mon, n)?;
+                eprintln!("    round {round} nothing polls: cpuburn {secs:.3} s");
+                burns.entry(setting).or_default().push(secs);
                 continue;
             }
             sh(
