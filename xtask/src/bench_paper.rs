@@ -178,6 +178,7 @@ fn run_in(
         let r = results.get_mut(design).expect("measured above");
         r["slowdown_pct"] = json!((b / alone - 1.0) * 100.0);
         r["burn_s"] = json!(b);
+        r["burn_runs_s"] = json!(burns[design]);
         r["polls_per_s"] = json!(median(&polls[design]));
     }
 
@@ -191,6 +192,7 @@ fn run_in(
         "bulk_mib": args.bulk_mib,
         "poll_hz": args.hz,
         "burn_alone_s": alone,
+        "burn_alone_runs_s": burns["none"],
         "rounds": args.rounds,
         "designs": Value::Object(results.clone()),
     });
