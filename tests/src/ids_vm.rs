@@ -279,6 +279,8 @@ impl VsockBackend {
         let mut cmd = Command::new(&bin);
         if detached {
             crate::vm::new_session(&mut cmd);
+        } else {
+            crate::vm::die_with_parent(&mut cmd);
         }
         let child = cmd
             .arg("--guest-cid")

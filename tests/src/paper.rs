@@ -150,9 +150,10 @@ impl Topology {
 
         let raw_port = free_port()?;
         let raw_log = std::fs::File::create(dir.join("raw-host.log"))?;
+        let mut cmd = Command::new(paper);
+        crate::vm::die_with_parent(&mut cmd);
         let raw = KillOnDrop(
-            Command::new(paper)
-                .args(["raw-host", "--listen"])
+            cmd.args(["raw-host", "--listen"])
                 .arg(format!("0.0.0.0:{raw_port}"))
                 .arg("--key")
                 .arg(&mon.info().key)

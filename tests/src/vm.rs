@@ -640,16 +640,7 @@ impl Vm {
         if detached {
             new_session(&mut cmd);
         } else {
-            // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and only
-            // changes the forked child's own attributes, before exec.
-            unsafe {
-                cmd.pre_exec(|| {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            die_with_parent(&mut cmd);
         }
         let started = Instant::now();
         let child = cmd.spawn().map_err(|source| VmError::Spawn {
@@ -1331,6 +1322,21 @@ fn shell_words(program: &str, args: &[String]) -> String {
 
 /// Makes the child of `cmd` lead a new session (setsid before exec), so it
 /// outlives the harness process that starts it (`vm up`, the daemon).
+/// Makes the child get SIGKILL when the thread that spawned it exits
+/// (PR_SET_PDEATHSIG): a test that dies leaves no process behind.
+pub(crate) fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and only
+    // changes the forked child's own attributes, before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 pub(crate) fn new_session(cmd: &mut Command) {
     use std::os::unix::process::CommandExt;
     // SAFETY: setsid() is async-signal-safe and touches no memory of the
