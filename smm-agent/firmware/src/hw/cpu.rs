@@ -43,10 +43,10 @@ pub fn initial_apic_id() -> u32 {
 
 /// This CPU's SEV facts (CPUID 0x8000001F, the SEV_STATUS MSR), decoded by
 /// the one definition the agent's walker uses
-/// ([`smmvmi_agent::serve::SevConfig::detect`]). The MSR is read only when
+/// ([`smmvmi_boot::sev::SevConfig::detect`]). The MSR is read only when
 /// CPUID says SEV is supported.
-pub fn sev_config() -> smmvmi_agent::serve::SevConfig {
-    use smmvmi_agent::serve::{CPUID_SEV_LEAF, MSR_SEV_STATUS, SevConfig};
+pub fn sev_config() -> smmvmi_boot::sev::SevConfig {
+    use smmvmi_boot::sev::{CPUID_SEV_LEAF, MSR_SEV_STATUS, SevConfig};
     let max_ext = core::arch::x86_64::__cpuid(0x8000_0000).eax;
     let (eax, ebx) = if max_ext >= CPUID_SEV_LEAF {
         let leaf = core::arch::x86_64::__cpuid(CPUID_SEV_LEAF);
