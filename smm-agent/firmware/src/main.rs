@@ -107,6 +107,8 @@ global_asm!(
     options(att_syntax)
 );
 
+// SAFETY: a unique symbol name, called once by `start64` (asm/reset.s)
+// with the C ABI, no arguments, and never returned from.
 #[unsafe(no_mangle)]
 extern "C" fn firmware_main() -> ! {
     hw::idt::init();
@@ -226,5 +228,6 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
 
 /// The prebuilt `core` is compiled with unwinding tables that name this
 /// symbol; with `panic = "abort"` it is never called.
+// SAFETY: a unique symbol name that nothing calls (see above).
 #[unsafe(no_mangle)]
 extern "C" fn rust_eh_personality() {}

@@ -19,6 +19,8 @@ use crate::hw::memory::Region;
 use crate::layout::{BOOT_PD, BOOT_PT_LOW, FW_CFG_DMA_AREA, FW_CFG_DMA_AREA_LEN};
 use crate::log;
 
+// SAFETY: `boot_c_mask_high` is a 4-byte, 4-aligned `.bss` word defined in
+// `asm/reset.s`, matching the declared `u32`.
 unsafe extern "C" {
     /// Upper half of the C-bit mask the reset path put in every entry.
     static boot_c_mask_high: u32;

@@ -23,6 +23,8 @@ use crate::layout::{
 use crate::log;
 use crate::smm::config::{OpenTseg, SealedTseg};
 
+// SAFETY: labels of the templates in `asm/smm.s`; only their addresses are
+// taken (to copy and patch the templates), never their contents as `u8`.
 unsafe extern "C" {
     static smm_stub_start: u8;
     static smm_stub_end: u8;
