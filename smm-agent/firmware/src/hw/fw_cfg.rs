@@ -8,6 +8,8 @@
 //! shared (`boot::paging`), since QEMU can neither read nor write encrypted
 //! memory; without SEV the same path runs, so every boot exercises it.
 
+use core::sync::atomic::{Ordering, compiler_fence};
+
 use x86_64::instructions::port::Port;
 
 use smmvmi_boot::fw_cfg::{
@@ -49,6 +51,9 @@ impl FwCfg {
             address: FW_CFG_BOUNCE,
         };
         desc.write_volatile(0, &d.to_be_bytes());
+        // The port writes below are `nomem` asm: keep the descriptor and the
+        // bounce buffer's contents before them.
+        compiler_fence(Ordering::SeqCst);
         // SAFETY: the fw_cfg DMA address ports; the descriptor they name is
         // in the DMA area, which the device may read and write, and we wait
         // for completion below before touching it or the bounce buffer.
@@ -62,6 +67,8 @@ impl FwCfg {
             result = DmaAccess::completion(key, u32::from_be(desc.read_u32(0)));
             !matches!(result, Ok(false))
         });
+        // What the device wrote into the bounce buffer is read after this.
+        compiler_fence(Ordering::SeqCst);
         match result {
             Ok(true) if done => Ok(()),
             Err(e) => Err(e),
