@@ -64,8 +64,6 @@ pub enum SevError {
 /// injects; without SEV the test setups load it into the secret area with
 /// QEMU's generic loader (`-device loader,file=OUT,addr=AREA,force-raw=on`).
 pub fn write_key_secret(key_file: &Path, out: &Path) -> Result<(), SevError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let key = read(key_file)?;
     let fail = |detail: String| SevError::SecretTable {
         path: out.display().to_string(),
@@ -83,14 +81,7 @@ pub fn write_key_secret(key_file: &Path, out: &Path) -> Result<(), SevError> {
     let n = sev::write_secret_table(&[(sev::AGENT_KEY_SECRET_GUID, &key)], &mut table)
         .map_err(|e| fail(e.to_string()))?;
     table.truncate(n.next_multiple_of(16));
-    let _ = std::fs::remove_file(out);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(out)
-        .and_then(|mut f| f.write_all(&table))
-        .map_err(|e| fail(e.to_string()))
+    crate::vm::write_private(out, &table).map_err(|e| fail(e.to_string()))
 }
 
 /// The QEMU argument that loads a secret table file into the secret area

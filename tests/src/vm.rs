@@ -1167,20 +1167,25 @@ pub fn debug_device_args(debugcon: &Path) -> [String; 6] {
 
 /// Writes 32 fresh random bytes (from /dev/urandom) to `path`, mode 0600.
 pub fn write_fresh_key(path: &Path) -> Result<(), VmError> {
-    use std::io::{Read, Write};
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::io::Read;
     let mut key = [0u8; 32];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut key))
         .map_err(io("read /dev/urandom for the agent key"))?;
+    write_private(path, &key).map_err(io(format!("write agent key {}", path.display())))
+}
+
+/// Replaces `path` with `data`, created with mode 0600 (key material).
+pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let _ = std::fs::remove_file(path);
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .and_then(|mut f| f.write_all(&key))
-        .map_err(io(format!("write agent key {}", path.display())))
+        .and_then(|mut f| f.write_all(data))
 }
 
 /// A ping value different from `previous` and not zero.
