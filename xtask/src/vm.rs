@@ -79,9 +79,17 @@ pub struct XmlArgs {
     /// The daemon's ivshmem socket for this VM (default /run/smmvmi/NAME.ivshmem).
     #[arg(long)]
     pub ivshmem_socket: Option<std::path::PathBuf>,
-    /// The agent key file, 32 bytes (default /var/lib/smmvmi/NAME.key).
+    /// The agent key file, 32 bytes (default /var/lib/smmvmi/NAME.key). It
+    /// must exist: it is packaged as a launch secret table next to it
+    /// (NAME.secret, mode 0600) that the domain loads into the firmware's
+    /// SEV launch secret area.
     #[arg(long)]
     pub key: Option<std::path::PathBuf>,
+    /// INSECURE, test setups only: hand the raw key over fw_cfg
+    /// (opt/smmvmi/key), which guest root can read, instead of the launch
+    /// secret area.
+    #[arg(long)]
+    pub insecure_fw_cfg_key: bool,
     /// Serial console log file (default: a pty).
     #[arg(long)]
     pub serial_log: Option<std::path::PathBuf>,
@@ -486,7 +494,7 @@ fn up_ids(name: &str, args: &UpArgs) -> anyhow::Result<()> {
 }
 
 fn xml(args: XmlArgs) -> anyhow::Result<()> {
-    use smmvmi_tests::libvirt::DomainXml;
+    use smmvmi_tests::libvirt::{DomainXml, KeyDelivery};
     let image = crate::guest_image::build(&args.kernel_deb)?;
     let firmware = match crate::FirmwareChoice::Ours.resolve()? {
         smmvmi_tests::vm::Firmware::Ours(p) => p,
@@ -496,13 +504,44 @@ fn xml(args: XmlArgs) -> anyhow::Result<()> {
         ),
     };
     let run = std::path::Path::new("/run/smmvmi");
+    let key_file = args
+        .key
+        .unwrap_or_else(|| format!("/var/lib/smmvmi/{}.key", args.name).into());
+    let key = if args.insecure_fw_cfg_key {
+        eprintln!(
+            "warning: the key goes through fw_cfg: INSECURE, guest root can read it (test setups only)"
+        );
+        KeyDelivery::InsecureFwCfg { key: key_file }
+    } else {
+        let secret = smmvmi_tests::sev::areas(&firmware)?.0.with_context(|| {
+            format!(
+                "{} names no SEV launch secret area: rebuild it (cargo xtask build)",
+                firmware.display()
+            )
+        })?;
+        let table = key_file.with_extension("secret");
+        smmvmi_tests::sev::write_key_secret(&key_file, &table).with_context(|| {
+            format!(
+                "create the key first: head -c 32 /dev/urandom > {}",
+                key_file.display()
+            )
+        })?;
+        eprintln!(
+            "key packaged as a launch secret table in {} (loaded at {:#x})",
+            table.display(),
+            secret.base
+        );
+        KeyDelivery::LaunchSecret {
+            table,
+            addr: secret.base.into(),
+        }
+    };
     let mut x = DomainXml::new(
         &args.name,
         firmware,
         image.kernel,
         image.initrd,
-        args.key
-            .unwrap_or_else(|| format!("/var/lib/smmvmi/{}.key", args.name).into()),
+        key,
         args.ivshmem_socket
             .unwrap_or_else(|| run.join(format!("{}.ivshmem", args.name))),
     );
