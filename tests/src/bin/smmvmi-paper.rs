@@ -111,18 +111,14 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::SeedProxy { listen } => {
             let mut proxy = SeedProxy::open().map_err(anyhow::Error::msg)?;
-            let l = TcpListener::bind(&listen).with_context(|| format!("listen on {listen}"))?;
-            eprintln!("seed-proxy: listening on {listen}");
-            wire::serve(&l, &mut proxy)?;
+            listen_and_serve("seed-proxy", &listen, &mut proxy)?;
         }
         Cmd::InOsAgent { listen, key } => {
             let key = read_key(&key)?;
             let kcore = Kcore::open().map_err(anyhow::Error::msg)?;
             let (ram, cpus) = (kcore.ram(), kcore.cpus().map_err(anyhow::Error::msg)?);
             let mut agent = EmulatedAgent::new(kcore, ram, &key, cpus);
-            let l = TcpListener::bind(&listen).with_context(|| format!("listen on {listen}"))?;
-            eprintln!("in-os-agent: listening on {listen}");
-            wire::serve(&l, &mut agent)?;
+            listen_and_serve("in-os-agent", &listen, &mut agent)?;
         }
         Cmd::RawHost {
             listen,
@@ -138,9 +134,7 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("open {}", ram_file.display()))?;
             let ranges = ram.ram();
             let mut agent = EmulatedAgent::new(ram, ranges, &key, cpus);
-            let l = TcpListener::bind(&listen).with_context(|| format!("listen on {listen}"))?;
-            eprintln!("raw-host: listening on {listen}");
-            wire::serve(&l, &mut agent)?;
+            listen_and_serve("raw-host", &listen, &mut agent)?;
         }
         Cmd::Client {
             design,
@@ -198,6 +192,17 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Serves `backend` on `listen` (`HOST:PORT`) until killed.
+fn listen_and_serve(
+    name: &str,
+    listen: &str,
+    backend: &mut dyn wire::Backend,
+) -> anyhow::Result<()> {
+    let l = TcpListener::bind(listen).with_context(|| format!("listen on {listen}"))?;
+    eprintln!("{name}: listening on {listen}");
+    Ok(wire::serve(&l, backend)?)
 }
 
 /// A session to `connect`: an IDS endpoint, or `tcp:HOST:PORT` for a baseline.
