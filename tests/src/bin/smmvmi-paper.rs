@@ -69,14 +69,8 @@ enum Cmd {
     },
     /// Measures one design; prints one JSON object.
     Client {
-        /// `proxyless`, `seed-proxy`, `in-os-agent` or `raw-host`.
-        #[arg(long)]
-        design: String,
-        /// An IDS endpoint (proxyless) or `tcp:HOST:PORT` (baselines).
-        #[arg(long)]
-        connect: String,
-        #[arg(long)]
-        key: PathBuf,
+        #[command(flatten)]
+        to: Design,
         #[arg(long, default_value_t = 200)]
         reads: usize,
         #[arg(long, default_value_t = 5)]
@@ -86,12 +80,8 @@ enum Cmd {
     },
     /// Reads the version string at `--hz` for `--secs`; prints one JSON object.
     Poll {
-        #[arg(long)]
-        design: String,
-        #[arg(long)]
-        connect: String,
-        #[arg(long)]
-        key: PathBuf,
+        #[command(flatten)]
+        to: Design,
         #[arg(long, default_value_t = 10.0)]
         hz: f64,
         /// Longest run, seconds.
@@ -105,6 +95,20 @@ enum Cmd {
         #[arg(long)]
         ready_file: Option<PathBuf>,
     },
+}
+
+/// The design a client measures and how to reach it.
+#[derive(clap::Args)]
+struct Design {
+    /// `proxyless`, `seed-proxy`, `in-os-agent` or `raw-host`.
+    #[arg(long)]
+    design: String,
+    /// An IDS endpoint (proxyless) or `tcp:HOST:PORT` (baselines).
+    #[arg(long)]
+    connect: String,
+    /// The 32-byte agent key.
+    #[arg(long)]
+    key: PathBuf,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -137,9 +141,12 @@ fn main() -> anyhow::Result<()> {
             listen_and_serve("raw-host", &listen, &mut agent)?;
         }
         Cmd::Client {
-            design,
-            connect,
-            key,
+            to:
+                Design {
+                    design,
+                    connect,
+                    key,
+                },
             reads,
             ps_runs,
             bulk_mib,
@@ -150,9 +157,12 @@ fn main() -> anyhow::Result<()> {
             println!("{v}");
         }
         Cmd::Poll {
-            design,
-            connect,
-            key,
+            to:
+                Design {
+                    design,
+                    connect,
+                    key,
+                },
             hz,
             secs,
             stop_file,
