@@ -85,6 +85,10 @@ pub enum SessionError {
     /// The reply has another shape than the request.
     #[error("malformed answer: {0}")]
     Malformed(String),
+    /// A [`crate::transport::FrameCarrier`] could not carry a frame (its
+    /// connection failed, or the party behind it refused).
+    #[error("the frame carrier failed: {0}")]
+    Carrier(String),
 }
 
 /// What an op's failure status means, in words, with what to do.

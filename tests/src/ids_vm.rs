@@ -137,7 +137,10 @@ fn build_binary(package: &str, bin: &str, release: bool) -> Result<PathBuf, IdsV
         });
     }
     let profile = if release { "release" } else { "debug" };
-    Ok(root.join("target").join(profile).join(bin))
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    Ok(target.join(profile).join(bin))
 }
 
 /// The shared libraries (and the ELF interpreter) `binary` loads, as `ldd`
@@ -197,7 +200,7 @@ pub fn overlay_initrd(
     let mut libs: Vec<PathBuf> = Vec::new();
     for bin in binaries {
         let name = bin.file_name().and_then(|n| n.to_str()).unwrap_or("bin");
-        let bytes = std::fs::read(bin).map_err(io(format!("read {}", bin.display())))?;
+        let bytes = stripped(bin, out)?;
         let guest = format!("usr/bin/{name}");
         add_dirs(&mut a, &guest);
         a.file(&guest, 0o755, &bytes);
@@ -222,6 +225,31 @@ pub fn overlay_initrd(
     image.resize(image.len().next_multiple_of(4), 0);
     image.extend_from_slice(&a.finish());
     std::fs::write(out, image).map_err(io(format!("write {}", out.display())))
+}
+
+/// `binary` without its debug information (`strip --strip-debug`, binutils):
+/// a debug build of `ids` is 150 MB, most of it DWARF the guest never reads
+/// and TCG would copy at every boot.
+fn stripped(binary: &Path, beside: &Path) -> Result<Vec<u8>, IdsVmError> {
+    let tmp = beside.with_extension(format!("strip{}", std::process::id()));
+    let status = Command::new("strip")
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(&tmp)
+        .arg(binary)
+        .status()
+        .map_err(io("run strip (binutils)"))?;
+    let bytes = if status.success() {
+        std::fs::read(&tmp).map_err(io(format!("read {}", tmp.display())))
+    } else {
+        Err(IdsVmError::Build {
+            command: format!("strip --strip-debug {}", binary.display()),
+            status: status.to_string(),
+            what: "a stripped copy".into(),
+        })
+    };
+    let _ = std::fs::remove_file(&tmp);
+    bytes
 }
 
 /// The daemon-side socket path vhost-device-vsock is given as `--uds-path`
@@ -377,6 +405,17 @@ pub struct IdsVm {
     // Field order: QEMU goes before its backend.
     vm: Vm,
     backend: Option<VsockBackend>,
+    /// Its overlay and backend directory, removed on drop (`None` once
+    /// detached: the VM still uses it).
+    dir: Option<PathBuf>,
+}
+
+impl Drop for IdsVm {
+    fn drop(&mut self) {
+        if let Some(d) = self.dir.take() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
 }
 
 impl IdsVm {
@@ -436,6 +475,7 @@ impl IdsVm {
         Ok(Self {
             vm,
             backend: Some(backend),
+            dir: (!config.detached).then_some(dir),
         })
     }
 
@@ -444,6 +484,7 @@ impl IdsVm {
         if let Some(b) = self.backend.take() {
             b.detach();
         }
+        self.dir = None;
         self.vm.info().clone()
     }
 

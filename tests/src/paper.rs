@@ -23,16 +23,48 @@ use crate::guest_image::GuestImage;
 use crate::ids_vm::{self, IdsVm, IdsVmConfig, KEYS_DIR};
 use crate::vm::{Firmware, Vm, VmConfig};
 
-/// Guest RAM of the monitored VM (all below 4 GiB on q35).
+/// Guest RAM of the monitored VM: all of it below 4 GiB (q35 keeps RAM
+/// under 2.75 GiB low, hw/i386/pc_q35.c).
 pub const MON_MEM: &str = "1G";
-const MON_MEM_BYTES: u64 = 1 << 30;
 const SEED_PORT: u16 = 7001;
 const IN_OS_PORT: u16 = 7002;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// `n` distinct free host ports: all bound at once (so no two are the
+/// same), released for their users to bind right after.
+fn free_ports<const N: usize>() -> std::io::Result<[u16; N]> {
+    let listeners = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let mut ports = [0u16; N];
+    for (p, l) in ports.iter_mut().zip(&listeners) {
+        *p = l.local_addr()?.port();
+    }
+    Ok(ports)
+}
+
+/// Waits until `file` in `vm` contains `text` (a baseline's "listening on").
+fn wait_for_log(vm: &Vm, file: &str, text: &str) -> Result<(), BoxError> {
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = sh(
+            vm,
+            &format!("cat {file} 2>/dev/null; true"),
+            Duration::from_secs(30),
+        )?;
+        if log.contains(text) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > until {
+            return Err(format!(
+                "{file} in {} does not say {text:?} after 30 s; it says:\n{log}",
+                vm.name()
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 struct KillOnDrop(Child);
@@ -59,41 +91,46 @@ pub fn sh(vm: &Vm, cmd: &str, timeout: Duration) -> Result<String, BoxError> {
 }
 
 /// Pins every thread of process `pid` to `cpu` (`taskset -a -p -c`);
-/// a host with one CPU is left alone.
-fn pin(pid: u32, cpu: u32) {
-    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
-        return;
-    }
-    let _ = Command::new("taskset")
+/// true if it worked.
+fn pin(pid: u32, cpu: u32) -> bool {
+    Command::new("taskset")
         .args(["-a", "-p", "-c", &cpu.to_string(), &pid.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .status();
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// The running topology. Dropping it stops everything.
 pub struct Topology {
     // Drop order: IDS VM, raw-host, monitored VM, daemon.
-    ids: IdsVm,
+    ids: Option<IdsVm>,
     _raw: KillOnDrop,
-    mon: Vm,
+    mon: Option<Vm>,
     _daemon: DaemonProcess,
     seed_port: u16,
     in_os_port: u16,
     raw_port: u16,
-    /// Where the logs and the RAM file are.
+    /// Where the logs are.
     pub dir: PathBuf,
+    ram_file: PathBuf,
+    /// True if the monitored VM runs pinned to host CPU 0 and the rest to CPU 1.
+    pub pinned: bool,
 }
 
 impl Topology {
     /// Starts everything under `dir` (names carry `prefix`): `paper` is the
-    /// `smmvmi-paper` binary, `base` the guest image.
+    /// `smmvmi-paper` binary, `base` the guest image. `pin`: on a host with
+    /// two CPUs or more, the monitored VM's QEMU goes to CPU 0 and every
+    /// other process of the topology to CPU 1 (benchmarks; tests running
+    /// beside other suites leave scheduling alone).
     pub fn up(
         prefix: &str,
         dir: &Path,
         firmware: Firmware,
         base: &GuestImage,
         paper: &Path,
+        pin_cpus: bool,
     ) -> Result<Self, BoxError> {
         std::fs::create_dir_all(dir)?;
         let uds = dir.join("vsock.sock");
@@ -103,10 +140,11 @@ impl Topology {
             false,
         )?;
 
-        let (seed_port, in_os_port) = (free_port()?, free_port()?);
+        let [seed_port, in_os_port, raw_port] = free_ports()?;
         let overlay = dir.join("mon-initramfs.cpio.gz");
         ids_vm::overlay_initrd(&base.initrd, &[paper], &[], &overlay)?;
-        let ram_file = dir.join("guest-ram");
+        // Guest RAM in tmpfs: no disk writeback noise in the measurements.
+        let ram_file = PathBuf::from(format!("/dev/shm/smmvmi-{prefix}-ram"));
         let mut cfg = VmConfig::new(format!("{prefix}-mon"), firmware)
             .mem(MON_MEM)
             .through_daemon(&daemon.socket);
@@ -147,20 +185,25 @@ impl Topology {
             ),
             Duration::from_secs(30),
         )?;
+        wait_for_log(&mon, "/tmp/seed.log", "listening on")?;
+        wait_for_log(&mon, "/tmp/in-os.log", "listening on")?;
 
-        let raw_port = free_port()?;
         let raw_log = std::fs::File::create(dir.join("raw-host.log"))?;
         let mut cmd = Command::new(paper);
         crate::vm::die_with_parent(&mut cmd);
         let raw = KillOnDrop(
             cmd.args(["raw-host", "--listen"])
-                .arg(format!("0.0.0.0:{raw_port}"))
+                .arg(format!("127.0.0.1:{raw_port}"))
                 .arg("--key")
                 .arg(&mon.info().key)
                 .arg("--ram-file")
                 .arg(&ram_file)
                 .arg("--low-mem")
-                .arg(MON_MEM_BYTES.to_string())
+                .arg(
+                    crate::parse_mem_size(MON_MEM)
+                        .expect("MON_MEM is a size")
+                        .to_string(),
+                )
                 .arg("--cpus-from")
                 .arg(mon.info().endpoint())
                 .stdin(Stdio::null())
@@ -178,40 +221,46 @@ impl Topology {
         ids_cfg.network = true;
         let ids = IdsVm::up(ids_cfg)?;
 
-        pin(mon.info().pid, 0);
-        for p in [ids.vm().info().pid, raw.0.id()]
-            .into_iter()
-            .chain(daemon.pid())
-            .chain(ids.backend_pid())
-        {
-            pin(p, 1);
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut pinned = pin_cpus && cpus >= 2;
+        if pinned {
+            pinned &= pin(mon.info().pid, 0);
+            for p in [ids.vm().info().pid, raw.0.id()]
+                .into_iter()
+                .chain(daemon.pid())
+                .chain(ids.backend_pid())
+            {
+                pinned &= pin(p, 1);
+            }
         }
         Ok(Self {
-            ids,
+            ids: Some(ids),
             _raw: raw,
-            mon,
+            mon: Some(mon),
             _daemon: daemon,
             seed_port,
             in_os_port,
             raw_port,
             dir: dir.to_path_buf(),
+            ram_file,
+            pinned,
         })
     }
 
     /// The monitored VM.
     pub fn mon(&self) -> &Vm {
-        &self.mon
+        self.mon.as_ref().expect("the topology is up")
     }
 
     /// The IDS VM.
     pub fn ids(&self) -> &Vm {
-        self.ids.vm()
+        self.ids.as_ref().expect("the topology is up").vm()
     }
 
     /// What `smmvmi-paper --connect` takes for `design`, from the IDS VM.
     pub fn connect(&self, design: &str) -> String {
         match design {
-            "proxyless" => IdsVm::endpoint_of(self.mon.name()),
+            "proxyless" => IdsVm::endpoint_of(self.mon().name()),
             "seed-proxy" => format!("tcp:10.0.2.2:{}", self.seed_port),
             "in-os-agent" => format!("tcp:10.0.2.2:{}", self.in_os_port),
             _ => format!("tcp:10.0.2.2:{}", self.raw_port),
@@ -220,13 +269,13 @@ impl Topology {
 
     /// The key's path inside the IDS VM.
     pub fn key_in_ids(&self) -> String {
-        format!("{KEYS_DIR}/{}.key", self.mon.name())
+        format!("{KEYS_DIR}/{}.key", self.mon().name())
     }
 
     /// The baseline processes' last log lines (for error messages).
     pub fn logs(&self) -> String {
         let guest = sh(
-            &self.mon,
+            self.mon(),
             "tail -n 5 /tmp/seed.log /tmp/in-os.log; true",
             Duration::from_secs(30),
         )
@@ -261,10 +310,17 @@ impl Topology {
     }
 
     /// Stops the monitored VM cleanly (the rest goes on drop).
-    pub fn down(self) -> Result<(), BoxError> {
-        let Self { ids, mon, .. } = self;
-        drop(ids);
-        mon.down()?;
+    pub fn down(mut self) -> Result<(), BoxError> {
+        drop(self.ids.take());
+        if let Some(mon) = self.mon.take() {
+            mon.down()?;
+        }
         Ok(())
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.ram_file);
     }
 }

@@ -1302,10 +1302,9 @@ fn shell_words(program: &str, args: &[String]) -> String {
     out
 }
 
-/// Makes the child of `cmd` lead a new session (setsid before exec), so it
-/// outlives the harness process that starts it (`vm up`, the daemon).
 /// Makes the child get SIGKILL when the thread that spawned it exits
-/// (PR_SET_PDEATHSIG): a test that dies leaves no process behind.
+/// (PR_SET_PDEATHSIG; the spawning *thread*, so spawn from the thread that
+/// owns the child): a test that dies leaves no process behind.
 pub(crate) fn die_with_parent(cmd: &mut Command) {
     // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and only
     // changes the forked child's own attributes, before exec.
@@ -1319,6 +1318,8 @@ pub(crate) fn die_with_parent(cmd: &mut Command) {
     }
 }
 
+/// Makes the child of `cmd` lead a new session (setsid before exec), so it
+/// outlives the harness process that starts it (`vm up`, the daemon).
 pub(crate) fn new_session(cmd: &mut Command) {
     use std::os::unix::process::CommandExt;
     // SAFETY: setsid() is async-signal-safe and touches no memory of the

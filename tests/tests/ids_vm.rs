@@ -188,10 +188,18 @@ fn every_published_design_reads_the_guest_from_the_ids_vm() {
         .unwrap_or_else(|e| panic!("{e}"));
     let pid = std::process::id();
     let dir = smmvmi_tests::repo_root().join(format!(".cache/ids-vm/t-paper-{pid}"));
-    let topo = Topology::up(&format!("t-paper-{pid}"), &dir, firmware, &base, &paper)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let topo = Topology::up(
+        &format!("t-paper-{pid}"),
+        &dir,
+        firmware,
+        &base,
+        &paper,
+        false,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let version = sh(topo.mon(), "cat /proc/version");
     let procs = guest_pids(topo.mon()).len() as i64;
+    let mut rodata = std::collections::BTreeMap::new();
     for design in DESIGNS {
         let v = topo
             .client(design, 5, 1, 2)
@@ -211,7 +219,19 @@ fn every_published_design_reads_the_guest_from_the_ids_vm() {
             v["bulk_mb_s"].as_f64().is_some_and(|r| r > 0.0),
             "{design}: no bulk figure: {v}"
         );
+        rodata.insert(
+            design,
+            v["rodata_sha256"].as_str().unwrap_or("").to_string(),
+        );
     }
+    // 64 KiB of read-only kernel data, read through each design's page
+    // walk and memory source: the same bytes, or a design reads wrong
+    // memory (zero-filled or misplaced reads change the hash).
+    let first = rodata["proxyless"].clone();
+    assert!(
+        first.len() == 64 && rodata.values().all(|h| *h == first),
+        "the designs read different kernel rodata: {rodata:?}"
+    );
     topo.down().unwrap_or_else(|e| panic!("{e}"));
     let _ = std::fs::remove_dir_all(dir);
 }

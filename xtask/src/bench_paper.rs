@@ -22,6 +22,7 @@
 //! `target/bench/paper.json` (one object per design), `paper-run.json`
 //! (machine, kernel, settings) and `paper.svg`.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -41,6 +42,9 @@ pub struct PaperArgs {
     /// Version-string reads per design (the published experiment).
     #[arg(long, default_value_t = 200)]
     pub reads: usize,
+    /// Rounds the reads are split into (designs in rotating order).
+    #[arg(long, default_value_t = 5)]
+    pub latency_rounds: usize,
     /// `ps` runs per design (median reported).
     #[arg(long, default_value_t = 5)]
     pub ps_runs: usize,
@@ -74,7 +78,10 @@ pub fn run(args: PaperArgs) -> anyhow::Result<()> {
     let dir = root.join(format!(".cache/bench/paper-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let result = run_in(&args, &dir, firmware, &base, &paper);
-    let _ = std::fs::remove_file(dir.join("guest-ram"));
+    let _ = std::fs::remove_file(dir.join("mon-initramfs.cpio.gz"));
+    if result.is_ok() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     result
 }
 
@@ -94,20 +101,109 @@ fn run_in(
         firmware,
         base,
         paper,
+        true,
     )
     .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if !topo.pinned {
+        eprintln!("    not pinned (one host CPU, or taskset failed): the VMs share every CPU");
+    }
     let (mon, ids) = (topo.mon(), topo.ids());
     let t = Duration::from_secs(30);
     let key_in_ids = topo.key_in_ids();
 
+    // The version string: `--latency-rounds` rounds, the designs in a
+    // rotating order within each, so that a change of host load falls on
+    // every design alike; percentiles over every sample of a design.
+    let rounds = args.latency_rounds.max(1);
+    let per_round = args.reads.div_ceil(rounds);
+    let mut samples: BTreeMap<&str, BTreeMap<&str, Vec<f64>>> = BTreeMap::new();
+    let mut round_p50: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut rodata: BTreeMap<&str, String> = BTreeMap::new();
+    let mut banner = String::new();
+    crate::step(&format!(
+        "version string: {rounds} rounds of {per_round} reads per design, rotating order"
+    ));
+    for round in 0..rounds {
+        for i in 0..DESIGNS.len() {
+            let design = DESIGNS[(i + round) % DESIGNS.len()];
+            let v = topo
+                .client(design, per_round, 0, 0)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            banner = v["banner"].as_str().unwrap_or_default().to_string();
+            rodata.insert(
+                design,
+                v["rodata_sha256"].as_str().unwrap_or_default().into(),
+            );
+            let d = samples.entry(design).or_default();
+            for k in [
+                "samples_ms",
+                "transport_ms",
+                "serve_ms",
+                "server_ms",
+                "smm_cycles",
+            ] {
+                d.entry(k).or_default().extend(
+                    v[k].as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Value::as_f64),
+                );
+            }
+            let mine: Vec<f64> = v["samples_ms"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_f64)
+                .collect();
+            let p50 = crate::bench_daemon::quantile(&mine, 0.5);
+            eprintln!("    round {round} {design}: p50 {p50:.3} ms");
+            round_p50.entry(design).or_default().push(p50);
+        }
+    }
+    let first = rodata.get("proxyless").cloned().unwrap_or_default();
+    anyhow::ensure!(
+        rodata.values().all(|h| *h == first),
+        "the designs read different kernel rodata (a design reads wrong memory): {rodata:?}"
+    );
+
+    // `ps` and the bulk read, once per design.
     let mut results = serde_json::Map::new();
     for design in DESIGNS {
-        crate::step(&format!("{design}: version string, ps, bulk read"));
+        crate::step(&format!(
+            "{design}: ps and a {} MiB bulk read",
+            args.bulk_mib
+        ));
         let v = topo
-            .client(design, args.reads, args.ps_runs, args.bulk_mib)
+            .client(design, 0, args.ps_runs, args.bulk_mib)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        eprintln!("    {v}");
-        results.insert(design.to_string(), v);
+        let q = |k: &str, p: f64| -> Value {
+            match samples[design].get(k) {
+                Some(v) if !v.is_empty() => json!(crate::bench_daemon::quantile(v, p)),
+                _ => Value::Null,
+            }
+        };
+        let tsc_mhz = guest_tsc_mhz(mon);
+        let smm_us = match (q("smm_cycles", 0.5).as_f64(), tsc_mhz) {
+            (Some(c), Some(mhz)) if c > 0.0 => json!(c / mhz),
+            _ => Value::Null,
+        };
+        let r = json!({
+            "reads": samples[design]["samples_ms"].len(),
+            "p50_ms": q("samples_ms", 0.5),
+            "p99_ms": q("samples_ms", 0.99),
+            "round_p50_ms": round_p50[design],
+            "transport_p50_ms": q("transport_ms", 0.5),
+            "serve_p50_ms": q("serve_ms", 0.5),
+            "server_p50_ms": q("server_ms", 0.5),
+            "smm_p50_us": smm_us,
+            "ps_s": v["ps_s"],
+            "tasks": v["tasks"],
+            "bulk_mb_s": v["bulk_mb_s"],
+            "bulk_mib": args.bulk_mib,
+            "rodata_sha256": rodata[design],
+        });
+        eprintln!("    {r}");
+        results.insert(design.to_string(), r);
     }
 
     crate::step(&format!(
@@ -183,10 +279,24 @@ fn run_in(
     }
 
     let kernel = sh(mon, "uname -r", t)?;
+    let qemu = std::process::Command::new(&mon.info().qemu)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().next().map(str::to_string))
+        .unwrap_or_default();
     let report = json!({
         "machine": machine_summary(),
         "guest_kernel": kernel,
-        "qemu": "TCG (thread=single), -smp 2, 1 GiB per VM",
+        "banner": banner,
+        "qemu": qemu,
+        "accel": smmvmi_tests::vm::TCG_ACCEL,
+        "monitored_vm": {"smp": mon.info().smp, "mem": mon.info().mem, "cpu": mon.info().cpu},
+        "ids_vm": {"smp": ids.info().smp, "mem": ids.info().mem, "cpu": ids.info().cpu},
+        "pinned": topo.pinned,
+        "load_average": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+        "latency_rounds": rounds,
         "reads": args.reads,
         "ps_runs": args.ps_runs,
         "bulk_mib": args.bulk_mib,
@@ -196,8 +306,6 @@ fn run_in(
         "rounds": args.rounds,
         "designs": Value::Object(results.clone()),
     });
-    topo.down().map_err(|e| anyhow::anyhow!("{e}"))?;
-
     let out_dir = crate::root().join("target/bench");
     std::fs::create_dir_all(&out_dir)?;
     // paper.json: one object per design, keyed by design name, nothing
@@ -212,14 +320,32 @@ fn run_in(
         out_dir.join("paper-run.json"),
         serde_json::to_string_pretty(&context)?,
     )?;
-    crate::bench_paper_chart::draw(&results, &out_dir.join("paper.svg"))?;
+    crate::bench_paper_chart::draw(&results, args.hz, &out_dir.join("paper.svg"))?;
     print_table(&results, alone, &kernel);
+    // After the results are safe: a failing shutdown loses no measurement.
+    topo.down().map_err(|e| anyhow::anyhow!("{e}"))?;
     eprintln!(
         "wrote {} and {}",
         out_dir.join("paper.json").display(),
         out_dir.join("paper.svg").display()
     );
     Ok(())
+}
+
+/// The monitored guest's TSC rate, MHz, as its kernel measured it
+/// (`tsc: Refined TSC clocksource calibration` or `tsc: Detected`): the
+/// firmware reports SMM time in TSC cycles.
+fn guest_tsc_mhz(vm: &Vm) -> Option<f64> {
+    let out = sh(
+        vm,
+        "dmesg | grep -o 'tsc: [A-Za-z ]*[0-9.]* MHz' | tail -n 1",
+        Duration::from_secs(30),
+    )
+    .ok()?;
+    out.split_whitespace()
+        .rev()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
 }
 
 /// The host: CPU model, cores, kernel (for the README's table).

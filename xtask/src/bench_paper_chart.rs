@@ -17,15 +17,16 @@ const COLORS: [RGBColor; 4] = [
 ];
 
 /// Draws `results` (design name → figures) into `out`.
-pub fn draw(results: &serde_json::Map<String, Value>, out: &Path) -> anyhow::Result<()> {
+pub fn draw(results: &serde_json::Map<String, Value>, hz: f64, out: &Path) -> anyhow::Result<()> {
     let value = |d: &str, k: &str| results[d][k].as_f64().unwrap_or(0.0);
     let root = SVGBackend::new(out, (1200, 420)).into_drawing_area();
     root.fill(&WHITE)?;
     let panels = root.split_evenly((1, 3));
+    let slowdown = format!("guest slowdown at {hz} Hz (%)");
     let specs: [(&str, &str); 3] = [
         ("version-string read p50 (ms)", "p50_ms"),
         ("bulk read (MB/s)", "bulk_mb_s"),
-        ("guest slowdown at 10 Hz (%)", "slowdown_pct"),
+        (&slowdown, "slowdown_pct"),
     ];
     for (area, (title, key)) in panels.iter().zip(specs) {
         let vals: Vec<f64> = DESIGNS.iter().map(|d| value(d, key)).collect();
@@ -83,7 +84,7 @@ mod tests {
             );
         }
         let out = std::env::temp_dir().join(format!("paper-chart-{}.svg", std::process::id()));
-        draw(&m, &out).expect("draw");
+        draw(&m, 10.0, &out).expect("draw");
         let svg = std::fs::read_to_string(&out).expect("read the SVG");
         let _ = std::fs::remove_file(&out);
         for d in DESIGNS {

@@ -456,11 +456,16 @@ fn up_ids(name: &str, args: &UpArgs) -> anyhow::Result<()> {
     let socket = smmvmi_tests::daemon::ensure_default()?;
     let uds = daemon_vsock_uds();
     let listener = format!("{}_{DAEMON_VSOCK_PORT}", uds.display());
-    anyhow::ensure!(
-        std::path::Path::new(&listener).exists(),
-        "the daemon on {} does not listen for vhost-device-vsock ({listener} is missing): it was started without --vhost-vsock-uds. Stop it (`pkill -f 'host-injector serve'`) and run this again: it is restarted with it",
-        socket.display()
-    );
+    if !std::path::Path::new(&listener).exists() {
+        let pid = daemon_pid(&socket).map_or_else(
+            || "its pid: see `ps aux | grep host-injector`".to_string(),
+            |p| format!("`kill {p}`"),
+        );
+        anyhow::bail!(
+            "the daemon on {} does not listen for vhost-device-vsock ({listener} is missing): it was started without --vhost-vsock-uds. Stop it ({pid}) and run this again: it is restarted with it",
+            socket.display()
+        );
+    }
     crate::step(&format!(
         "IDS VM {name} for {} (vsock to the daemon through {listener})",
         args.monitor.join(", ")
@@ -491,6 +496,20 @@ fn up_ids(name: &str, args: &UpArgs) -> anyhow::Result<()> {
     ));
     println!("{out}");
     Ok(())
+}
+
+/// The pid of the `host-injector serve` whose command line names `socket`.
+fn daemon_pid(socket: &std::path::Path) -> Option<u32> {
+    let want = socket.to_string_lossy();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<String> = cmd
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        (args.iter().any(|a| a == "serve") && args.iter().any(|a| *a == want)).then_some(pid)
+    })
 }
 
 fn xml(args: XmlArgs) -> anyhow::Result<()> {

@@ -48,6 +48,13 @@ impl<M: PhysMemory> EmulatedAgent<M> {
     }
 }
 
+impl<M: PhysMemory> EmulatedAgent<M> {
+    /// Replaces the CPU states the agent reads through.
+    pub fn set_cpus(&mut self, cpus: Vec<CpuSnapshot>) {
+        self.agent.cpus = cpus;
+    }
+}
+
 impl<M: PhysMemory> Backend for EmulatedAgent<M> {
     fn header(&mut self) -> Result<(u32, [u8; SESSION_SALT_LEN]), String> {
         let h = self.mailbox.header();

@@ -6,8 +6,15 @@
 //!
 //! - [`seed`]: the published design. A proxy process inside the monitored
 //!   VM receives sealed requests over the virtual network, writes the
-//!   mailbox (the ivshmem BAR, through `/dev/mem`) and raises the SMI with
-//!   an APM port write (`/dev/port`); the SMM agent serves as always.
+//!   mailbox (the ivshmem BAR, mapped from sysfs) and raises the SMI with
+//!   an APM port write (`out 0xb2`); the SMM agent serves as always. It
+//!   shares the mailbox with the daemon without any lock: the benchmark
+//!   never runs two designs at once, and nothing else may talk to that VM's
+//!   agent while it runs.
+//! - The in-OS agent's CPU state is made up from `/proc/kallsyms` once
+//!   (LSTAR = `entry_SYSCALL_64`, fixed CR0/CR4/EFER): enough for the
+//!   version string, `ps` and bulk reads, but a check of the live LSTAR or
+//!   IDT would always pass on it.
 //! - [`emulated`] over [`kcore`]: the in-OS agent it was compared against. A
 //!   process in the monitored VM runs the agent's logic itself over
 //!   `/proc/kcore` and answers over the same network.

@@ -4,7 +4,8 @@
 //! client: [kind u8][len u32 LE][payload]   kind 1 = header (len 0), 2 = transact (payload = sealed frame)
 //! server: [code u8][len u32 LE][payload]   code 0 = header: state u32 LE, salt
 //!                                          code 1 = reply: serve status u32 LE, SMM cycles u64 LE,
-//!                                                   serve time µs u64 LE (request posted to reply seen), reply frame
+//!                                                   serve time µs u64 LE (request posted to reply seen),
+//!                                                   server time µs u64 LE (request read to reply written), reply frame
 //!                                          code 2 = error: UTF-8 text
 //! ```
 //! Every byte is untrusted on both sides: the IDS opens the reply with its
@@ -12,7 +13,9 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use host_injector::Transaction;
 use ids::SessionError;
@@ -34,6 +37,10 @@ pub trait Backend {
     /// One sealed request: (serve status, SMM cycles, serve time from
     /// posting the request to seeing the reply, reply frame).
     fn transact(&mut self, frame: &[u8]) -> Result<(u32, u64, Duration, Vec<u8>), String>;
+    /// A client connected (a backend may refresh what it caches).
+    fn new_client(&mut self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 fn read_message(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
@@ -69,6 +76,11 @@ pub fn serve(listener: &TcpListener, backend: &mut dyn Backend) -> std::io::Resu
         let (mut s, peer) = listener.accept()?;
         let _ = s.set_nodelay(true);
         eprintln!("baseline: client {peer}");
+        if let Err(e) = backend.new_client() {
+            eprintln!("baseline: client {peer}: {e}");
+            let _ = write_message(&mut s, CODE_ERROR, &[e.as_bytes()]);
+            continue;
+        }
         if let Err(e) = serve_one(&mut s, backend) {
             eprintln!("baseline: client {peer}: {e}");
         }
@@ -82,6 +94,7 @@ fn serve_one(s: &mut TcpStream, backend: &mut dyn Backend) -> std::io::Result<()
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),
         };
+        let got = Instant::now();
         match kind {
             KIND_HEADER => match backend.header() {
                 Ok((state, salt)) => write_message(s, CODE_HEADER, &[&state.to_le_bytes(), &salt])?,
@@ -95,6 +108,7 @@ fn serve_one(s: &mut TcpStream, backend: &mut dyn Backend) -> std::io::Result<()
                         &status.to_le_bytes(),
                         &cycles.to_le_bytes(),
                         &(took.as_micros() as u64).to_le_bytes(),
+                        &(got.elapsed().as_micros() as u64).to_le_bytes(),
                         &reply,
                     ],
                 )?,
@@ -109,10 +123,26 @@ fn serve_one(s: &mut TcpStream, backend: &mut dyn Backend) -> std::io::Result<()
     }
 }
 
+/// The last server time a [`TcpCarrier`] saw (shared with its creator,
+/// since the session owns the carrier).
+#[derive(Clone, Default)]
+pub struct ServerTimes(Arc<AtomicU64>);
+
+impl ServerTimes {
+    /// The time the baseline held the last request (read to reply written).
+    pub fn last_server(&self) -> Duration {
+        Duration::from_micros(self.0.load(Ordering::Relaxed))
+    }
+}
+
 /// The IDS end: carries sealed frames to a baseline at `addr` (`HOST:PORT`).
+/// After any I/O error the connection is out of step with the server (a
+/// late reply would answer the next request), so every later call fails.
 pub struct TcpCarrier {
     stream: TcpStream,
     addr: String,
+    broken: Option<String>,
+    times: ServerTimes,
 }
 
 impl TcpCarrier {
@@ -120,10 +150,18 @@ impl TcpCarrier {
     pub fn connect(addr: &str) -> std::io::Result<Self> {
         let stream = TcpStream::connect(addr)?;
         stream.set_nodelay(true)?;
+        stream.set_write_timeout(Some(Duration::from_secs(10)))?;
         Ok(Self {
             stream,
             addr: addr.to_string(),
+            broken: None,
+            times: ServerTimes::default(),
         })
+    }
+
+    /// A handle on the server times this carrier records.
+    pub fn server_times(&self) -> ServerTimes {
+        self.times.clone()
     }
 
     fn call(
@@ -132,15 +170,32 @@ impl TcpCarrier {
         payload: &[u8],
         deadline: Duration,
     ) -> Result<(u8, Vec<u8>), SessionError> {
-        let io =
-            |e: std::io::Error| SessionError::Malformed(format!("baseline at {}: {e}", self.addr));
-        self.stream
-            .set_read_timeout(Some(deadline.max(Duration::from_millis(1))))
-            .map_err(io)?;
-        write_message(&mut self.stream, kind, &[payload]).map_err(io)?;
-        let (code, body) = read_message(&mut self.stream).map_err(io)?;
+        if let Some(why) = &self.broken {
+            return Err(SessionError::Carrier(format!(
+                "baseline at {}: the connection failed earlier ({why}); connect again",
+                self.addr
+            )));
+        }
+        let exchange = |c: &mut Self| -> std::io::Result<(u8, Vec<u8>)> {
+            c.stream
+                .set_read_timeout(Some(deadline.max(Duration::from_millis(1))))?;
+            write_message(&mut c.stream, kind, &[payload])?;
+            read_message(&mut c.stream)
+        };
+        let (code, body) = exchange(self).map_err(|e| {
+            use std::io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
+            let why = match e.kind() {
+                UnexpectedEof | ConnectionReset | BrokenPipe => {
+                    "it closed the connection (is the baseline process running? see its log)"
+                        .to_string()
+                }
+                _ => e.to_string(),
+            };
+            self.broken = Some(why.clone());
+            SessionError::Carrier(format!("baseline at {}: {why}", self.addr))
+        })?;
         if code == CODE_ERROR {
-            return Err(SessionError::Malformed(format!(
+            return Err(SessionError::Carrier(format!(
                 "baseline at {}: {}",
                 self.addr,
                 String::from_utf8_lossy(&body)
@@ -170,18 +225,98 @@ impl FrameCarrier for TcpCarrier {
     /// (request posted to reply seen), as the daemon reports its own.
     fn transact(&mut self, frame: &[u8], deadline: Duration) -> Result<Transaction, SessionError> {
         let (code, body) = self.call(KIND_TRANSACT, frame, deadline)?;
-        if code != CODE_REPLY || body.len() < 20 {
+        if code != CODE_REPLY || body.len() < 28 {
             return Err(malformed("reply", &body));
         }
         let word =
             |r: std::ops::Range<usize>| u64::from_le_bytes(body[r].try_into().expect("8 bytes"));
         let status = u32::from_le_bytes(body[..4].try_into().expect("4 bytes"));
+        self.times.0.store(word(20..28), Ordering::Relaxed);
         Ok(Transaction {
             status: ServeStatus::from_raw(status).unwrap_or(ServeStatus::None),
             serve_cycles: word(4..12),
             elapsed: Duration::from_micros(word(12..20)),
-            reply: body[20..].to_vec(),
+            reply: body[28..].to_vec(),
             smis: 0,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Answers a frame with its bytes reversed; refuses an empty one.
+    struct Mirror;
+    impl Backend for Mirror {
+        fn header(&mut self) -> Result<(u32, [u8; SESSION_SALT_LEN]), String> {
+            Ok((7, [0xAB; SESSION_SALT_LEN]))
+        }
+        fn transact(&mut self, frame: &[u8]) -> Result<(u32, u64, Duration, Vec<u8>), String> {
+            if frame.is_empty() {
+                return Err("empty frame".into());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+            let reply = frame.iter().rev().copied().collect();
+            Ok((
+                ServeStatus::Ok as u32,
+                1234,
+                Duration::from_micros(567),
+                reply,
+            ))
+        }
+    }
+
+    fn server() -> String {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || serve(&l, &mut Mirror));
+        addr
+    }
+
+    #[test]
+    fn a_frame_and_its_timings_cross_the_wire_intact() {
+        let mut c = TcpCarrier::connect(&server()).unwrap();
+        let h = c.header().unwrap();
+        assert_eq!((h.state_raw, h.salt), (7, [0xAB; SESSION_SALT_LEN]));
+        let t = c.transact(b"abc\x00\xff", Duration::from_secs(5)).unwrap();
+        assert_eq!(t.reply, b"\xff\x00cba");
+        assert_eq!(t.status, ServeStatus::Ok);
+        assert_eq!(t.serve_cycles, 1234);
+        assert_eq!(t.elapsed, Duration::from_micros(567));
+        assert!(c.server_times().last_server() >= Duration::from_millis(2));
+    }
+
+    #[test]
+    fn a_refusal_is_a_carrier_error_and_the_connection_stays_usable() {
+        let mut c = TcpCarrier::connect(&server()).unwrap();
+        let e = c.transact(b"", Duration::from_secs(5)).unwrap_err();
+        assert!(
+            matches!(&e, SessionError::Carrier(m) if m.contains("empty frame")),
+            "{e}"
+        );
+        assert_eq!(
+            c.transact(b"x", Duration::from_secs(5)).unwrap().reply,
+            b"x"
+        );
+    }
+
+    #[test]
+    fn after_a_lost_connection_every_call_fails_and_says_why() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        // A server that accepts and hangs up at once.
+        std::thread::spawn(move || drop(l.accept()));
+        let mut c = TcpCarrier::connect(&addr).unwrap();
+        let e = c.header().unwrap_err();
+        assert!(
+            matches!(&e, SessionError::Carrier(m) if m.contains("closed the connection")),
+            "{e}"
+        );
+        let again = c.transact(b"x", Duration::from_secs(1)).unwrap_err();
+        assert!(
+            matches!(&again, SessionError::Carrier(m) if m.contains("failed earlier")),
+            "{again}"
+        );
     }
 }

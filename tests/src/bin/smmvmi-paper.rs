@@ -37,7 +37,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// The published design's in-guest proxy (mailbox via /dev/mem, APM SMI via /dev/port).
+    /// The published design's in-guest proxy (the mailbox BAR mapped from sysfs, the APM SMI by `out 0xb2`).
     SeedProxy {
         #[arg(long, default_value = "0.0.0.0:7001")]
         listen: String,
@@ -132,13 +132,16 @@ fn main() -> anyhow::Result<()> {
             cpus_from,
         } => {
             let endpoint: Endpoint = cpus_from.parse().map_err(anyhow::Error::msg)?;
-            let cpus = Session::connect(&endpoint, Session::DEFAULT_DEADLINE)?.cpu_states()?;
+            let cpus = cpu_states(&endpoint).map_err(anyhow::Error::msg)?;
             let key = read_key(&key)?;
             let ram = RamFile::open(&ram_file, low_mem)
                 .with_context(|| format!("open {}", ram_file.display()))?;
             let ranges = ram.ram();
-            let mut agent = EmulatedAgent::new(ram, ranges, &key, cpus);
-            listen_and_serve("raw-host", &listen, &mut agent)?;
+            let mut raw = RawHost {
+                agent: EmulatedAgent::new(ram, ranges, &key, cpus),
+                cpus_from: endpoint,
+            };
+            listen_and_serve("raw-host", &listen, &mut raw)?;
         }
         Cmd::Client {
             to:
@@ -189,7 +192,9 @@ fn main() -> anyhow::Result<()> {
                     Ok(r) if r.status == Status::Ok => polls += 1,
                     _ => errors += 1,
                 }
-                next += period;
+                // The next slot, never in the past: a slow request is not
+                // followed by a burst that catches up.
+                next = (next + period).max(Instant::now());
                 if let Some(wait) = next.checked_duration_since(Instant::now()) {
                     std::thread::sleep(wait);
                 }
@@ -202,6 +207,35 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The raw-host baseline: the agent's logic over the RAM file, with the
+/// CPU states (page-table roots, per-CPU bases) taken again from the real
+/// agent for every client, so that a page-table root of a process that has
+/// since exited is never walked.
+struct RawHost {
+    agent: EmulatedAgent<RamFile>,
+    cpus_from: Endpoint,
+}
+
+fn cpu_states(endpoint: &Endpoint) -> Result<Vec<smmvmi_agent::CpuSnapshot>, String> {
+    let mut s = Session::connect(endpoint, Session::DEFAULT_DEADLINE)
+        .map_err(|e| format!("CPU states from the agent: {e}"))?;
+    s.cpu_states()
+        .map_err(|e| format!("CPU states from the agent: {e}"))
+}
+
+impl wire::Backend for RawHost {
+    fn header(&mut self) -> Result<(u32, [u8; smmvmi_mailbox::header::SESSION_SALT_LEN]), String> {
+        self.agent.header()
+    }
+    fn transact(&mut self, frame: &[u8]) -> Result<(u32, u64, Duration, Vec<u8>), String> {
+        self.agent.transact(frame)
+    }
+    fn new_client(&mut self) -> Result<(), String> {
+        self.agent.set_cpus(cpu_states(&self.cpus_from)?);
+        Ok(())
+    }
 }
 
 /// Serves `backend` on `listen` (`HOST:PORT`) until killed.
@@ -217,35 +251,62 @@ fn listen_and_serve(
 
 /// A session to `connect`: an IDS endpoint, or `tcp:HOST:PORT` for a baseline.
 fn session(connect: &str, key: &std::path::Path) -> anyhow::Result<Session> {
+    Ok(session_with_stats(connect, key)?.0)
+}
+
+/// [`session`], with the baseline's per-request server times when it is one.
+fn session_with_stats(
+    connect: &str,
+    key: &std::path::Path,
+) -> anyhow::Result<(Session, Option<wire::ServerTimes>)> {
     if let Some(addr) = connect.strip_prefix("tcp:") {
         let carrier = TcpCarrier::connect(addr).with_context(|| format!("connect to {addr}"))?;
+        let stats = carrier.server_times();
         let key = read_key(key)?;
-        return Ok(Session::with_transport(
+        let s = Session::with_transport(
             Transport::Carrier(Box::new(carrier)),
             &key,
             Session::DEFAULT_DEADLINE,
-        )?);
+        )?;
+        return Ok((s, Some(stats)));
     }
     let endpoint: Endpoint = connect.parse().map_err(anyhow::Error::msg)?;
-    Ok(Session::connect(&endpoint, Session::DEFAULT_DEADLINE)?)
+    Ok((
+        Session::connect(&endpoint, Session::DEFAULT_DEADLINE)?,
+        None,
+    ))
 }
 
-/// One design's figures.
+/// One design's figures. Sample arrays are in milliseconds, in request
+/// order (the bench merges several invocations before taking percentiles).
 #[derive(serde::Serialize)]
 struct Figures {
     banner: String,
+    /// SHA-256 of 64 KiB of read-only kernel data from the banner's page:
+    /// every design must read the same bytes.
+    rodata_sha256: String,
     reads: usize,
-    p50_ms: f64,
-    p99_ms: f64,
-    /// p50 of a header round trip (no request, no SMI): the transport's share.
-    transport_p50_ms: f64,
-    /// p50 of the serve time the design reports for the same reads: from
-    /// posting the request into the mailbox (daemon, proxy) or the
-    /// agent's buffer (in-OS agent, raw host) to seeing the reply.
-    serve_p50_ms: f64,
-    ps_s: f64,
-    tasks: usize,
-    bulk_mb_s: f64,
+    /// Version-string reads, wall time in the IDS VM.
+    samples_ms: Vec<f64>,
+    /// Header round trips on the same connection (no request, no SMI): the
+    /// transport's share.
+    transport_ms: Vec<f64>,
+    /// The serve time each design reports for the same reads: from posting
+    /// the request into the mailbox (daemon, proxy) or the agent's buffer
+    /// (in-OS agent, raw host) to seeing the reply.
+    serve_ms: Vec<f64>,
+    /// The time a baseline process held each request, from reading it off
+    /// the socket to writing the reply (none for proxyless: the daemon does
+    /// not report it).
+    server_ms: Vec<f64>,
+    /// The TSC cycles the firmware says it spent in SMM per read (SMM
+    /// designs; 0 elsewhere).
+    smm_cycles: Vec<u64>,
+    /// Median `ps` wall time (kernel symbols and types loaded before, not
+    /// timed), seconds.
+    ps_s: Option<f64>,
+    tasks: Option<usize>,
+    bulk_mb_s: Option<f64>,
     bulk_mib: usize,
 }
 
@@ -264,12 +325,12 @@ fn measure(
     ps_runs: usize,
     bulk_mib: usize,
 ) -> anyhow::Result<Figures> {
-    let mut s = session(connect, key)?;
+    let (mut s, stats) = session_with_stats(connect, key)?;
     // The published experiment: the kernel's version string, read again
     // and again at its known address. It is read-only data, so it needs no
     // snapshot: a design that can interrupt one vCPU alone does (proxyless,
     // through the daemon's per-vCPU vector); the others serve it as any
-    // request.
+    // request (the seed proxy's APM SMI reaches every vCPU).
     let banner = find_banner(&mut s, BannerSearch::default())?;
     let space = AddressSpace::kernel_of(0);
     let op = Op::ReadVirt {
@@ -277,14 +338,31 @@ fn measure(
         addr: banner.addr,
         len: banner.text.len() as u32,
     };
-    let mut ms = Vec::with_capacity(reads);
-    let mut serve = Vec::with_capacity(reads);
+    let rodata = s.read_virt(space, banner.addr & !0xFFF, 64 << 10)?;
+    let mut f = Figures {
+        banner: banner.text.trim_end().to_string(),
+        rodata_sha256: sha256_hex(&rodata),
+        reads,
+        samples_ms: Vec::with_capacity(reads),
+        transport_ms: Vec::with_capacity(reads),
+        serve_ms: Vec::with_capacity(reads),
+        server_ms: Vec::with_capacity(reads),
+        smm_cycles: Vec::with_capacity(reads),
+        ps_s: None,
+        tasks: None,
+        bulk_mb_s: None,
+        bulk_mib,
+    };
     for _ in 0..reads {
         let t = Instant::now();
         let r = s.request_on_cpu(0, &[op])?.remove(0);
-        ms.push(t.elapsed().as_secs_f64() * 1e3);
+        f.samples_ms.push(t.elapsed().as_secs_f64() * 1e3);
         if let Some(tx) = s.last_transaction() {
-            serve.push(tx.elapsed.as_secs_f64() * 1e3);
+            f.serve_ms.push(tx.elapsed.as_secs_f64() * 1e3);
+            f.smm_cycles.push(tx.serve_cycles);
+        }
+        if let Some(st) = &stats {
+            f.server_ms.push(st.last_server().as_secs_f64() * 1e3);
         }
         if r.status != Status::Ok || r.data != banner.text.as_bytes() {
             bail!(
@@ -293,58 +371,55 @@ fn measure(
             );
         }
     }
-    ms.sort_by(f64::total_cmp);
-    serve.sort_by(f64::total_cmp);
     // The transport alone (the profile of the figure above): a header
     // round trip carries no sealed request and raises no SMI, so it is the
     // path from the IDS VM to whatever holds the mailbox, and back.
-    let mut rtt = Vec::with_capacity(reads);
     for _ in 0..reads {
         let t = Instant::now();
         s.transport().header()?;
-        rtt.push(t.elapsed().as_secs_f64() * 1e3);
+        f.transport_ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    rtt.sort_by(f64::total_cmp);
 
     // `ps`: the kernel's symbols and types loaded once (as `ids` caches
     // them), then the task list read `ps_runs` times; the median counts.
     let mut c = SnapshotCache::new(s);
-    let k = Kernel::load(
-        c.inner(),
-        &Discovery::default(),
-        linux::cache_dir().as_deref(),
-    )?;
-    let mut ps = Vec::new();
-    let mut tasks = 0;
-    for _ in 0..ps_runs.max(1) {
-        c.new_snapshot();
-        let t = Instant::now();
-        tasks = linux::ps(&mut c, &k, 0, false)?.len();
-        ps.push(t.elapsed().as_secs_f64());
+    if ps_runs > 0 {
+        let k = Kernel::load(
+            c.inner(),
+            &Discovery::default(),
+            linux::cache_dir().as_deref(),
+        )?;
+        let mut ps = Vec::new();
+        for _ in 0..ps_runs {
+            c.new_snapshot();
+            let t = Instant::now();
+            f.tasks = Some(linux::ps(&mut c, &k, 0, false)?.len());
+            ps.push(t.elapsed().as_secs_f64());
+        }
+        ps.sort_by(f64::total_cmp);
+        f.ps_s = Some(percentile(&ps, 0.5));
     }
-    ps.sort_by(f64::total_cmp);
 
     // Bulk: guest-physical memory from 16 MiB on (kernel image and data).
-    let len = bulk_mib << 20;
-    let t = Instant::now();
-    let bytes = c.inner().read_exact(Space::Phys, 16 << 20, len)?;
-    let bulk_s = t.elapsed().as_secs_f64();
-    anyhow::ensure!(
-        bytes.len() == len,
-        "bulk read returned {} bytes",
-        bytes.len()
-    );
+    if bulk_mib > 0 {
+        let len = bulk_mib << 20;
+        let t = Instant::now();
+        let bytes = c.inner().read_exact(Space::Phys, 16 << 20, len)?;
+        let bulk_s = t.elapsed().as_secs_f64();
+        anyhow::ensure!(
+            bytes.len() == len,
+            "bulk read returned {} bytes",
+            bytes.len()
+        );
+        f.bulk_mb_s = Some(len as f64 / 1e6 / bulk_s);
+    }
+    Ok(f)
+}
 
-    Ok(Figures {
-        banner: banner.text.trim_end().to_string(),
-        reads,
-        p50_ms: percentile(&ms, 0.5),
-        p99_ms: percentile(&ms, 0.99),
-        transport_p50_ms: percentile(&rtt, 0.5),
-        serve_p50_ms: percentile(&serve, 0.5),
-        ps_s: percentile(&ps, 0.5),
-        tasks,
-        bulk_mb_s: len as f64 / 1e6 / bulk_s,
-        bulk_mib,
-    })
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
