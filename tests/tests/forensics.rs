@@ -5,12 +5,13 @@
 //! `linux.lsmod` and `linux.malware.check_syscall` on it; the answers are
 //! compared with `ids ps`, `ids lsmod`, `ids check syscalls` and the
 //! guest's own /proc (with processes the test starts under random names).
-//! On the default kernel also: an ELF-core dump interrupted (SIGINT) and
-//! resumed equals the uninterrupted LiME dump and QEMU's own `pmemsave`
-//! over the kernel's text and rodata, and it opens in drgn with the
-//! guest's VMCOREINFO, whose page-table walk reads the same task list.
-//! On Debian's 6.12 LTS kernel: the Volatility checks, and `ids mount`:
-//! Volatility's pslist on the live guest through FUSE.
+//! The same three plugins run on the live guest through `ids mount` (FUSE),
+//! the first scanning and saving Volatility's configuration, the others
+//! loading it (no scan). Both on the default kernel and on Debian's 6.12
+//! LTS kernel. On the default kernel also: an ELF-core dump interrupted
+//! (SIGINT) and resumed equals the uninterrupted LiME dump and QEMU's own
+//! `pmemsave` over the kernel's text and rodata, and it opens in drgn with
+//! the guest's VMCOREINFO, whose page-table walk reads the same task list.
 //!
 //! Run with `cargo xtask test` (these are `#[ignore]`d for plain `cargo test`).
 
@@ -83,8 +84,20 @@ fn ok(o: Output, what: &str) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// Runs `vol -r json -f FILE -s SYMDIR PLUGIN`: the rows.
-fn vol(file: &Path, symbols: &Path, plugin: &str) -> Vec<serde_json::Value> {
+/// Where `vol` takes its configuration from.
+#[derive(Clone, Copy)]
+enum VolConfig<'a> {
+    /// Volatility's automagic (a scan of the memory for the banner and
+    /// another for `swapper/0`, the KASLR slide), and the configuration
+    /// they found written to this file (`--save-config`).
+    Save(&'a Path),
+    /// The configuration from this file (`-c`): no scan.
+    Load(&'a Path),
+}
+
+/// Runs `vol -r json -f FILE -s SYMDIR PLUGIN`: the rows (the time it
+/// took goes to stderr).
+fn vol(file: &Path, symbols: &Path, plugin: &str, config: VolConfig) -> Vec<serde_json::Value> {
     let t = Instant::now();
     // Volatility's own cache (symbol table identifiers) per test: two
     // tests running at once corrupted a shared one ("symbol table
@@ -94,18 +107,31 @@ fn vol(file: &Path, symbols: &Path, plugin: &str) -> Vec<serde_json::Value> {
         .unwrap_or(symbols)
         .join("volatility3-cache");
     std::fs::create_dir_all(&cache).expect("volatility3 cache directory");
-    let o = Command::new(smmvmi_tests::venv::bin("vol"))
-        .args(["-q", "--offline", "-r", "json", "--cache-path"])
+    let mut cmd = Command::new(smmvmi_tests::venv::bin("vol"));
+    cmd.args(["-q", "--offline", "-r", "json", "--cache-path"])
         .arg(&cache)
         .arg("-f")
         .arg(file)
         .arg("-s")
-        .arg(symbols)
-        .arg(plugin)
-        .output()
-        .expect("run vol");
+        .arg(symbols);
+    let how = match config {
+        VolConfig::Save(f) => {
+            let _ = std::fs::remove_file(f);
+            cmd.arg("--save-config").arg(f);
+            ", --save-config"
+        }
+        VolConfig::Load(f) => {
+            cmd.arg("-c").arg(f);
+            ", -c (no scan)"
+        }
+    };
+    let o = cmd.arg(plugin).output().expect("run vol");
     let out = ok(o, &format!("vol {plugin}"));
-    eprintln!("vol {plugin}: {:.1} s", t.elapsed().as_secs_f64());
+    eprintln!(
+        "vol {plugin} on {}{how}: {:.1} s",
+        file.display(),
+        t.elapsed().as_secs_f64()
+    );
     let start = out
         .find('[')
         .unwrap_or_else(|| panic!("no JSON from vol: {out}"));
@@ -209,6 +235,150 @@ struct Checked {
     symbols: PathBuf,
 }
 
+/// The pid of the guest's command-channel daemon (its children come and
+/// go with every command the test sends).
+fn cmdd_pid(vm: &Vm) -> u32 {
+    sh(vm, "pidof smmvmi-cmdd | cut -d' ' -f1")
+        .parse()
+        .unwrap_or(0)
+}
+
+/// Volatility's `linux.pslist` rows (read from `source` between the
+/// guest's /proc snapshots `before` and `after`) against /proc, `ids ps`
+/// and the processes started under random names: every process alive
+/// before and after (less the command channel's transient ones) is there
+/// under the same name and parent as /proc and ids give it, and nothing
+/// else is.
+fn check_pslist(
+    source: &str,
+    rows: &[serde_json::Value],
+    before: &BTreeMap<u32, (String, u32)>,
+    after: &BTreeMap<u32, (String, u32)>,
+    ids_ps: &[ids::linux::Task],
+    started: &[(String, u32)],
+    cmdd: u32,
+) {
+    let vol_ps: BTreeMap<u32, (String, u32)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["PID"].as_u64().unwrap() as u32,
+                (
+                    r["COMM"].as_str().unwrap().to_string(),
+                    r["PPID"].as_u64().unwrap() as u32,
+                ),
+            )
+        })
+        .collect();
+    for (name, pid) in started {
+        assert_eq!(
+            vol_ps.get(pid).map(|v| v.0.as_str()),
+            Some(name.as_str()),
+            "Volatility's pslist on {source} must show the started process {name} as pid {pid}"
+        );
+        assert!(
+            ids_ps.iter().any(|t| t.pid == *pid && t.comm == *name),
+            "ids ps shows {name} as {pid}"
+        );
+    }
+    let mut ppid_of: BTreeMap<u32, u32> = before.iter().map(|(&p, v)| (p, v.1)).collect();
+    ppid_of.extend(after.iter().map(|(&p, v)| (p, v.1)));
+    ppid_of.extend(vol_ps.iter().map(|(&p, v)| (p, v.1)));
+    let skip = common::transient(cmdd, &ppid_of);
+    let stable: BTreeSet<u32> = before
+        .keys()
+        .filter(|p| after.contains_key(p) && !skip.contains(p))
+        .copied()
+        .collect();
+    assert!(stable.len() >= 20, "stable processes: {stable:?}");
+    for pid in &stable {
+        let (comm, ppid) = &before[pid];
+        let Some((vcomm, vppid)) = vol_ps.get(pid) else {
+            panic!(
+                "pid {pid} ({comm}) is missing from Volatility's pslist on {source}: {vol_ps:?}"
+            );
+        };
+        assert!(
+            comm.starts_with(vcomm.as_str()),
+            "pid {pid} on {source}: /proc says {comm}, Volatility {vcomm}"
+        );
+        assert_eq!(ppid, vppid, "pid {pid}'s parent on {source}");
+        let t = ids_ps.iter().find(|t| t.pid == *pid);
+        assert_eq!(
+            t.map(|t| t.comm.as_str()),
+            Some(vcomm.as_str()),
+            "pid {pid}: ids ps and Volatility on {source} agree on the name"
+        );
+    }
+    let known: BTreeSet<u32> = before
+        .keys()
+        .chain(after.keys())
+        .chain(skip.iter())
+        .chain(ids_ps.iter().map(|t| &t.pid))
+        .copied()
+        .collect();
+    let extra: Vec<&u32> = vol_ps.keys().filter(|p| !known.contains(p)).collect();
+    assert!(
+        extra.is_empty(),
+        "Volatility on {source} lists processes nobody else saw: {extra:?}"
+    );
+}
+
+/// Volatility's `linux.lsmod` rows, `ids lsmod` and /proc/modules name the
+/// same modules.
+fn check_lsmod(vm: &Vm, cache: &Path, source: &str, rows: &[serde_json::Value]) {
+    let vol_mods: BTreeSet<String> = rows
+        .iter()
+        .map(|r| r["Module Name"].as_str().unwrap().to_string())
+        .collect();
+    let proc_mods: BTreeSet<String> = sh(vm, "cut -d' ' -f1 /proc/modules")
+        .lines()
+        .map(str::to_string)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let ids_mods: Vec<serde_json::Value> =
+        serde_json::from_str(&ok(ids(vm, cache, &["--json", "lsmod"]), "ids lsmod")).unwrap();
+    let ids_mods: BTreeSet<String> = ids_mods
+        .iter()
+        .map(|m| m["name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(!proc_mods.is_empty(), "the guest has modules loaded");
+    assert_eq!(
+        vol_mods, proc_mods,
+        "Volatility's lsmod on {source} and /proc/modules"
+    );
+    assert_eq!(ids_mods, proc_mods, "ids lsmod and /proc/modules");
+}
+
+/// Volatility's `linux.malware.check_syscall` rows: every 64-bit entry
+/// resolves to a kernel symbol (no hook), syscall 0 is `read`, as `ids
+/// check syscalls` finds (exit 0: clean).
+fn check_syscall_rows(vm: &Vm, cache: &Path, source: &str, rows: &[serde_json::Value]) {
+    let x64: Vec<&serde_json::Value> = rows
+        .iter()
+        .filter(|r| r["Table Name"].as_str() == Some("64bit"))
+        .collect();
+    assert!(
+        x64.len() >= 300,
+        "64-bit syscall table rows on {source}: {}",
+        x64.len()
+    );
+    for r in &x64 {
+        let sym = r["Handler Symbol"].as_str().unwrap_or("");
+        assert!(
+            sym.contains("sys_") || sym.contains("ni_syscall"),
+            "unexpected handler in Volatility's check_syscall on {source}: {r}"
+        );
+    }
+    let read = x64
+        .iter()
+        .find(|r| r["Index"].as_u64() == Some(0))
+        .expect("syscall 0");
+    assert_eq!(read["Handler Symbol"], "__x64_sys_read", "on {source}");
+    let o = ids(vm, cache, &["check", "syscalls"]);
+    ok(o, "ids check syscalls (clean)");
+}
+
 /// isf + LiME dump + the three plugins against ids and the guest.
 fn volatility_checks(vm: &Vm, dir: &Path) -> Checked {
     venv();
@@ -216,9 +386,7 @@ fn volatility_checks(vm: &Vm, dir: &Path) -> Checked {
         .unwrap_or_else(|e| panic!("{e}"));
     let cache = dir.join("cache");
     let started = start_named(vm, 2);
-    let cmdd: u32 = sh(vm, "pidof smmvmi-cmdd | cut -d' ' -f1")
-        .parse()
-        .unwrap_or(0);
+    let cmdd = cmdd_pid(vm);
     let symbols = dir.join("symbols");
     ok(
         ids(
@@ -245,116 +413,21 @@ fn volatility_checks(vm: &Vm, dir: &Path) -> Checked {
     let ids_ps: Vec<ids::linux::Task> =
         serde_json::from_str(&ok(ids(vm, &cache, &["--json", "ps"]), "ids ps")).unwrap();
 
-    // pslist: pid -> (comm, ppid).
-    let rows = vol(&lime, &symbols, "linux.pslist");
-    let vol_ps: BTreeMap<u32, (String, u32)> = rows
-        .iter()
-        .map(|r| {
-            (
-                r["PID"].as_u64().unwrap() as u32,
-                (
-                    r["COMM"].as_str().unwrap().to_string(),
-                    r["PPID"].as_u64().unwrap() as u32,
-                ),
-            )
-        })
-        .collect();
-    for (name, pid) in &started {
-        assert_eq!(
-            vol_ps.get(pid).map(|v| v.0.as_str()),
-            Some(name.as_str()),
-            "Volatility's pslist must show the started process {name} as pid {pid}"
-        );
-        assert!(
-            ids_ps.iter().any(|t| t.pid == *pid && t.comm == *name),
-            "ids ps shows {name} as {pid}"
-        );
-    }
-    // Every process alive before and after the dump (less the command
-    // channel's transient ones) is in the dump, under the same name and
-    // parent as /proc and ids ps give it; the dump has nothing else.
-    let mut ppid_of: BTreeMap<u32, u32> = before.iter().map(|(&p, v)| (p, v.1)).collect();
-    ppid_of.extend(after.iter().map(|(&p, v)| (p, v.1)));
-    ppid_of.extend(vol_ps.iter().map(|(&p, v)| (p, v.1)));
-    let skip = common::transient(cmdd, &ppid_of);
-    let stable: BTreeSet<u32> = before
-        .keys()
-        .filter(|p| after.contains_key(p) && !skip.contains(p))
-        .copied()
-        .collect();
-    assert!(stable.len() >= 20, "stable processes: {stable:?}");
-    for pid in &stable {
-        let (comm, ppid) = &before[pid];
-        let Some((vcomm, vppid)) = vol_ps.get(pid) else {
-            panic!("pid {pid} ({comm}) is missing from Volatility's pslist: {vol_ps:?}");
-        };
-        assert!(
-            comm.starts_with(vcomm.as_str()),
-            "pid {pid}: /proc says {comm}, Volatility {vcomm}"
-        );
-        assert_eq!(ppid, vppid, "pid {pid}'s parent");
-        let t = ids_ps.iter().find(|t| t.pid == *pid);
-        assert_eq!(
-            t.map(|t| t.comm.as_str()),
-            Some(vcomm.as_str()),
-            "pid {pid}: ids ps and Volatility agree on the name"
-        );
-    }
-    let known: BTreeSet<u32> = before
-        .keys()
-        .chain(after.keys())
-        .chain(skip.iter())
-        .chain(ids_ps.iter().map(|t| &t.pid))
-        .copied()
-        .collect();
-    let extra: Vec<&u32> = vol_ps.keys().filter(|p| !known.contains(p)).collect();
-    assert!(
-        extra.is_empty(),
-        "Volatility lists processes nobody else saw: {extra:?}"
+    // The first plugin finds the banner and the KASLR slide by scanning
+    // the dump and saves what it found; the other two load it.
+    let source = "the LiME dump";
+    let config = dir.join("vol-lime-config.json");
+    let rows = vol(&lime, &symbols, "linux.pslist", VolConfig::Save(&config));
+    check_pslist(source, &rows, &before, &after, &ids_ps, &started, cmdd);
+    let rows = vol(&lime, &symbols, "linux.lsmod", VolConfig::Load(&config));
+    check_lsmod(vm, &cache, source, &rows);
+    let rows = vol(
+        &lime,
+        &symbols,
+        "linux.malware.check_syscall",
+        VolConfig::Load(&config),
     );
-
-    // lsmod: Volatility, ids and /proc/modules name the same modules.
-    let rows = vol(&lime, &symbols, "linux.lsmod");
-    let vol_mods: BTreeSet<String> = rows
-        .iter()
-        .map(|r| r["Module Name"].as_str().unwrap().to_string())
-        .collect();
-    let proc_mods: BTreeSet<String> = sh(vm, "cut -d' ' -f1 /proc/modules")
-        .lines()
-        .map(str::to_string)
-        .filter(|l| !l.is_empty())
-        .collect();
-    let ids_mods: Vec<serde_json::Value> =
-        serde_json::from_str(&ok(ids(vm, &cache, &["--json", "lsmod"]), "ids lsmod")).unwrap();
-    let ids_mods: BTreeSet<String> = ids_mods
-        .iter()
-        .map(|m| m["name"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(vol_mods, proc_mods, "Volatility's lsmod and /proc/modules");
-    assert_eq!(ids_mods, proc_mods, "ids lsmod and /proc/modules");
-
-    // check_syscall: every 64-bit entry resolves to a kernel symbol (no
-    // hook), as `ids check syscalls` finds (exit 0: clean).
-    let rows = vol(&lime, &symbols, "linux.malware.check_syscall");
-    let x64: Vec<&serde_json::Value> = rows
-        .iter()
-        .filter(|r| r["Table Name"].as_str() == Some("64bit"))
-        .collect();
-    assert!(x64.len() >= 300, "64-bit syscall table rows: {}", x64.len());
-    for r in &x64 {
-        let sym = r["Handler Symbol"].as_str().unwrap_or("");
-        assert!(
-            sym.contains("sys_") || sym.contains("ni_syscall"),
-            "unexpected handler in Volatility's check_syscall: {r}"
-        );
-    }
-    let read = x64
-        .iter()
-        .find(|r| r["Index"].as_u64() == Some(0))
-        .expect("syscall 0");
-    assert_eq!(read["Handler Symbol"], "__x64_sys_read");
-    let o = ids(vm, &cache, &["check", "syscalls"]);
-    ok(o, "ids check syscalls (clean)");
+    check_syscall_rows(vm, &cache, source, &rows);
     Checked {
         dump_secs,
         started,
@@ -368,14 +441,16 @@ fn workdir(vm: &Vm) -> PathBuf {
     d
 }
 
-/// The default kernel: Volatility on a LiME dump, a resumed dump against
-/// the whole one and `pmemsave`, and drgn on the ELF core.
+/// The default kernel: Volatility on a LiME dump and on the live mount, a
+/// resumed dump against the whole one and `pmemsave`, and drgn on the ELF
+/// core.
 #[test]
 #[ignore = "boots QEMU; run with `cargo xtask test`"]
 fn forensics_default_kernel() {
     let vm = boot(config("forensics").mem(MEM));
     let dir = workdir(&vm);
     let c = volatility_checks(&vm, &dir);
+    live_mount(&vm, &dir, &c);
     let cache = dir.join("cache");
 
     // Resume: interrupt an ELF-core dump, then continue it.
@@ -541,8 +616,8 @@ while pos != head and n < 100000:
     );
 }
 
-/// Debian's 6.12 LTS kernel: Volatility on a LiME dump (`SMMVMI_KERNEL_612_DEB`
-/// pins the package, as in linux.rs).
+/// Debian's 6.12 LTS kernel: Volatility on a LiME dump and on the live
+/// mount (`SMMVMI_KERNEL_612_DEB` pins the package, as in linux.rs).
 #[test]
 #[ignore = "boots QEMU; run with `cargo xtask test`"]
 fn forensics_6_12_kernel() {
@@ -561,19 +636,28 @@ fn forensics_6_12_kernel() {
     finish(vm);
 }
 
-/// `ids mount`: Volatility's pslist on the live guest's DIR/mem finds the
-/// processes started under random names, and a process started after the
-/// mount (each open of the file sees fresh memory); SIGINT unmounts.
+/// `ids mount`: Volatility's pslist, lsmod and check_syscall on the live
+/// guest's DIR/mem agree with /proc, `ids ps`, `ids lsmod` and `ids check
+/// syscalls` (the processes started before, and one started after the
+/// mount, included). The first run scans (banner, KASLR slide) and saves
+/// its configuration; the others load it and scan nothing. A process
+/// started after the first run is in the second pslist: each open of the
+/// file reads fresh memory. SIGINT unmounts. The `ids` commands run while
+/// nothing is mounted (one agent client at a time in direct mode).
 fn live_mount(vm: &Vm, dir: &Path, c: &Checked) {
+    let cache = dir.join("cache");
     let mnt = dir.join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
+    let mut started = c.started.clone();
+    started.extend(start_named(vm, 1));
+    let cmdd = cmdd_pid(vm);
     vm.release_qmp();
     let mut child = Command::new(ids_bin())
         .arg("--connect")
         .arg(vm.state_dir())
         .arg("mount")
         .arg(&mnt)
-        .env("XDG_CACHE_HOME", dir.join("cache"))
+        .env("XDG_CACHE_HOME", &cache)
         .spawn()
         .expect("start ids mount");
     let mem = mnt.join("mem");
@@ -587,30 +671,20 @@ fn live_mount(vm: &Vm, dir: &Path, c: &Checked) {
         std::thread::sleep(Duration::from_millis(100));
     }
     let later = start_named(vm, 1);
-    let rows = vol(&mem, &c.symbols, "linux.pslist");
-    let live: BTreeMap<u32, String> = rows
-        .iter()
-        .map(|r| {
-            (
-                r["PID"].as_u64().unwrap() as u32,
-                r["COMM"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
-    for (name, pid) in c.started.iter().chain(&later) {
-        assert_eq!(
-            live.get(pid),
-            Some(name),
-            "Volatility on the live mount shows {name} as pid {pid}"
-        );
-    }
-    let procs = guest_procs(vm);
-    let shared = live.keys().filter(|p| procs.contains_key(p)).count();
-    assert!(
-        shared * 10 >= procs.len() * 9,
-        "the live pslist and /proc share {shared} of {} processes",
-        procs.len()
+    let config = dir.join("vol-live-config.json");
+    let before = guest_procs(vm);
+    let first = vol(&mem, &c.symbols, "linux.pslist", VolConfig::Save(&config));
+    let after_first = guest_procs(vm);
+    let after = start_named(vm, 1);
+    let second = vol(&mem, &c.symbols, "linux.pslist", VolConfig::Load(&config));
+    let lsmod = vol(&mem, &c.symbols, "linux.lsmod", VolConfig::Load(&config));
+    let syscalls = vol(
+        &mem,
+        &c.symbols,
+        "linux.malware.check_syscall",
+        VolConfig::Load(&config),
     );
+    let after_all = guest_procs(vm);
     let kill = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
@@ -619,4 +693,29 @@ fn live_mount(vm: &Vm, dir: &Path, c: &Checked) {
     let status = child.wait().unwrap();
     assert!(status.success(), "ids mount ended with {status}");
     assert!(!mem.exists(), "SIGINT unmounts {}", mnt.display());
+
+    let ids_ps: Vec<ids::linux::Task> =
+        serde_json::from_str(&ok(ids(vm, &cache, &["--json", "ps"]), "ids ps")).unwrap();
+    started.extend(later);
+    check_pslist(
+        "the live mount",
+        &first,
+        &before,
+        &after_first,
+        &ids_ps,
+        &started,
+        cmdd,
+    );
+    started.extend(after);
+    check_pslist(
+        "the live mount (second run, saved configuration)",
+        &second,
+        &after_first,
+        &after_all,
+        &ids_ps,
+        &started,
+        cmdd,
+    );
+    check_lsmod(vm, &cache, "the live mount", &lsmod);
+    check_syscall_rows(vm, &cache, "the live mount", &syscalls);
 }
