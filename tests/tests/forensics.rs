@@ -12,6 +12,8 @@
 //! (SIGINT) and resumed equals the uninterrupted LiME dump and QEMU's own
 //! `pmemsave` over the kernel's text and rodata, and it opens in drgn with
 //! the guest's VMCOREINFO, whose page-table walk reads the same task list.
+//! And the ISF is checked against the DWARF and System.map of Debian's
+//! `-dbg` package of that kernel.
 //!
 //! Run with `cargo xtask test` (these are `#[ignore]`d for plain `cargo test`).
 
@@ -542,6 +544,7 @@ fn forensics_default_kernel() {
     // The resumed ELF core: drgn reads its VMCOREINFO and walks the task
     // list through the page tables it names.
     drgn_task_list(&vm, &elf, &k);
+    isf_against_debian_dwarf(&sh(&vm, "uname -r"), &c.symbols.join("guest.json"));
     let _ = std::fs::remove_dir_all(&dir);
     finish(vm);
 }
@@ -718,4 +721,401 @@ fn live_mount(vm: &Vm, dir: &Path, c: &Checked) {
     );
     check_lsmod(vm, &cache, "the live mount", &lsmod);
     check_syscall_rows(vm, &cache, "the live mount", &syscalls);
+}
+
+/// The files of Volatility 3 the checked plugins run: the plugins, the
+/// Linux symbol-table class and object extensions they call, the module
+/// utilities of lsmod and the Linux automagic (banner, KASLR, DTB).
+const VOLATILITY_SOURCES: &[&str] = &[
+    "framework/plugins/linux/pslist.py",
+    "framework/plugins/linux/lsmod.py",
+    "framework/plugins/linux/malware/check_syscall.py",
+    "framework/symbols/linux/__init__.py",
+    "framework/symbols/linux/extensions/__init__.py",
+    "framework/symbols/linux/utilities/__init__.py",
+    "framework/symbols/linux/utilities/modules.py",
+    "framework/automagic/linux.py",
+];
+
+/// The names Volatility's code for these plugins uses: identifiers that
+/// follow a `.` (attribute access: `task.real_parent`) or open a string
+/// (`"task_struct"`, `has_member("__state")`, `get_symbol("init_task")`).
+fn volatility_names() -> BTreeSet<String> {
+    let lib = smmvmi_tests::venv::dir().join("lib");
+    let site = std::fs::read_dir(&lib)
+        .expect("the venv's lib/")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("site-packages").join("volatility3"))
+        .find(|p| p.is_dir())
+        .expect("volatility3 in the venv");
+    let mut names = BTreeSet::new();
+    for f in VOLATILITY_SOURCES {
+        let text = std::fs::read_to_string(site.join(f))
+            .unwrap_or_else(|e| panic!("{}: {e}", site.join(f).display()));
+        let b = text.as_bytes();
+        let mut i = 0;
+        while i < b.len() {
+            let word = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+            if word(b[i]) && (i == 0 || !word(b[i - 1])) {
+                let start = i;
+                while i < b.len() && word(b[i]) {
+                    i += 1;
+                }
+                if start > 0 && matches!(b[start - 1], b'.' | b'"' | b'\'') {
+                    names.insert(text[start..i].to_string());
+                }
+            } else {
+                i += 1;
+            }
+        }
+    }
+    names
+}
+
+/// Size in bytes of an ISF type descriptor.
+fn isf_size(isf: &serde_json::Value, d: &serde_json::Value) -> Option<u64> {
+    let name = d["name"].as_str().unwrap_or("");
+    match d["kind"].as_str()? {
+        "base" => isf["base_types"][name]["size"].as_u64(),
+        "pointer" => isf["base_types"]["pointer"]["size"].as_u64().or(Some(8)),
+        "struct" | "union" | "class" => isf["user_types"][name]["size"].as_u64(),
+        "enum" => isf["enums"][name]["size"].as_u64(),
+        "array" => Some(d["count"].as_u64()? * isf_size(isf, &d["subtype"])?),
+        "bitfield" => isf_size(isf, &d["type"]),
+        _ => None,
+    }
+}
+
+/// The user type (struct or union) a descriptor leads to through
+/// pointers and arrays.
+fn isf_target(d: &serde_json::Value) -> Option<&str> {
+    match d["kind"].as_str()? {
+        "struct" | "union" | "class" => d["name"].as_str(),
+        "pointer" | "array" => isf_target(&d["subtype"]),
+        _ => None,
+    }
+}
+
+/// An ISF user type as Volatility sees it (anonymous members lifted), and
+/// each member's descriptor.
+fn isf_layout(
+    isf: &serde_json::Value,
+    name: &str,
+) -> Option<(
+    smmvmi_tests::dwarf::Layout,
+    BTreeMap<String, serde_json::Value>,
+)> {
+    fn walk(
+        isf: &serde_json::Value,
+        fields: &serde_json::Map<String, serde_json::Value>,
+        base: u64,
+        out: &mut BTreeMap<String, smmvmi_tests::dwarf::Member>,
+        types: &mut BTreeMap<String, serde_json::Value>,
+    ) {
+        for (n, f) in fields {
+            let offset = base + f["offset"].as_u64().unwrap_or(0);
+            if f["anonymous"].as_bool() == Some(true) {
+                let sub = f["type"]["name"].as_str().unwrap_or("");
+                if let Some(fs) = isf["user_types"][sub]["fields"].as_object() {
+                    walk(isf, fs, offset, out, types);
+                }
+                continue;
+            }
+            out.entry(n.clone()).or_insert(smmvmi_tests::dwarf::Member {
+                offset,
+                size: isf_size(isf, &f["type"]),
+                bitfield: f["type"]["kind"] == "bitfield",
+            });
+            types.entry(n.clone()).or_insert(f["type"].clone());
+        }
+    }
+    let t = isf["user_types"].get(name)?;
+    let mut members = BTreeMap::new();
+    let mut types = BTreeMap::new();
+    walk(isf, t["fields"].as_object()?, 0, &mut members, &mut types);
+    let kind = if t["kind"] == "union" {
+        "union"
+    } else {
+        "struct"
+    };
+    Some((
+        smmvmi_tests::dwarf::Layout {
+            kind,
+            size: t["size"].as_u64()?,
+            members,
+        },
+        types,
+    ))
+}
+
+/// An ISF member against DWARF's: the same offset and size; a bitfield's
+/// ISF offset is its storage unit, which holds the byte DWARF names.
+fn same_member(isf: &smmvmi_tests::dwarf::Member, dw: &smmvmi_tests::dwarf::Member) -> bool {
+    if isf.bitfield || dw.bitfield {
+        isf.bitfield == dw.bitfield
+            && dw.offset >= isf.offset
+            && dw.offset < isf.offset + isf.size.unwrap_or(8).max(1)
+    } else {
+        isf.offset == dw.offset && isf.size == dw.size
+    }
+}
+
+/// The differences between an ISF layout and the closest of DWARF's for
+/// that name, over `only` members (all when `None`); empty if one matches.
+fn layout_diff(
+    isf: &smmvmi_tests::dwarf::Layout,
+    dwarf: &BTreeSet<smmvmi_tests::dwarf::Layout>,
+    only: Option<&BTreeSet<String>>,
+) -> Vec<String> {
+    let diff = |d: &smmvmi_tests::dwarf::Layout| -> Vec<String> {
+        let mut out = Vec::new();
+        if d.size != isf.size || d.kind != isf.kind {
+            out.push(format!(
+                "{} of {} bytes in the ISF, {} of {} in DWARF",
+                isf.kind, isf.size, d.kind, d.size
+            ));
+        }
+        for (n, m) in &isf.members {
+            if only.is_some_and(|o| !o.contains(n)) {
+                continue;
+            }
+            match d.members.get(n) {
+                Some(dm) if same_member(m, dm) => {}
+                Some(dm) => out.push(format!("{n}: ISF {m:?}, DWARF {dm:?}")),
+                None => out.push(format!("{n}: in the ISF, not in DWARF")),
+            }
+        }
+        if only.is_none() {
+            for n in d.members.keys() {
+                if !isf.members.contains_key(n) {
+                    out.push(format!("{n}: in DWARF, not in the ISF"));
+                }
+            }
+        }
+        out
+    };
+    dwarf
+        .iter()
+        .map(diff)
+        .min_by_key(Vec::len)
+        .unwrap_or_else(|| vec!["no such type in DWARF".into()])
+}
+
+/// The ISF from `ids isf` (the guest's BTF and kallsyms) against the usual
+/// source of truth, Debian's `linux-image-RELEASE-dbg` of the guest's
+/// kernel: its vmlinux is the guest's build (same `linux_banner`); every
+/// struct and union Volatility's pslist, lsmod and check_syscall reach
+/// (named in their code, or the type of a member they use, through
+/// pointers and arrays) has the size DWARF gives it, and every member those
+/// plugins use has DWARF's offset and size; every symbol they use is at
+/// its System.map address. Over all named types and all symbols the
+/// mismatches are counted and printed, and must be none.
+fn isf_against_debian_dwarf(release: &str, isf_file: &Path) {
+    let t = Instant::now();
+    let dbg = smmvmi_tests::guest_image::debug_kernel(release, &mut |m| eprintln!("{m}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "linux-image-{release}-dbg: {} ({:.1} s to have it)",
+        dbg.deb.display(),
+        t.elapsed().as_secs_f64()
+    );
+    let isf: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(isf_file).expect("read the ISF")).expect("ISF JSON");
+    let map = smmvmi_tests::dwarf::system_map(&dbg.system_map).unwrap_or_else(|e| panic!("{e}"));
+
+    // The same build: the guest's banner is the vmlinux's.
+    use base64::Engine as _;
+    let banner = base64::engine::general_purpose::STANDARD
+        .decode(
+            isf["symbols"]["linux_banner"]["constant_data"]
+                .as_str()
+                .expect("linux_banner's constant_data in the ISF"),
+        )
+        .expect("base64");
+    let at = *map["linux_banner"]
+        .first()
+        .expect("linux_banner in System.map");
+    let theirs = smmvmi_tests::dwarf::bytes_at(&dbg.vmlinux, at, banner.len() as u64)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        String::from_utf8_lossy(&theirs),
+        String::from_utf8_lossy(&banner),
+        "the -dbg vmlinux is not the guest's build"
+    );
+
+    let t = Instant::now();
+    let types = smmvmi_tests::dwarf::layouts(&dbg.vmlinux).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "DWARF of {}: {} named structs and unions in {:.1} s",
+        dbg.vmlinux.display(),
+        types.layouts.len(),
+        t.elapsed().as_secs_f64()
+    );
+    // DWARF's layouts by the ISF's names: a type ids named itself (the
+    // anonymous struct of a global, `smmvmi_tk_core`) is the one of the
+    // variable whose ISF type it is.
+    let syms = isf["symbols"].as_object().expect("ISF symbols");
+    let mut dwarf = types.layouts.clone();
+    for (s, v) in syms {
+        if let Some(t) = v["type"]["name"].as_str()
+            && !dwarf.contains_key(t)
+            && let Some(l) = types.variables.get(s)
+        {
+            dwarf.insert(t.to_string(), l.clone());
+        }
+    }
+    // A type the kernel only declares: BTF has it as a forward
+    // declaration, the ISF as an empty struct.
+    let declared_only = |isf_layout: &smmvmi_tests::dwarf::Layout, name: &str| {
+        types.declared_only.contains(name) && isf_layout.size == 0 && isf_layout.members.is_empty()
+    };
+
+    // What the plugins use: the types their code names and the types of
+    // the symbols it names, then, type by type, the members it names and
+    // the types those lead to.
+    let names = volatility_names();
+    let used_syms: BTreeSet<&String> = syms.keys().filter(|s| names.contains(*s)).collect();
+    let mut todo: Vec<String> = names
+        .iter()
+        .filter(|n| isf["user_types"].get(n.as_str()).is_some())
+        .cloned()
+        .collect();
+    todo.extend(
+        used_syms
+            .iter()
+            .filter_map(|s| isf_target(&syms[s.as_str()]["type"]))
+            .map(String::from),
+    );
+    let mut used: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    while let Some(ty) = todo.pop() {
+        if used.contains_key(&ty) {
+            continue;
+        }
+        let Some((layout, types)) = isf_layout(&isf, &ty) else {
+            continue;
+        };
+        let members: BTreeSet<String> = layout
+            .members
+            .keys()
+            .filter(|m| names.contains(*m))
+            .cloned()
+            .collect();
+        for m in &members {
+            if let Some(t) = isf_target(&types[m]) {
+                todo.push(t.to_string());
+            }
+        }
+        used.insert(ty, members);
+    }
+    for must in ["task_struct", "list_head", "mm_struct", "module", "cred"] {
+        assert!(
+            used.contains_key(must),
+            "the plugins' types include {must}: {:?}",
+            used.keys()
+        );
+    }
+    let mut bad = Vec::new();
+    let mut checked_members = 0;
+    for (ty, members) in &used {
+        if ty.starts_with("unnamed_") {
+            continue;
+        }
+        let (layout, _) = isf_layout(&isf, ty).unwrap();
+        let Some(d) = dwarf.get(ty) else {
+            if !declared_only(&layout, ty) {
+                bad.push(format!("{ty}: not in DWARF"));
+            }
+            continue;
+        };
+        checked_members += members.len();
+        for line in layout_diff(&layout, d, Some(members)) {
+            bad.push(format!("{ty}: {line}"));
+        }
+    }
+    eprintln!(
+        "ISF vs DWARF, what pslist, lsmod and check_syscall use: {} types, {checked_members} members, {} mismatches",
+        used.len(),
+        bad.len()
+    );
+    assert!(
+        bad.is_empty(),
+        "the ISF differs from DWARF where the plugins look:\n{}",
+        bad.join("\n")
+    );
+
+    // Symbols the plugins use: at their System.map address.
+    let addr = |s: &str| syms[s]["address"].as_u64();
+    let mut bad_syms = Vec::new();
+    for s in &used_syms {
+        match (addr(s), map.get(s.as_str())) {
+            (Some(a), Some(m)) if m.contains(&a) => {}
+            (a, m) => bad_syms.push(format!("{s}: ISF {a:x?}, System.map {m:x?}")),
+        }
+    }
+    eprintln!(
+        "ISF vs System.map, symbols the plugins use: {} checked, {} mismatches",
+        used_syms.len(),
+        bad_syms.len()
+    );
+    assert!(
+        used_syms.len() >= 5 && bad_syms.is_empty(),
+        "symbols the plugins use ({:?}): {bad_syms:?}",
+        used_syms
+    );
+
+    // Broadly: every named type and every symbol.
+    let mut type_mismatch = Vec::new();
+    let (mut compared, mut not_in_dwarf) = (0, 0);
+    for name in isf["user_types"].as_object().unwrap().keys() {
+        let Some((layout, _)) = isf_layout(&isf, name) else {
+            continue;
+        };
+        let Some(d) = dwarf.get(name) else {
+            if !name.starts_with("unnamed_") && !declared_only(&layout, name) {
+                not_in_dwarf += 1;
+            }
+            continue;
+        };
+        compared += 1;
+        let diff = layout_diff(&layout, d, None);
+        if !diff.is_empty() {
+            type_mismatch.push(format!("{name}: {}", diff.join("; ")));
+        }
+    }
+    let (mut same, mut differ, mut absent) = (0, Vec::new(), 0);
+    for (s, v) in syms {
+        let Some(a) = v["address"].as_u64() else {
+            continue;
+        };
+        match map.get(s) {
+            Some(m) if m.contains(&a) => same += 1,
+            Some(m) => differ.push(format!("{s}: ISF {a:#x}, System.map {m:x?}")),
+            None => absent += 1,
+        }
+    }
+    eprintln!(
+        "ISF vs DWARF, all named types: {compared} compared, {} mismatches, {not_in_dwarf} not in DWARF{}",
+        type_mismatch.len(),
+        type_mismatch
+            .iter()
+            .take(10)
+            .map(|l| format!("\n  {l}"))
+            .collect::<String>()
+    );
+    eprintln!(
+        "ISF vs System.map, all symbols: {same} equal, {} at another address, {absent} not in System.map{}",
+        differ.len(),
+        differ
+            .iter()
+            .take(10)
+            .map(|l| format!("\n  {l}"))
+            .collect::<String>()
+    );
+    assert!(compared >= 1000 && same >= 10_000, "too little compared");
+    assert!(
+        type_mismatch.is_empty() && differ.is_empty(),
+        "{} types and {} symbols differ (listed above)",
+        type_mismatch.len(),
+        differ.len()
+    );
 }
