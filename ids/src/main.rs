@@ -1002,16 +1002,16 @@ fn dump_cmd(
                 .and_then(|k| ids::acquire::read_vmcoreinfo(s, &k, 0));
             pb.finish_and_clear();
             match note {
-                Ok(n) => Plan::new(format, &ram, Some(&n)),
+                Ok(n) => Plan::new(format, &ram, Some(&n), &cpus),
                 Err(e) => {
                     eprintln!(
                         "ids: warning: no VMCOREINFO note ({e}); the ELF core has the RAM only"
                     );
-                    Plan::new(format, &ram, None)
+                    Plan::new(format, &ram, None, &cpus)
                 }
             }
         }
-        (None, _) => Plan::new(format, &ram, None),
+        (None, _) => Plan::new(format, &ram, None, &cpus),
     };
     let total = plan.total();
     let max = s.max_read()? as u64;

@@ -10,10 +10,11 @@
 //! loading it (no scan). Both on the default kernel and on Debian's 6.12
 //! LTS kernel. On the default kernel also: an ELF-core dump interrupted
 //! (SIGINT) and resumed equals the uninterrupted LiME dump and QEMU's own
-//! `pmemsave` over the kernel's text and rodata, and it opens in drgn with
-//! the guest's VMCOREINFO, whose page-table walk reads the same task list.
-//! And the ISF is checked against the DWARF and System.map of Debian's
-//! `-dbg` package of that kernel.
+//! `pmemsave` over the kernel's text and rodata, it opens in drgn with the
+//! guest's VMCOREINFO, whose page-table walk reads the same task list, and
+//! it carries each vCPU's registers (`NT_PRSTATUS`, as `readelf -n` lists
+//! them). And the ISF is checked against the DWARF and System.map of
+//! Debian's `-dbg` package of that kernel.
 //!
 //! Run with `cargo xtask test` (these are `#[ignore]`d for plain `cargo test`).
 
@@ -544,9 +545,76 @@ fn forensics_default_kernel() {
     // The resumed ELF core: drgn reads its VMCOREINFO and walks the task
     // list through the page tables it names.
     drgn_task_list(&vm, &elf, &k);
+    elf_cpu_notes(&vm, &elf, &k);
     isf_against_debian_dwarf(&sh(&vm, "uname -r"), &c.symbols.join("guest.json"));
     let _ = std::fs::remove_dir_all(&dir);
     finish(vm);
+}
+
+/// The ELF core's registers: one `NT_PRSTATUS` note per vCPU, which
+/// binutils' `readelf -n` lists, each `pr_reg` a CPU caught in the kernel
+/// half with the kernel's CS or in user space with the user's, with a
+/// stack pointer.
+fn elf_cpu_notes(vm: &Vm, elf: &Path, k: &Kernel) {
+    use object::read::elf::{FileHeader, ProgramHeader};
+    let cpus = common::ids_session(vm)
+        .info()
+        .expect("INFO")
+        .header
+        .cpu_count as usize;
+    vm.release_qmp();
+    let data = std::fs::read(elf).expect("read the ELF core");
+    let h = object::elf::FileHeader64::<object::Endianness>::parse(&*data).expect("ELF header");
+    let e = h.endian().expect("endianness");
+    let mut regs: Vec<Vec<u64>> = Vec::new();
+    for ph in h.program_headers(e, &*data).expect("program headers") {
+        let Some(mut notes) = ph.notes(e, &*data).expect("notes") else {
+            continue;
+        };
+        while let Some(n) = notes.next().expect("a note") {
+            if n.name() == b"CORE" && n.n_type(e) == ids::acquire::NT_PRSTATUS {
+                let d = n.desc();
+                assert_eq!(d.len(), ids::acquire::PRSTATUS_LEN, "elf_prstatus size");
+                regs.push(
+                    d[ids::acquire::PRSTATUS_REG..ids::acquire::PRSTATUS_REG + 27 * 8]
+                        .chunks(8)
+                        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+                        .collect(),
+                );
+            }
+        }
+    }
+    assert_eq!(regs.len(), cpus, "one NT_PRSTATUS per vCPU");
+    let o = Command::new("readelf")
+        .arg("-n")
+        .arg(elf)
+        .output()
+        .expect("run readelf");
+    let text = ok(o, "readelf -n");
+    assert_eq!(
+        text.matches("NT_PRSTATUS").count(),
+        cpus,
+        "readelf lists a prstatus per vCPU: {text}"
+    );
+    assert!(text.contains("VMCOREINFO"), "{text}");
+    let sym = |n: &str| k.kallsyms.addr(n).unwrap_or_else(|| panic!("no {n}"));
+    let text_range = sym("_text")..sym("_etext");
+    let mut in_text = 0;
+    for (cpu, r) in regs.iter().enumerate() {
+        let (rip, cs, rsp) = (r[16], r[17], r[19]);
+        eprintln!("ELF core, CPU {cpu}: rip {rip:#x} cs {cs:#x} rsp {rsp:#x}");
+        assert!(rsp != 0, "CPU {cpu}: rsp");
+        // In the kernel half (kernel text, or rarely a module or the
+        // entry trampoline) with the kernel's CS, or in user space with
+        // the user's.
+        let kernel = rip >= 0xffff_8000_0000_0000;
+        assert!(
+            (kernel && cs == 0x10) || (rip < 0x8000_0000_0000 && cs == 0x33),
+            "CPU {cpu}: rip {rip:#x} with cs {cs:#x}"
+        );
+        in_text += usize::from(text_range.contains(&rip));
+    }
+    eprintln!("ELF core: {in_text} of {cpus} CPUs in kernel text");
 }
 
 /// drgn on the ELF core: the VMCOREINFO note makes it a Linux kernel core,
