@@ -85,17 +85,51 @@ pub struct Types {
     pub variables: BTreeMap<String, BTreeSet<Layout>>,
 }
 
-/// The aggregate types of the file's DWARF.
-pub fn layouts(vmlinux: &Path) -> Result<Types, DwarfError> {
-    let path = vmlinux.display().to_string();
-    let data = std::fs::read(vmlinux).map_err(|source| DwarfError::Io {
-        path: path.clone(),
-        source,
-    })?;
-    let elf = object::File::parse(&*data).map_err(|e| DwarfError::Elf {
-        path: path.clone(),
-        detail: e.to_string(),
-    })?;
+/// A vmlinux file, read once.
+pub struct Vmlinux {
+    path: String,
+    data: Vec<u8>,
+}
+
+impl Vmlinux {
+    /// Reads the file.
+    pub fn open(path: &Path) -> Result<Self, DwarfError> {
+        let shown = path.display().to_string();
+        let data = std::fs::read(path).map_err(|source| DwarfError::Io {
+            path: shown.clone(),
+            source,
+        })?;
+        Ok(Self { path: shown, data })
+    }
+
+    fn elf(&self) -> Result<object::File<'_>, DwarfError> {
+        object::File::parse(&*self.data).map_err(|e| DwarfError::Elf {
+            path: self.path.clone(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// `len` bytes of the loaded image at the link-time address `addr`
+    /// (from the section that holds it).
+    pub fn bytes_at(&self, addr: u64, len: u64) -> Result<Vec<u8>, DwarfError> {
+        for s in self.elf()?.sections() {
+            if let Ok(Some(b)) = s.data_range(addr, len) {
+                return Ok(b.to_vec());
+            }
+        }
+        Err(DwarfError::Elf {
+            path: self.path.clone(),
+            detail: format!("no section holds {addr:#x}+{len:#x}"),
+        })
+    }
+
+    /// The aggregate types of the file's DWARF.
+    pub fn types(&self) -> Result<Types, DwarfError> {
+        types(&self.path, &self.elf()?)
+    }
+}
+
+fn types(path: &str, elf: &object::File<'_>) -> Result<Types, DwarfError> {
     let load = |id: gimli::SectionId| -> Result<Cow<'_, [u8]>, gimli::Error> {
         Ok(elf
             .section_by_name(id.name())
@@ -103,12 +137,12 @@ pub fn layouts(vmlinux: &Path) -> Result<Types, DwarfError> {
             .unwrap_or(Cow::Borrowed(&[])))
     };
     let sections = gimli::DwarfSections::load(load).map_err(|source| DwarfError::Dwarf {
-        path: path.clone(),
+        path: path.to_string(),
         source,
     })?;
     let dwarf = sections.borrow(|s| EndianSlice::new(s, LittleEndian));
     let err = |source| DwarfError::Dwarf {
-        path: path.clone(),
+        path: path.to_string(),
         source,
     };
     let mut out = Types::default();
@@ -336,29 +370,6 @@ fn size_of(unit: &Unit<R<'_>>, t: UnitOffset, depth: u32) -> Result<Option<u64>,
         }
         _ => Ok(None),
     }
-}
-
-/// `len` bytes of the file's loaded image at the link-time address
-/// `addr` (from the section that holds it).
-pub fn bytes_at(vmlinux: &Path, addr: u64, len: u64) -> Result<Vec<u8>, DwarfError> {
-    let path = vmlinux.display().to_string();
-    let data = std::fs::read(vmlinux).map_err(|source| DwarfError::Io {
-        path: path.clone(),
-        source,
-    })?;
-    let elf = object::File::parse(&*data).map_err(|e| DwarfError::Elf {
-        path: path.clone(),
-        detail: e.to_string(),
-    })?;
-    for s in elf.sections() {
-        if let Ok(Some(b)) = s.data_range(addr, len) {
-            return Ok(b.to_vec());
-        }
-    }
-    Err(DwarfError::Elf {
-        path,
-        detail: format!("no section holds {addr:#x}+{len:#x}"),
-    })
 }
 
 /// A System.map: every name with all the addresses it has (static

@@ -969,6 +969,11 @@ fn layout_diff(
         .unwrap_or_else(|| vec!["no such type in DWARF".into()])
 }
 
+/// The first ten lines of a list, each on a line of its own.
+fn first_ten(lines: &[String]) -> String {
+    lines.iter().take(10).map(|l| format!("\n  {l}")).collect()
+}
+
 /// The ISF from `ids isf` (the guest's BTF and kallsyms) against the usual
 /// source of truth, Debian's `linux-image-RELEASE-dbg` of the guest's
 /// kernel: its vmlinux is the guest's build (same `linux_banner`); every
@@ -1003,7 +1008,10 @@ fn isf_against_debian_dwarf(release: &str, isf_file: &Path) {
     let at = *map["linux_banner"]
         .first()
         .expect("linux_banner in System.map");
-    let theirs = smmvmi_tests::dwarf::bytes_at(&dbg.vmlinux, at, banner.len() as u64)
+    let vmlinux =
+        smmvmi_tests::dwarf::Vmlinux::open(&dbg.vmlinux).unwrap_or_else(|e| panic!("{e}"));
+    let theirs = vmlinux
+        .bytes_at(at, banner.len() as u64)
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         String::from_utf8_lossy(&theirs),
@@ -1012,7 +1020,7 @@ fn isf_against_debian_dwarf(release: &str, isf_file: &Path) {
     );
 
     let t = Instant::now();
-    let types = smmvmi_tests::dwarf::layouts(&dbg.vmlinux).unwrap_or_else(|e| panic!("{e}"));
+    let types = vmlinux.types().unwrap_or_else(|e| panic!("{e}"));
     eprintln!(
         "DWARF of {}: {} named structs and unions in {:.1} s",
         dbg.vmlinux.display(),
@@ -1164,20 +1172,12 @@ fn isf_against_debian_dwarf(release: &str, isf_file: &Path) {
     eprintln!(
         "ISF vs DWARF, all named types: {compared} compared, {} mismatches, {not_in_dwarf} not in DWARF{}",
         type_mismatch.len(),
-        type_mismatch
-            .iter()
-            .take(10)
-            .map(|l| format!("\n  {l}"))
-            .collect::<String>()
+        first_ten(&type_mismatch)
     );
     eprintln!(
         "ISF vs System.map, all symbols: {same} equal, {} at another address, {absent} not in System.map{}",
         differ.len(),
-        differ
-            .iter()
-            .take(10)
-            .map(|l| format!("\n  {l}"))
-            .collect::<String>()
+        first_ten(&differ)
     );
     assert!(compared >= 1000 && same >= 10_000, "too little compared");
     assert!(
