@@ -16,7 +16,9 @@
 //!   `EM_X86_64`): one `PT_NOTE` holding, as kdump's `/proc/vmcore` does,
 //!   one `NT_PRSTATUS` note per vCPU in CPU order (name `"CORE"`, Linux
 //!   x86-64's 336-byte `struct elf_prstatus` with the registers the agent
-//!   saved when the dump began in `pr_reg`, pid 0: the task is not named)
+//!   saved when the dump began in `pr_reg`, and `pr_pid` the CPU index + 1
+//!   as QEMU's `dump-guest-memory` writes it: drgn takes a `pr_pid` of 0
+//!   for "registers not saved")
 //!   and a `VMCOREINFO` note (name `"VMCOREINFO"`, type 0, the guest
 //!   kernel's own vmcoreinfo text, as the kernel's `crash_core.c` carries
 //!   it), then
@@ -160,7 +162,11 @@ impl Plan {
                 }
             }
             Format::Elf => {
-                let mut note: Vec<u8> = cpus.iter().flat_map(prstatus_note).collect();
+                let mut note: Vec<u8> = cpus
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(i, c)| prstatus_note(i, c))
+                    .collect();
                 note.extend(vmcoreinfo.map(vmcoreinfo_note).unwrap_or_default());
                 let headers = elf_headers(&ram, &note);
                 push_bytes(&mut pieces, &mut at, &headers);
@@ -277,9 +283,15 @@ pub fn user_regs(c: &CpuState) -> [u64; 27] {
     ]
 }
 
-/// The `NT_PRSTATUS` note of one CPU (pid and all but `pr_reg` zero).
-pub fn prstatus_note(c: &CpuState) -> Vec<u8> {
+/// Offset of `pr_pid` in `struct elf_prstatus`.
+const PRSTATUS_PID: usize = 32;
+
+/// The `NT_PRSTATUS` note of CPU `index` (`pr_pid` = index + 1, `pr_reg`
+/// its registers, the rest zero).
+pub fn prstatus_note(index: usize, c: &CpuState) -> Vec<u8> {
     let mut d = vec![0u8; PRSTATUS_LEN];
+    let pid = u32::try_from(index + 1).unwrap_or(u32::MAX);
+    d[PRSTATUS_PID..PRSTATUS_PID + 4].copy_from_slice(&pid.to_le_bytes());
     for (i, r) in user_regs(c).iter().enumerate() {
         let at = PRSTATUS_REG + 8 * i;
         d[at..at + 8].copy_from_slice(&r.to_le_bytes());
@@ -578,7 +590,7 @@ mod tests {
         assert_eq!(u32_at(64), 4);
         let (mut noff, nlen) = (u64_at(64 + 8) as usize, u64_at(64 + 32) as usize);
         let start = noff;
-        for c in &cpus {
+        for (i, c) in cpus.iter().enumerate() {
             assert_eq!(u32_at(noff), 5, "\"CORE\" and its NUL");
             assert_eq!(u32_at(noff + 4) as usize, PRSTATUS_LEN);
             assert_eq!(u32_at(noff + 8), NT_PRSTATUS);
@@ -588,7 +600,7 @@ mod tests {
             assert_eq!(reg(15), u64::MAX, "orig_rax");
             assert_eq!((reg(16), reg(17), reg(19)), (c.rip, c.cs_selector, c.rsp));
             assert_eq!(reg(21), c.fs_seg_base, "fs_base without the MSRs");
-            assert_eq!(u32_at(noff + 20 + 32), 0, "pr_pid");
+            assert_eq!(u32_at(noff + 20 + 32) as usize, i + 1, "pr_pid");
             noff += 20 + PRSTATUS_LEN;
         }
         assert_eq!(u32_at(noff), 11, "namesz counts the NUL");

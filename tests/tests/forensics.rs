@@ -13,8 +13,9 @@
 //! `pmemsave` over the kernel's text and rodata, it opens in drgn with the
 //! guest's VMCOREINFO, whose page-table walk reads the same task list, and
 //! it carries each vCPU's registers (`NT_PRSTATUS`, as `readelf -n` lists
-//! them). And the ISF is checked against the DWARF and System.map of
-//! Debian's `-dbg` package of that kernel.
+//! them), from which drgn with the DWARF of Debian's `-dbg` vmlinux unwinds
+//! each CPU's stack. And the ISF is checked against that package's DWARF
+//! and System.map.
 //!
 //! Run with `cargo xtask test` (these are `#[ignore]`d for plain `cargo test`).
 
@@ -546,23 +547,16 @@ fn forensics_default_kernel() {
     // list through the page tables it names.
     drgn_task_list(&vm, &elf, &k);
     elf_cpu_notes(&vm, &elf, &k);
-    isf_against_debian_dwarf(&sh(&vm, "uname -r"), &c.symbols.join("guest.json"));
+    let release = sh(&vm, "uname -r");
+    isf_against_debian_dwarf(&release, &c.symbols.join("guest.json"));
+    drgn_stack_traces(&elf, &release, &elf_cpu_rips(&elf));
     let _ = std::fs::remove_dir_all(&dir);
     finish(vm);
 }
 
-/// The ELF core's registers: one `NT_PRSTATUS` note per vCPU, which
-/// binutils' `readelf -n` lists, each `pr_reg` a CPU caught in the kernel
-/// half with the kernel's CS or in user space with the user's, with a
-/// stack pointer.
-fn elf_cpu_notes(vm: &Vm, elf: &Path, k: &Kernel) {
+/// The `pr_reg` of every `NT_PRSTATUS` note of an ELF core, in order.
+fn elf_prstatus_regs(elf: &Path) -> Vec<Vec<u64>> {
     use object::read::elf::{FileHeader, ProgramHeader};
-    let cpus = common::ids_session(vm)
-        .info()
-        .expect("INFO")
-        .header
-        .cpu_count as usize;
-    vm.release_qmp();
     let data = std::fs::read(elf).expect("read the ELF core");
     let h = object::elf::FileHeader64::<object::Endianness>::parse(&*data).expect("ELF header");
     let e = h.endian().expect("endianness");
@@ -584,6 +578,81 @@ fn elf_cpu_notes(vm: &Vm, elf: &Path, k: &Kernel) {
             }
         }
     }
+    regs
+}
+
+/// Each CPU's RIP in the ELF core's `NT_PRSTATUS` notes.
+fn elf_cpu_rips(elf: &Path) -> Vec<u64> {
+    elf_prstatus_regs(elf).iter().map(|r| r[16]).collect()
+}
+
+/// drgn with the DWARF of Debian's `-dbg` vmlinux on the ELF core: for
+/// every online CPU the task running there (`cpu_curr`) has a stack trace
+/// unwound from the CPU's `NT_PRSTATUS` registers, its first frame at that
+/// CPU's RIP and, in the kernel, named frames.
+fn drgn_stack_traces(elf: &Path, release: &str, rips: &[u64]) {
+    let dbg = smmvmi_tests::guest_image::debug_kernel(release, &mut |m| eprintln!("{m}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let script = format!(
+        r#"
+import drgn
+from drgn.helpers.linux.sched import cpu_curr
+from drgn.helpers.linux.cpumask import for_each_online_cpu
+prog = drgn.Program()
+prog.set_core_dump({elf:?})
+prog.load_debug_info([{vmlinux:?}])
+for cpu in for_each_online_cpu(prog):
+    task = cpu_curr(prog, cpu)
+    trace = prog.stack_trace(task)
+    names = [f.name or "?" for f in trace]
+    print("CPU", cpu, hex(trace[0].pc), task.comm.string_().decode(), " ".join(names))
+"#,
+        elf = elf.display().to_string(),
+        vmlinux = dbg.vmlinux.display().to_string(),
+    );
+    let t = Instant::now();
+    let out = Command::new(smmvmi_tests::venv::bin("python3"))
+        .args(["-c", &script])
+        .output()
+        .expect("run drgn");
+    let text = ok(out, "drgn stack traces with the -dbg vmlinux");
+    eprintln!(
+        "drgn with DWARF on the ELF core ({:.1} s):\n{text}",
+        t.elapsed().as_secs_f64()
+    );
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("CPU ")).collect();
+    assert_eq!(lines.len(), rips.len(), "a trace per CPU: {text}");
+    for (cpu, rip) in rips.iter().enumerate() {
+        let line = lines
+            .iter()
+            .find(|l| l.starts_with(&format!("CPU {cpu} ")))
+            .unwrap_or_else(|| panic!("no trace for CPU {cpu}: {text}"));
+        let f: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(
+            f[2],
+            format!("{rip:#x}"),
+            "CPU {cpu}'s first frame is at its NT_PRSTATUS RIP"
+        );
+        // A CPU caught in user space has no kernel frames to name.
+        assert!(
+            *rip < 0x8000_0000_0000 || (f.len() >= 6 && f[4] != "?"),
+            "CPU {cpu}: a trace of named kernel frames: {line}"
+        );
+    }
+}
+
+/// The ELF core's registers: one `NT_PRSTATUS` note per vCPU, which
+/// binutils' `readelf -n` lists, each `pr_reg` a CPU caught in the kernel
+/// half with the kernel's CS or in user space with the user's, with a
+/// stack pointer.
+fn elf_cpu_notes(vm: &Vm, elf: &Path, k: &Kernel) {
+    let cpus = common::ids_session(vm)
+        .info()
+        .expect("INFO")
+        .header
+        .cpu_count as usize;
+    vm.release_qmp();
+    let regs = elf_prstatus_regs(elf);
     assert_eq!(regs.len(), cpus, "one NT_PRSTATUS per vCPU");
     let o = Command::new("readelf")
         .arg("-n")
