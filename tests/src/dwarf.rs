@@ -261,14 +261,7 @@ fn collect_members(
     base: u64,
     out: &mut BTreeMap<String, Member>,
 ) -> Result<(), gimli::Error> {
-    let mut tree = unit.entries_tree(Some(at))?;
-    let root = tree.root()?;
-    let mut children = root.children();
-    while let Some(child) = children.next()? {
-        let e = child.entry();
-        if e.tag() != gimli::DW_TAG_member {
-            continue;
-        }
+    each_child(unit, at, gimli::DW_TAG_member, |e| {
         let bit_size = udata(e, gimli::DW_AT_bit_size)?;
         let offset = match udata(e, gimli::DW_AT_data_member_location)? {
             Some(o) => o,
@@ -296,6 +289,24 @@ fn collect_members(
                     }
                 }
             }
+        }
+        Ok(())
+    })
+}
+
+/// Calls `f` on each child of the entry at `at` that is tagged `tag`.
+fn each_child(
+    unit: &Unit<R<'_>>,
+    at: UnitOffset,
+    tag: gimli::DwTag,
+    mut f: impl FnMut(&gimli::DebuggingInformationEntry<R<'_>>) -> Result<(), gimli::Error>,
+) -> Result<(), gimli::Error> {
+    let mut tree = unit.entries_tree(Some(at))?;
+    let root = tree.root()?;
+    let mut children = root.children();
+    while let Some(child) = children.next()? {
+        if child.entry().tag() == tag {
+            f(child.entry())?;
         }
     }
     Ok(())
@@ -348,14 +359,7 @@ fn size_of(unit: &Unit<R<'_>>, t: UnitOffset, depth: u32) -> Result<Option<u64>,
             let Some(mut size) = size_of(unit, elem, depth + 1)? else {
                 return Ok(None);
             };
-            let mut tree = unit.entries_tree(Some(t))?;
-            let root = tree.root()?;
-            let mut children = root.children();
-            while let Some(child) = children.next()? {
-                let s = child.entry();
-                if s.tag() != gimli::DW_TAG_subrange_type {
-                    continue;
-                }
+            each_child(unit, t, gimli::DW_TAG_subrange_type, |s| {
                 let count = match udata(s, gimli::DW_AT_count)? {
                     Some(c) => c,
                     None => match udata(s, gimli::DW_AT_upper_bound)? {
@@ -365,7 +369,8 @@ fn size_of(unit: &Unit<R<'_>>, t: UnitOffset, depth: u32) -> Result<Option<u64>,
                     },
                 };
                 size *= count;
-            }
+                Ok(())
+            })?;
             Ok(Some(size))
         }
         _ => Ok(None),
