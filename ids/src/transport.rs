@@ -67,12 +67,24 @@ impl DaemonTransport {
     }
 }
 
+/// Any other carrier of sealed frames to an agent (a remote proxy, an
+/// agent run elsewhere, a simulation): it moves opaque bytes and reports the
+/// untrusted header; the session keeps the key and checks every reply.
+pub trait FrameCarrier: Send {
+    /// A fresh (untrusted) header snapshot: the agent's salt and state.
+    fn header(&mut self) -> Result<AgentHeader, SessionError>;
+    /// Carries one sealed request frame and returns the raw reply.
+    fn transact(&mut self, frame: &[u8], deadline: Duration) -> Result<Transaction, SessionError>;
+}
+
 /// A session's transport.
 pub enum Transport {
     /// The host-injector library on a local mailbox file.
     Direct(Injector),
     /// The host-injector daemon.
     Daemon(DaemonTransport),
+    /// Another [`FrameCarrier`].
+    Carrier(Box<dyn FrameCarrier>),
 }
 
 impl Transport {
@@ -101,6 +113,7 @@ impl Transport {
                     state_raw: h.state,
                 })
             }
+            Transport::Carrier(c) => c.header(),
         }
     }
 
@@ -124,6 +137,7 @@ impl Transport {
                     elapsed: Duration::from_micros(info.elapsed_us),
                 })
             }
+            Transport::Carrier(c) => c.transact(frame, deadline),
         }
     }
 
@@ -131,7 +145,7 @@ impl Transport {
     pub fn injector(&mut self) -> Option<&mut Injector> {
         match self {
             Transport::Direct(i) => Some(i),
-            Transport::Daemon(_) => None,
+            Transport::Daemon(_) | Transport::Carrier(_) => None,
         }
     }
 }

@@ -85,7 +85,8 @@ pub enum ExitCode {
     SmmSetup = 0x17,
     /// The kernel, initrd or command line loaded over fw_cfg does not match
     /// the SEV hashes table (measured direct boot), the table is malformed,
-    /// or SEV is active without one.
+    /// or SEV is active without one; or the SEV page tables cannot be built
+    /// (the reset path's C-bit disagrees with SEV detection).
     Measurement = 0x18,
     /// A CPU exception in the firmware before Linux.
     Exception = 0x1e,

@@ -205,7 +205,10 @@ impl Drop for DaemonProcess {
 pub fn ensure_default() -> Result<PathBuf, DaemonError> {
     let socket = default_socket();
     if !answers(&socket) {
-        DaemonProcess::spawn(&socket, &[], true)?;
+        // IDS VMs of this checkout reach it over vhost-device-vsock.
+        let uds = crate::ids_vm::daemon_vsock_uds();
+        let uds = uds.to_string_lossy();
+        DaemonProcess::spawn(&socket, &["--vhost-vsock-uds", &uds], true)?;
     }
     Ok(socket)
 }

@@ -65,6 +65,7 @@ const PROGRAMS: &[(&str, &str)] = &[
     ("smi", include_str!("../guest/smi.c")),
     ("cpuburn", include_str!("../guest/cpuburn.c")),
     ("threads", include_str!("../guest/threads.c")),
+    ("fwcfg", include_str!("../guest/fwcfg.c")),
 ];
 /// Bump when the image layout changes in a way the inputs do not show.
 const BUILDER_VERSION: &str = "guest-image v2 (compressed modules unpacked)";

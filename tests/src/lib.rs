@@ -20,6 +20,7 @@
 //! [`dwarf`] (struct layouts from a `-dbg` vmlinux, a System.map).
 
 pub mod attack;
+pub mod baseline;
 pub mod command_channel;
 pub mod cpio;
 pub mod daemon;
@@ -27,8 +28,10 @@ pub mod dwarf;
 pub mod e820;
 pub mod guest_image;
 pub mod host;
+pub mod ids_vm;
 pub mod libvirt;
 pub mod mailbox;
+pub mod paper;
 pub mod qmp;
 pub mod sev;
 pub mod venv;

@@ -8,11 +8,15 @@
 //! libvirt's own `<shmem>` of model `ivshmem-doorbell` whose `<server
 //! path=.../>` is the daemon's socket for the VM (on bus 0: the firmware
 //! assigns BARs on bus 0 only), no USB controller and no balloon. The one
-//! thing libvirt has no element for is the agent key: it goes through
-//! `<qemu:commandline>` as `-fw_cfg name=opt/smmvmi/key,file=...`, the way
-//! the harness passes it (test setups only; SEV setups will inject it as a
-//! launch secret). The firmware's debug console (`-debugcon`) is added the
-//! same way when asked for.
+//! thing libvirt has no element for is the agent key: it is packaged as a
+//! launch secret table and loaded into the SEV launch secret area the
+//! firmware image names, through `<qemu:commandline>` as `-device
+//! loader,file=...,addr=...,force-raw=on`, the way the harness does
+//! ([`KeyDelivery::LaunchSecret`]; under SEV, `sev-inject-launch-secret`
+//! puts the same table there after the launch measurement is checked).
+//! fw_cfg (`opt/smmvmi/key`, readable by a compromised guest) only when
+//! asked for by name: [`KeyDelivery::InsecureFwCfg`]. The firmware's debug
+//! console (`-debugcon`) is added the same way when asked for.
 //!
 //! TCG threads: libvirt 9.0 emits its own `-accel tcg` first and has no
 //! element for TCG's `thread=` option (a second `-accel` in
@@ -103,8 +107,8 @@ pub struct DomainXml {
     pub initrd: PathBuf,
     /// The kernel command line.
     pub cmdline: String,
-    /// The agent key file (32 bytes), passed with fw_cfg.
-    pub key: PathBuf,
+    /// How the agent key reaches the firmware.
+    pub key: KeyDelivery,
     /// The daemon's ivshmem socket for this VM.
     pub ivshmem_socket: PathBuf,
     /// Serial console (ttyS0) log file.
@@ -117,6 +121,19 @@ pub struct DomainXml {
     pub domain_type: String,
     /// PCI slot of the mailbox device on bus 0.
     pub shmem_slot: u8,
+}
+
+/// How a domain hands the agent key to the firmware.
+#[derive(Clone, Debug)]
+pub enum KeyDelivery {
+    /// A secret table file (`crate::sev::write_key_secret`) loaded into the
+    /// SEV launch secret area at `addr` (the firmware image's GUIDed table
+    /// names it) by QEMU's generic loader; the firmware moves the key into
+    /// SMRAM and zeroes the area.
+    LaunchSecret { table: PathBuf, addr: u64 },
+    /// INSECURE, test setups only: the raw 32-byte key file as fw_cfg
+    /// `opt/smmvmi/key`, which guest root can read for the VM's whole life.
+    InsecureFwCfg { key: PathBuf },
 }
 
 /// The kernel command line the harness uses, plus the ACPI power button.
@@ -143,7 +160,7 @@ impl DomainXml {
         firmware: PathBuf,
         kernel: PathBuf,
         initrd: PathBuf,
-        key: PathBuf,
+        key: KeyDelivery,
         ivshmem_socket: PathBuf,
     ) -> Self {
         Self {
@@ -239,15 +256,28 @@ impl DomainXml {
         line("    <controller type='usb' model='none'/>");
         line("    <memballoon model='none'/>");
         line("  </devices>");
-        line("  <!-- libvirt has no element for these: the agent key (fw_cfg, test setups only)");
-        line("       and, if asked, the firmware's debug console -->");
+        line("  <!-- libvirt has no element for these: the agent key and, if asked, the");
+        line("       firmware's debug console -->");
         line("  <qemu:commandline>");
-        line("    <qemu:arg value='-fw_cfg'/>");
-        line(&format!(
-            "    <qemu:arg value='name={},file={}'/>",
-            platform::KEY_FW_CFG_FILE,
-            p(&self.key)
-        ));
+        match &self.key {
+            KeyDelivery::LaunchSecret { table, addr } => {
+                line("    <!-- the key as a launch secret table, in the SEV secret area -->");
+                line("    <qemu:arg value='-device'/>");
+                line(&format!(
+                    "    <qemu:arg value='{}'/>",
+                    esc(&crate::sev::secret_loader_arg(table, *addr))
+                ));
+            }
+            KeyDelivery::InsecureFwCfg { key } => {
+                line("    <!-- INSECURE: fw_cfg is readable by guest root (test setups only) -->");
+                line("    <qemu:arg value='-fw_cfg'/>");
+                line(&format!(
+                    "    <qemu:arg value='name={},file={}'/>",
+                    platform::KEY_FW_CFG_FILE,
+                    p(key)
+                ));
+            }
+        }
         if let Some(log) = &self.debugcon_log {
             line("    <qemu:arg value='-debugcon'/>");
             line(&format!("    <qemu:arg value='file:{}'/>", p(log)));
@@ -507,12 +537,30 @@ impl LibvirtVm {
             what: "agent key".into(),
             source: std::io::Error::other(e.to_string()),
         })?;
+        let secret = crate::sev::areas(&firmware)
+            .ok()
+            .and_then(|(secret, _)| secret)
+            .ok_or_else(|| LibvirtError::Io {
+                what: format!(
+                    "{}: the image names no SEV launch secret area",
+                    firmware.display()
+                ),
+                source: std::io::Error::other("rebuild the firmware (cargo xtask build)"),
+            })?;
+        let table = state_dir.join("key-secret.bin");
+        crate::sev::write_key_secret(&key, &table).map_err(|e| LibvirtError::Io {
+            what: "the key's secret table".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
         let mut xml = DomainXml::new(
             name,
             firmware,
             image.kernel.clone(),
             image.initrd.clone(),
-            key.clone(),
+            KeyDelivery::LaunchSecret {
+                table,
+                addr: secret.base.into(),
+            },
             state_dir.join("ivshmem.sock"),
         );
         xml.vcpus = vcpus;
@@ -695,7 +743,10 @@ mod tests {
             "/fw/smmvmi-firmware.bin".into(),
             "/k".into(),
             "/i".into(),
-            "/keys/it's.key".into(),
+            KeyDelivery::LaunchSecret {
+                table: "/keys/it's.secret".into(),
+                addr: 0x5_0000,
+            },
             "/run/smmvmi/mon1.ivshmem".into(),
         );
         x.vcpus = 4;
@@ -708,11 +759,22 @@ mod tests {
             "<server path='/run/smmvmi/mon1.ivshmem'/>",
             "<msi vectors='5'/>",
             "bus='0x00' slot='0x05'",
-            "<qemu:arg value='name=opt/smmvmi/key,file=/keys/it&apos;s.key'/>",
+            "<qemu:arg value='-device'/>",
+            "<qemu:arg value='loader,file=/keys/it&apos;s.secret,addr=0x50000,force-raw=on'/>",
             "smmvmi.acpi",
         ] {
             assert!(t.contains(want), "{want} missing in\n{t}");
         }
         assert!(!t.contains("debugcon"), "no debug console unless asked");
+        assert!(!t.contains("-fw_cfg"), "no fw_cfg key by default:\n{t}");
+        x.key = KeyDelivery::InsecureFwCfg {
+            key: "/keys/it's.key".into(),
+        };
+        let t = x.xml();
+        assert!(
+            t.contains("<qemu:arg value='name=opt/smmvmi/key,file=/keys/it&apos;s.key'/>")
+                && t.contains("INSECURE"),
+            "{t}"
+        );
     }
 }

@@ -53,6 +53,44 @@ pub enum SevError {
     NoHashesArea { image: String },
     #[error("{what}: {detail}")]
     Tool { what: String, detail: String },
+    #[error("writing the key's secret table {path}: {detail}")]
+    SecretTable { path: String, detail: String },
+}
+
+/// Packages the agent key (`key_file`, 32 bytes) as the guest owner's
+/// launch secret: a secret table (`smmvmi_boot::sev`, Linux `efi_secret`
+/// layout, one entry with smmvmi's key GUID) written to `out` (mode 0600,
+/// replaced if present). Under SEV this is what `sev-inject-launch-secret`
+/// injects; without SEV the test setups load it into the secret area with
+/// QEMU's generic loader (`-device loader,file=OUT,addr=AREA,force-raw=on`).
+pub fn write_key_secret(key_file: &Path, out: &Path) -> Result<(), SevError> {
+    let key = read(key_file)?;
+    let fail = |detail: String| SevError::SecretTable {
+        path: out.display().to_string(),
+        detail,
+    };
+    if key.len() != smmvmi_mailbox::crypto::SHARED_KEY_LEN {
+        return Err(fail(format!(
+            "{} holds {} bytes, expected a {}-byte agent key",
+            key_file.display(),
+            key.len(),
+            smmvmi_mailbox::crypto::SHARED_KEY_LEN
+        )));
+    }
+    let mut table = vec![0u8; 0x100];
+    let n = sev::write_secret_table(&[(sev::AGENT_KEY_SECRET_GUID, &key)], &mut table)
+        .map_err(|e| fail(e.to_string()))?;
+    table.truncate(n.next_multiple_of(16));
+    crate::vm::write_private(out, &table).map_err(|e| fail(e.to_string()))
+}
+
+/// The QEMU argument that loads a secret table file into the secret area
+/// at `addr` (`-device` takes it), as the harness and libvirt domains do.
+pub fn secret_loader_arg(table: &Path, addr: u64) -> String {
+    format!(
+        "loader,file={},addr={addr:#x},force-raw=on",
+        table.display()
+    )
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, SevError> {

@@ -640,16 +640,7 @@ impl Vm {
         if detached {
             new_session(&mut cmd);
         } else {
-            // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and only
-            // changes the forked child's own attributes, before exec.
-            unsafe {
-                cmd.pre_exec(|| {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            die_with_parent(&mut cmd);
         }
         let started = Instant::now();
         let child = cmd.spawn().map_err(|source| VmError::Spawn {
@@ -1079,37 +1070,14 @@ fn key_args(config: &VmConfig, info: &VmInfo, state_dir: &Path) -> Result<Vec<St
         );
         return Ok(fw_cfg());
     };
-    let key = std::fs::read(&info.key).map_err(io(format!("read {}", info.key.display())))?;
-    let mut table = vec![0u8; 0x100];
-    let n = smmvmi_boot::sev::write_secret_table(
-        &[(smmvmi_boot::sev::AGENT_KEY_SECRET_GUID, &key)],
-        &mut table,
-    )
-    .map_err(|e| VmError::Io {
+    let file = state_dir.join("key-secret.bin");
+    crate::sev::write_key_secret(&info.key, &file).map_err(|e| VmError::Io {
         what: "build the secret table".into(),
         source: std::io::Error::other(e.to_string()),
     })?;
-    table.truncate(n.next_multiple_of(16));
-    let file = state_dir.join("key-secret.bin");
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let _ = std::fs::remove_file(&file);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&file)
-            .and_then(|mut f| f.write_all(&table))
-            .map_err(io(format!("write {}", file.display())))?;
-    }
     Ok(vec![
         "-device".into(),
-        format!(
-            "loader,file={},addr={:#x},force-raw=on",
-            file.display(),
-            secret.base
-        ),
+        crate::sev::secret_loader_arg(&file, secret.base.into()),
     ])
 }
 
@@ -1190,20 +1158,25 @@ pub fn debug_device_args(debugcon: &Path) -> [String; 6] {
 
 /// Writes 32 fresh random bytes (from /dev/urandom) to `path`, mode 0600.
 pub fn write_fresh_key(path: &Path) -> Result<(), VmError> {
-    use std::io::{Read, Write};
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::io::Read;
     let mut key = [0u8; 32];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut key))
         .map_err(io("read /dev/urandom for the agent key"))?;
+    write_private(path, &key).map_err(io(format!("write agent key {}", path.display())))
+}
+
+/// Replaces `path` with `data`, created with mode 0600 (key material).
+pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let _ = std::fs::remove_file(path);
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .and_then(|mut f| f.write_all(&key))
-        .map_err(io(format!("write agent key {}", path.display())))
+        .and_then(|mut f| f.write_all(data))
 }
 
 /// A ping value different from `previous` and not zero.
@@ -1331,6 +1304,21 @@ fn shell_words(program: &str, args: &[String]) -> String {
 
 /// Makes the child of `cmd` lead a new session (setsid before exec), so it
 /// outlives the harness process that starts it (`vm up`, the daemon).
+/// Makes the child get SIGKILL when the thread that spawned it exits
+/// (PR_SET_PDEATHSIG): a test that dies leaves no process behind.
+pub(crate) fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and only
+    // changes the forked child's own attributes, before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 pub(crate) fn new_session(cmd: &mut Command) {
     use std::os::unix::process::CommandExt;
     // SAFETY: setsid() is async-signal-safe and touches no memory of the

@@ -49,6 +49,23 @@ fn key_is_not_in_guest_ram() {
     );
     let listed = sh(&vm, "ls /sys/firmware/qemu_fw_cfg/by_name/opt 2>&1; true");
     assert!(!listed.contains("smmvmi"), "fw_cfg lists {listed:?}");
+    // The raw ports, as guest root without any driver: the directory walk
+    // finds QEMU's own files (positive control) and no key file.
+    let raw = sh(&vm, "fwcfg; echo status=$?");
+    assert!(
+        raw.contains("status=0") && raw.lines().any(|l| l.starts_with("etc/e820 ")),
+        "raw fw_cfg directory walk failed or found no etc/e820: {raw:?}"
+    );
+    assert!(
+        !raw.contains(smmvmi_mailbox::platform::KEY_FW_CFG_FILE),
+        "the raw fw_cfg directory has the key file: {raw:?}"
+    );
+    // The page tables the firmware built: no SEV under TCG, so no C-bit,
+    // and INFO (below) says the same.
+    assert!(
+        log.contains("page tables: no C-bit (SEV not active)"),
+        "debugcon:\n{log}"
+    );
 
     // Make the agent serve sealed requests first, so any copy made while
     // serving would show up too.
@@ -66,6 +83,14 @@ fn key_is_not_in_guest_ram() {
         0,
         "INFO says where the key came from: {:#x}",
         info.header.sev_flags
+    );
+    assert_eq!(
+        (
+            info.header.c_bit,
+            info.header.sev_flags & smmvmi_mailbox::records::SEV_ACTIVE
+        ),
+        (0, 0),
+        "INFO: no C-bit and SEV not active under TCG"
     );
     let client = session.client_id();
     // QEMU's QMP socket serves one client at a time: hang up first.

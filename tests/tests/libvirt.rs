@@ -262,6 +262,19 @@ fn libvirt_domain_served_and_followed_through_reboots() {
     assert_eq!(st["vectors"], 3, "vectors from <msi vectors='3'/>");
     let mut s = served(&vm, Duration::from_secs(60));
     check_banner_and_ps(&vm, &mut s);
+    // The key came as a launch secret into the secret area, not over fw_cfg.
+    let info = s.info().unwrap_or_else(|e| panic!("{e}"));
+    assert_ne!(
+        info.header.sev_flags & smmvmi_mailbox::records::KEY_FROM_LAUNCH_SECRET,
+        0,
+        "INFO says the key came from the launch secret area: {:#x}",
+        info.header.sev_flags
+    );
+    let xml = std::fs::read_to_string(vm.state_dir.join("domain.xml")).expect("domain.xml");
+    assert!(
+        !xml.contains("-fw_cfg") && xml.contains("loader,file="),
+        "the domain loads the key into the secret area, not fw_cfg:\n{xml}"
+    );
     drop(s);
     // libvirt still owns the monitor and answers on it.
     let v = vm

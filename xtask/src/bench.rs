@@ -40,6 +40,10 @@ pub enum Command {
     /// The IDS's watch: time and SMIs per pass, a full check text, and the
     /// guest's slowdown with a pass every 1 s and every 0.1 s.
     Watch(crate::bench_watch::WatchArgs),
+    /// The published comparison from an IDS VM: proxyless against the
+    /// published proxy design, an in-OS agent and the unprotected host
+    /// (version-string latency, ps, bulk throughput, guest slowdown at 10 Hz).
+    Paper(crate::bench_paper::PaperArgs),
 }
 
 #[derive(clap::Args)]
@@ -64,6 +68,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Smi(args) => crate::bench_smi::run(args),
         Command::Watch(args) => crate::bench_watch::run(args),
         Command::Dump(args) => crate::bench_dump::run(args),
+        Command::Paper(args) => crate::bench_paper::run(args),
     }
 }
 

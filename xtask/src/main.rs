@@ -11,6 +11,8 @@ mod bench_daemon;
 mod bench_dump;
 mod bench_ids;
 mod bench_injector;
+mod bench_paper;
+mod bench_paper_chart;
 mod bench_smi;
 mod bench_watch;
 mod build;

@@ -166,6 +166,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
 
+    // vhost-device-vsock (crates.io, pinned) for the IDS VM's vsock device
+    // (tests/tests/ids_vm.rs): this host has no /dev/vhost-vsock.
+    if !args.no_e2e {
+        crate::step("vhost-device-vsock (the IDS VM's vsock device)");
+        let t = Instant::now();
+        match smmvmi_tests::ids_vm::vhost_device_vsock() {
+            Ok(p) => record("vhost-device-vsock", true, t, p.display().to_string()),
+            Err(e) => {
+                eprintln!("    {e}");
+                record("vhost-device-vsock", false, t, e.to_string());
+            }
+        }
+    }
+
     if !args.no_unit {
         crate::step("unit tests (cargo test --workspace)");
         let t = Instant::now();

@@ -79,9 +79,17 @@ pub struct XmlArgs {
     /// The daemon's ivshmem socket for this VM (default /run/smmvmi/NAME.ivshmem).
     #[arg(long)]
     pub ivshmem_socket: Option<std::path::PathBuf>,
-    /// The agent key file, 32 bytes (default /var/lib/smmvmi/NAME.key).
+    /// The agent key file, 32 bytes (default /var/lib/smmvmi/NAME.key). It
+    /// must exist: it is packaged as a launch secret table next to it
+    /// (NAME.secret, mode 0600) that the domain loads into the firmware's
+    /// SEV launch secret area.
     #[arg(long)]
     pub key: Option<std::path::PathBuf>,
+    /// INSECURE, test setups only: hand the raw key over fw_cfg
+    /// (opt/smmvmi/key), which guest root can read, instead of the launch
+    /// secret area.
+    #[arg(long)]
+    pub insecure_fw_cfg_key: bool,
     /// Serial console log file (default: a pty).
     #[arg(long)]
     pub serial_log: Option<std::path::PathBuf>,
@@ -157,6 +165,24 @@ pub struct UpArgs {
     /// kvm_amd sev parameter), with the QEMU arguments it would have used.
     #[arg(long)]
     pub sev: bool,
+    /// `monitored` (our firmware and agent) or `ids`: an IDS VM (SeaBIOS,
+    /// `ids` inside, the keys of the `--monitor` VMs under /etc/smmvmi/)
+    /// that reaches the daemon over virtio-vsock via vhost-device-vsock;
+    /// inside it, `ids --connect vsock:2:7070#VM,key=/etc/smmvmi/VM.key`.
+    #[arg(long, value_enum, default_value = "monitored")]
+    pub role: Role,
+    /// With `--role ids`: a monitored VM (started with `vm up`) it watches; repeatable.
+    #[arg(long = "monitor", value_name = "VM")]
+    pub monitor: Vec<String>,
+}
+
+/// What a VM started by `vm up` is.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Role {
+    /// A guest with the smmvmi firmware, served by the daemon.
+    Monitored,
+    /// The IDS's own VM.
+    Ids,
 }
 
 #[derive(clap::Args)]
@@ -237,6 +263,9 @@ fn down(name: &str) -> anyhow::Result<()> {
         }
         Err(VmError::NotRunning { .. }) => crate::step(&format!("VM {name} is not running")),
         Err(e) => return Err(e.into()),
+    }
+    if smmvmi_tests::ids_vm::stop_detached_backend(name) {
+        crate::step("its vhost-device-vsock stopped");
     }
     Ok(())
 }
@@ -338,6 +367,13 @@ fn sev_qemu_args(firmware: &std::path::Path) -> Vec<String> {
 
 fn up(args: UpArgs) -> anyhow::Result<()> {
     let name = args.vm.get();
+    if let Role::Ids = args.role {
+        return up_ids(&name, &args);
+    }
+    anyhow::ensure!(
+        args.monitor.is_empty(),
+        "--monitor goes with --role ids (an IDS VM names the VMs it watches)"
+    );
     if args.sev {
         let missing = host_injector::doctor::sev_missing();
         let fw = crate::firmware::build(&crate::root())?;
@@ -400,8 +436,65 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `vm up --role ids`: an IDS VM for the `--monitor` VMs, through the
+/// per-checkout daemon's vhost-device-vsock socket.
+fn up_ids(name: &str, args: &UpArgs) -> anyhow::Result<()> {
+    use smmvmi_tests::ids_vm::{DAEMON_VSOCK_PORT, IdsVm, IdsVmConfig, daemon_vsock_uds};
+    anyhow::ensure!(
+        !args.monitor.is_empty(),
+        "--role ids needs at least one --monitor VM (start it first with `cargo xtask vm up NAME`)"
+    );
+    let mut monitored = Vec::new();
+    for m in &args.monitor {
+        let vm = Vm::attach(m).with_context(|| format!("--monitor {m}"))?;
+        anyhow::ensure!(
+            vm.info().daemon.is_some(),
+            "--monitor {m}: that VM was started with --direct; an IDS VM reaches VMs through the daemon only"
+        );
+        monitored.push(vm.info().clone());
+    }
+    let socket = smmvmi_tests::daemon::ensure_default()?;
+    let uds = daemon_vsock_uds();
+    let listener = format!("{}_{DAEMON_VSOCK_PORT}", uds.display());
+    anyhow::ensure!(
+        std::path::Path::new(&listener).exists(),
+        "the daemon on {} does not listen for vhost-device-vsock ({listener} is missing): it was started without --vhost-vsock-uds. Stop it (`pkill -f 'host-injector serve'`) and run this again: it is restarted with it",
+        socket.display()
+    );
+    crate::step(&format!(
+        "IDS VM {name} for {} (vsock to the daemon through {listener})",
+        args.monitor.join(", ")
+    ));
+    let mut config = IdsVmConfig::new(name, monitored, uds);
+    config.detached = true;
+    config.network = true;
+    config.mem = args.mem.clone();
+    let vm = IdsVm::up(config).with_context(|| format!("starting IDS VM {name}"))?;
+    let info = vm.detach();
+    let mut out = info.summary_json();
+    // Its own mailbox endpoints mean nothing: the IDS VM has no agent.
+    if let Some(o) = out.as_object_mut() {
+        for k in ["endpoint", "direct_endpoint", "mailbox"] {
+            o.remove(k);
+        }
+    }
+    out["role"] = "ids".into();
+    out["endpoints"] = args
+        .monitor
+        .iter()
+        .map(|m| IdsVm::endpoint_of(m))
+        .collect::<Vec<_>>()
+        .into();
+    crate::step(&format!(
+        "inside it: cargo xtask vm exec {name} -- ids --connect '{}' ps",
+        IdsVm::endpoint_of(&args.monitor[0])
+    ));
+    println!("{out}");
+    Ok(())
+}
+
 fn xml(args: XmlArgs) -> anyhow::Result<()> {
-    use smmvmi_tests::libvirt::DomainXml;
+    use smmvmi_tests::libvirt::{DomainXml, KeyDelivery};
     let image = crate::guest_image::build(&args.kernel_deb)?;
     let firmware = match crate::FirmwareChoice::Ours.resolve()? {
         smmvmi_tests::vm::Firmware::Ours(p) => p,
@@ -411,13 +504,44 @@ fn xml(args: XmlArgs) -> anyhow::Result<()> {
         ),
     };
     let run = std::path::Path::new("/run/smmvmi");
+    let key_file = args
+        .key
+        .unwrap_or_else(|| format!("/var/lib/smmvmi/{}.key", args.name).into());
+    let key = if args.insecure_fw_cfg_key {
+        eprintln!(
+            "warning: the key goes through fw_cfg: INSECURE, guest root can read it (test setups only)"
+        );
+        KeyDelivery::InsecureFwCfg { key: key_file }
+    } else {
+        let secret = smmvmi_tests::sev::areas(&firmware)?.0.with_context(|| {
+            format!(
+                "{} names no SEV launch secret area: rebuild it (cargo xtask build)",
+                firmware.display()
+            )
+        })?;
+        let table = key_file.with_extension("secret");
+        smmvmi_tests::sev::write_key_secret(&key_file, &table).with_context(|| {
+            format!(
+                "create the key first: head -c 32 /dev/urandom > {}",
+                key_file.display()
+            )
+        })?;
+        eprintln!(
+            "key packaged as a launch secret table in {} (loaded at {:#x})",
+            table.display(),
+            secret.base
+        );
+        KeyDelivery::LaunchSecret {
+            table,
+            addr: secret.base.into(),
+        }
+    };
     let mut x = DomainXml::new(
         &args.name,
         firmware,
         image.kernel,
         image.initrd,
-        args.key
-            .unwrap_or_else(|| format!("/var/lib/smmvmi/{}.key", args.name).into()),
+        key,
         args.ivshmem_socket
             .unwrap_or_else(|| run.join(format!("{}.ivshmem", args.name))),
     );

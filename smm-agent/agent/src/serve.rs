@@ -26,65 +26,12 @@ use zeroize::Zeroize;
 /// where the key came from (`records::KEY_FROM_*`).
 pub const AGENT_VERSION: u32 = 1 << 16 | 3;
 
-/// SEV facts the firmware found at boot (CPUID 0x8000001F, SEV_STATUS MSR).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SevConfig {
-    /// Memory encryption is active for this guest.
-    pub active: bool,
-    /// Position of the C-bit in page-table entries (CPUID 0x8000001F EBX[5:0]).
-    pub c_bit: u8,
-}
-
-/// CPUID leaf with the SEV facts (AMD APM vol. 3, "Function 8000_001Fh").
-pub const CPUID_SEV_LEAF: u32 = 0x8000_001f;
-/// CPUID 0x8000001F EAX bit 1: SEV supported.
-pub const CPUID_SEV_SUPPORTED: u32 = 1 << 1;
-/// CPUID 0x8000001F EBX[5:0]: C-bit position in page-table entries.
-pub const CPUID_C_BIT_MASK: u32 = 0x3f;
-/// SEV_STATUS MSR (AMD APM vol. 2, 15.34.10); readable only where CPUID says
-/// SEV is supported.
-pub const MSR_SEV_STATUS: u32 = 0xc001_0131;
-/// SEV_STATUS bit 0: SEV is active for this guest.
-pub const SEV_STATUS_SEV_ENABLED: u64 = 1 << 0;
-
-impl SevConfig {
-    /// Decodes the CPU's SEV facts: `max_ext_leaf` is CPUID 0x80000000 EAX,
-    /// `leaf_eax`/`leaf_ebx` CPUID 0x8000001F (ignored below that leaf),
-    /// and `sev_status` reads the SEV_STATUS MSR; it is called only when
-    /// CPUID says SEV is supported (elsewhere the MSR read faults). The one
-    /// definition the firmware's page tables and the agent's walker share.
-    pub fn detect(
-        max_ext_leaf: u32,
-        leaf_eax: u32,
-        leaf_ebx: u32,
-        sev_status: impl FnOnce() -> u64,
-    ) -> SevConfig {
-        if max_ext_leaf < CPUID_SEV_LEAF || leaf_eax & CPUID_SEV_SUPPORTED == 0 {
-            return SevConfig::default();
-        }
-        SevConfig {
-            active: sev_status() & SEV_STATUS_SEV_ENABLED != 0,
-            c_bit: (leaf_ebx & CPUID_C_BIT_MASK) as u8,
-        }
-    }
-
-    /// The C-bit to set in a page-table entry that maps `private` memory
-    /// (encrypted with the guest's key), and to leave clear for shared
-    /// memory (device BARs, DMA bounce buffers, the mailbox): `c_bit_mask()`
-    /// or 0.
-    pub fn pte_bits(&self, private: bool) -> u64 {
-        if private { self.c_bit_mask() } else { 0 }
-    }
-
-    /// The mask to clear from CR3 and entries (0 without SEV).
-    pub fn c_bit_mask(&self) -> u64 {
-        if self.active && (1..64).contains(&self.c_bit) {
-            1u64 << self.c_bit
-        } else {
-            0
-        }
-    }
-}
+/// The SEV facts and the C-bit: one definition, in `smmvmi_boot::sev`,
+/// shared by the firmware's page tables and this walker.
+pub use smmvmi_boot::sev::{
+    CPUID_C_BIT_MASK, CPUID_SEV_LEAF, CPUID_SEV_SUPPORTED, MSR_SEV_STATUS, SEV_STATUS_SEV_ENABLED,
+    SevConfig,
+};
 
 /// What the firmware knows and hands to every `serve`.
 #[derive(Clone, Copy, Debug)]

@@ -31,6 +31,7 @@ pub mod linux;
 pub mod memhp;
 pub mod msix;
 pub mod ovmf_table;
+pub mod paging;
 pub mod pci;
 pub mod q35;
 pub mod sev;

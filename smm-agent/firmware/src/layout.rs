@@ -105,11 +105,33 @@ pub const OVMF_TABLE_BLOCK: usize = 0x60;
 const _: () = assert!(OVMF_TABLE_END - OVMF_TABLE_BLOCK as u64 == 0xFFFF_FF80);
 
 /// Boot page tables (built by `asm/reset.s`): an identity map of 0..4 GiB
-/// with 2 MiB pages: PML4, PDPT, then four page directories.
+/// with 2 MiB pages: PML4, PDPT, then four page directories; `boot::paging`
+/// then maps the first 2 MiB with 4 KiB pages through the page table at
+/// [`BOOT_PT_LOW`] (the fw_cfg DMA area there is shared under SEV, the rest
+/// private).
 pub const BOOT_PML4: u64 = 0x10_0000;
 pub const BOOT_PDPT: u64 = BOOT_PML4 + 0x1000;
 pub const BOOT_PD: u64 = BOOT_PML4 + 0x2000;
-pub const BOOT_PT_PAGES: u64 = 6;
+pub const BOOT_PT_LOW: u64 = BOOT_PML4 + 0x6000;
+pub const BOOT_PT_PAGES: u64 = 7;
+
+/// The fw_cfg DMA area: one page for the DMA descriptor, then the bounce
+/// buffer every DMA transfer goes through (the device reads and writes
+/// only here; `hw::fw_cfg` copies to and from firmware memory). Under SEV
+/// it is the only RAM the boot page tables map shared (without the C-bit),
+/// because QEMU cannot read or write encrypted memory. Low RAM that nothing
+/// else uses before Linux, 4 KiB aligned, inside the first 2 MiB.
+pub const FW_CFG_DMA_AREA: u64 = 0x6_0000;
+pub const FW_CFG_DMA_DESC: u64 = FW_CFG_DMA_AREA;
+pub const FW_CFG_BOUNCE: u64 = FW_CFG_DMA_AREA + 0x1000;
+pub const FW_CFG_BOUNCE_LEN: u64 = 0x1_0000;
+pub const FW_CFG_DMA_AREA_LEN: u64 = FW_CFG_BOUNCE + FW_CFG_BOUNCE_LEN - FW_CFG_DMA_AREA;
+const _: () = assert!(
+    FW_CFG_DMA_AREA >= SEV_HASHES_BASE + SEV_HASHES_SIZE
+        && FW_CFG_DMA_AREA + FW_CFG_DMA_AREA_LEN <= 0x9_F000
+        && FW_CFG_DMA_AREA.is_multiple_of(0x1000)
+        && FW_CFG_DMA_AREA_LEN.is_multiple_of(0x1000)
+);
 
 /// Link address of the firmware image (`link.ld`), and the 2 MiB window it
 /// and its bss occupy. In SMM this window maps the image's copy in TSEG.

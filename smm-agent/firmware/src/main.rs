@@ -73,6 +73,11 @@ global_asm!(
     SEL_CODE32 = const layout::SEL_CODE32,
     SEL_CODE64 = const layout::SEL_CODE64,
     SEL_DATA = const layout::SEL_DATA,
+    CPUID_SEV_LEAF = const smmvmi_boot::sev::CPUID_SEV_LEAF,
+    CPUID_SEV_SUPPORTED = const smmvmi_boot::sev::CPUID_SEV_SUPPORTED,
+    CPUID_C_BIT_MASK = const smmvmi_boot::sev::CPUID_C_BIT_MASK,
+    MSR_SEV_STATUS = const smmvmi_boot::sev::MSR_SEV_STATUS,
+    SEV_STATUS_SEV_ENABLED = const smmvmi_boot::sev::SEV_STATUS_SEV_ENABLED,
     options(att_syntax)
 );
 global_asm!(include_str!("asm/mem.s"), options(att_syntax));
@@ -102,6 +107,8 @@ global_asm!(
     options(att_syntax)
 );
 
+// SAFETY: a unique symbol name, called once by `start64` (asm/reset.s)
+// with the C ABI, no arguments, and never returned from.
 #[unsafe(no_mangle)]
 extern "C" fn firmware_main() -> ! {
     hw::idt::init();
@@ -115,6 +122,10 @@ extern "C" fn firmware_main() -> ! {
 /// Every boot step, in order: the machine, SMM (sealed and locked), then
 /// Linux loaded and ready to enter.
 fn boot() -> Result<linux::Prepared, BootError> {
+    // SEV: the C-bit the reset path used, and the fw_cfg DMA area shared
+    // before the first DMA.
+    let sev = hw::cpu::sev_config();
+    boot::paging::init(&sev)?;
     let mut fw = FwCfg { dma: false };
     fwc::check_signature(&mut fw).map_err(BootError::FwCfg)?;
     fw.dma = fwc::dma_supported(&mut fw);
@@ -124,6 +135,7 @@ fn boot() -> Result<linux::Prepared, BootError> {
 
     // Memory map.
     let e820 = e820::read(&mut fw)?;
+    boot::paging::apply_ram_map(&sev, &e820)?;
     let lowmem = e820.lowmem_top().ok_or(BootError::NoLowRam)?;
     let (tseg_base, tseg_size) = platform::tseg_range(lowmem)?;
     log!("tseg base={tseg_base:#x} size={tseg_size:#x}");
@@ -142,12 +154,17 @@ fn boot() -> Result<linux::Prepared, BootError> {
     };
     let memhp = boot::memhp::plan(&mut fw, &e820, acpi_tables, lowmem, (tseg_base, tseg_size));
     let ncpus = fwc::read_u16_le(&mut fw, fwc::NB_CPUS).into();
+    // DIMMs plugged later are RAM too (private under SEV).
+    let hotplug = memhp.map(|hp| (hp.window.0, hp.window.1 - hp.window.0));
+    let ram = boot::paging::RamRanges::new(&e820, hotplug);
     let plan = tseg::Plan {
         ncpus,
         // The SMM alias of guest memory covers DIMMs plugged later too.
         phys_end: e820
             .highest_ram_end()
             .max(memhp.map_or(0, |hp| hp.window.1)),
+        ram: ram.as_slice(),
+        sev,
     };
     // SAFETY: [tseg_base, +tseg_size) is TSEG as the MCH reports it, at the
     // top of RAM below 4 GiB (platform::tseg_range), open since reset (T_EN
@@ -193,13 +210,7 @@ fn boot() -> Result<linux::Prepared, BootError> {
     tseg::self_test()?;
     log!("SMM locked; SMI broadcast on");
 
-    linux::prepare(
-        &mut fw,
-        &handoff,
-        acpi_base,
-        rsdp,
-        hw::cpu::sev_config().active,
-    )
+    linux::prepare(&mut fw, &handoff, acpi_base, rsdp, sev.active)
 }
 
 #[panic_handler]
@@ -217,5 +228,6 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
 
 /// The prebuilt `core` is compiled with unwinding tables that name this
 /// symbol; with `panic = "abort"` it is never called.
+// SAFETY: a unique symbol name that nothing calls (see above).
 #[unsafe(no_mangle)]
 extern "C" fn rust_eh_personality() {}

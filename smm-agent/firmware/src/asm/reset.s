@@ -4,10 +4,23 @@
 # Boot page tables (identity map of the low 4 GiB with 2 MiB pages): a PML4,
 # a PDPT and four page directories at BOOT_PML4 (src/layout.rs). Every
 # braced name is a const operand of the `global_asm!` in src/main.rs.
+#
+# Under AMD SEV every entry carries the C-bit (all memory private, as OVMF's
+# reset vector does): without paging every access is private, so the image
+# copied into RAM here is encrypted and must be read through private
+# mappings once paging is on. The Rust side (`boot::paging`) then clears
+# the bit where memory is shared (fw_cfg DMA buffer, MMIO), decided by
+# `smmvmi_boot::paging`, after checking that the mask used here is the one
+# `smmvmi_boot::sev::SevConfig` decodes (`boot_c_mask_high`).
 
 .set BOOT_PML4, {BOOT_PML4}
 .set BOOT_PDPT, {BOOT_PDPT}
 .set BOOT_PD,   {BOOT_PD}
+.set CPUID_SEV_LEAF, {CPUID_SEV_LEAF}
+.set CPUID_SEV_SUPPORTED, {CPUID_SEV_SUPPORTED}
+.set CPUID_C_BIT_MASK, {CPUID_C_BIT_MASK}
+.set MSR_SEV_STATUS, {MSR_SEV_STATUS}
+.set SEV_STATUS_SEV_ENABLED, {SEV_STATUS_SEV_ENABLED}
 
 
 .section .reset16, "ax"
@@ -58,26 +71,57 @@ start32:
     subl $__bss_start, %ecx
     rep stosb
 
+    # The SEV C-bit, as the upper half of a page-table entry, into %ebp
+    # (0 without SEV). SEV_STATUS is read only when CPUID 0x8000001F says
+    # SEV is supported (elsewhere RDMSR raises #GP); the bit counts only
+    # when SEV_STATUS says SEV is active for this guest. A position below
+    # 32 is left out here; Rust then refuses the boot (boot::paging).
+    xorl %ebp, %ebp
+    movl $0x80000000, %eax
+    cpuid
+    cmpl $CPUID_SEV_LEAF, %eax
+    jb 4f
+    movl $CPUID_SEV_LEAF, %eax
+    cpuid
+    testl $CPUID_SEV_SUPPORTED, %eax
+    jz 4f
+    movl %ebx, %esi
+    movl $MSR_SEV_STATUS, %ecx
+    rdmsr
+    testl $SEV_STATUS_SEV_ENABLED, %eax
+    jz 4f
+    movl %esi, %ecx
+    andl $CPUID_C_BIT_MASK, %ecx
+    subl $32, %ecx
+    jb 4f
+    movl $1, %ebp
+    shll %cl, %ebp
+4:  movl %ebp, boot_c_mask_high
+
     # Boot page tables: clear them, then fill.
+    xorl %eax, %eax
     movl $BOOT_PML4, %edi
     movl $({BOOT_PT_PAGES} * 4096 / 4), %ecx
     rep stosl
     movl $(BOOT_PDPT | 0x3), BOOT_PML4
+    movl %ebp, BOOT_PML4 + 4
     movl $0, %ecx
 1:  movl %ecx, %eax
     shll $12, %eax
     addl $(BOOT_PD | 0x3), %eax
     movl %eax, BOOT_PDPT(, %ecx, 8)
+    movl %ebp, BOOT_PDPT + 4(, %ecx, 8)
     incl %ecx
     cmpl $4, %ecx
     jne 1b
-    # 2048 PD entries, each a 2 MiB page (PS | RW | P); high dword stays 0
-    # except for entries >= 2048 which do not exist.
+    # 2048 PD entries, each a 2 MiB page (PS | RW | P); the high dword is
+    # the C-bit (or 0).
     movl $0, %ecx
 2:  movl %ecx, %eax
     shll $21, %eax
     orl $0x83, %eax
     movl %eax, BOOT_PD(, %ecx, 8)
+    movl %ebp, BOOT_PD + 4(, %ecx, 8)
     incl %ecx
     cmpl $2048, %ecx
     jne 2b
@@ -128,6 +172,14 @@ start64:
 3:  cli
     hlt
     jmp 3b
+
+# The upper half of the C-bit mask the reset path put in every entry
+# (checked against SevConfig by boot::paging).
+.section .bss.boot_c_mask, "aw", @nobits
+.balign 4
+.global boot_c_mask_high
+boot_c_mask_high:
+    .skip 4
 
 .section .bss.boot_stack, "aw", @nobits
 .balign 4096

@@ -2,7 +2,7 @@
 //! (interpreted by `smmvmi_boot::table_loader`) into a reserved area just
 //! below TSEG.
 
-use smmvmi_boot::fw_cfg::{self as fwc, DmaAccess, FileEntry, FwCfgError, FwCfgIo};
+use smmvmi_boot::fw_cfg::{self as fwc, FileEntry, FwCfgError, FwCfgIo};
 use smmvmi_boot::table_loader::{self, Loaded, LoaderEnv, LoaderError, Zone};
 
 use super::error::BootError;
@@ -67,19 +67,7 @@ impl LoaderEnv for Env<'_> {
     }
 
     fn write_file(&mut self, file: FileEntry, offset: u32, data: &[u8]) -> Result<(), FwCfgError> {
-        if !self.fw.dma {
-            return Err(FwCfgError::DmaUnsupported { key: file.select });
-        }
-        self.fw
-            .dma_transfer(file.select, DmaAccess::select_skip(file.select, offset))?;
-        self.fw.dma_transfer(
-            file.select,
-            DmaAccess {
-                control: smmvmi_boot::fw_cfg::DMA_CTL_WRITE,
-                length: data.len() as u32,
-                address: data.as_ptr() as u64,
-            },
-        )
+        self.fw.write_at(file.select, offset, data)
     }
 }
 

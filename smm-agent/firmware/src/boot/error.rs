@@ -6,6 +6,7 @@
 use smmvmi_boot::e820::E820Error;
 use smmvmi_boot::fw_cfg::FwCfgError;
 use smmvmi_boot::linux::LinuxError;
+use smmvmi_boot::paging::PagingError;
 use smmvmi_boot::pci::PciError;
 use smmvmi_boot::q35;
 use smmvmi_boot::sev::HashesError;
@@ -31,6 +32,10 @@ pub enum BootError {
     NoLowRam,
     #[error("e820: {0}")]
     Handoff(E820Error),
+
+    /// The page tables cannot be built as SEV needs them.
+    #[error("SEV page tables: {0}")]
+    Paging(PagingError),
 
     // --- chipset
     #[error(
@@ -175,7 +180,8 @@ impl BootError {
             | SelfTest => ExitCode::SmmSetup,
             NoKernel => ExitCode::NoKernel,
             SetupTooLarge { .. } | Kernel(_) => ExitCode::BadKernel,
-            Measurement(_) => ExitCode::Measurement,
+            // SEV: measured boot refused, or page tables SEV cannot use.
+            Measurement(_) | Paging(_) => ExitCode::Measurement,
         }
     }
 

@@ -158,6 +158,8 @@ pub fn enter(p: Prepared) -> ! {
     }
 }
 
+// SAFETY: the bottom label of the boot stack in `asm/reset.s`; only its
+// address is taken.
 unsafe extern "C" {
     static boot_stack: u8;
 }

@@ -33,6 +33,10 @@ const HASHES_AREA: [u8; 8] = Area {
 /// the end of the image. Never read by the firmware at run time: it is for
 /// QEMU (`sev-inject-launch-secret`, `kernel-hashes=on`) and for tools that
 /// compute the launch digest (`cargo xtask measure`, sev-snp-measure).
+// SAFETY: `.ovmf_table` is a section of its own in `link.ld`, placed at
+// 0xFFFFFF80 and asserted there to be exactly OVMF_TABLE_BLOCK (0x60) bytes,
+// so this static is all it holds and overlaps no code or data; it is
+// immutable and never read at run time (`#[used]` keeps it).
 #[unsafe(link_section = ".ovmf_table")]
 #[used]
 static OVMF_TABLE: [u8; OVMF_TABLE_BLOCK] = ovmf_table::build(&[

@@ -15,6 +15,7 @@ pub mod error;
 pub mod linux;
 pub mod measured;
 pub mod memhp;
+pub mod paging;
 pub mod pci;
 pub mod platform;
 pub mod tseg;

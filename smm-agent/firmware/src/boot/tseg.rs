@@ -5,7 +5,9 @@
 //! The TSEG layout is in `layout.rs` (`GDT_OFF` and what follows it).
 
 use smmvmi_boot::fw_cfg::{self, FwCfgIo};
+use smmvmi_boot::paging::{Backing, MemoryPlan, PTE_NO_EXECUTE, leaf, table_entry};
 use smmvmi_boot::q35;
+use smmvmi_boot::sev::SevConfig;
 
 use super::error::BootError;
 use crate::hw::fw_cfg::FwCfg;
@@ -21,6 +23,8 @@ use crate::layout::{
 use crate::log;
 use crate::smm::config::{OpenTseg, SealedTseg};
 
+// SAFETY: labels of the templates in `asm/smm.s`; only their addresses are
+// taken (to copy and patch the templates), never their contents as `u8`.
 unsafe extern "C" {
     static smm_stub_start: u8;
     static smm_stub_end: u8;
@@ -58,10 +62,16 @@ pub fn smbase(tseg: u64, cpu: u32) -> u64 {
 }
 
 /// Inputs of the bring-up, gathered by `main`.
-pub struct Plan {
+pub struct Plan<'a> {
     pub ncpus: u32,
     /// End of the highest RAM range (for the SMM page tables).
     pub phys_end: u64,
+    /// RAM `(base, len)`: the e820 RAM and the DIMM hot-plug window. Mapped
+    /// private under SEV; everything else (BARs, the mailbox among them,
+    /// the local APIC) shared.
+    pub ram: &'a [(u64, u64)],
+    /// SEV facts (the C-bit).
+    pub sev: SevConfig,
 }
 
 /// What the installation decided, for the sealed `SmmConfig`.
@@ -129,8 +139,6 @@ pub fn install_and_relocate(open: &OpenTseg, plan: &Plan) -> Result<Installed, B
 
 const EFER_LME: u64 = 1 << 8;
 const EFER_NXE: u64 = 1 << 11;
-/// Page-table bit: no execute (needs EFER.NXE).
-const PTE_NX: u64 = 1 << 63;
 
 /// EFER bits the SMM entry stub sets: long mode, and NX when available.
 fn smm_efer_bits() -> u64 {
@@ -142,6 +150,12 @@ fn smm_efer_bits() -> u64 {
 /// Only TSEG (entry stubs) and the firmware window are executable: guest
 /// memory, in the identity map and in the alias, is mapped no-execute, so
 /// SMM never runs code the guest could have placed.
+///
+/// Under SEV (`smmvmi_boot::paging`): RAM, TSEG and the tables carry the
+/// C-bit, so the agent reads the guest's private memory in plaintext (and a
+/// page the guest shares with the host as ciphertext); MMIO, the mailbox
+/// BAR among it, does not. CR3 carries no C-bit: the entry stub loads it in
+/// 32-bit mode, and the CPU walks an SEV guest's tables as private anyway.
 fn build_page_tables(tseg: &Region, plan: &Plan) -> Result<u64, BootError> {
     let gib = plan.phys_end.max(1 << 32).div_ceil(1 << 30);
     if gib > MAX_MAPPED_GIB {
@@ -158,13 +172,16 @@ fn build_page_tables(tseg: &Region, plan: &Plan) -> Result<u64, BootError> {
     let pd0_alias = PT_OFF + 0x5000;
     let pd = |g: u64| PT_OFF + 0x6000 + (g - 1) * 0x1000;
     tseg.fill(PT_OFF, 0x6000 + (gib - 1) * 0x1000, 0);
-    const P_RW: u64 = 0x3;
-    const PS: u64 = 0x80;
-    let nx = if cpu::has_nx() { PTE_NX } else { 0 };
-    tseg.write_u64(pml4, (base + pdpt_id) | P_RW);
+    let sev = &plan.sev;
+    let mem = MemoryPlan {
+        ram: plan.ram,
+        shared: &[],
+    };
+    let nx = if cpu::has_nx() { PTE_NO_EXECUTE } else { 0 };
+    tseg.write_u64(pml4, table_entry(sev, base + pdpt_id));
     tseg.write_u64(
         pml4 + (PHYS_OFF >> 39 & 0x1ff) * 8,
-        (base + pdpt_alias) | P_RW,
+        table_entry(sev, base + pdpt_alias),
     );
     for g in 0..gib {
         let (id, alias) = if g == 0 {
@@ -172,23 +189,24 @@ fn build_page_tables(tseg: &Region, plan: &Plan) -> Result<u64, BootError> {
         } else {
             (pd(g), pd(g))
         };
-        tseg.write_u64(pdpt_id + g * 8, (base + id) | P_RW);
-        tseg.write_u64(pdpt_alias + g * 8, (base + alias) | P_RW);
+        tseg.write_u64(pdpt_id + g * 8, table_entry(sev, base + id));
+        tseg.write_u64(pdpt_alias + g * 8, table_entry(sev, base + alias));
         for e in 0..512 {
             let page = (g << 30) | (e << 21);
             let in_tseg = page < base + tseg.len() && base < page + (2 << 20);
-            let v = page | PS | P_RW;
-            tseg.write_u64(id + e * 8, if in_tseg { v } else { v | nx });
+            let v = |extra| mem.pde_2m(sev, page, extra).map_err(BootError::Paging);
+            tseg.write_u64(id + e * 8, v(if in_tseg { 0 } else { nx })?);
             if g == 0 {
-                tseg.write_u64(alias + e * 8, v | nx);
+                tseg.write_u64(alias + e * 8, v(nx)?);
             }
         }
     }
     // The firmware window at FW_BASE (one 2 MiB PD slot) -> the TSEG copy.
     const { assert!(FW_BASE.is_multiple_of(2 << 20) && FW_BASE < (1 << 30) && FW_WINDOW == 2 << 20) };
-    tseg.write_u64(pd0_id + (FW_BASE >> 21) * 8, (base + pt_fw) | P_RW);
+    tseg.write_u64(pd0_id + (FW_BASE >> 21) * 8, table_entry(sev, base + pt_fw));
     for i in 0..512 {
-        tseg.write_u64(pt_fw + i * 8, (base + IMAGE_OFF + i * 0x1000) | P_RW);
+        let page = base + IMAGE_OFF + i * 0x1000;
+        tseg.write_u64(pt_fw + i * 8, leaf(sev, page, Backing::Private, 0));
     }
     Ok(base + pml4)
 }

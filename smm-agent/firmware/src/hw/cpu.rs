@@ -11,6 +11,30 @@ pub fn read_cr3() -> u64 {
     cr3
 }
 
+/// Reloads CR3 with its own value: flushes the TLB after the page tables
+/// it points to changed.
+pub fn reload_cr3() {
+    let cr3 = read_cr3();
+    // SAFETY: the same root, whose tables the caller just edited so that
+    // the firmware's own code, data and stack keep their mappings.
+    unsafe { core::arch::asm!("mov cr3, {}", in(reg) cr3, options(nostack, preserves_flags)) };
+}
+
+/// Writes back and evicts the cache lines of `[base, base + len)` (through
+/// the current mapping): needed before an SEV guest changes a page's C-bit,
+/// so no line cached under one key is later read under the other.
+pub fn clflush_range(base: u64, len: u64) {
+    for line in (base & !63..base + len).step_by(64) {
+        // SAFETY: CLFLUSH only writes back and evicts a line; the caller
+        // passes memory mapped by the current page tables (a fault would
+        // stop the machine through the firmware's IDT). Every x86-64 CPU
+        // has CLFLUSH (SSE2).
+        unsafe {
+            core::arch::asm!("clflush [{}]", in(reg) line, options(nostack, preserves_flags))
+        };
+    }
+}
+
 /// CR2 (the address of the last page fault).
 pub fn read_cr2() -> u64 {
     let cr2: u64;
@@ -43,10 +67,10 @@ pub fn initial_apic_id() -> u32 {
 
 /// This CPU's SEV facts (CPUID 0x8000001F, the SEV_STATUS MSR), decoded by
 /// the one definition the agent's walker uses
-/// ([`smmvmi_agent::serve::SevConfig::detect`]). The MSR is read only when
+/// ([`smmvmi_boot::sev::SevConfig::detect`]). The MSR is read only when
 /// CPUID says SEV is supported.
-pub fn sev_config() -> smmvmi_agent::serve::SevConfig {
-    use smmvmi_agent::serve::{CPUID_SEV_LEAF, MSR_SEV_STATUS, SevConfig};
+pub fn sev_config() -> smmvmi_boot::sev::SevConfig {
+    use smmvmi_boot::sev::{CPUID_SEV_LEAF, MSR_SEV_STATUS, SevConfig};
     let max_ext = core::arch::x86_64::__cpuid(0x8000_0000).eax;
     let (eax, ebx) = if max_ext >= CPUID_SEV_LEAF {
         let leaf = core::arch::x86_64::__cpuid(CPUID_SEV_LEAF);

@@ -10,6 +10,9 @@ use crate::log;
 /// checked there).
 pub const CODE64_SELECTOR: u16 = 0x10;
 
+// SAFETY: labels in `asm/smm.s`: the IDT and its descriptor (only their
+// addresses are taken) and the table of 32 stub addresses, which the
+// assembly defines as 32 quads, matching the declared type.
 unsafe extern "C" {
     static firmware_idt: u8;
     static firmware_idt_desc: u8;

@@ -69,6 +69,16 @@ impl Region {
         unsafe { ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
     }
 
+    /// Copies `len` bytes from offset `off` of this region to offset
+    /// `dst_off` of `dst`.
+    pub fn copy_to(&self, off: u64, dst: &Region, dst_off: u64, len: u64) {
+        let src = self.ptr(off, len as usize);
+        let to = dst.ptr(dst_off, len as usize);
+        // SAFETY: both ranges checked by `ptr` against regions their
+        // creators vouched for; `ptr::copy` allows them to overlap.
+        unsafe { ptr::copy(src, to, len as usize) };
+    }
+
     /// Fills `[off, off + len)` with `byte`.
     pub fn fill(&self, off: u64, len: u64, byte: u8) {
         let dst = self.ptr(off, len as usize);

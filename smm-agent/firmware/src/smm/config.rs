@@ -121,6 +121,8 @@ pub fn config() -> SmmConfig {
     unsafe { *SEALED_CONFIG.0.get() }
 }
 
+// SAFETY: linker symbols of `link.ld` (start and end of the image and its
+// bss); only their addresses are taken, never their contents as `u8`.
 unsafe extern "C" {
     static __fw_start: u8;
     static __fw_end: u8;

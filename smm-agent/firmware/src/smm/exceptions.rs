@@ -8,6 +8,8 @@ use crate::hw::idt::{self, Frame};
 
 /// Called by `exc_common`. Before Linux it stops the machine; in SMM it
 /// returns the faulting CPU's per-CPU block so the SMI can return.
+// SAFETY: a unique symbol name, called only by `exc_common` (asm/smm.s)
+// with the C ABI and a pointer to the frame it pushed, as declared.
 #[unsafe(no_mangle)]
 extern "C" fn exception_handler(frame: &Frame) -> u64 {
     if super::smi::in_smm() {

@@ -99,6 +99,9 @@ fn percpu(block: u64) -> Region {
 /// The Rust side of every SMI (called by `smm_common_entry`). Returns within
 /// GATHER_MS plus one serve (leader) or FOLLOW_MS (follower), whatever the
 /// other CPUs do.
+// SAFETY: `smm_main` is a unique symbol name, called only by
+// `smm_common_entry` (asm/smm.s) with the C ABI and the per-CPU block in
+// RDI, as declared.
 #[unsafe(no_mangle)]
 extern "C" fn smm_main(block: u64) {
     let entered = tsc::now();
