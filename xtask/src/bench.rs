@@ -59,6 +59,19 @@ pub struct BootArgs {
     pub firmware: Vec<FirmwareChoice>,
 }
 
+/// The host CPU's model name, as `/proc/cpuinfo` gives it ("" if unknown).
+pub fn host_cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|r| r.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
+        .unwrap_or_default()
+}
+
 pub fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd {
         Command::Boot(args) => boot(args),

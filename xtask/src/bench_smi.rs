@@ -416,15 +416,7 @@ fn report(
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .and_then(|s| s.lines().next().map(str::to_string))
         .unwrap_or_default();
-    let host_cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("model name")
-                    .map(|r| r.trim_start_matches([' ', '\t', ':']).to_string())
-            })
-        })
-        .unwrap_or_default();
+    let host_cpu = crate::bench::host_cpu_model();
     let host_cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let base = burn.map(|b| med(&b.none_s));
 

@@ -7,8 +7,8 @@
 use std::time::{Duration, Instant};
 
 use smmvmi_agent::{CpuSnapshot, PhysMemory};
-use smmvmi_mailbox::client::{Poll, copy_reply, poll_reply, post_request};
-use smmvmi_mailbox::header::{SESSION_SALT_LEN, ServeStatus};
+use smmvmi_mailbox::client::post_request;
+use smmvmi_mailbox::header::SESSION_SALT_LEN;
 use smmvmi_testkit::agent::SimAgent;
 use smmvmi_testkit::mailbox::{BufferMailbox, MailboxBuilder};
 use smmvmi_testkit::memory::Machine;
@@ -59,19 +59,9 @@ impl<M: PhysMemory> Backend for EmulatedAgent<M> {
         self.doorbell += 1;
         post_request(&self.mailbox, frame, self.doorbell).map_err(|e| e.to_string())?;
         self.agent.serve(&self.mailbox);
-        match poll_reply(&self.mailbox, self.doorbell).map_err(|e| e.to_string())? {
-            Poll::Done { status, reply_len } => {
-                if !matches!(
-                    ServeStatus::from_raw(status),
-                    Some(ServeStatus::Ok | ServeStatus::Unprovisioned)
-                ) {
-                    return Err(format!("agent refused the request: serve status {status}"));
-                }
-                let mut reply = vec![0u8; reply_len];
-                copy_reply(&self.mailbox, &mut reply).map_err(|e| e.to_string())?;
-                Ok((status, 0, started.elapsed(), reply))
-            }
-            Poll::Pending => Err("the agent did not answer its doorbell".into()),
+        match super::take_reply(&self.mailbox, self.doorbell)? {
+            Some((status, reply)) => Ok((status, 0, started.elapsed(), reply)),
+            None => Err("the agent did not answer its doorbell".into()),
         }
     }
 }

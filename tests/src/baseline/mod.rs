@@ -26,3 +26,33 @@ pub mod wire;
 
 /// The design names of `target/bench/paper.json`, in report order.
 pub const DESIGNS: [&str; 4] = ["proxyless", "seed-proxy", "in-os-agent", "raw-host"];
+
+use smmvmi_mailbox::client::{Poll, copy_reply, poll_reply};
+use smmvmi_mailbox::header::ServeStatus;
+use smmvmi_mailbox::shared::SharedMemory;
+
+/// The agent's answer to `doorbell` in `mailbox`, if it has answered:
+/// (serve status, reply frame). A refusal (any status but Ok or
+/// Unprovisioned) is an error that names the status.
+pub fn take_reply<S: SharedMemory>(
+    mailbox: &S,
+    doorbell: u64,
+) -> Result<Option<(u32, Vec<u8>)>, String>
+where
+    S::Error: std::fmt::Debug,
+{
+    let Poll::Done { status, reply_len } =
+        poll_reply(mailbox, doorbell).map_err(|e| format!("{e:?}"))?
+    else {
+        return Ok(None);
+    };
+    if !matches!(
+        ServeStatus::from_raw(status),
+        Some(ServeStatus::Ok | ServeStatus::Unprovisioned)
+    ) {
+        return Err(format!("agent refused the request: serve status {status}"));
+    }
+    let mut reply = vec![0u8; reply_len];
+    copy_reply(mailbox, &mut reply).map_err(|e| format!("{e:?}"))?;
+    Ok(Some((status, reply)))
+}

@@ -7,8 +7,8 @@
 use std::fs::OpenOptions;
 use std::time::{Duration, Instant};
 
-use smmvmi_mailbox::client::{Poll, copy_reply, poll_reply, post_request};
-use smmvmi_mailbox::header::{SESSION_SALT_LEN, ServeStatus};
+use smmvmi_mailbox::client::post_request;
+use smmvmi_mailbox::header::SESSION_SALT_LEN;
 use smmvmi_mailbox::layout;
 use smmvmi_mailbox::platform::{
     APM_CMD_SERVE, APM_CNT_PORT, IVSHMEM_BAR_SHMEM, IVSHMEM_DEVICE_ID, IVSHMEM_VENDOR_ID,
@@ -171,17 +171,7 @@ impl Backend for SeedProxy {
         let end = Instant::now() + Duration::from_secs(10);
         let mut next_raise = Instant::now() + Duration::from_millis(10);
         loop {
-            if let Poll::Done { status, reply_len } =
-                poll_reply(&self.mailbox, self.doorbell).map_err(|e| e.to_string())?
-            {
-                if !matches!(
-                    ServeStatus::from_raw(status),
-                    Some(ServeStatus::Ok | ServeStatus::Unprovisioned)
-                ) {
-                    return Err(format!("agent refused the request: serve status {status}"));
-                }
-                let mut reply = vec![0u8; reply_len];
-                copy_reply(&self.mailbox, &mut reply).map_err(|e| e.to_string())?;
+            if let Some((status, reply)) = super::take_reply(&self.mailbox, self.doorbell)? {
                 let cycles = self
                     .mailbox
                     .load_u64(layout::OFF_SERVE_CYCLES)

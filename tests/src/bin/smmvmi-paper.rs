@@ -69,14 +69,8 @@ enum Cmd {
     },
     /// Measures one design; prints one JSON object.
     Client {
-        /// `proxyless`, `seed-proxy`, `in-os-agent` or `raw-host`.
-        #[arg(long)]
-        design: String,
-        /// An IDS endpoint (proxyless) or `tcp:HOST:PORT` (baselines).
-        #[arg(long)]
-        connect: String,
-        #[arg(long)]
-        key: PathBuf,
+        #[command(flatten)]
+        to: Design,
         #[arg(long, default_value_t = 200)]
         reads: usize,
         #[arg(long, default_value_t = 5)]
@@ -86,12 +80,8 @@ enum Cmd {
     },
     /// Reads the version string at `--hz` for `--secs`; prints one JSON object.
     Poll {
-        #[arg(long)]
-        design: String,
-        #[arg(long)]
-        connect: String,
-        #[arg(long)]
-        key: PathBuf,
+        #[command(flatten)]
+        to: Design,
         #[arg(long, default_value_t = 10.0)]
         hz: f64,
         /// Longest run, seconds.
@@ -107,22 +97,32 @@ enum Cmd {
     },
 }
 
+/// The design a client measures and how to reach it.
+#[derive(clap::Args)]
+struct Design {
+    /// `proxyless`, `seed-proxy`, `in-os-agent` or `raw-host`.
+    #[arg(long)]
+    design: String,
+    /// An IDS endpoint (proxyless) or `tcp:HOST:PORT` (baselines).
+    #[arg(long)]
+    connect: String,
+    /// The 32-byte agent key.
+    #[arg(long)]
+    key: PathBuf,
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::SeedProxy { listen } => {
             let mut proxy = SeedProxy::open().map_err(anyhow::Error::msg)?;
-            let l = TcpListener::bind(&listen).with_context(|| format!("listen on {listen}"))?;
-            eprintln!("seed-proxy: listening on {listen}");
-            wire::serve(&l, &mut proxy)?;
+            listen_and_serve("seed-proxy", &listen, &mut proxy)?;
         }
         Cmd::InOsAgent { listen, key } => {
             let key = read_key(&key)?;
             let kcore = Kcore::open().map_err(anyhow::Error::msg)?;
             let (ram, cpus) = (kcore.ram(), kcore.cpus().map_err(anyhow::Error::msg)?);
             let mut agent = EmulatedAgent::new(kcore, ram, &key, cpus);
-            let l = TcpListener::bind(&listen).with_context(|| format!("listen on {listen}"))?;
-            eprintln!("in-os-agent: listening on {listen}");
-            wire::serve(&l, &mut agent)?;
+            listen_and_serve("in-os-agent", &listen, &mut agent)?;
         }
         Cmd::RawHost {
             listen,
@@ -138,14 +138,15 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("open {}", ram_file.display()))?;
             let ranges = ram.ram();
             let mut agent = EmulatedAgent::new(ram, ranges, &key, cpus);
-            let l = TcpListener::bind(&listen).with_context(|| format!("listen on {listen}"))?;
-            eprintln!("raw-host: listening on {listen}");
-            wire::serve(&l, &mut agent)?;
+            listen_and_serve("raw-host", &listen, &mut agent)?;
         }
         Cmd::Client {
-            design,
-            connect,
-            key,
+            to:
+                Design {
+                    design,
+                    connect,
+                    key,
+                },
             reads,
             ps_runs,
             bulk_mib,
@@ -156,9 +157,12 @@ fn main() -> anyhow::Result<()> {
             println!("{v}");
         }
         Cmd::Poll {
-            design,
-            connect,
-            key,
+            to:
+                Design {
+                    design,
+                    connect,
+                    key,
+                },
             hz,
             secs,
             stop_file,
@@ -198,6 +202,17 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Serves `backend` on `listen` (`HOST:PORT`) until killed.
+fn listen_and_serve(
+    name: &str,
+    listen: &str,
+    backend: &mut dyn wire::Backend,
+) -> anyhow::Result<()> {
+    let l = TcpListener::bind(listen).with_context(|| format!("listen on {listen}"))?;
+    eprintln!("{name}: listening on {listen}");
+    Ok(wire::serve(&l, backend)?)
 }
 
 /// A session to `connect`: an IDS endpoint, or `tcp:HOST:PORT` for a baseline.
