@@ -13,9 +13,15 @@
 //!   magic `0x4C694D45`, u32 version 1, u64 first physical address, u64
 //!   *last* physical address (inclusive), 8 reserved bytes (zero).
 //! - [`Format::Elf`]: an ELF64 core file (System V gABI; `ET_CORE`,
-//!   `EM_X86_64`): one `PT_NOTE` holding a `VMCOREINFO` note (name
-//!   `"VMCOREINFO"`, type 0, the guest kernel's own vmcoreinfo text, as
-//!   the kernel's `crash_core.c` and kdump's `/proc/vmcore` carry it), then
+//!   `EM_X86_64`): one `PT_NOTE` holding, as kdump's `/proc/vmcore` does,
+//!   one `NT_PRSTATUS` note per vCPU in CPU order (name `"CORE"`, Linux
+//!   x86-64's 336-byte `struct elf_prstatus` with the registers the agent
+//!   saved when the dump began in `pr_reg`, and `pr_pid` the CPU index + 1
+//!   as QEMU's `dump-guest-memory` writes it: drgn takes a `pr_pid` of 0
+//!   for "registers not saved")
+//!   and a `VMCOREINFO` note (name `"VMCOREINFO"`, type 0, the guest
+//!   kernel's own vmcoreinfo text, as the kernel's `crash_core.c` carries
+//!   it), then
 //!   one `PT_LOAD` per RAM range with `p_paddr` = the range's base and
 //!   `p_vaddr` = 0 (physical only, as QEMU's paging-less
 //!   `dump-guest-memory` writes them); data page-aligned.
@@ -27,6 +33,8 @@
 //! taken by LiME inside a running guest.
 
 use std::path::{Path, PathBuf};
+
+use smmvmi_mailbox::records::CpuState;
 
 /// File formats of `ids dump`.
 #[derive(
@@ -112,9 +120,15 @@ pub struct Plan {
 
 impl Plan {
     /// Plans a dump of `ram` (`(base, len)` in bytes, as the agent's INFO
-    /// lists them) in `format`; `vmcoreinfo` is the note text of an ELF
-    /// core (ignored otherwise; `None`: no note).
-    pub fn new(format: Format, ram: &[(u64, u64)], vmcoreinfo: Option<&[u8]>) -> Self {
+    /// lists them) in `format`; an ELF core also gets an `NT_PRSTATUS`
+    /// note per CPU of `cpus` and `vmcoreinfo` as its VMCOREINFO note
+    /// (`None`: none); the other formats ignore both.
+    pub fn new(
+        format: Format,
+        ram: &[(u64, u64)],
+        vmcoreinfo: Option<&[u8]>,
+        cpus: &[CpuState],
+    ) -> Self {
         let ram: Vec<(u64, u64)> = ram.iter().copied().filter(|r| r.1 > 0).collect();
         let mut pieces = Vec::new();
         let mut at = 0u64;
@@ -148,7 +162,12 @@ impl Plan {
                 }
             }
             Format::Elf => {
-                let note = vmcoreinfo.map(vmcoreinfo_note).unwrap_or_default();
+                let mut note: Vec<u8> = cpus
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(i, c)| prstatus_note(i, c))
+                    .collect();
+                note.extend(vmcoreinfo.map(vmcoreinfo_note).unwrap_or_default());
                 let headers = elf_headers(&ram, &note);
                 push_bytes(&mut pieces, &mut at, &headers);
                 let mut off = at;
@@ -215,7 +234,72 @@ pub fn vmcoreinfo_note(text: &[u8]) -> Vec<u8> {
     elf_note("VMCOREINFO", 0, text)
 }
 
-/// ELF header, program headers, the note and the padding up to the first
+/// `NT_PRSTATUS`: a note of a thread's (here a CPU's) registers.
+pub const NT_PRSTATUS: u32 = 1;
+/// Bytes of Linux x86-64's `struct elf_prstatus` (the kernel's
+/// `include/linux/elfcore.h`, as `crash_save_cpu()` fills it).
+pub const PRSTATUS_LEN: usize = 336;
+/// Offset of `pr_reg` (a `struct user_regs_struct`) in it, after the
+/// signal info, pending/held masks, pid/ppid/pgrp/sid and four times.
+pub const PRSTATUS_REG: usize = 112;
+
+/// `struct user_regs_struct` of x86-64 (27 u64 in this order) from a CPU
+/// state: `orig_rax` is -1 (no system call known), the FS/GS bases are
+/// the MSRs when the agent read them, else the segment caches.
+pub fn user_regs(c: &CpuState) -> [u64; 27] {
+    let (fs_base, gs_base) = if c.msrs_valid != 0 {
+        (c.msr_fs_base, c.msr_gs_base)
+    } else {
+        (c.fs_seg_base, c.gs_seg_base)
+    };
+    [
+        c.r15,
+        c.r14,
+        c.r13,
+        c.r12,
+        c.rbp,
+        c.rbx,
+        c.r11,
+        c.r10,
+        c.r9,
+        c.r8,
+        c.rax,
+        c.rcx,
+        c.rdx,
+        c.rsi,
+        c.rdi,
+        u64::MAX,
+        c.rip,
+        c.cs_selector,
+        c.rflags,
+        c.rsp,
+        c.ss_selector,
+        fs_base,
+        gs_base,
+        c.ds_selector,
+        c.es_selector,
+        c.fs_selector,
+        c.gs_selector,
+    ]
+}
+
+/// Offset of `pr_pid` in `struct elf_prstatus`.
+const PRSTATUS_PID: usize = 32;
+
+/// The `NT_PRSTATUS` note of CPU `index` (`pr_pid` = index + 1, `pr_reg`
+/// its registers, the rest zero).
+pub fn prstatus_note(index: usize, c: &CpuState) -> Vec<u8> {
+    let mut d = vec![0u8; PRSTATUS_LEN];
+    let pid = u32::try_from(index + 1).unwrap_or(u32::MAX);
+    d[PRSTATUS_PID..PRSTATUS_PID + 4].copy_from_slice(&pid.to_le_bytes());
+    for (i, r) in user_regs(c).iter().enumerate() {
+        let at = PRSTATUS_REG + 8 * i;
+        d[at..at + 8].copy_from_slice(&r.to_le_bytes());
+    }
+    elf_note("CORE", NT_PRSTATUS, &d)
+}
+
+/// ELF header, program headers, the notes and the padding up to the first
 /// data byte (page-aligned).
 fn elf_headers(ram: &[(u64, u64)], note: &[u8]) -> Vec<u8> {
     let phnum = ram.len() as u64 + u64::from(!note.is_empty());
@@ -458,6 +542,7 @@ mod tests {
             Format::Lime,
             &[(0, 0x9f000), (0x10_0000, 0x1000), (0x5000, 0)],
             None,
+            &[CpuState::default()],
         );
         assert_eq!(p.pieces.len(), 4, "empty ranges are left out");
         assert_eq!(p.total(), 32 + 0x9f000 + 32 + 0x1000);
@@ -475,7 +560,22 @@ mod tests {
     fn elf_core_has_a_note_and_a_load_per_range() {
         let info = b"OSRELEASE=6.1.0\nPAGESIZE=4096\n";
         let ram = [(0u64, 0x9f000u64), (0x10_0000, 0x3000)];
-        let p = Plan::new(Format::Elf, &ram, Some(info));
+        let cpus = [
+            CpuState {
+                rip: 0xffff_ffff_8100_1234,
+                rsp: 0xffff_c900_0000_3f00,
+                r15: 15,
+                cs_selector: 0x10,
+                ..CpuState::default()
+            },
+            CpuState {
+                rip: 0x40_1000,
+                cs_selector: 0x33,
+                fs_seg_base: 0x7f00_0000_0000,
+                ..CpuState::default()
+            },
+        ];
+        let p = Plan::new(Format::Elf, &ram, Some(info), &cpus);
         let Piece::Bytes { hex, offset: 0 } = &p.pieces[0] else {
             panic!("headers first")
         };
@@ -486,14 +586,32 @@ mod tests {
         let u32_at = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().unwrap());
         let u64_at = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().unwrap());
         assert_eq!((u16_at(16), u16_at(18), u16_at(56)), (4, 62, 3));
-        // PT_NOTE, then the note at its offset.
+        // PT_NOTE: an NT_PRSTATUS per CPU in order, then VMCOREINFO.
         assert_eq!(u32_at(64), 4);
-        let (noff, nlen) = (u64_at(64 + 8) as usize, u64_at(64 + 32) as usize);
+        let (mut noff, nlen) = (u64_at(64 + 8) as usize, u64_at(64 + 32) as usize);
+        let start = noff;
+        for (i, c) in cpus.iter().enumerate() {
+            assert_eq!(u32_at(noff), 5, "\"CORE\" and its NUL");
+            assert_eq!(u32_at(noff + 4) as usize, PRSTATUS_LEN);
+            assert_eq!(u32_at(noff + 8), NT_PRSTATUS);
+            assert_eq!(&h[noff + 12..noff + 17], b"CORE\0");
+            let reg = |i: usize| u64_at(noff + 20 + PRSTATUS_REG + 8 * i);
+            assert_eq!(reg(0), c.r15, "pr_reg starts with r15");
+            assert_eq!(reg(15), u64::MAX, "orig_rax");
+            assert_eq!((reg(16), reg(17), reg(19)), (c.rip, c.cs_selector, c.rsp));
+            assert_eq!(reg(21), c.fs_seg_base, "fs_base without the MSRs");
+            assert_eq!(u32_at(noff + 20 + 32) as usize, i + 1, "pr_pid");
+            noff += 20 + PRSTATUS_LEN;
+        }
         assert_eq!(u32_at(noff), 11, "namesz counts the NUL");
         assert_eq!(u32_at(noff + 4) as usize, info.len());
         assert_eq!(&h[noff + 12..noff + 22], b"VMCOREINFO");
         assert_eq!(&h[noff + 24..noff + 24 + info.len()], info);
-        assert_eq!(nlen, 24 + info.len().div_ceil(4) * 4);
+        assert_eq!(
+            nlen,
+            noff - start + 24 + info.len().div_ceil(4) * 4,
+            "p_filesz covers every note"
+        );
         // PT_LOADs: file offsets match the plan's pieces.
         for (i, (base, len)) in ram.iter().enumerate() {
             let ph = 64 + 56 * (i + 1);
@@ -508,7 +626,7 @@ mod tests {
 
     #[test]
     fn raw_is_ranges_back_to_back_and_hex_round_trips() {
-        let p = Plan::new(Format::Raw, &[(0, 0x1000), (0x10_0000, 0x2000)], None);
+        let p = Plan::new(Format::Raw, &[(0, 0x1000), (0x10_0000, 0x2000)], None, &[]);
         assert_eq!(p.total(), 0x3000);
         assert_eq!(p.pieces[1].offset(), 0x1000);
         assert_eq!(from_hex("00ff7f").unwrap(), vec![0, 0xff, 0x7f]);
@@ -527,7 +645,7 @@ mod tests {
         ));
         let st = State {
             version: STATE_VERSION,
-            plan: Plan::new(Format::Lime, &ram, None),
+            plan: Plan::new(Format::Lime, &ram, None, &[]),
             done: 0x800,
             holes: vec![],
             started: 0,

@@ -131,9 +131,14 @@ struct ReadArgs {
     len: Option<u64>,
     /// Write the raw bytes to FILE (`-` for stdout, which must not be a
     /// terminal) instead of a hex dump; a summary with the SHA-256 goes to
-    /// stderr.
-    #[arg(long, short = 'o', value_name = "FILE")]
+    /// stderr. Without -o the bytes go to stdout: a hex dump on a
+    /// terminal, raw bytes into a pipe or file.
+    #[arg(long, short = 'o', value_name = "FILE", conflicts_with = "hex")]
     output: Option<PathBuf>,
+    /// A hex dump on stdout even when it is not a terminal (a pipe, a
+    /// file), where the bytes would otherwise be raw.
+    #[arg(long)]
+    hex: bool,
     /// Unreadable stretches (unmapped pages, not RAM): zero-fill them in the
     /// raw output, skip them, or stop at the first one. Every one is
     /// reported; the hex dump marks them.
@@ -155,7 +160,8 @@ enum Command {
     /// Print the agent's INFO (version, CPUs, RAM map, SMRAM, limits).
     Info,
     /// Guest-virtual memory through a CPU's page tables (or --cr3): a hex
-    /// dump, or raw bytes with -o.
+    /// dump on a terminal, raw bytes into a pipe or with -o (--hex: a hex
+    /// dump anyway).
     #[command(after_help = "Example: ids -c mon1 read-virt ffffffff81000000+64M -o text.raw")]
     ReadVirt {
         #[command(flatten)]
@@ -174,7 +180,8 @@ enum Command {
         #[arg(long)]
         user: bool,
     },
-    /// Guest-physical memory: a hex dump, or raw bytes with -o.
+    /// Guest-physical memory: a hex dump on a terminal, raw bytes into a
+    /// pipe or with -o (--hex: a hex dump anyway).
     #[command(after_help = "Example: ids -c mon1 read-phys 100000 16   (0x100000, 16 bytes)")]
     ReadPhys {
         #[command(flatten)]
@@ -995,16 +1002,16 @@ fn dump_cmd(
                 .and_then(|k| ids::acquire::read_vmcoreinfo(s, &k, 0));
             pb.finish_and_clear();
             match note {
-                Ok(n) => Plan::new(format, &ram, Some(&n)),
+                Ok(n) => Plan::new(format, &ram, Some(&n), &cpus),
                 Err(e) => {
                     eprintln!(
                         "ids: warning: no VMCOREINFO note ({e}); the ELF core has the RAM only"
                     );
-                    Plan::new(format, &ram, None)
+                    Plan::new(format, &ram, None, &cpus)
                 }
             }
         }
-        (None, _) => Plan::new(format, &ram, None),
+        (None, _) => Plan::new(format, &ram, None, &cpus),
     };
     let total = plan.total();
     let max = s.max_read()? as u64;
@@ -1235,7 +1242,11 @@ fn read_cmd(
         .into());
     }
     let stdout_tty = std::io::stdout().is_terminal();
-    let to_stdout_raw = args.output.as_deref() == Some(std::path::Path::new("-"));
+    // Raw bytes to stdout: asked for (`-o -`), or the default into a pipe
+    // or file (a hex dump there only with --hex; --json and --jsonl keep
+    // their own text).
+    let to_stdout_raw = args.output.as_deref() == Some(std::path::Path::new("-"))
+        || (args.output.is_none() && !args.hex && !stdout_tty && !cli.json && !cli.jsonl);
     if to_stdout_raw && stdout_tty {
         return Err(CliError::usage(
             "-o - writes raw bytes to stdout, which is a terminal",
@@ -1278,7 +1289,16 @@ fn read_cmd(
         "physical"
     };
     let (o, file_summary): (Outcome, Option<(String, u64, String)>) = match &args.output {
-        Some(path) if !to_stdout_raw => {
+        _ if to_stdout_raw => {
+            let mut sink = cli::output::RawSink::new(&mut *out);
+            let o = cli::read::stream(
+                &mut fetch, &space, addr, len, max, args.holes, &stop, &mut sink, tick,
+            )?;
+            let written = sink.written;
+            let sha = sink.finish()?;
+            (o, Some(("stdout".into(), written, sha)))
+        }
+        Some(path) => {
             let f = std::fs::File::create(path).map_err(|e| {
                 CliError::new(
                     Exit::Failure,
@@ -1292,15 +1312,6 @@ fn read_cmd(
             let written = sink.written;
             let sha = sink.finish()?;
             (o, Some((path.display().to_string(), written, sha)))
-        }
-        Some(_) => {
-            let mut sink = cli::output::RawSink::new(&mut *out);
-            let o = cli::read::stream(
-                &mut fetch, &space, addr, len, max, args.holes, &stop, &mut sink, tick,
-            )?;
-            let written = sink.written;
-            let sha = sink.finish()?;
-            (o, Some(("stdout".into(), written, sha)))
         }
         None if cli.json => {
             let mut sink = cli::output::JsonSink::default();

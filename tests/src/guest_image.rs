@@ -419,6 +419,90 @@ fn resolve_deb(
     })
 }
 
+/// The debug files of a kernel release, from Debian's
+/// `linux-image-RELEASE-dbg` (about 280 MB for the 6.1 cloud kernel).
+#[derive(Clone, Debug)]
+pub struct DebugKernel {
+    /// The `-dbg` package in `.cache/debs/`.
+    pub deb: PathBuf,
+    /// Its unstripped vmlinux (with DWARF).
+    pub vmlinux: PathBuf,
+    /// Its System.map (the linux-image package ships only a stub that
+    /// points here).
+    pub system_map: PathBuf,
+}
+
+/// Downloads `linux-image-RELEASE-dbg` into `.cache/debs/` (apt-get
+/// download, as the kernel packages) unless it is there, and extracts its
+/// vmlinux and System.map into `.cache/debs/RELEASE-dbg/` once.
+pub fn debug_kernel(
+    release: &str,
+    log: &mut dyn FnMut(&str),
+) -> Result<DebugKernel, GuestImageError> {
+    let cache = crate::cache_dir();
+    let package = format!("linux-image-{release}-dbg");
+    let deb = resolve_deb(&cache, &KernelDeb::Package(package), log)?;
+    let out = cache.join("debs").join(format!("{release}-dbg"));
+    let member = |n: &str| format!("./usr/lib/debug/boot/{n}-{release}");
+    let vmlinux = out.join(&member("vmlinux")[2..]);
+    let system_map = out.join(&member("System.map")[2..]);
+    if !(vmlinux.is_file() && system_map.is_file()) {
+        log(&format!(
+            "extracting vmlinux and System.map from {}",
+            deb.display()
+        ));
+        let tmp = cache
+            .join("debs")
+            .join(format!("{release}-dbg.tmp{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(io(format!("create {}", tmp.display())))?;
+        let command = format!("dpkg-deb --fsys-tarfile {} | tar -x", deb.display());
+        let tool = |detail: String| GuestImageError::Tool {
+            command: command.clone(),
+            detail,
+        };
+        let mut dpkg = Command::new("dpkg-deb")
+            .arg("--fsys-tarfile")
+            .arg(&deb)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| tool(e.to_string()))?;
+        let stdout = dpkg.stdout.take().expect("piped stdout");
+        // Both files are near the start of the archive: tar stops once it
+        // has them (--occurrence), and dpkg-deb then ends on a closed pipe.
+        let tar = Command::new("tar")
+            .arg("-x")
+            .arg("-C")
+            .arg(&tmp)
+            .arg("--occurrence=1")
+            .arg(member("vmlinux"))
+            .arg(member("System.map"))
+            .stdin(stdout)
+            .status()
+            .map_err(|e| tool(e.to_string()))?;
+        let _ = dpkg.kill();
+        let _ = dpkg.wait();
+        if !tar.success() {
+            return Err(tool(format!("tar: {tar}")));
+        }
+        let _ = std::fs::remove_dir_all(&out);
+        std::fs::rename(&tmp, &out).map_err(io(format!("rename to {}", out.display())))?;
+    }
+    for p in [&vmlinux, &system_map] {
+        if !p.is_file() {
+            return Err(GuestImageError::Tool {
+                command: format!("extract {} from {}", p.display(), deb.display()),
+                detail: "not in the package: expected a Debian linux-image-*-dbg package".into(),
+            });
+        }
+    }
+    Ok(DebugKernel {
+        deb,
+        vmlinux,
+        system_map,
+    })
+}
+
 fn find_files(dir: &Path, out: &mut Vec<PathBuf>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;

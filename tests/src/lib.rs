@@ -16,13 +16,15 @@
 //! (QEMU machine protocol client), [`command_channel`] (guest shell over the
 //! second serial port), [`mailbox`] (host view of the mailbox file),
 //! [`e820`] (parsing the guest's memory map), [`workload`] (the host-side
-//! twin of the guest's `cpuburn`), [`venv`] (Volatility 3 and drgn from PyPI).
+//! twin of the guest's `cpuburn`), [`venv`] (Volatility 3 and drgn from PyPI),
+//! [`dwarf`] (struct layouts from a `-dbg` vmlinux, a System.map).
 
 pub mod attack;
 pub mod baseline;
 pub mod command_channel;
 pub mod cpio;
 pub mod daemon;
+pub mod dwarf;
 pub mod e820;
 pub mod guest_image;
 pub mod host;

@@ -4,9 +4,10 @@
 //! measure`) — from PyPI, pinned, in a virtual environment under
 //! `<repo>/.cache/venv` made with Debian's `python3 -m venv` (package
 //! `python3-venv`, in [`crate::host::PACKAGES`]). Nothing is installed by
-//! hand; a venv whose pins differ is made again.
+//! hand; a venv whose pins differ, or that was copied from another
+//! checkout, is made again.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The pinned PyPI packages.
@@ -62,7 +63,15 @@ fn base_python() -> PathBuf {
 pub fn ensure(log: &mut dyn FnMut(&str)) -> Result<PathBuf, VenvError> {
     let d = dir();
     let want = PINS.join("\n");
-    if std::fs::read_to_string(d.join(MARKER)).is_ok_and(|t| t == want) && bin("vol").exists() {
+    // A venv copied from another checkout still runs that checkout's
+    // Python (pip writes absolute shebangs): made again here.
+    let own = std::fs::read_to_string(bin("vol")).is_ok_and(|t| {
+        t.lines()
+            .next()
+            .and_then(|l| l.strip_prefix("#!"))
+            .is_some_and(|p| Path::new(p.trim()).starts_with(d.join("bin")))
+    });
+    if std::fs::read_to_string(d.join(MARKER)).is_ok_and(|t| t == want) && own {
         return Ok(d);
     }
     log(&format!(

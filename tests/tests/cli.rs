@@ -2,8 +2,8 @@
 //! against a real VM: numbers read in the base they were meant, ranges,
 //! exit codes, errors in words (no Rust type names, no backtrace), a closed
 //! pipe, long reads that step over unmapped pages and keep what they read
-//! on SIGINT, raw output that equals QEMU's own `pmemsave` and the hex
-//! dump, `translate`, the decoded `cpu-state`, a silent agent and a VM
+//! on SIGINT, raw output (to a file, and by default into a pipe) that
+//! equals QEMU's own `pmemsave` and the `--hex` dump, `translate`, the decoded `cpu-state`, a silent agent and a VM
 //! without the smmvmi firmware.
 //!
 //! Run with `cargo xtask test` (these are `#[ignore]`d for plain `cargo test`).
@@ -179,15 +179,16 @@ fn cli_numbers_errors_and_exit_codes() {
     let vm = ready_vm("cli-codes");
     let d = dir(&vm);
 
-    // Addresses are hex: 100000 is 0x100000, and the length 16 is 16 bytes.
-    let plain = ids(&["-c", &d, "read-phys", "100000", "16"]);
+    // Addresses are hex: 100000 is 0x100000, and the length 16 is 16 bytes
+    // (a hex dump into this pipe with --hex: raw bytes without it).
+    let plain = ids(&["-c", &d, "read-phys", "100000", "16", "--hex"]);
     expect_exit(&plain, 0, "read-phys 100000 16");
     let text = stdout(&plain);
     assert!(text.starts_with("0000000000100000  "), "{text}");
     assert_eq!(text.lines().count(), 1, "16 bytes are one line: {text}");
-    let hex = ids(&["-c", &d, "read-phys", "0x100000+0x10"]);
+    let hex = ids(&["-c", &d, "read-phys", "0x100000+0x10", "--hex"]);
     assert_eq!(stdout(&hex), text, "100000 16 == 0x100000+0x10");
-    let range = ids(&["read-phys", "100000..100010", "--connect", &d]);
+    let range = ids(&["read-phys", "100000..100010", "--hex", "--connect", &d]);
     assert_eq!(
         stdout(&range),
         text,
@@ -197,9 +198,12 @@ fn cli_numbers_errors_and_exit_codes() {
     // The VM by name (its directory is found from the repository root),
     // and from the environment.
     let name = vm.info().name.clone();
-    let by_name = ids(&["read-phys", "100000", "16", "-c", &name]);
+    let by_name = ids(&["read-phys", "100000", "16", "--hex", "-c", &name]);
     assert_eq!(stdout(&by_name), text, "--connect NAME");
-    let by_env = ids_env(&["read-phys", "100000", "16"], &[("IDS_CONNECT", &name)]);
+    let by_env = ids_env(
+        &["read-phys", "100000", "16", "--hex"],
+        &[("IDS_CONNECT", &name)],
+    );
     assert_eq!(stdout(&by_env), text, "$IDS_CONNECT");
 
     // Usage errors: exit 2, in words.
@@ -255,7 +259,7 @@ fn cli_numbers_errors_and_exit_codes() {
     for cmd in [
         format!("'{}' -c '{d}' info | head -1", ids_bin().display()),
         format!(
-            "'{}' -c '{d}' read-virt {l:x}+4M | head -1",
+            "'{}' -c '{d}' read-virt {l:x}+4M --hex | head -1",
             ids_bin().display()
         ),
     ] {
@@ -477,8 +481,8 @@ fn cli_long_reads_stream_keep_bytes_and_match_pmemsave() {
     ]);
     expect_exit(&o, 0, "read-phys -o");
     let raw = std::fs::read(&f3).expect("raw");
-    let o = ids(&["-c", &d, "read-phys", &format!("{start:x}+64K")]);
-    expect_exit(&o, 0, "read-phys hex");
+    let o = ids(&["-c", &d, "read-phys", &format!("{start:x}+64K"), "--hex"]);
+    expect_exit(&o, 0, "read-phys --hex");
     assert_eq!(
         parse_hexdump(&stdout(&o), start, len),
         raw,
@@ -496,6 +500,21 @@ fn cli_long_reads_stream_keep_bytes_and_match_pmemsave() {
         raw,
         "raw == pmemsave"
     );
+    // Into a pipe with no -o (and with -o -): the same raw bytes, not a
+    // hex dump.
+    for extra in [&[][..], &["-o", "-"][..]] {
+        let mut args = vec!["-c", &d, "read-phys"];
+        let r = format!("{start:x}+64K");
+        args.push(&r);
+        args.extend_from_slice(extra);
+        let o = ids(&args);
+        expect_exit(&o, 0, "read-phys into a pipe");
+        assert_eq!(o.stdout.len(), len, "{args:?}: bytes on stdout");
+        assert!(
+            o.stdout == raw,
+            "{args:?}: stdout into a pipe differs from -o FILE and pmemsave"
+        );
+    }
 
     for p in [&f, &f2, &f3, &pm] {
         let _ = std::fs::remove_file(p);

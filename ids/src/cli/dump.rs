@@ -234,7 +234,7 @@ mod tests {
         let ram = [(0u64, 0x9_f000u64), (0x10_0000, 0x480_0000)];
         let sp = space(&ram);
         let whole = dir.join("whole.lime");
-        let plan = Plan::new(Format::Lime, &ram, None);
+        let plan = Plan::new(Format::Lime, &ram, None, &[]);
         let never = AtomicBool::new(false);
         let r = run(
             &whole,
