@@ -456,8 +456,27 @@ pub struct WatchOptions {
     pub text_slices: usize,
 }
 
+/// True if `e` says the session's transport itself is broken (QMP, the
+/// mailbox file, the daemon connection): only then is a new connection
+/// worth making.
+fn transport_failed(e: &LinuxError) -> bool {
+    use crate::SessionError;
+    use crate::memory::MemoryError;
+    use host_injector::TransactError;
+    matches!(
+        e,
+        LinuxError::Memory(MemoryError::Session(
+            SessionError::Smi(_)
+                | SessionError::Mailbox(_)
+                | SessionError::Daemon(_)
+                | SessionError::Carrier(_)
+                | SessionError::Transact(TransactError::Smi(_) | TransactError::Mailbox(_))
+        ))
+    )
+}
+
 /// Watches a guest until `opts.count` passes are done: connects with
-/// `connect` (again after a failure or a reboot), learns the kernel, runs
+/// `connect` (again after a transport failure or a reboot), learns the kernel, runs
 /// a [`Watcher`] pass per interval and hands every event to `emit`.
 /// Returns whether any alert was emitted. An outage is reported once, when
 /// it begins.
@@ -536,7 +555,17 @@ pub fn run(
                 if failures == 2 {
                     send(Event::AgentUnreachable(e.to_string()), &mut alerted);
                 }
-                (mem, kernel) = (None, None);
+                // Keep a session whose transport works: a direct session's
+                // injector remembers a guest reset (QMP RESET) and holds
+                // monitor SMIs until the new boot's agent is Ready, where a
+                // new connection would know nothing of the reset and could
+                // raise one at the stale Ready header of the old boot (QEMU
+                // 7.2 dies of a monitor SMI before the firmware negotiates
+                // SMI broadcast). Reconnect only when the transport failed.
+                if transport_failed(&e) {
+                    mem = None;
+                }
+                kernel = None;
                 if failures == 1 {
                     passes -= 1;
                     continue;

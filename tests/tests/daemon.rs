@@ -101,6 +101,9 @@ struct Tally {
     ok: u32,
     replay: u32,
     crossed: u32,
+    /// Targeted requests answered "CPU not in SMM" (served by a stale SMI
+    /// on the other vCPU).
+    not_in_smm: u32,
 }
 
 /// 8 clients × 1,000 requests at once to one VM through the daemon, with
@@ -182,6 +185,21 @@ fn eight_clients(vm: &Vm, addr: &DaemonAddr, smi: protocol::SmiPath, targeted: b
                     match h {
                         ReplyHead::Transact { .. } => match client.open_reply_vec(&reply) {
                             Ok(r) if r.len() == 1 && r[0].status == Status::Ok => t.ok += 1,
+                            // A targeted SMI re-raised by the daemon (its
+                            // vCPU had not entered SMM within the grace)
+                            // can arrive after that request was served and
+                            // serve the next one, aimed at the other vCPU:
+                            // the agent then says so, authenticated, and a
+                            // client (`Session::request_on_cpu`) sends it
+                            // again as a snapshot request.
+                            Ok(r)
+                                if targeted
+                                    && r.len() == 1
+                                    && r[0].status == Status::CpuNotInSmm =>
+                            {
+                                t.ok += 1;
+                                t.not_in_smm += 1;
+                            }
                             Ok(r) => {
                                 panic!("client {i}: bound reply with unexpected results {r:?}")
                             }
@@ -222,6 +240,11 @@ fn eight_clients(vm: &Vm, addr: &DaemonAddr, smi: protocol::SmiPath, targeted: b
     assert_eq!(
         total_replay, 0,
         "independent clients were rejected as replays: the agent's per-client windows failed"
+    );
+    let not_in_smm: u32 = tallies.iter().map(|t| t.not_in_smm).sum();
+    assert!(
+        not_in_smm * 50 <= CLIENTS as u32 * REQUESTS,
+        "{not_in_smm} targeted requests were served by a vCPU they were not aimed at (more than 2 %)"
     );
     let metrics = DaemonClient::connect(addr, DEADLINE)
         .unwrap()
