@@ -412,6 +412,13 @@ impl Session {
             // The firmware skipped the rendezvous for a request the guest
             // made look targeted: nothing was read; send it once more.
             Err(e) if snapshot_missed(&e) => self.request_once(ops, targeted),
+            // A snapshot request served while a vCPU was not in SMM (it
+            // missed the rendezvous gather, a moment's state on a loaded
+            // host) answers "CPU not in SMM" for the ops that need that
+            // vCPU: asked once more before the caller sees it.
+            Ok(r) if targeted.is_none() && r.iter().any(|x| x.status == Status::CpuNotInSmm) => {
+                self.request_once(ops, targeted)
+            }
             other => other,
         }
     }
