@@ -72,6 +72,17 @@ pub fn host_cpu_model() -> String {
         .unwrap_or_default()
 }
 
+/// The first line of `qemu --version` ("" if it cannot be run).
+pub fn qemu_version(qemu: &std::path::Path) -> String {
+    std::process::Command::new(qemu)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().next().map(str::to_string))
+        .unwrap_or_default()
+}
+
 pub fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd {
         Command::Boot(args) => boot(args),

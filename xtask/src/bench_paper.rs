@@ -279,13 +279,7 @@ fn run_in(
     }
 
     let kernel = sh(mon, "uname -r", t)?;
-    let qemu = std::process::Command::new(&mon.info().qemu)
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.lines().next().map(str::to_string))
-        .unwrap_or_default();
+    let qemu = crate::bench::qemu_version(&mon.info().qemu);
     let report = json!({
         "machine": machine_summary(),
         "guest_kernel": kernel,

@@ -409,13 +409,7 @@ fn report(
     burn: Option<&Burn>,
 ) -> anyhow::Result<()> {
     let med = crate::bench::median;
-    let qemu_version = std::process::Command::new(qemu)
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.lines().next().map(str::to_string))
-        .unwrap_or_default();
+    let qemu_version = crate::bench::qemu_version(qemu);
     let host_cpu = crate::bench::host_cpu_model();
     let host_cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let base = burn.map(|b| med(&b.none_s));
